@@ -1,0 +1,1 @@
+"""The command-line interface: a Typer root plus one module per subcommand."""

@@ -1,0 +1,90 @@
+"""The Typer root: global options, subcommand registration, and the one place errors become exit codes."""
+
+from __future__ import annotations
+
+import logging
+import sys
+import traceback
+from dataclasses import dataclass
+from typing import Optional
+
+import typer
+
+from llamactl import DIST_NAME, __version__
+from llamactl.errors import ExitCode, LlamactlError
+
+app = typer.Typer(
+    name="llamactl",
+    help="Run llama.cpp's llama-server on NVIDIA GPUs: estimate, plan, launch, track, evict, proxy.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+    context_settings={"help_option_names": ["-h", "--help"]},
+)
+
+
+@dataclass
+class Globals:
+    """Options given before the subcommand; read by subcommands through ctx.obj."""
+
+    json: bool = False
+    state_dir: Optional[str] = None
+    config: Optional[str] = None
+    debug: bool = False
+
+
+_debug = {"on": False}
+
+
+def _version(value: bool) -> None:
+    if value:
+        typer.echo(f"llamactl {__version__} ({DIST_NAME} on PyPI)")
+        raise typer.Exit()
+
+
+@app.callback()
+def root(
+    ctx: typer.Context,
+    json_output: bool = typer.Option(False, "--json", help="Machine-readable JSON on stdout."),
+    state_dir: Optional[str] = typer.Option(None, "--state-dir", envvar="LLAMACTL_STATE_DIR", help="State directory."),
+    config: Optional[str] = typer.Option(None, "--config", envvar="LLAMACTL_CONFIG", help="Config file (TOML)."),
+    debug: bool = typer.Option(False, "--debug", help="Log details and show tracebacks."),
+    version: bool = typer.Option(False, "--version", callback=_version, is_eager=True, help="Print the version."),
+) -> None:
+    _debug["on"] = debug
+    if debug:
+        logging.basicConfig(level=logging.DEBUG, format="%(name)s: %(message)s")
+    ctx.obj = Globals(json=json_output, state_dir=state_dir, config=config, debug=debug)
+
+
+def _register() -> None:
+    from llamactl.cli import estimate, gpus, stubs
+
+    gpus.register(app)
+    estimate.register(app)
+    stubs.register(app)
+
+
+_register()
+
+
+def main() -> None:
+    """Console entry point: run the app, map errors to one line and an exit code."""
+    try:
+        app(prog_name="llamactl")
+    except LlamactlError as exc:
+        if _debug["on"]:
+            traceback.print_exc()
+        print(f"llamactl: error: {exc}", file=sys.stderr)
+        sys.exit(int(exc.exit_code))
+    except KeyboardInterrupt:
+        print("llamactl: interrupted", file=sys.stderr)
+        sys.exit(int(ExitCode.INTERRUPTED))
+    except BrokenPipeError:
+        sys.stderr.close()  # the reader went away (e.g. `| head`): not an error
+        sys.exit(int(ExitCode.OK))
+    except Exception as exc:  # a bug: one line unless --debug
+        if _debug["on"]:
+            traceback.print_exc()
+        print(f"llamactl: internal error: {type(exc).__name__}: {exc} (rerun with --debug for a traceback)", file=sys.stderr)
+        sys.exit(int(ExitCode.FAILURE))

@@ -1,0 +1,58 @@
+"""The one error hierarchy of llamactl and the exit codes it maps to.
+
+The CLI turns a LlamactlError into one line on stderr and `exit_code`; the
+proxy turns it into an OpenAI-shaped error body. Nothing else catches them.
+"""
+
+from __future__ import annotations
+
+from enum import IntEnum
+
+
+class ExitCode(IntEnum):
+    """Documented process exit codes (docs/usage.md)."""
+
+    OK = 0
+    FAILURE = 1  # a runtime failure, or a command that is not built yet
+    USAGE = 2  # bad usage or input: flags, sizes, files that are not GGUF
+    NO_FIT = 3  # the model does not fit the GPUs/inventory given
+    SERVER_BINARY = 4  # no usable llama-server, or it lacks a flag llamactl needs
+    INTERRUPTED = 130
+
+
+class LlamactlError(Exception):
+    """Base of every error llamactl reports to a user."""
+
+    exit_code: ExitCode = ExitCode.FAILURE
+
+
+class UsageError(LlamactlError):
+    """Bad flags or values given by the user."""
+
+    exit_code = ExitCode.USAGE
+
+
+class GGUFError(UsageError):
+    """A file that is not a readable GGUF model (names the file and the fault)."""
+
+
+class UnsupportedModelError(UsageError):
+    """A valid GGUF whose architecture or settings llamactl cannot estimate."""
+
+
+class NoFitError(LlamactlError):
+    """The model does not fit the inventory."""
+
+    exit_code = ExitCode.NO_FIT
+
+
+class ServerBinaryError(LlamactlError):
+    """llama-server is missing, does not run, or lacks a flag llamactl needs."""
+
+    exit_code = ExitCode.SERVER_BINARY
+
+
+class NotBuiltError(LlamactlError):
+    """A subcommand whose issue has not landed yet."""
+
+    exit_code = ExitCode.FAILURE

@@ -1,0 +1,85 @@
+"""Estimate a GGUF file's memory for an inventory: read the header, resolve settings, run the model.
+
+The glue between the pure memory model and its inputs (files, GPUs, the host
+CPU's features). `plan` and `launch` estimate through here too, so what is
+estimated is what will run.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from functools import lru_cache
+from pathlib import Path
+
+from llamactl.errors import UsageError
+from llamactl.gpu.inventory import Inventory
+from llamactl.model.gguf import read_header
+from llamactl.model.memory import REPACK_TYPES_BY_FEATURE, MemoryEstimate, Placement, estimate
+from llamactl.model.params import ModelParams, model_params
+from llamactl.model.settings import ServerSettings, resolve
+
+
+@dataclass(frozen=True)
+class EstimateResult:
+    path: Path
+    params: ModelParams
+    estimate: MemoryEstimate
+    tensor_split: tuple[float, ...]
+
+
+def parse_tensor_split(text: str | None) -> tuple[float, ...] | None:
+    """`-ts 3,1` (llama.cpp also takes `/`); a colon is refused: llama-server parses `50:50` as one value."""
+    if text is None:
+        return None
+    if ":" in text:
+        raise UsageError(f"-ts/--tensor-split {text!r}: separate shares with commas (3,1); llama-server reads '50:50' as one number")
+    try:
+        shares = tuple(float(part) for part in text.replace("/", ",").split(",") if part.strip())
+    except ValueError:
+        raise UsageError(f"-ts/--tensor-split {text!r}: expected numbers separated by commas") from None
+    if not shares or any(s < 0 for s in shares) or sum(shares) <= 0:
+        raise UsageError(f"-ts/--tensor-split {text!r}: shares must be >= 0 and not all zero")
+    return shares
+
+
+@lru_cache(maxsize=1)
+def host_repack_types() -> frozenset[str]:
+    """Weight types this host's CPU backend repacks (x86 SIMD features from /proc/cpuinfo)."""
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return frozenset()
+    flags: set[str] = set()
+    for line in text.splitlines():
+        if line.startswith("flags"):
+            flags.update(line.split(":", 1)[1].split())
+            break
+    types: set[str] = set()
+    for feature, feature_types in REPACK_TYPES_BY_FEATURE.items():
+        if feature in flags:
+            types |= feature_types
+    return frozenset(types)
+
+
+def split_for(inv: Inventory, requested: tuple[float, ...] | None) -> tuple[float, ...]:
+    """-ts as given, else llama.cpp's default: in proportion to each GPU's free memory."""
+    gpus = inv.usable
+    if requested is not None:
+        if len(requested) > max(len(gpus), 1):
+            raise UsageError(f"-ts gives {len(requested)} shares for {len(gpus)} GPUs")
+        return requested + (0.0,) * (len(gpus) - len(requested))
+    return tuple(float(g.memory_free_bytes) for g in gpus)
+
+
+def estimate_files(paths: list[str], settings: ServerSettings, inv: Inventory, *,
+                   gpu_overhead_bytes: int, repack_types: frozenset[str]) -> list[EstimateResult]:
+    results = []
+    n_gpus = len(inv.usable)
+    split = split_for(inv, settings.tensor_split) if n_gpus else ()
+    placement = Placement(n_gpus=n_gpus, tensor_split=split, gpu_overhead_bytes=gpu_overhead_bytes,
+                          cpu_repack_types=repack_types)
+    for path in paths:
+        params = model_params(read_header(path))
+        resolved = resolve(settings, params, n_gpus)
+        results.append(EstimateResult(Path(path), params, estimate(params, resolved, placement), split))
+    return results

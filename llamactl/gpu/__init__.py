@@ -1,0 +1,1 @@
+"""GPU inventory: live (NVML) or simulated, one frozen type for both."""

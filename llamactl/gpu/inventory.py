@@ -1,0 +1,172 @@
+"""Frozen Gpu records and the two ways to get them: live from NVML, or simulated.
+
+Simulated inventories are what let `estimate` and `plan` run for hardware that
+is not here: `--gpus none`, `--gpus 24GiB,16GiB`, `--gpus 2x80GiB`,
+`--gpus-file inv.json` (the schema `llamactl gpus --json` prints) or the env
+var LLAMACTL_GPUS with the `--gpus` syntax.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+from llamactl.errors import UsageError
+from llamactl.gpu import nvml
+from llamactl.units import parse_size
+
+GPUS_ENV = "LLAMACTL_GPUS"
+
+
+@dataclass(frozen=True)
+class GpuProcess:
+    pid: int
+    used_memory_bytes: int | None
+    instance: str | None = None  # the llamactl instance this pid is, if any
+
+
+@dataclass(frozen=True)
+class Gpu:
+    index: int
+    name: str
+    memory_total_bytes: int
+    memory_free_bytes: int
+    memory_used_bytes: int
+    uuid: str | None = None
+    utilization_gpu: int | None = None
+    utilization_memory: int | None = None
+    processes: tuple[GpuProcess, ...] = ()
+    simulated: bool = False
+    error: str | None = None
+
+
+@dataclass(frozen=True)
+class Inventory:
+    gpus: tuple[Gpu, ...]
+    source: str  # "nvml", "simulated", or a file path
+    note: str | None = None  # why the inventory is empty, for the user
+
+    @property
+    def usable(self) -> tuple[Gpu, ...]:
+        return tuple(g for g in self.gpus if g.error is None)
+
+
+_COUNT_RE = re.compile(r"^\s*(\d+)\s*[xX*]\s*(.+)$")
+
+
+def parse_gpus_spec(spec: str) -> Inventory:
+    """`none`, `24GiB,16GiB`, `2x80GiB` (mixable: `2x80GiB,24GiB`) → a simulated inventory."""
+    text = spec.strip()
+    if text.lower() in ("none", "cpu", ""):
+        return Inventory((), "simulated", note="no GPUs (--gpus none): planning for CPU")
+    sizes: list[int] = []
+    for part in text.split(","):
+        match = _COUNT_RE.match(part)
+        count, size_text = (int(match[1]), match[2]) if match else (1, part)
+        if count < 1 or count > 64:
+            raise UsageError(f"invalid --gpus part {part.strip()!r}: count must be 1..64")
+        size = parse_size(size_text, what=f"GPU size in --gpus ({part.strip()!r})")
+        if size <= 0:
+            raise UsageError(f"invalid --gpus part {part.strip()!r}: a GPU needs some memory")
+        sizes.extend([size] * count)
+    gpus = tuple(
+        Gpu(index=i, name=f"simulated {size // 1024**3}GiB" if size % 1024**3 == 0 else "simulated GPU",
+            memory_total_bytes=size, memory_free_bytes=size, memory_used_bytes=0, simulated=True)
+        for i, size in enumerate(sizes)
+    )
+    return Inventory(gpus, "simulated")
+
+
+def _int_field(entry: dict[str, object], key: str, where: str, *, optional: bool = False) -> int | None:
+    value = entry.get(key)
+    if value is None and optional:
+        return None
+    if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+        raise UsageError(f"{where}: {key!r} must be a non-negative integer, got {value!r}")
+    return value
+
+
+def load_gpus_file(path: str | os.PathLike[str]) -> Inventory:
+    """Read an inventory in the schema `llamactl gpus --json` prints."""
+    file = Path(path)
+    try:
+        data = json.loads(file.read_text())
+    except FileNotFoundError:
+        raise UsageError(f"{file}: no such GPU inventory file") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise UsageError(f"{file}: cannot read GPU inventory: {exc}") from None
+    except json.JSONDecodeError as exc:
+        raise UsageError(f"{file}: not valid JSON (line {exc.lineno}): {exc.msg}") from None
+    if isinstance(data, dict) and "gpus" in data:
+        data = data["gpus"]
+    if not isinstance(data, list):
+        raise UsageError(f"{file}: expected a list of GPUs as printed by `llamactl gpus --json`")
+    gpus = []
+    for position, entry in enumerate(data):
+        where = f"{file}: GPU #{position}"
+        if not isinstance(entry, dict):
+            raise UsageError(f"{where}: expected an object")
+        total = _int_field(entry, "memory_total_bytes", where)
+        used = _int_field(entry, "memory_used_bytes", where, optional=True)
+        free = _int_field(entry, "memory_free_bytes", where, optional=True)
+        assert total is not None
+        if free is None:
+            free = total - (used or 0)
+        if used is None:
+            used = total - free
+        if free > total:
+            raise UsageError(f"{where}: memory_free_bytes exceeds memory_total_bytes")
+        procs = tuple(
+            GpuProcess(int(p.get("pid", 0)), p.get("used_memory_bytes"), p.get("instance"))
+            for p in entry.get("processes") or [] if isinstance(p, dict)
+        )
+        index = entry.get("index", position)
+        gpus.append(Gpu(
+            index=index if isinstance(index, int) else position,
+            name=str(entry.get("name") or "GPU"),
+            memory_total_bytes=total, memory_free_bytes=free, memory_used_bytes=used,
+            uuid=entry.get("uuid") if isinstance(entry.get("uuid"), str) else None,
+            utilization_gpu=entry.get("utilization_gpu") if isinstance(entry.get("utilization_gpu"), int) else None,
+            utilization_memory=entry.get("utilization_memory") if isinstance(entry.get("utilization_memory"), int) else None,
+            processes=procs, simulated=True,
+        ))
+    return Inventory(tuple(gpus), str(file))
+
+
+def live() -> Inventory:
+    """The GPUs NVML sees now; empty with a note when there is no driver or NVML."""
+    devices, reason = nvml.devices()
+    if reason:
+        return Inventory((), "nvml", note=f"no NVIDIA GPU found: {reason}; planning for CPU")
+    gpus = []
+    for dev in devices:
+        total = dev.memory_total_bytes or 0
+        free = dev.memory_free_bytes if dev.memory_free_bytes is not None else 0
+        gpus.append(Gpu(
+            index=dev.index, name=dev.name or f"GPU {dev.index}", uuid=dev.uuid,
+            memory_total_bytes=total, memory_free_bytes=free,
+            memory_used_bytes=dev.memory_used_bytes if dev.memory_used_bytes is not None else total - free,
+            utilization_gpu=dev.utilization_gpu, utilization_memory=dev.utilization_memory,
+            processes=tuple(GpuProcess(p.pid, p.used_memory_bytes) for p in dev.processes),
+            error=dev.error or (None if dev.memory_total_bytes else "memory information unavailable"),
+        ))
+    if not gpus:
+        return Inventory((), "nvml", note="no NVIDIA GPU found: NVML lists none; planning for CPU")
+    return Inventory(tuple(gpus), "nvml")
+
+
+def resolve(gpus: str | None = None, gpus_file: str | None = None) -> Inventory:
+    """The inventory a command works on: --gpus, --gpus-file, LLAMACTL_GPUS, then live NVML."""
+    if gpus is not None and gpus_file is not None:
+        raise UsageError("give either --gpus or --gpus-file, not both")
+    if gpus is not None:
+        return parse_gpus_spec(gpus)
+    if gpus_file is not None:
+        return load_gpus_file(gpus_file)
+    env = os.environ.get(GPUS_ENV)
+    if env is not None:
+        return parse_gpus_spec(env)
+    return live()

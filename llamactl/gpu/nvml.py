@@ -1,0 +1,113 @@
+"""The only importer of pynvml: init once, every query through one function with a default.
+
+Importing this module never fails. A failed init is remembered and reported
+as a reason string to callers who ask for GPUs; an optional field that fails
+becomes None (logged at debug level).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import TypeVar
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+
+_state: dict[str, object] = {"done": False, "error": None}
+
+
+@dataclass(frozen=True)
+class NvmlProcess:
+    pid: int
+    used_memory_bytes: int | None
+
+
+@dataclass(frozen=True)
+class NvmlDevice:
+    index: int
+    uuid: str | None
+    name: str | None
+    memory_total_bytes: int | None
+    memory_used_bytes: int | None
+    memory_free_bytes: int | None
+    utilization_gpu: int | None
+    utilization_memory: int | None
+    temperature_c: int | None
+    power_w: float | None
+    processes: tuple[NvmlProcess, ...]
+    error: str | None = None
+
+
+def init() -> str | None:
+    """Initialise NVML once; return None on success or why it is unavailable."""
+    if not _state["done"]:
+        _state["done"] = True
+        try:
+            import pynvml
+
+            pynvml.nvmlInit()
+        except Exception as exc:  # ImportError, NVMLError_LibraryNotFound, NVMLError_DriverNotLoaded, ...
+            _state["error"] = _describe(exc)
+    error = _state["error"]
+    return str(error) if error else None
+
+
+def _describe(exc: BaseException) -> str:
+    text = str(exc) or type(exc).__name__
+    return text.rstrip(".")
+
+
+def query(fn: Callable[[], T], default: T | None = None, *, what: str = "") -> T | None:
+    """Call an NVML function; a failure gives `default` (optional fields are None, not errors)."""
+    try:
+        return fn()
+    except Exception as exc:
+        log.debug("NVML %s failed: %s", what or getattr(fn, "__name__", "query"), exc)
+        return default
+
+
+def devices() -> tuple[list[NvmlDevice], str | None]:
+    """All GPUs NVML sees, and a note when NVML is unavailable (then the list is empty)."""
+    reason = init()
+    if reason:
+        return [], reason
+    import pynvml
+
+    count = query(pynvml.nvmlDeviceGetCount, 0, what="device count") or 0
+    return [_device(pynvml, index) for index in range(count)], None
+
+
+def _device(pynvml: object, index: int) -> NvmlDevice:
+    nv = pynvml
+    try:
+        handle = nv.nvmlDeviceGetHandleByIndex(index)  # type: ignore[attr-defined]
+    except Exception as exc:
+        return NvmlDevice(index, None, None, None, None, None, None, None, None, None, (), error=_describe(exc))
+    memory = query(lambda: nv.nvmlDeviceGetMemoryInfo(handle), what="memory")  # type: ignore[attr-defined]
+    util = query(lambda: nv.nvmlDeviceGetUtilizationRates(handle), what="utilization")  # type: ignore[attr-defined]
+    temp = query(lambda: nv.nvmlDeviceGetTemperature(handle, nv.NVML_TEMPERATURE_GPU), what="temperature")  # type: ignore[attr-defined]
+    power_mw = query(lambda: nv.nvmlDeviceGetPowerUsage(handle), what="power")  # type: ignore[attr-defined]
+    procs = query(lambda: nv.nvmlDeviceGetComputeRunningProcesses(handle), [], what="processes") or []  # type: ignore[attr-defined]
+    name = query(lambda: nv.nvmlDeviceGetName(handle), what="name")  # type: ignore[attr-defined]
+    uuid = query(lambda: nv.nvmlDeviceGetUUID(handle), what="uuid")  # type: ignore[attr-defined]
+    return NvmlDevice(
+        index=index,
+        uuid=_text(uuid),
+        name=_text(name),
+        memory_total_bytes=getattr(memory, "total", None),
+        memory_used_bytes=getattr(memory, "used", None),
+        memory_free_bytes=getattr(memory, "free", None),
+        utilization_gpu=getattr(util, "gpu", None),
+        utilization_memory=getattr(util, "memory", None),
+        temperature_c=temp,
+        power_w=power_mw / 1000 if isinstance(power_mw, (int, float)) else None,
+        processes=tuple(NvmlProcess(p.pid, getattr(p, "usedGpuMemory", None)) for p in procs),
+    )
+
+
+def _text(value: object) -> str | None:
+    if isinstance(value, bytes):
+        return value.decode("utf-8", "replace")
+    return value if isinstance(value, str) else None

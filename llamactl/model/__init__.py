@@ -1,0 +1,1 @@
+"""The pure core: GGUF header → hyperparameters → memory per device."""

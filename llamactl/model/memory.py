@@ -1,0 +1,263 @@
+"""The memory model, pure: model hyperparameters + resolved llama-server settings → bytes per device.
+
+Mirrors llama.cpp's own allocations (see docs/memory.md and
+../shared/design/MEMORY-MODEL.md): weights by llama.cpp's layer placement
+(token_embd on the host, the output layer offloaded first, tied embeddings
+copied to the output device, CPU_REPACK copies of quantized weights), the KV
+cache by cells × per-layer row sizes, the output buffer, and the compute
+buffer from the worst-case graph's live tensors with calibrated coefficients.
+"""
+
+from __future__ import annotations
+
+import bisect
+from dataclasses import dataclass, field
+
+from gguf.constants import GGML_QUANT_SIZES, GGMLQuantizationType
+
+from llamactl.model.gguf import TensorInfo
+from llamactl.model.params import DENSE_ATTENTION_ARCHS, ModelParams, tensor_layer
+from llamactl.model.settings import Resolved, pad
+from llamactl.units import MiB
+
+CPU_ALIGNMENT = 32  # TENSOR_ALIGNMENT of the CPU backend
+GPU_ALIGNMENT = 128  # CUDA buffer alignment
+F32 = 4
+
+# The CUDA context, cuBLAS workspace and pool buffers llama.cpp does not count in its logs.
+# Third-party reports say 140-160 MiB, tools assume 250-457 MiB; not yet measured on our GPUs,
+# so the default sits on the safe side. Override with --gpu-overhead.
+DEFAULT_GPU_OVERHEAD_BYTES = 400 * MiB
+
+# Types the CPU backend repacks for SIMD kernels on x86 (ggml-cpu/repack.cpp), by CPU feature.
+REPACK_TYPES_BY_FEATURE: dict[str, frozenset[str]] = {
+    "avx2": frozenset({"Q4_0", "Q4_K", "IQ4_NL", "MXFP4"}),
+    "avx512f": frozenset({"Q2_K"}),
+}
+
+# Compute-buffer calibration: the reserved graph's peak is the live tensors of its largest phase.
+# Regenerate: `python bench/calibrate_compute.py` (fits against llama-server's logged buffers).
+COMPUTE_CALIBRATION = {
+    "fixed_bytes": 0,
+}
+
+
+@dataclass(frozen=True)
+class DeviceMemory:
+    """Bytes one device holds for one llama-server instance."""
+
+    device: str  # "CPU" for the host, "GPU0", "GPU1", ... for GPUs in inventory order
+    weights_bytes: int = 0
+    kv_bytes: int = 0
+    recurrent_bytes: int = 0
+    compute_bytes: int = 0
+    output_bytes: int = 0
+    overhead_bytes: int = 0
+
+    @property
+    def total_bytes(self) -> int:
+        return (self.weights_bytes + self.kv_bytes + self.recurrent_bytes + self.compute_bytes
+                + self.output_bytes + self.overhead_bytes)
+
+
+@dataclass(frozen=True)
+class HostWeights:
+    """How the host's weights split between the mapped file and real copies."""
+
+    mapped_bytes: int  # CPU_Mapped: page cache of the file (0 with --no-mmap)
+    repack_bytes: int  # CPU_REPACK: anonymous copies in SIMD layout
+    copy_bytes: int  # CPU: anonymous copies (with --no-mmap)
+
+
+@dataclass(frozen=True)
+class MemoryEstimate:
+    resolved: Resolved
+    devices: tuple[DeviceMemory, ...]  # the host first, then GPUs
+    host_weights: HostWeights
+    layer_devices: tuple[str, ...]  # device of each repeating layer, then of the output layer
+    approximate: tuple[str, ...] = field(default=())  # terms that are not exact, and why
+
+    @property
+    def total_bytes(self) -> int:
+        return sum(d.total_bytes for d in self.devices)
+
+    def device(self, name: str) -> DeviceMemory:
+        for dev in self.devices:
+            if dev.device == name:
+                return dev
+        raise KeyError(name)
+
+
+@dataclass(frozen=True)
+class Placement:
+    """Where llama.cpp puts things: GPU count, split, overheads, and the host's repack types."""
+
+    n_gpus: int = 0
+    tensor_split: tuple[float, ...] = ()  # per GPU; empty = even (callers pass llama.cpp's free-memory split)
+    gpu_overhead_bytes: int = DEFAULT_GPU_OVERHEAD_BYTES
+    cpu_repack_types: frozenset[str] = frozenset()
+
+
+def row_bytes(type_name: str, n_elements: int) -> int:
+    qtype = GGMLQuantizationType[type_name.upper()]
+    block, size = GGML_QUANT_SIZES[qtype]
+    return n_elements // block * size
+
+
+def layer_devices(params: ModelParams, resolved: Resolved, placement: Placement) -> tuple[str, ...]:
+    """Device of layers 0..n_layer-1 and of the output layer (index n_layer), as llama_model::load_tensors."""
+    n_all = params.n_layer + 1
+    ngl = resolved.n_gpu_layers if placement.n_gpus else 0
+    i_gpu_start = max(n_all - ngl, 0)
+    act = min(ngl, n_all)
+    split = placement.tensor_split or (1.0,) * placement.n_gpus
+    total = sum(split) or 1.0
+    cumulative, running = [], 0.0
+    for share in split:
+        running += share
+        cumulative.append(running / total)
+    out = []
+    for il in range(n_all):
+        if act == 0 or il < i_gpu_start or il - i_gpu_start >= act:
+            out.append("CPU")
+        else:
+            idx = bisect.bisect_right(cumulative, (il - i_gpu_start) / act)
+            out.append(f"GPU{min(idx, placement.n_gpus - 1)}")
+    return tuple(out)
+
+
+def _is_matmul_weight(info: TensorInfo) -> bool:
+    # 2D weight matrices feed MUL_MAT; token_embd feeds GET_ROWS, norms and biases are 1D.
+    return len(info.shape) == 2 and info.shape[1] > 1 and not info.name.startswith("token_embd")
+
+
+def _repackable(info: TensorInfo, types: frozenset[str]) -> bool:
+    return (info.ggml_type.name in types and _is_matmul_weight(info)
+            and info.shape[0] % 8 == 0 and info.shape[1] % 8 == 0)
+
+
+def _tensor_device(info: TensorInfo, devices: tuple[str, ...], n_layer: int) -> str:
+    if info.name.startswith("token_embd"):
+        return "CPU"  # llama.cpp never offloads the input layer
+    layer = tensor_layer(info.name)
+    if layer is not None:
+        return devices[min(layer, n_layer - 1)]
+    if info.name.startswith(("output", "cls", "output_norm")):
+        return devices[n_layer]
+    return "CPU"
+
+
+def _weights(params: ModelParams, resolved: Resolved, placement: Placement,
+             devices: tuple[str, ...]) -> tuple[dict[str, int], HostWeights]:
+    per_device: dict[str, int] = {}
+    # GPU builds try the GPU's pinned host buffer before CPU_REPACK, and with mmap fall back to plain
+    # CPU: weights are repacked only where no GPU is visible.
+    repack_types = placement.cpu_repack_types if resolved.repack and placement.n_gpus == 0 else frozenset()
+    ranges: dict[int, tuple[int, int]] = {}  # shard → mapped [first, last) of the CPU context
+    repack_bytes = copy_bytes = 0
+    for info in params.tensors:
+        dev = _tensor_device(info, devices, params.n_layer)
+        if dev != "CPU":
+            per_device[dev] = per_device.get(dev, 0) + pad(info.n_bytes, GPU_ALIGNMENT)
+        elif _repackable(info, repack_types):
+            repack_bytes += pad(info.n_bytes, CPU_ALIGNMENT)
+        else:
+            copy_bytes += pad(info.n_bytes, CPU_ALIGNMENT)
+            first, last = ranges.get(info.shard, (info.offset, info.offset + info.n_bytes))
+            ranges[info.shard] = (min(first, info.offset), max(last, info.offset + info.n_bytes))
+    if params.tied_output:
+        embd = next((t for t in params.tensors if t.name == "token_embd.weight"), None)
+        out_dev = devices[params.n_layer]
+        if embd is not None and out_dev != "CPU":
+            per_device[out_dev] = per_device.get(out_dev, 0) + pad(embd.n_bytes, GPU_ALIGNMENT)
+        elif embd is not None and embd.ggml_type.name in repack_types and embd.shape[1] % 8 == 0:
+            repack_bytes += pad(embd.n_bytes, CPU_ALIGNMENT)  # the output's MUL_MAT copy, repacked
+    mapped = sum(last - first for first, last in ranges.values())
+    if resolved.mmap:
+        host = HostWeights(mapped_bytes=mapped, repack_bytes=repack_bytes, copy_bytes=0)
+    else:
+        host = HostWeights(mapped_bytes=0, repack_bytes=repack_bytes, copy_bytes=copy_bytes)
+    per_device["CPU"] = host.mapped_bytes + host.repack_bytes + host.copy_bytes
+    return per_device, host
+
+
+def _kv(params: ModelParams, resolved: Resolved, devices: tuple[str, ...]) -> dict[str, int]:
+    cells = resolved.n_ctx_seq * resolved.n_stream
+    # without flash attention V is stored transposed, every layer sized for the widest one
+    v_width_max = max((params.n_embd_v_gqa(il) for il in range(params.n_layer)), default=0)
+    per_device: dict[str, int] = {}
+    for il in range(params.n_layer):
+        if params.n_head_kv[il] == 0:
+            continue
+        v_width = params.n_embd_v_gqa(il) if resolved.flash_attn else v_width_max
+        layer_bytes = (row_bytes(resolved.cache_type_k, params.n_embd_k_gqa(il))
+                       + row_bytes(resolved.cache_type_v, v_width)) * cells
+        dev = devices[il] if resolved.kv_offload else "CPU"
+        per_device[dev] = per_device.get(dev, 0) + layer_bytes
+    return per_device
+
+
+def compute_graph_bytes(params: ModelParams, resolved: Resolved) -> int:
+    """Peak of the reserved worst-case graph (n_ubatch tokens, full KV) on one backend."""
+    n_seqs = resolved.n_seq_max
+    n_tokens = pad(resolved.n_ubatch, n_seqs)
+    n_outputs = min(resolved.n_ubatch, resolved.n_seq_max)  # llama-server reserves n_parallel outputs
+    n_kv = resolved.n_ctx_seq
+    n_head = max(params.n_head)
+    n_head_kv = max(params.n_head_kv)
+    d_k, d_v = params.n_embd_head_k, params.n_embd_head_v
+    n_ff = max(params.n_ff)
+    embd = F32 * params.n_embd * n_tokens
+    mask = (2 if resolved.flash_attn else F32) * n_kv * n_tokens
+    inputs = 2 * embd + mask
+    qkv = F32 * n_tokens * (n_head * d_k + n_head_kv * (d_k + d_v))
+    if resolved.flash_attn:
+        attention = qkv + F32 * n_tokens * n_head * d_v + embd
+    else:
+        attention = qkv + F32 * n_kv * n_tokens * n_head + embd
+    ffn = F32 * n_tokens * 3 * n_ff + 2 * embd
+    head = F32 * params.n_vocab * n_outputs + embd
+    return inputs + max(attention, ffn, head) + COMPUTE_CALIBRATION["fixed_bytes"]
+
+
+def _approximations(params: ModelParams, placement: Placement) -> tuple[str, ...]:
+    notes = []
+    if params.arch not in DENSE_ATTENTION_ARCHS:
+        notes.append(f"architecture {params.arch!r} is estimated as a dense attention model; "
+                     "recurrent state, sliding windows and experts are not modelled yet")
+    if params.n_swa:
+        notes.append("sliding-window layers are counted with the full context (an upper bound)")
+    if placement.n_gpus:
+        notes.append("GPU compute buffers are calibrated on the CPU backend; CUDA's may differ")
+        if placement.n_gpus > 1:
+            notes.append("pipeline-parallel copies on several GPUs are not modelled yet")
+    return tuple(notes)
+
+
+def estimate(params: ModelParams, resolved: Resolved, placement: Placement = Placement()) -> MemoryEstimate:
+    """Bytes per device for `params` run with `resolved` settings on `placement`'s devices."""
+    devices = layer_devices(params, resolved, placement)
+    weights, host = _weights(params, resolved, placement, devices)
+    kv = _kv(params, resolved, devices)
+    graph = compute_graph_bytes(params, resolved)
+    on_cpu = any(dev == "CPU" for dev in devices)
+    gpu_names = [f"GPU{i}" for i in range(placement.n_gpus)]
+    rows = [DeviceMemory(
+        device="CPU",
+        weights_bytes=weights.get("CPU", 0),
+        kv_bytes=kv.get("CPU", 0),
+        # with every layer offloaded the host only embeds the input tokens
+        compute_bytes=graph if on_cpu else F32 * params.n_embd * resolved.n_ubatch,
+        output_bytes=F32 * params.n_vocab * resolved.n_seq_max,
+    )]
+    for name in gpu_names:
+        used = name in devices
+        rows.append(DeviceMemory(
+            device=name,
+            weights_bytes=weights.get(name, 0),
+            kv_bytes=kv.get(name, 0),
+            compute_bytes=graph if used else 0,
+            overhead_bytes=placement.gpu_overhead_bytes if used else 0,
+        ))
+    return MemoryEstimate(resolved=resolved, devices=tuple(rows), host_weights=host,
+                          layer_devices=devices, approximate=_approximations(params, placement))

@@ -1,0 +1,149 @@
+"""From a GGUF header to the hyperparameters llama.cpp sizes its buffers by.
+
+Keys are read as llama.cpp reads them (`{arch}.block_count`,
+`{arch}.attention.head_count_kv` scalar or per-layer array, key/value length
+defaulting to n_embd / n_head, ...). Missing required keys raise
+UnsupportedModelError naming the key.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+from gguf.constants import LlamaFileType
+
+from llamactl.errors import UnsupportedModelError
+from llamactl.model.gguf import GGUFArray, GGUFHeader, TensorInfo
+
+_LAYER_RE = re.compile(r"^blk\.(\d+)\.")
+
+# Architectures whose memory this version models term by term (dense attention, KV per layer).
+DENSE_ATTENTION_ARCHS = frozenset({
+    "llama", "mistral", "qwen2", "qwen3", "granite", "internlm2", "phi3", "stablelm",
+    "starcoder2", "olmo", "olmo2", "exaone", "smollm3",
+})
+
+
+@dataclass(frozen=True)
+class ModelParams:
+    """What the memory model needs to know about a model, per layer where it varies."""
+
+    arch: str
+    name: str | None
+    file_type: str | None
+    n_layer: int
+    n_embd: int
+    n_vocab: int
+    n_ctx_train: int
+    n_head: tuple[int, ...]  # per layer
+    n_head_kv: tuple[int, ...]  # per layer; 0 = no KV for that layer
+    n_embd_head_k: int
+    n_embd_head_v: int
+    n_ff: tuple[int, ...]  # per layer
+    n_expert: int
+    n_expert_used: int
+    n_swa: int  # sliding window, 0 = none
+    n_params: int
+    tied_output: bool
+    tensors: tuple[TensorInfo, ...]
+    file_bytes: int
+
+    @property
+    def n_gqa_max(self) -> int:
+        return max((h // kv for h, kv in zip(self.n_head, self.n_head_kv) if kv), default=1)
+
+    def n_embd_k_gqa(self, layer: int) -> int:
+        return self.n_embd_head_k * self.n_head_kv[layer]
+
+    def n_embd_v_gqa(self, layer: int) -> int:
+        return self.n_embd_head_v * self.n_head_kv[layer]
+
+
+def tensor_layer(name: str) -> int | None:
+    """The block index of a tensor (`blk.N.`), or None for token_embd/output/norms."""
+    match = _LAYER_RE.match(name)
+    return int(match[1]) if match else None
+
+
+def _int(header: GGUFHeader, key: str, default: int | None = None) -> int:
+    value = header.get(key)
+    if isinstance(value, GGUFArray):
+        raise UnsupportedModelError(f"{header.path}: {key} is an array where a number was expected")
+    if value is None or isinstance(value, (str, bool)):
+        if default is not None:
+            return default
+        raise UnsupportedModelError(f"{header.path}: missing or invalid metadata key {key}")
+    return int(value)
+
+
+def _per_layer(header: GGUFHeader, key: str, n_layer: int, default: int | None = None) -> tuple[int, ...]:
+    value = header.get(key)
+    if isinstance(value, GGUFArray):
+        if value.values is None or value.length != n_layer:
+            raise UnsupportedModelError(f"{header.path}: {key} has {value.length} entries for {n_layer} layers")
+        return tuple(int(v) for v in value.values)
+    return (_int(header, key, default),) * n_layer
+
+
+def _n_vocab(header: GGUFHeader, arch: str) -> int:
+    value = header.get(f"{arch}.vocab_size")
+    if isinstance(value, int) and not isinstance(value, bool):
+        return value
+    tokens = header.get("tokenizer.ggml.tokens")
+    if isinstance(tokens, GGUFArray):
+        return tokens.length
+    for info in header.tensors:
+        if info.name == "token_embd.weight" and len(info.shape) >= 2:
+            return info.shape[1]
+    raise UnsupportedModelError(f"{header.path}: cannot tell the vocabulary size (no tokenizer.ggml.tokens)")
+
+
+def _file_type(header: GGUFHeader) -> str | None:
+    value = header.get("general.file_type")
+    if not isinstance(value, int):
+        return None
+    try:
+        return LlamaFileType(value).name.removeprefix("MOSTLY_")
+    except ValueError:
+        return f"type {value}"
+
+
+def model_params(header: GGUFHeader) -> ModelParams:
+    """Hyperparameters as llama.cpp derives them from the header."""
+    arch = header.architecture
+    if arch == "unknown":
+        raise UnsupportedModelError(f"{header.path}: no general.architecture in the GGUF metadata")
+    n_layer = _int(header, f"{arch}.block_count")
+    if n_layer <= 0 or n_layer > 100_000:
+        raise UnsupportedModelError(f"{header.path}: {arch}.block_count is {n_layer}")
+    n_embd = _int(header, f"{arch}.embedding_length")
+    n_head = _per_layer(header, f"{arch}.attention.head_count", n_layer, 0)
+    n_head_kv = _per_layer(header, f"{arch}.attention.head_count_kv", n_layer, max(n_head) if n_head else 0)
+    head_ref = max(n_head) if n_head else 0
+    default_head = n_embd // head_ref if head_ref else 0
+    n_embd_head_k = _int(header, f"{arch}.attention.key_length", default_head)
+    n_embd_head_v = _int(header, f"{arch}.attention.value_length", default_head)
+    names = {t.name for t in header.tensors}
+    name = header.get("general.name")
+    return ModelParams(
+        arch=arch,
+        name=name if isinstance(name, str) else None,
+        file_type=_file_type(header),
+        n_layer=n_layer,
+        n_embd=n_embd,
+        n_vocab=_n_vocab(header, arch),
+        n_ctx_train=_int(header, f"{arch}.context_length", 0),
+        n_head=n_head,
+        n_head_kv=n_head_kv,
+        n_embd_head_k=n_embd_head_k,
+        n_embd_head_v=n_embd_head_v,
+        n_ff=_per_layer(header, f"{arch}.feed_forward_length", n_layer, 0),
+        n_expert=_int(header, f"{arch}.expert_count", 0),
+        n_expert_used=_int(header, f"{arch}.expert_used_count", 0),
+        n_swa=_int(header, f"{arch}.attention.sliding_window", 0),
+        n_params=sum(t.n_elements for t in header.tensors),
+        tied_output="output.weight" not in names,
+        tensors=header.tensors,
+        file_bytes=header.file_bytes,
+    )

@@ -1,0 +1,114 @@
+"""llama-server settings that change memory, and how the server resolves their defaults.
+
+`ServerSettings` holds what the user asked for, in llama-server's own terms
+(None = the server's default). `resolve()` turns it into `Resolved`: the exact
+values llama-server will run with (padded context, slots, unified cache, flash
+attention on or off), which is what both the estimate and the argv use.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from llamactl.errors import UsageError
+from llamactl.model.params import ModelParams
+
+LLAMACTL_DEFAULT_CTX = 4096  # llamactl's own default; llama-server's -c 0 means the trained context
+SERVER_AUTO_SLOTS = 4  # llama-server with -np unset: 4 slots sharing one unified KV cache
+CTX_PAD = 256
+KV_CACHE_TYPES = ("f32", "f16", "bf16", "q8_0", "q4_0", "q4_1", "iq4_nl", "q5_0", "q5_1")
+FLASH_ATTN_MODES = ("on", "off", "auto")
+
+
+@dataclass(frozen=True)
+class ServerSettings:
+    """Memory-relevant llama-server flags as given (None: llama-server's default)."""
+
+    ctx_size: int = LLAMACTL_DEFAULT_CTX  # -c; 0 = the model's trained context
+    n_gpu_layers: int | None = None  # -ngl; None = every layer (llamactl passes it explicitly)
+    tensor_split: tuple[float, ...] | None = None  # -ts
+    cache_type_k: str = "f16"
+    cache_type_v: str = "f16"
+    flash_attn: str = "auto"
+    parallel: int | None = None  # -np; None = 4 slots, unified cache
+    kv_unified: bool | None = None  # -kvu / -no-kvu
+    batch_size: int = 2048
+    ubatch_size: int = 512
+    swa_full: bool = False
+    kv_offload: bool = True  # -nkvo turns it off
+    mmap: bool = True  # --no-mmap = llama-server's `--load-mode none`
+    repack: bool = True  # --no-repack turns CPU_REPACK off
+
+
+@dataclass(frozen=True)
+class Resolved:
+    """What llama-server will actually run with, for one model on one set of devices."""
+
+    n_ctx: int  # total cells over all streams, after padding
+    n_ctx_seq: int  # cells per stream
+    n_seq_max: int  # slots
+    n_stream: int  # KV streams: 1 if unified, else n_seq_max
+    kv_unified: bool
+    n_batch: int
+    n_ubatch: int
+    flash_attn: bool
+    n_gpu_layers: int  # integer, clamped to n_layer + 1
+    cache_type_k: str
+    cache_type_v: str
+    swa_full: bool
+    kv_offload: bool
+    mmap: bool
+    repack: bool
+
+
+def pad(value: int, to: int) -> int:
+    return (value + to - 1) // to * to
+
+
+def resolve(settings: ServerSettings, model: ModelParams, n_gpus: int) -> Resolved:
+    """Resolve defaults exactly as llama-server does (server.cpp, llama-context.cpp)."""
+    if settings.ctx_size < 0:
+        raise UsageError(f"-c/--ctx-size must be >= 0, got {settings.ctx_size}")
+    if settings.parallel is not None and settings.parallel < 1:
+        raise UsageError(f"-np/--parallel must be >= 1, got {settings.parallel}")
+    if settings.batch_size < 1 or settings.ubatch_size < 1:
+        raise UsageError("-b/--batch-size and -ub/--ubatch-size must be >= 1")
+    for flag, value in (("-ctk/--cache-type-k", settings.cache_type_k), ("-ctv/--cache-type-v", settings.cache_type_v)):
+        if value not in KV_CACHE_TYPES:
+            raise UsageError(f"{flag}: unknown cache type {value!r} (allowed: {', '.join(KV_CACHE_TYPES)})")
+    if settings.flash_attn not in FLASH_ATTN_MODES:
+        raise UsageError(f"-fa/--flash-attn must be on, off or auto, got {settings.flash_attn!r}")
+
+    if settings.parallel is None:  # server "auto": 4 slots, unified, whatever -kvu says
+        n_seq_max, unified = SERVER_AUTO_SLOTS, True
+    else:
+        n_seq_max, unified = settings.parallel, bool(settings.kv_unified)
+    n_ctx = settings.ctx_size or model.n_ctx_train
+    if n_ctx <= 0:
+        raise UsageError("-c 0 asks for the trained context, but the model does not state one; give -c N")
+    n_ctx = pad(n_ctx, CTX_PAD)
+    if unified:
+        n_ctx_seq = n_ctx
+    else:
+        n_ctx_seq = pad(n_ctx // n_seq_max, CTX_PAD)
+        n_ctx = n_ctx_seq * n_seq_max
+    n_batch = min(n_ctx, settings.batch_size)
+    n_ubatch = min(n_batch, settings.ubatch_size)
+
+    # `auto` enables flash attention when every attention op can run on its layer's device;
+    # the CPU and CUDA backends support it for the cache types llama-server accepts.
+    flash_attn = settings.flash_attn != "off"
+    if settings.cache_type_v not in ("f32", "f16", "bf16") and not flash_attn:
+        raise UsageError("quantized V cache (-ctv) requires flash attention: use -fa on")
+
+    max_layers = model.n_layer + 1  # the output layer counts as one
+    ngl = max_layers if settings.n_gpu_layers is None or settings.n_gpu_layers < 0 else min(settings.n_gpu_layers, max_layers)
+    if n_gpus == 0:
+        ngl = 0
+    return Resolved(
+        n_ctx=n_ctx, n_ctx_seq=n_ctx_seq, n_seq_max=n_seq_max, n_stream=1 if unified else n_seq_max,
+        kv_unified=unified, n_batch=n_batch, n_ubatch=n_ubatch, flash_attn=flash_attn,
+        n_gpu_layers=ngl, cache_type_k=settings.cache_type_k, cache_type_v=settings.cache_type_v,
+        swa_full=settings.swa_full and model.n_swa > 0, kv_offload=settings.kv_offload,
+        mmap=settings.mmap, repack=settings.repack,
+    )

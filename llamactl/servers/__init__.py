@@ -1,0 +1,1 @@
+"""llama-server processes: probing the binary, building argv, reading its buffer logs."""

@@ -1,0 +1,89 @@
+"""Pure: resolved settings + placement → llama-server argv and environment.
+
+Every memory-relevant choice is passed explicitly (`-c`, integer `-ngl`,
+`-fa on|off`, `-np` with `-kvu`/`-no-kvu`, comma-separated `-ts`, `--fit off`
+where the binary knows it, `--metrics`), so the server does what the estimate
+assumed. The argv is a list, never a shell string.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from llamactl.model.settings import Resolved
+from llamactl.servers.probe import ServerCaps
+
+# Flags llamactl cannot do without; a binary lacking one is refused by name.
+REQUIRED_FLAGS = ("--ctx-size", "--n-gpu-layers", "--flash-attn", "--parallel", "--cache-type-k",
+                  "--cache-type-v", "--batch-size", "--ubatch-size", "--port", "--host")
+
+
+@dataclass(frozen=True)
+class ServerCommand:
+    argv: tuple[str, ...]
+    env: dict[str, str]  # overrides on top of the caller's environment
+
+    def shell(self) -> str:
+        """A copy-pasteable rendering for display only (never executed by llamactl)."""
+        import shlex
+
+        env = " ".join(f"{k}={shlex.quote(v)}" for k, v in sorted(self.env.items()))
+        return (env + " " if env else "") + shlex.join(self.argv)
+
+
+def _fmt_share(share: float) -> str:
+    return str(int(share)) if float(share).is_integer() else f"{share:g}"
+
+
+def build_command(
+    binary: str | Path,
+    model: str | Path,
+    resolved: Resolved,
+    caps: ServerCaps,
+    *,
+    host: str = "127.0.0.1",
+    port: int = 8080,
+    tensor_split: Sequence[float] = (),
+    gpu_uuids: Sequence[str] = (),
+    verbose_buffers: bool = False,
+    extra: Sequence[str] = (),
+) -> ServerCommand:
+    caps.require(*REQUIRED_FLAGS)
+    argv = [
+        str(binary), "--model", str(model), "--host", host, "--port", str(port),
+        "--ctx-size", str(resolved.n_ctx),
+        "--n-gpu-layers", str(resolved.n_gpu_layers),
+        "--flash-attn", "on" if resolved.flash_attn else "off",
+        "--parallel", str(resolved.n_seq_max),
+        "--cache-type-k", resolved.cache_type_k,
+        "--cache-type-v", resolved.cache_type_v,
+        "--batch-size", str(resolved.n_batch),
+        "--ubatch-size", str(resolved.n_ubatch),
+    ]
+    if resolved.kv_unified or resolved.n_seq_max > 1:
+        caps.require("--kv-unified", "--no-kv-unified")
+        argv.append("--kv-unified" if resolved.kv_unified else "--no-kv-unified")
+    if caps.supports("--fit"):
+        argv += ["--fit", "off"]  # its dry run would otherwise rewrite the flags we left unset
+    if caps.supports("--metrics"):
+        argv.append("--metrics")
+    if resolved.swa_full:
+        argv.append("--swa-full")
+    if not resolved.kv_offload:
+        argv.append("--no-kv-offload")
+    if not resolved.mmap:
+        caps.require("--load-mode")
+        argv += ["--load-mode", "none"]
+    if not resolved.repack:
+        caps.require("--no-repack")
+        argv.append("--no-repack")
+    if len(tensor_split) > 1:
+        argv += ["--tensor-split", ",".join(_fmt_share(s) for s in tensor_split)]
+    if verbose_buffers:
+        argv += ["--verbosity", "4"]  # buffer sizes are logged at trace level only
+    argv += list(extra)
+    # pin GPUs by UUID (NVML and CUDA may number them differently); a CPU plan hides every GPU
+    env = {"CUDA_VISIBLE_DEVICES": ",".join(gpu_uuids)}
+    return ServerCommand(tuple(argv), env)

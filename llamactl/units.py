@@ -1,0 +1,65 @@
+"""Byte constants, parsing sizes like "24GiB", and humanising bytes for display only."""
+
+from __future__ import annotations
+
+import re
+
+from llamactl.errors import UsageError
+
+KiB = 1024
+MiB = 1024**2
+GiB = 1024**3
+TiB = 1024**4
+
+_UNITS = {
+    "b": 1,
+    "kib": KiB, "mib": MiB, "gib": GiB, "tib": TiB,
+    "kb": 1000, "mb": 1000**2, "gb": 1000**3, "tb": 1000**4,
+    "k": KiB, "m": MiB, "g": GiB, "t": TiB,  # llama.cpp-style shorthands are binary
+}
+_SIZE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([a-z]*)\s*$", re.IGNORECASE)
+
+
+def parse_size(text: str, *, what: str = "size") -> int:
+    """Parse "24GiB", "512 MiB", "1.5TB" into bytes; "0" alone is allowed.
+
+    A number without a unit is refused (is "24" bytes or GiB?), as is any
+    other unit; the message names the bad text.
+    """
+    match = _SIZE_RE.match(text)
+    if not match:
+        raise UsageError(f"invalid {what} {text!r}: expected a number with a unit such as 24GiB or 512MiB")
+    number, unit = match.groups()
+    if not unit:
+        if float(number) == 0:
+            return 0
+        raise UsageError(f"invalid {what} {text!r}: missing unit (KiB, MiB, GiB, TiB, KB, MB, GB, TB)")
+    factor = _UNITS.get(unit.lower())
+    if factor is None:
+        raise UsageError(f"invalid {what} {text!r}: unknown unit {unit!r} (use KiB, MiB, GiB, TiB, KB, MB, GB, TB)")
+    return int(round(float(number) * factor))
+
+
+def format_bytes(n_bytes: int | None) -> str:
+    """Human size in binary units as llama.cpp prints them: 1.50 GiB, 512.00 MiB."""
+    if n_bytes is None:
+        return "-"
+    sign = "-" if n_bytes < 0 else ""
+    value = abs(n_bytes)
+    for unit, factor in (("TiB", TiB), ("GiB", GiB), ("MiB", MiB), ("KiB", KiB)):
+        if value >= factor:
+            return f"{sign}{value / factor:.2f} {unit}"
+    return f"{sign}{value} B"
+
+
+def format_mib(n_bytes: int) -> str:
+    """MiB with two decimals, the unit of llama.cpp's own buffer logs."""
+    return f"{n_bytes / MiB:.2f} MiB"
+
+
+def format_count(n: int) -> str:
+    """Parameter counts: 8.03B, 494.03M, 12.3K."""
+    for suffix, factor in (("T", 10**12), ("B", 10**9), ("M", 10**6), ("K", 10**3)):
+        if n >= factor:
+            return f"{n / factor:.2f}{suffix}"
+    return str(n)

@@ -1,0 +1,135 @@
+"""`llamactl estimate --gpus none` against the buffers the real llama-server logs (-lv 4)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from dataclasses import replace
+from pathlib import Path
+
+import httpx
+import pytest
+
+from llamactl.estimate import host_repack_types
+from llamactl.model.gguf import read_header
+from llamactl.model.memory import Placement, estimate
+from llamactl.model.params import model_params
+from llamactl.model.settings import ServerSettings, resolve
+from llamactl.model.synth import REALISTIC, ModelSpec, demo_spec, write_model
+from llamactl.servers.buffers import free_port, measure
+from llamactl.servers.command import build_command
+from llamactl.units import MiB
+
+BASE = ModelSpec(n_vocab=4096, n_embd=256, n_layer=4, n_head=8, n_head_kv=4, n_ff=768)
+MODELS = {
+    "gqa-f16": BASE,
+    "mha-f32": replace(BASE, n_head_kv=8, weight_type="F32"),
+    "tied-q8_0": replace(BASE, tied_output=True, weight_type="Q8_0"),
+    "q4_0": replace(BASE, weight_type="Q4_0"),
+    "tied-q4_0": replace(BASE, tied_output=True, weight_type="Q4_0"),
+    "kv-array": replace(BASE, n_head_kv=(4, 4, 4, 4)),
+    "qwen2-32k-vocab": replace(BASE, arch="qwen2", n_vocab=32000, n_layer=2),
+}
+SETTINGS = {
+    "default": ServerSettings(ctx_size=4096),
+    "fa-off": ServerSettings(ctx_size=1024, flash_attn="off"),
+    "q8-cache": ServerSettings(ctx_size=8192, cache_type_k="q8_0", cache_type_v="q8_0", flash_attn="on"),
+    "q4-k-cache": ServerSettings(ctx_size=2048, cache_type_k="q4_0", flash_attn="off"),
+    "np3": ServerSettings(ctx_size=2048, parallel=3),
+    "np2-kvu": ServerSettings(ctx_size=3000, parallel=2, kv_unified=True, flash_attn="off"),
+    "small-batch": ServerSettings(ctx_size=4096, ubatch_size=128, batch_size=256),
+    "ctx-below-ubatch": ServerSettings(ctx_size=300, ubatch_size=1024, batch_size=1024, flash_attn="off"),
+    "no-mmap": ServerSettings(ctx_size=2048, mmap=False),
+    "no-repack": ServerSettings(ctx_size=2048, repack=False),
+}
+
+
+def compare(binary: Path, caps, path: Path, settings: ServerSettings, *, timeout_s: float = 120) -> None:
+    params = model_params(read_header(path))
+    resolved = resolve(settings, params, 0)
+    est = estimate(params, resolved, Placement(cpu_repack_types=host_repack_types())).device("CPU")
+    port = free_port()
+    cmd = build_command(binary, path, resolved, caps, port=port, verbose_buffers=True)
+    got = measure(list(cmd.argv), cmd.env, port, timeout_s=timeout_s).buffers
+    logged = {t: got.term(t) for t in ("weights", "kv", "compute", "output")}
+    assert all(logged.values()), f"llama-server logged no buffer sizes: {logged}"
+    mib = 0.01 * MiB  # llama.cpp logs two decimals
+    assert est.weights_bytes == pytest.approx(logged["weights"], rel=0.01, abs=mib)
+    assert est.kv_bytes == pytest.approx(logged["kv"], rel=0.01, abs=mib)
+    assert est.output_bytes == pytest.approx(logged["output"], rel=0.01, abs=mib)
+    total, logged_total = est.total_bytes, sum(logged.values())
+    assert abs(total - logged_total) <= max(0.05 * logged_total, 8 * MiB), (est, logged)
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("models")
+
+
+def _model(model_dir: Path, name: str, spec: ModelSpec, sparse: bool = False) -> Path:
+    path = model_dir / f"{name}.gguf"
+    if not path.exists():
+        write_model(path, spec, sparse=sparse)
+    return path
+
+
+@pytest.mark.parametrize("setting", list(SETTINGS))
+@pytest.mark.parametrize("model", list(MODELS))
+def test_tiny_models_match_logged_buffers(server_binary, server_caps, model_dir, model, setting) -> None:
+    compare(server_binary, server_caps, _model(model_dir, model, MODELS[model]), SETTINGS[setting])
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(("key", "weight_type", "settings"), [
+    ("llama3-8b", "Q4_0", ServerSettings(ctx_size=8192)),
+    ("qwen2.5-0.5b", "F16", ServerSettings(ctx_size=8192, flash_attn="off")),
+    ("qwen2.5-7b", "Q8_0", ServerSettings(ctx_size=4096, parallel=2)),
+])
+def test_realistic_shapes_match_logged_buffers(server_binary, server_caps, model_dir, key, weight_type, settings) -> None:
+    path = _model(model_dir, f"{key}-{weight_type}", replace(REALISTIC[key], weight_type=weight_type), sparse=True)
+    compare(server_binary, server_caps, path, settings, timeout_s=300)
+
+
+@pytest.mark.parametrize("model", ["gqa-f16", "tied-q4_0", "qwen2-32k-vocab"])
+def test_generated_models_generate_text(server_binary, server_caps, model_dir, model) -> None:
+    path = _model(model_dir, model, MODELS[model])
+    params = model_params(read_header(path))
+    resolved = resolve(ServerSettings(ctx_size=512), params, 0)
+    port = free_port()
+    cmd = build_command(server_binary, path, resolved, server_caps, port=port)
+    proc = subprocess.Popen(list(cmd.argv), stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT,
+                            env={**__import__("os").environ, **cmd.env})
+    try:
+        with httpx.Client(timeout=30) as client:
+            for _ in range(3000):
+                try:
+                    if client.get(f"http://127.0.0.1:{port}/health").status_code == 200:
+                        break
+                except httpx.TransportError:
+                    pass
+                assert proc.poll() is None, "llama-server exited while loading"
+                __import__("time").sleep(0.01)
+            reply = client.post(f"http://127.0.0.1:{port}/completion", json={"prompt": "hello", "n_predict": 8})
+            assert reply.status_code == 200
+            assert reply.json()["tokens_predicted"] == 8
+    finally:
+        proc.terminate()
+        proc.wait(10)
+
+
+def test_cli_estimate_json_matches_server(server_binary, server_caps, tmp_path: Path) -> None:
+    path = write_model(tmp_path / "demo.gguf", demo_spec())
+    out = subprocess.run([sys.executable, "-m", "llamactl", "estimate", str(path), "--gpus", "none", "-c", "2048", "--json"],
+                         capture_output=True, text=True, check=True)
+    data = json.loads(out.stdout)
+    (cpu,) = data["devices"]
+    assert cpu["device"] == "CPU"
+    port = free_port()
+    params = model_params(read_header(path))
+    cmd = build_command(server_binary, path, resolve(ServerSettings(ctx_size=2048), params, 0), server_caps,
+                        port=port, verbose_buffers=True)
+    got = measure(list(cmd.argv), cmd.env, port).buffers
+    assert cpu["weights_bytes"] == pytest.approx(got.term("weights"), abs=0.01 * MiB)
+    assert cpu["kv_bytes"] == pytest.approx(got.term("kv"), abs=0.01 * MiB)
+    assert data["settings"]["ctx_size"] == 2048 and data["settings"]["parallel"] == 4

@@ -1,0 +1,136 @@
+"""The pure memory model: settings resolution, KV, placement, weights per device (table-driven)."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+
+from llamactl.errors import UsageError
+from llamactl.model.gguf import read_header
+from llamactl.model.memory import Placement, estimate, layer_devices
+from llamactl.model.params import model_params
+from llamactl.model.settings import ServerSettings, resolve
+from llamactl.model.synth import REALISTIC, ModelSpec, write_model
+from llamactl.units import GiB, MiB
+
+
+@pytest.fixture(scope="module")
+def llama8b(tmp_path_factory: pytest.TempPathFactory):
+    path = tmp_path_factory.mktemp("m") / "llama3-8b.gguf"
+    write_model(path, replace(REALISTIC["llama3-8b"], weight_type="Q4_0"), sparse=True)
+    return model_params(read_header(path))
+
+
+@pytest.fixture(scope="module")
+def tiny_tied(tmp_path_factory: pytest.TempPathFactory):
+    path = tmp_path_factory.mktemp("m") / "tied.gguf"
+    write_model(path, ModelSpec(n_vocab=1024, n_embd=64, n_layer=4, tied_output=True, weight_type="Q4_0"))
+    return model_params(read_header(path))
+
+
+@pytest.mark.parametrize(("settings", "n_ctx", "n_ctx_seq", "n_stream", "unified"), [
+    (ServerSettings(ctx_size=4096), 4096, 4096, 1, True),  # -np unset: 4 slots, unified
+    (ServerSettings(ctx_size=4000), 4096, 4096, 1, True),  # padded to 256
+    (ServerSettings(ctx_size=4096, parallel=3), 4608, 1536, 3, False),  # pad256(4096//3)=1536, ×3
+    (ServerSettings(ctx_size=4096, parallel=3, kv_unified=True), 4096, 4096, 1, True),
+    (ServerSettings(ctx_size=4096, parallel=1), 4096, 4096, 1, False),
+    (ServerSettings(ctx_size=0), 8192, 8192, 1, True),  # -c 0: the trained context
+])
+def test_resolve_slots_and_cells(llama8b, settings, n_ctx, n_ctx_seq, n_stream, unified) -> None:
+    res = resolve(settings, llama8b, 0)
+    assert (res.n_ctx, res.n_ctx_seq, res.n_stream, res.kv_unified) == (n_ctx, n_ctx_seq, n_stream, unified)
+
+
+@pytest.mark.parametrize(("settings", "kv_mib"), [
+    (ServerSettings(ctx_size=8192), 1024.0),  # 32 layers × 8192 × 8 heads × 128 × (2+2) bytes
+    (ServerSettings(ctx_size=8192, cache_type_k="q8_0", cache_type_v="q8_0"), 544.0),  # 34/32 bytes per element
+    (ServerSettings(ctx_size=8192, cache_type_k="q4_0", cache_type_v="f16", flash_attn="on"), 512.0 + 144.0),
+    (ServerSettings(ctx_size=4096, parallel=3), 4608 / 8192 * 1024),
+])
+def test_kv_bytes(llama8b, settings, kv_mib) -> None:
+    est = estimate(llama8b, resolve(settings, llama8b, 0))
+    assert est.device("CPU").kv_bytes == pytest.approx(kv_mib * MiB)
+
+
+def test_quantized_v_needs_flash_attention(llama8b) -> None:
+    with pytest.raises(UsageError, match="requires flash attention"):
+        resolve(ServerSettings(cache_type_v="q8_0", flash_attn="off"), llama8b, 0)
+
+
+@pytest.mark.parametrize(("ngl", "split", "expected"), [
+    (33, (1.0,), ["GPU0"] * 33),
+    (0, (1.0,), ["CPU"] * 33),
+    (1, (1.0,), ["CPU"] * 32 + ["GPU0"]),  # -ngl 1 offloads only the output layer
+    (5, (1.0,), ["CPU"] * 28 + ["GPU0"] * 5),  # the last layers go first
+    (33, (3.0, 1.0), ["GPU0"] * 25 + ["GPU1"] * 8),  # -ts 3,1: layers 0-24 on GPU0, rest and output on GPU1
+    (33, (1.0, 1.0), ["GPU0"] * 17 + ["GPU1"] * 16),
+])
+def test_layer_placement(llama8b, ngl, split, expected) -> None:
+    res = resolve(ServerSettings(n_gpu_layers=ngl), llama8b, len(split))
+    assert list(layer_devices(llama8b, res, Placement(n_gpus=len(split), tensor_split=split))) == expected
+
+
+def test_full_offload_puts_weights_and_kv_on_gpu(llama8b) -> None:
+    res = resolve(ServerSettings(ctx_size=8192), llama8b, 1)
+    est = estimate(llama8b, res, Placement(n_gpus=1, tensor_split=(1.0,), gpu_overhead_bytes=300 * MiB))
+    gpu, cpu = est.device("GPU0"), est.device("CPU")
+    embd = next(t for t in llama8b.tensors if t.name == "token_embd.weight")
+    assert gpu.kv_bytes == 1024 * MiB and cpu.kv_bytes == 0
+    assert cpu.weights_bytes == embd.n_bytes  # the input layer stays on the host
+    assert gpu.weights_bytes == pytest.approx(sum(t.n_bytes for t in llama8b.tensors) - embd.n_bytes, rel=1e-4)
+    assert gpu.overhead_bytes == 300 * MiB
+    assert est.total_bytes > 4.5 * GiB
+
+
+def test_no_kv_offload_keeps_kv_on_host(llama8b) -> None:
+    res = resolve(ServerSettings(ctx_size=8192, kv_offload=False), llama8b, 1)
+    est = estimate(llama8b, res, Placement(n_gpus=1, tensor_split=(1.0,)))
+    assert est.device("GPU0").kv_bytes == 0 and est.device("CPU").kv_bytes == 1024 * MiB
+
+
+def test_tied_output_is_copied_to_the_output_device(tiny_tied) -> None:
+    embd = next(t for t in tiny_tied.tensors if t.name == "token_embd.weight")
+    on_gpu = estimate(tiny_tied, resolve(ServerSettings(n_gpu_layers=1), tiny_tied, 1), Placement(n_gpus=1))
+    on_cpu = estimate(tiny_tied, resolve(ServerSettings(), tiny_tied, 0), Placement(cpu_repack_types=frozenset({"Q4_0"})))
+    no_repack = estimate(tiny_tied, resolve(ServerSettings(), tiny_tied, 0), Placement())
+    norm = next(t for t in tiny_tied.tensors if t.name == "output_norm.weight")
+    # -ngl 1 offloads the output layer only: its norm and a copy of the tied embedding
+    assert on_gpu.device("GPU0").weights_bytes == embd.n_bytes + max(norm.n_bytes, 128)
+    # on the CPU a repackable tied output gets a repacked copy for its MUL_MAT; otherwise it is shared
+    assert on_cpu.host_weights.repack_bytes - embd.n_bytes == pytest.approx(
+        sum(t.n_bytes for t in tiny_tied.tensors if t.name.endswith(("q.weight", "k.weight", "v.weight", "output.weight",
+                                                                     "gate.weight", "up.weight", "down.weight"))), abs=512)
+    assert no_repack.host_weights.repack_bytes == 0
+
+
+def test_repack_only_without_gpus(llama8b) -> None:
+    types = frozenset({"Q4_0"})
+    cpu = estimate(llama8b, resolve(ServerSettings(), llama8b, 0), Placement(cpu_repack_types=types))
+    gpu = estimate(llama8b, resolve(ServerSettings(n_gpu_layers=10), llama8b, 1), Placement(n_gpus=1, cpu_repack_types=types))
+    assert cpu.host_weights.repack_bytes > 3 * GiB
+    assert gpu.host_weights.repack_bytes == 0
+
+
+def test_no_mmap_loads_copies(llama8b) -> None:
+    est = estimate(llama8b, resolve(ServerSettings(mmap=False), llama8b, 0), Placement())
+    assert est.host_weights.mapped_bytes == 0
+    assert est.host_weights.copy_bytes == pytest.approx(sum(t.n_bytes for t in llama8b.tensors), rel=1e-4)
+
+
+@pytest.mark.parametrize(("settings", "bigger_than"), [
+    (ServerSettings(ctx_size=16384, flash_attn="off"), ServerSettings(ctx_size=16384, flash_attn="on")),
+    (ServerSettings(ctx_size=8192, ubatch_size=1024), ServerSettings(ctx_size=8192, ubatch_size=256)),
+    (ServerSettings(ctx_size=32768, flash_attn="off"), ServerSettings(ctx_size=8192, flash_attn="off")),
+])
+def test_compute_grows_with_what_llama_cpp_reserves(llama8b, settings, bigger_than) -> None:
+    big = estimate(llama8b, resolve(settings, llama8b, 0)).device("CPU").compute_bytes
+    small = estimate(llama8b, resolve(bigger_than, llama8b, 0)).device("CPU").compute_bytes
+    assert big > small
+
+
+def test_output_buffer_scales_with_slots(llama8b) -> None:
+    one = estimate(llama8b, resolve(ServerSettings(parallel=1), llama8b, 0)).device("CPU").output_bytes
+    four = estimate(llama8b, resolve(ServerSettings(), llama8b, 0)).device("CPU").output_bytes
+    assert one == 4 * 128256 and four == 4 * one
