@@ -58,11 +58,12 @@ def root(
 
 
 def _register() -> None:
-    from llamactl.cli import estimate, gpus, stubs
+    from llamactl.cli import demo, estimate, gpus, stubs
 
     gpus.register(app)
     estimate.register(app)
     stubs.register(app)
+    demo.register(app)
 
 
 _register()

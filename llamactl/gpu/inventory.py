@@ -54,7 +54,7 @@ class Inventory:
         return tuple(g for g in self.gpus if g.error is None)
 
 
-_COUNT_RE = re.compile(r"^\s*(\d+)\s*[xX*]\s*(.+)$")
+_COUNT_RE = re.compile(r"^\s*(\d+)\s*[xX*]\s*(\d.*)$")
 
 
 def parse_gpus_spec(spec: str) -> Inventory:

@@ -38,7 +38,9 @@ REPACK_TYPES_BY_FEATURE: dict[str, frozenset[str]] = {
 # Compute-buffer calibration: the reserved graph's peak is the live tensors of its largest phase.
 # Regenerate: `python bench/calibrate_compute.py` (fits against llama-server's logged buffers).
 COMPUTE_CALIBRATION = {
-    "fixed_bytes": 0,
+    "fixed_bytes": 32 * 1024,  # token ids, positions, KV indices, output ids
+    "ffn_embd": 5,  # residual, norm and input activations alive beside gate/up/product
+    "attn_embd": 3,
 }
 
 
@@ -198,26 +200,32 @@ def _kv(params: ModelParams, resolved: Resolved, devices: tuple[str, ...]) -> di
 
 
 def compute_graph_bytes(params: ModelParams, resolved: Resolved) -> int:
-    """Peak of the reserved worst-case graph (n_ubatch tokens, full KV) on one backend."""
+    """Peak of the reserved worst-case graph (n_ubatch tokens, full KV) on one backend.
+
+    The graph allocator frees a tensor after its last use, so the buffer is the largest
+    set of tensors alive at once: the inputs (KQ mask) plus the biggest of the FFN phase
+    (gate, up and their product), the attention phase (KQ scores without flash attention)
+    and the output head. Coefficients in units of one [n_embd, n_tokens] f32 activation
+    were read off llama-server's logs over the grid in bench/accuracy.py.
+    """
+    cal = COMPUTE_CALIBRATION
     n_seqs = resolved.n_seq_max
     n_tokens = pad(resolved.n_ubatch, n_seqs)
     n_outputs = min(resolved.n_ubatch, resolved.n_seq_max)  # llama-server reserves n_parallel outputs
     n_kv = resolved.n_ctx_seq
-    n_head = max(params.n_head)
-    n_head_kv = max(params.n_head_kv)
-    d_k, d_v = params.n_embd_head_k, params.n_embd_head_v
-    n_ff = max(params.n_ff)
-    embd = F32 * params.n_embd * n_tokens
+    n_head, n_head_kv = max(params.n_head), max(params.n_head_kv)
+    q_width = n_head * params.n_embd_head_k
+    kv_width = n_head_kv * (params.n_embd_head_k + params.n_embd_head_v)
+    act = F32 * n_tokens  # bytes per activation row element
     mask = (2 if resolved.flash_attn else F32) * n_kv * n_tokens
-    inputs = 2 * embd + mask
-    qkv = F32 * n_tokens * (n_head * d_k + n_head_kv * (d_k + d_v))
+    ffn = act * (3 * max(params.n_ff) + cal["ffn_embd"] * params.n_embd)
+    attention = act * (2 * q_width + kv_width + cal["attn_embd"] * params.n_embd)
     if resolved.flash_attn:
-        attention = qkv + F32 * n_tokens * n_head * d_v + embd
+        attention += act * n_head * params.n_embd_head_v
     else:
-        attention = qkv + F32 * n_kv * n_tokens * n_head + embd
-    ffn = F32 * n_tokens * 3 * n_ff + 2 * embd
-    head = F32 * params.n_vocab * n_outputs + embd
-    return inputs + max(attention, ffn, head) + COMPUTE_CALIBRATION["fixed_bytes"]
+        attention += F32 * n_kv * n_tokens * n_head  # KQ scores; softmax runs in place
+    head = F32 * params.n_vocab * n_outputs + act * 2 * params.n_embd
+    return cal["fixed_bytes"] + mask + max(ffn, attention, head)
 
 
 def _approximations(params: ModelParams, placement: Placement) -> tuple[str, ...]:

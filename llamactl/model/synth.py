@@ -81,7 +81,10 @@ class ModelSpec:
     n_embd: int = 64
     n_layer: int = 2
     n_head: int = 4
-    n_head_kv: int | tuple[int, ...] = 2  # tuple: per-layer array in the GGUF
+    # A tuple is written as a per-layer array. llama-server's llama/qwen2
+    # loaders size every layer's K/V like layer 0, so unequal entries give a
+    # valid GGUF that the server refuses ("wrong shape"): reader tests only.
+    n_head_kv: int | tuple[int, ...] = 2
     n_ff: int = 128
     head_dim: int | None = None  # None: n_embd // n_head, and no key/value_length keys
     n_ctx_train: int = 4096

@@ -7,6 +7,7 @@ These lines are the ground truth the memory model is measured against
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from llamactl.units import MiB
@@ -61,10 +62,12 @@ class Measurement:
     ready_s: float  # from spawn to /health 200
 
 
-def measure(argv: list[str], env: dict[str, str], port: int, *, timeout_s: float = 120.0) -> Measurement:
+def measure(argv: list[str], env: dict[str, str], port: int, *, timeout_s: float = 120.0,
+            while_ready: Callable[[str], None] | None = None) -> Measurement:
     """Run llama-server until it answers /health, then stop it and parse its buffer log.
 
-    The argv must log at verbosity 4 (build_command(..., verbose_buffers=True)). Raises
+    The argv must log at verbosity 4 (build_command(..., verbose_buffers=True)). `while_ready`
+    is called with the server's base URL before it is stopped. Raises
     RuntimeError with the log's tail if the server exits or misses the deadline.
     """
     import os
@@ -92,6 +95,8 @@ def measure(argv: list[str], env: dict[str, str], port: int, *, timeout_s: float
                         pass
                     time.sleep(0.02)
             ready_s = time.monotonic() - start
+            if while_ready is not None:
+                while_ready(f"http://127.0.0.1:{port}")
         finally:
             proc.terminate()
             try:

@@ -1,0 +1,68 @@
+"""`llamactl demo`: a first real run on a built-in tiny model, end to end, then exit."""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import typer
+
+from llamactl import paths, render
+from llamactl.errors import LlamactlError
+from llamactl.estimate import host_repack_types
+from llamactl.model.gguf import read_header
+from llamactl.model.memory import Placement, estimate
+from llamactl.model.params import model_params
+from llamactl.model.settings import ServerSettings, resolve
+from llamactl.model.synth import demo_spec, write_model
+from llamactl.servers.buffers import free_port, measure
+from llamactl.servers.command import build_command
+from llamactl.servers.probe import find_server, probe
+from llamactl.units import format_mib
+
+
+def command(
+    server_bin: Optional[str] = typer.Option(None, "--server-bin", help="llama-server binary (else $LLAMA_SERVER, PATH)."),
+    ctx_size: int = typer.Option(2048, "-c", "--ctx-size", help="Context size for the demo."),
+) -> None:
+    """Write a tiny demo model, estimate it, run it in the real llama-server, compare."""
+    path = paths.cache_dir() / "demo" / "llamactl-demo.gguf"
+    if not path.exists():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        write_model(path, demo_spec())
+    print(f"demo model: {path}")
+    params = model_params(read_header(path))
+    resolved = resolve(ServerSettings(ctx_size=ctx_size), params, 0)
+    est = estimate(params, resolved, Placement(cpu_repack_types=host_repack_types())).device("CPU")
+    try:
+        binary = find_server(server_bin)
+        caps = probe(binary)
+    except LlamactlError as exc:
+        print(f"estimate (CPU): weights {format_mib(est.weights_bytes)}, KV {format_mib(est.kv_bytes)}, "
+              f"compute {format_mib(est.compute_bytes)}, output {format_mib(est.output_bytes)}")
+        render.note(f"llamactl demo: {exc}")
+        render.note("get one with `.ci/get-llama-server` from a source checkout (builds llama.cpp, ~15 min), "
+                    "then export LLAMA_SERVER=<path>")
+        raise typer.Exit(4) from None
+    print(f"llama-server: {binary} ({caps.version})")
+    port = free_port()
+    cmd = build_command(binary, path, resolved, caps, port=port, verbose_buffers=True)
+    print(f"running: {cmd.shell()}")
+    replies: list[str] = []
+
+    def ask(base_url: str) -> None:
+        import httpx
+
+        body = {"prompt": "Once upon a time", "n_predict": 16}
+        replies.append(httpx.post(f"{base_url}/completion", json=body, timeout=60).json().get("content", ""))
+
+    got = measure(list(cmd.argv), cmd.env, port, timeout_s=120, while_ready=ask).buffers
+    print(f"ready; a random-weight model says: {replies[0]!r}\n")
+    rows = [[term, format_mib(value), format_mib(got.term(key))]
+            for term, key, value in (("weights", "weights", est.weights_bytes), ("KV cache", "kv", est.kv_bytes),
+                                     ("compute", "compute", est.compute_bytes), ("output", "output", est.output_bytes))]
+    print(render.table(rows, ["TERM", "ESTIMATED", "LLAMA-SERVER LOGGED"]))
+    print("\nnext: llamactl estimate YOUR-MODEL.gguf -c 8192 --gpus 24GiB")
+
+
+def register(app: typer.Typer) -> None:
+    app.command("demo")(command)

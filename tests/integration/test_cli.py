@@ -1,0 +1,104 @@
+"""The real CLI as a process: output shapes, one-line errors and documented exit codes."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from llamactl.model.synth import ModelSpec, write_model
+
+
+def run(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    import os
+
+    return subprocess.run([sys.executable, "-m", "llamactl", *args], capture_output=True, text=True, timeout=60,
+                          env={**os.environ, **(env or {})})
+
+
+@pytest.fixture(scope="module")
+def model(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return write_model(tmp_path_factory.mktemp("m") / "tiny.gguf", ModelSpec(n_vocab=1024, n_layer=3))
+
+
+def test_estimate_json_schema(model: Path) -> None:
+    out = run("estimate", str(model), "--gpus", "none", "--json")
+    assert out.returncode == 0, out.stderr
+    data = json.loads(out.stdout)
+    assert set(data) >= {"model", "settings", "devices", "total_bytes"}
+    assert data["model"]["architecture"] == "llama" and data["model"]["layers"] == 3
+    assert [d["device"] for d in data["devices"]] == ["CPU"]
+    keys = {"device", "weights_bytes", "kv_bytes", "recurrent_bytes", "compute_bytes", "output_bytes",
+            "overhead_bytes", "total_bytes"}
+    assert set(data["devices"][0]) == keys
+    assert data["total_bytes"] == sum(d["total_bytes"] for d in data["devices"])
+
+
+def test_global_json_flag_and_several_files(model: Path) -> None:
+    out = run("--json", "estimate", str(model), str(model), "--gpus", "none")
+    assert out.returncode == 0, out.stderr
+    data = json.loads(out.stdout)
+    assert isinstance(data, list) and len(data) == 2
+
+
+def test_estimate_on_simulated_gpus(model: Path) -> None:
+    data = json.loads(run("estimate", str(model), "--gpus", "2x24GiB", "-ts", "3,1", "--json").stdout)
+    assert [d["device"] for d in data["devices"]] == ["CPU", "GPU0", "GPU1"]
+    assert data["settings"]["n_gpu_layers"] == 4
+    assert data["layers"] == {"GPU0": 3, "GPU1": 1}  # -ts 3,1 over 3 layers + output
+    assert all(d["overhead_bytes"] > 0 for d in data["devices"][1:])
+
+
+def test_env_gpus_is_used(model: Path) -> None:
+    data = json.loads(run("estimate", str(model), "--json", env={"LLAMACTL_GPUS": "16GiB"}).stdout)
+    assert [d["device"] for d in data["devices"]] == ["CPU", "GPU0"]
+
+
+def test_human_output_has_summary_and_table(model: Path) -> None:
+    out = run("estimate", str(model), "--gpus", "none", "-c", "2048")
+    assert out.returncode == 0
+    assert "llama" in out.stdout and "DEVICE" in out.stdout and "TOTAL" in out.stdout
+    assert "-c 2048" in out.stdout
+
+
+@pytest.mark.parametrize(("args", "code", "message"), [
+    (["estimate", "{missing}"], 2, "no such file"),
+    (["estimate", "{garbage}"], 2, "not a GGUF file"),
+    (["estimate", "{model}", "--gpus", "24XB"], 2, "unknown unit"),
+    (["estimate", "{model}", "--gpus", "24"], 2, "missing unit"),
+    (["estimate", "{model}", "--gpus", "2x24GiB", "-ts", "50:50"], 2, "commas"),
+    (["estimate", "{model}", "--gpus", "none", "-ctk", "q3_k"], 2, "unknown cache type"),
+    (["estimate", "{model}", "--gpus", "none", "-ctv", "q8_0", "-fa", "off"], 2, "requires flash attention"),
+    (["estimate", "{model}", "--gpus", "none", "-ngl", "many"], 2, "-ngl"),
+    (["estimate", "{model}", "--gpus-file", "{missing}"], 2, "no such GPU inventory file"),
+    (["estimate", "{model}", "--bogus-flag"], 2, "No such option"),
+    (["plan", "{model}"], 1, "not built yet"),
+    (["proxy"], 1, "not built yet"),
+])
+def test_errors_are_one_line_with_exit_codes(model: Path, tmp_path: Path, args, code, message) -> None:
+    garbage = tmp_path / "garbage.gguf"
+    garbage.write_bytes(b"this is not a model at all" * 10)
+    subst = {"{missing}": str(tmp_path / "missing.gguf"), "{garbage}": str(garbage), "{model}": str(model)}
+    out = run(*[subst.get(a, a) for a in args])
+    assert out.returncode == code, (out.stdout, out.stderr)
+    assert message in out.stderr
+    assert "Traceback" not in out.stderr
+    if code != 2 or "No such option" not in message:
+        assert len(out.stderr.strip().splitlines()) == 1, out.stderr
+
+
+def test_gpus_file_round_trip(tmp_path: Path, model: Path) -> None:
+    inv = run("gpus", "--gpus", "24GiB,16GiB", "--json")
+    assert inv.returncode == 0
+    path = tmp_path / "inv.json"
+    path.write_text(inv.stdout)
+    data = json.loads(run("estimate", str(model), "--gpus-file", str(path), "--json").stdout)
+    assert [d["device"] for d in data["devices"]] == ["CPU", "GPU0", "GPU1"]
+
+
+def test_version() -> None:
+    out = run("--version")
+    assert out.returncode == 0 and "llamactl" in out.stdout and "llamactl-gpu" in out.stdout
