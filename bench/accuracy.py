@@ -9,7 +9,6 @@ runs in tests/e2e/test_estimate_vs_server.py.
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 import tempfile
 from dataclasses import dataclass, replace
@@ -40,26 +39,10 @@ class Case:
 
 
 def tiny_cases() -> list[Case]:
-    base = ModelSpec(n_vocab=4096, n_embd=256, n_layer=4, n_head=8, n_head_kv=4, n_ff=768)
-    specs = {
-        "gqa-f16": base,
-        "mha-f32": replace(base, n_head_kv=8, weight_type="F32"),
-        "tied-q8": replace(base, tied_output=True, weight_type="Q8_0"),
-        "q4_0": replace(base, weight_type="Q4_0"),
-        "kv-array": replace(base, n_head_kv=(4, 4, 4, 4)),
-        "qwen2-32k": replace(base, arch="qwen2", n_vocab=32000, n_layer=2),
-    }
-    grids = [
-        ServerSettings(ctx_size=4096),
-        ServerSettings(ctx_size=1024, flash_attn="off"),
-        ServerSettings(ctx_size=8192, cache_type_k="q8_0", cache_type_v="q8_0", flash_attn="on"),
-        ServerSettings(ctx_size=2048, parallel=3),
-        ServerSettings(ctx_size=3000, parallel=2, kv_unified=True, flash_attn="off"),
-        ServerSettings(ctx_size=4096, ubatch_size=128, batch_size=256),
-        ServerSettings(ctx_size=300, ubatch_size=1024, batch_size=1024, flash_attn="off"),
-        ServerSettings(ctx_size=2048, mmap=False),
-    ]
-    return [Case(f"{name} {describe(s)}", spec, s) for name, spec in specs.items() for s in grids]
+    # the same grid the end-to-end tests hold to bounds
+    from tests.e2e.test_estimate_vs_server import MODELS, SETTINGS
+
+    return [Case(f"{name} {describe(s)}", spec, s) for name, spec in MODELS.items() for s in SETTINGS.values()]
 
 
 def realistic_cases() -> list[Case]:
@@ -76,12 +59,14 @@ def describe(s: ServerSettings) -> str:
     parts = [f"-c {s.ctx_size}", f"-fa {s.flash_attn}"]
     if s.parallel:
         parts.append(f"-np {s.parallel}" + (" -kvu" if s.kv_unified else ""))
-    if s.cache_type_k != "f16":
+    if (s.cache_type_k, s.cache_type_v) != ("f16", "f16"):
         parts.append(f"-ctk {s.cache_type_k} -ctv {s.cache_type_v}")
     if s.ubatch_size != 512:
         parts.append(f"-b {s.batch_size} -ub {s.ubatch_size}")
     if not s.mmap:
         parts.append("--no-mmap")
+    if not s.repack:
+        parts.append("-nr")
     return " ".join(parts)
 
 
