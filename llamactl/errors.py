@@ -15,8 +15,9 @@ class ExitCode(IntEnum):
     OK = 0
     FAILURE = 1  # a runtime failure, or a command that is not built yet
     USAGE = 2  # bad usage or input: flags, sizes, files that are not GGUF
-    NO_FIT = 3  # the model does not fit the GPUs/inventory given
-    SERVER_BINARY = 4  # no usable llama-server, or it lacks a flag llamactl needs
+    PARTIAL_FIT = 3  # plan: runs only partially offloaded or on the CPU
+    NO_FIT = 4  # the model does not fit the inventory at all
+    SERVER_BINARY = 5  # no usable llama-server, or it lacks a flag llamactl needs
     INTERRUPTED = 130
 
 

@@ -7,7 +7,7 @@ from typing import Optional
 import typer
 
 from llamactl import paths, render
-from llamactl.errors import LlamactlError
+from llamactl.errors import ExitCode, LlamactlError
 from llamactl.estimate import host_repack_types
 from llamactl.model.gguf import read_header
 from llamactl.model.memory import Placement, estimate
@@ -42,7 +42,7 @@ def command(
         render.note(f"llamactl demo: {exc}")
         render.note("get one with `.ci/get-llama-server` from a source checkout (builds llama.cpp, ~15 min), "
                     "then export LLAMA_SERVER=<path>")
-        raise typer.Exit(4) from None
+        raise typer.Exit(int(ExitCode.SERVER_BINARY)) from None
     print(f"llama-server: {binary} ({caps.version})")
     port = free_port()
     cmd = build_command(binary, path, resolved, caps, port=port, verbose_buffers=True)

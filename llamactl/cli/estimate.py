@@ -44,7 +44,7 @@ def _result_json(result: EstimateResult) -> dict[str, object]:
             "parallel": res.n_seq_max,
             "kv_unified": res.kv_unified,
             "n_gpu_layers": res.n_gpu_layers,
-            "tensor_split": list(result.tensor_split) or None,
+            "tensor_split": _shares(result.tensor_split),
             "flash_attn": "on" if res.flash_attn else "off",
             "cache_type_k": res.cache_type_k,
             "cache_type_v": res.cache_type_v,
@@ -77,6 +77,12 @@ def _result_json(result: EstimateResult) -> dict[str, object]:
         "approximate": list(est.approximate),
         "total_bytes": est.total_bytes,
     }
+
+
+def _shares(split: tuple[float, ...]) -> list[float] | None:
+    """-ts as fractions of 1 (the default split is in bytes of free memory)."""
+    total = sum(split)
+    return [round(share / total, 4) for share in split] if split and total else None
 
 
 def _layer_summary(devices: tuple[str, ...]) -> dict[str, int]:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import typer
 
 from llamactl.errors import NotBuiltError
@@ -15,14 +17,14 @@ _PENDING = {
 }
 
 
-def _stub(name: str, summary: str) -> None:
+def _stub(name: str, summary: str) -> Callable[..., None]:
     def command(
         args: list[str] = typer.Argument(None, hidden=True),  # accept anything: the message is the same
     ) -> None:
         raise NotBuiltError(f"`llamactl {name}` is not built yet ({summary})")
 
     command.__doc__ = f"{summary[0].upper()}{summary[1:]} (not built yet)."
-    return command  # type: ignore[return-value]
+    return command
 
 
 def register(app: typer.Typer) -> None:

@@ -236,6 +236,8 @@ def _read_tensor_info(cur: _Cursor, index: int) -> TensorInfo:
 
 def _read_one(path: Path, shard: int) -> tuple[int, int, dict[str, Value], list[TensorInfo], int]:
     """Read one file's header → (version, alignment, metadata, tensors, file size)."""
+    if path.exists() and not path.is_dir() and not path.is_file():
+        raise GGUFError(f"{path}: not a regular file")  # a FIFO would block the open
     try:
         with open(path, "rb") as fh:
             file_bytes = os.fstat(fh.fileno()).st_size

@@ -133,3 +133,13 @@ def test_cli_estimate_json_matches_server(server_binary, server_caps, tmp_path: 
     assert cpu["weights_bytes"] == pytest.approx(got.term("weights"), abs=0.01 * MiB)
     assert cpu["kv_bytes"] == pytest.approx(got.term("kv"), abs=0.01 * MiB)
     assert data["settings"]["ctx_size"] == 2048 and data["settings"]["parallel"] == 4
+
+
+def test_demo_runs_end_to_end(server_binary, tmp_path: Path) -> None:
+    import os
+
+    out = subprocess.run([sys.executable, "-m", "llamactl", "demo", "--server-bin", str(server_binary)],
+                         capture_output=True, text=True, timeout=120, env={**os.environ, "LLAMACTL_CACHE_DIR": str(tmp_path)})
+    assert out.returncode == 0, out.stderr
+    assert "LLAMA-SERVER LOGGED" in out.stdout and "ready; a random-weight model says" in out.stdout
+    assert (tmp_path / "demo" / "llamactl-demo.gguf").exists()

@@ -102,3 +102,10 @@ def test_gpus_file_round_trip(tmp_path: Path, model: Path) -> None:
 def test_version() -> None:
     out = run("--version")
     assert out.returncode == 0 and "llamactl" in out.stdout and "llamactl-gpu" in out.stdout
+
+
+def test_demo_without_llama_server_says_how_to_get_one(tmp_path: Path) -> None:
+    out = run("demo", env={"LLAMA_SERVER": str(tmp_path / "no-such-llama-server"), "LLAMACTL_CACHE_DIR": str(tmp_path)})
+    assert out.returncode == 5, out.stderr
+    assert "llama-server not found" in out.stderr and "get-llama-server" in out.stderr
+    assert "estimate (CPU): weights" in out.stdout

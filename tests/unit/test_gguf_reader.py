@@ -142,3 +142,12 @@ def test_reader_never_reads_tensor_data(tmp_path: Path) -> None:
     assert header.file_bytes > 4 * 10**9
     assert len(header.tensors) == 2 + 32 * 9 + 1
     assert np.isclose(sum(t.n_elements for t in header.tensors), 8.03e9, rtol=0.01)
+
+
+def test_fifo_is_refused_without_blocking(tmp_path: Path) -> None:
+    import os
+
+    fifo = tmp_path / "pipe.gguf"
+    os.mkfifo(fifo)
+    with pytest.raises(GGUFError, match="not a regular file"):
+        read_header(fifo)

@@ -1,0 +1,240 @@
+"""Pure placement: a model's memory model + GPUs + policy → a Plan (devices, split, -ngl) or no fit.
+
+Order of preference: the whole model on one GPU (the seed's explicit wish),
+then the fewest GPUs that hold it with `-ts` in proportion to what each can
+hold, then partial offload (the largest `-ngl` that fits), then the CPU. Every
+candidate is verified per device with the memory model, never by a sum. When
+the model does not fit wholly on GPUs, the least-recently-used idle llamactl
+instances whose removal would make it fit are proposed for eviction.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field, replace
+from enum import Enum
+
+from llamactl.gpu.inventory import Gpu
+from llamactl.model.memory import DEFAULT_GPU_OVERHEAD_BYTES, MemoryEstimate, Placement, estimate
+from llamactl.model.params import ModelParams
+from llamactl.model.settings import Resolved, ServerSettings, resolve
+from llamactl.units import MiB, format_bytes
+
+DEFAULT_MARGIN_BYTES = 512 * MiB  # headroom per GPU, like llama.cpp's --fit-target
+DEFAULT_UTIL_THRESHOLD = 50  # percent
+DEFAULT_MEM_THRESHOLD = 0.5  # fraction of total used by other programs
+SPLIT_REFINEMENTS = 8
+
+
+class Fit(str, Enum):
+    GPU = "gpu"
+    PARTIAL = "partial"
+    CPU = "cpu"
+    NONE = "none"
+
+
+class Strategy(str, Enum):
+    SPREAD = "spread"  # the GPU with the most free memory
+    PACK = "pack"  # the smallest GPU that fits, leaving big ones for big models
+
+
+@dataclass(frozen=True)
+class Policy:
+    strategy: Strategy = Strategy.SPREAD
+    max_gpus: int | None = None  # None = all candidates
+    allow_partial: bool = True
+    margin_bytes: int = DEFAULT_MARGIN_BYTES
+    gpu_overhead_bytes: int = DEFAULT_GPU_OVERHEAD_BYTES
+    util_threshold: int = DEFAULT_UTIL_THRESHOLD
+    mem_threshold: float = DEFAULT_MEM_THRESHOLD
+    allowed_gpus: tuple[int, ...] | None = None  # a model's `gpus` allow-list (NVML indices)
+    host_memory_bytes: int | None = None  # RAM available for a CPU or partial plan; None = unchecked
+    cpu_repack_types: frozenset[str] = frozenset()
+
+
+@dataclass(frozen=True)
+class RunningInstance:
+    """A llamactl instance as placement sees it: what it holds where, and whether it may go."""
+
+    name: str
+    gpu_bytes: dict[int, int]  # NVML index → bytes it holds (measured, else estimated)
+    last_used: float  # epoch seconds
+    idle: bool = True  # no request in flight
+    starting: bool = False  # memory promised but not yet visible to NVML
+    pids: tuple[int, ...] = ()
+
+
+@dataclass(frozen=True)
+class DeviceCapacity:
+    gpu: Gpu
+    capacity_bytes: int  # what a new model may use: free − promised − margin (never below 0)
+    candidate: bool
+    reason: str | None = None  # why not a candidate
+
+
+@dataclass(frozen=True)
+class Plan:
+    fit: Fit
+    gpu_ids: tuple[int, ...]  # NVML indices, in the order llama-server sees them
+    tensor_split: tuple[float, ...] | None  # None on one GPU or the CPU
+    resolved: Resolved | None
+    estimate: MemoryEstimate | None
+    capacities: tuple[DeviceCapacity, ...]
+    evict: tuple[str, ...] = ()
+    reasons: tuple[str, ...] = field(default=())
+
+    @property
+    def n_gpu_layers(self) -> int:
+        return self.resolved.n_gpu_layers if self.resolved else 0
+
+
+def capacities(gpus: Sequence[Gpu], instances: Sequence[RunningInstance], policy: Policy) -> list[DeviceCapacity]:
+    """Candidate GPUs and what each can take, counting only other programs' use against the thresholds."""
+    out = []
+    for gpu in gpus:
+        ours_bytes = sum(inst.gpu_bytes.get(gpu.index, 0) for inst in instances if not inst.starting)
+        promised = sum(inst.gpu_bytes.get(gpu.index, 0) for inst in instances if inst.starting)
+        others_used = max(gpu.memory_used_bytes - ours_bytes, 0)
+        capacity = max(gpu.memory_free_bytes - promised - policy.margin_bytes, 0)
+        reason = None
+        if gpu.error:
+            reason = f"GPU {gpu.index}: {gpu.error}"
+        elif policy.allowed_gpus is not None and gpu.index not in policy.allowed_gpus:
+            reason = f"GPU {gpu.index} is not in the model's allow-list"
+        elif gpu.utilization_gpu is not None and gpu.utilization_gpu >= policy.util_threshold:
+            reason = f"GPU {gpu.index} is {gpu.utilization_gpu}% busy (threshold {policy.util_threshold}%)"
+        elif gpu.memory_total_bytes and others_used / gpu.memory_total_bytes >= policy.mem_threshold:
+            reason = (f"GPU {gpu.index}: other programs use {format_bytes(others_used)} of "
+                      f"{format_bytes(gpu.memory_total_bytes)} (threshold {policy.mem_threshold:.0%})")
+        out.append(DeviceCapacity(gpu, capacity, reason is None, reason))
+    return out
+
+
+def _try(params: ModelParams, settings: ServerSettings, chosen: Sequence[DeviceCapacity], split: Sequence[float],
+         policy: Policy, n_gpu_layers: int | None = None) -> tuple[bool, Resolved, MemoryEstimate]:
+    wanted = replace(settings, n_gpu_layers=n_gpu_layers if n_gpu_layers is not None else settings.n_gpu_layers)
+    resolved = resolve(wanted, params, len(chosen))
+    est = estimate(params, resolved, Placement(n_gpus=len(chosen), tensor_split=tuple(split),
+                                               gpu_overhead_bytes=policy.gpu_overhead_bytes,
+                                               cpu_repack_types=policy.cpu_repack_types))
+    fits = all(est.device(f"GPU{i}").total_bytes <= cap.capacity_bytes for i, cap in enumerate(chosen))
+    if policy.host_memory_bytes is not None:
+        fits = fits and est.device("CPU").total_bytes <= policy.host_memory_bytes
+    return fits, resolved, est
+
+
+def _proportional_split(params: ModelParams, settings: ServerSettings, chosen: Sequence[DeviceCapacity],
+                        policy: Policy, n_gpu_layers: int | None = None) -> tuple[bool, tuple[float, ...], Resolved, MemoryEstimate]:
+    """Split in proportion to what each GPU can hold for layers, then correct overflowing devices."""
+    # what each GPU has left for layers once its fixed costs (overhead, compute) are paid
+    probe_fit, _, probe = _try(params, settings, chosen, [1.0] * len(chosen), policy, n_gpu_layers)
+    fixed = [probe.device(f"GPU{i}").compute_bytes + probe.device(f"GPU{i}").overhead_bytes for i in range(len(chosen))]
+    split = [max(cap.capacity_bytes - f, 1) for cap, f in zip(chosen, fixed)]
+    fits, resolved, est = _try(params, settings, chosen, split, policy, n_gpu_layers)
+    for _ in range(SPLIT_REFINEMENTS):
+        if fits:
+            break
+        # shrink the shares of devices that overflow by how much they overflow, grow the others'
+        ratios = []
+        for i, cap in enumerate(chosen):
+            used = est.device(f"GPU{i}").total_bytes
+            ratios.append(min(cap.capacity_bytes / used, 1.05) if used else 1.05)
+        split = [s * r for s, r in zip(split, ratios)]
+        fits, resolved, est = _try(params, settings, chosen, split, policy, n_gpu_layers)
+    total = sum(split)
+    return fits, tuple(round(s / total, 4) for s in split), resolved, est
+
+
+def _single_gpu(params, settings, cands, policy):
+    fitting = []
+    for cap in cands:
+        fits, resolved, est = _try(params, settings, [cap], [1.0], policy)
+        if fits:
+            fitting.append((cap, resolved, est))
+    if not fitting:
+        return None
+    if policy.strategy is Strategy.PACK:
+        return min(fitting, key=lambda f: (f[0].capacity_bytes, f[0].gpu.index))
+    return max(fitting, key=lambda f: (f[0].capacity_bytes, -f[0].gpu.index))
+
+
+def _place(params: ModelParams, settings: ServerSettings, caps: list[DeviceCapacity], policy: Policy) -> Plan:
+    cands = sorted((c for c in caps if c.candidate), key=lambda c: (-c.capacity_bytes, c.gpu.index))
+    max_gpus = len(cands) if policy.max_gpus is None else min(policy.max_gpus, len(cands))
+    reasons = [c.reason for c in caps if c.reason]
+    full = resolve(settings, params, 1).n_gpu_layers if cands else 0
+    wants_full = settings.n_gpu_layers is None or settings.n_gpu_layers >= params.n_layer + 1
+    if cands and max_gpus >= 1 and wants_full:
+        single = _single_gpu(params, settings, cands, policy)
+        if single:
+            cap, resolved, est = single
+            why = f"fits on GPU {cap.gpu.index} alone ({format_bytes(est.device('GPU0').total_bytes)} of {format_bytes(cap.capacity_bytes)} available)"
+            return Plan(Fit.GPU, (cap.gpu.index,), None, resolved, est, tuple(caps), reasons=tuple(reasons + [why]))
+        reasons.append("no single GPU holds the whole model")
+        for k in range(2, max_gpus + 1):
+            chosen = cands[:k]
+            fits, split, resolved, est = _proportional_split(params, settings, chosen, policy)
+            if fits:
+                ids = tuple(c.gpu.index for c in chosen)
+                reasons.append(f"fits on {k} GPUs {list(ids)} with -ts {','.join(f'{s:g}' for s in split)}")
+                return Plan(Fit.GPU, ids, split, resolved, est, tuple(caps), reasons=tuple(reasons))
+        if max_gpus >= 2:
+            reasons.append(f"not even {max_gpus} GPUs hold the whole model")
+    if cands and max_gpus >= 1 and policy.allow_partial:
+        chosen = cands[:max_gpus]
+        top = min(full, settings.n_gpu_layers) if settings.n_gpu_layers is not None else full
+        for ngl in range(top - (1 if wants_full else 0), 0, -1):
+            if len(chosen) == 1:
+                fits, resolved, est = _try(params, settings, chosen, [1.0], policy, ngl)
+                split: tuple[float, ...] | None = None
+            else:
+                fits, split, resolved, est = _proportional_split(params, settings, chosen, policy, ngl)
+            if fits:
+                ids = tuple(c.gpu.index for c in chosen)
+                reasons.append(f"partial offload: {ngl} of {params.n_layer + 1} layers on GPU {list(ids)}, the rest on the CPU")
+                return Plan(Fit.PARTIAL, ids, split, resolved, est, tuple(caps), reasons=tuple(reasons))
+        reasons.append("not even one layer fits on the GPUs")
+    elif cands and not policy.allow_partial:
+        reasons.append("partial offload refused (--no-partial)")
+    if not cands:
+        reasons.append("no GPU to place on")
+    resolved = resolve(replace(settings, n_gpu_layers=0), params, 0)
+    est = estimate(params, resolved, Placement(cpu_repack_types=policy.cpu_repack_types))
+    host = est.device("CPU").total_bytes
+    if policy.host_memory_bytes is not None and host > policy.host_memory_bytes:
+        reasons.append(f"the CPU would need {format_bytes(host)}, {format_bytes(policy.host_memory_bytes)} of RAM is available")
+        return Plan(Fit.NONE, (), None, None, est, tuple(caps), reasons=tuple(reasons))
+    reasons.append(f"runs on the CPU ({format_bytes(host)})")
+    return Plan(Fit.CPU, (), None, resolved, est, tuple(caps), reasons=tuple(reasons))
+
+
+def plan(params: ModelParams, settings: ServerSettings, gpus: Sequence[Gpu], policy: Policy = Policy(),
+         instances: Sequence[RunningInstance] = ()) -> Plan:
+    """Where to run `params` with `settings`, and which idle instances to evict if that would help."""
+    caps = capacities(gpus, instances, policy)
+    result = _place(params, settings, caps, policy)
+    if result.fit is Fit.GPU:
+        return result
+    victims = evictions_for(params, settings, gpus, policy, instances)
+    if victims:
+        names = ", ".join(victims)
+        return replace(result, evict=victims,
+                       reasons=result.reasons + (f"evicting {names} (least recently used, idle) would let it run fully on GPU",))
+    return result
+
+
+def evictions_for(params: ModelParams, settings: ServerSettings, gpus: Sequence[Gpu], policy: Policy,
+                  instances: Sequence[RunningInstance]) -> tuple[str, ...]:
+    """The shortest least-recently-used prefix of idle instances whose memory would make a GPU fit."""
+    idle = sorted((i for i in instances if i.idle and not i.starting), key=lambda i: i.last_used)
+    freed: list[RunningInstance] = []
+    for victim in idle:
+        freed.append(victim)
+        gone = {i.name for i in freed}
+        relieved = [replace(g, memory_free_bytes=g.memory_free_bytes + sum(v.gpu_bytes.get(g.index, 0) for v in freed),
+                            memory_used_bytes=max(g.memory_used_bytes - sum(v.gpu_bytes.get(g.index, 0) for v in freed), 0))
+                    for g in gpus]
+        remaining = [i for i in instances if i.name not in gone]
+        if _place(params, settings, capacities(relieved, remaining, policy), policy).fit is Fit.GPU:
+            return tuple(v.name for v in freed)
+    return ()
