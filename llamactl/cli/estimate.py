@@ -2,23 +2,21 @@
 
 from __future__ import annotations
 
-from typing import Optional
+from pathlib import Path
 
 import typer
 
 from llamactl import render
 from llamactl.cli.common import wants_json
-from llamactl.errors import UsageError
-from llamactl.estimate import EstimateResult, estimate_files, host_repack_types, parse_tensor_split
-from llamactl.gpu import inventory
-from llamactl.model.memory import DEFAULT_GPU_OVERHEAD_BYTES
-from llamactl.model.settings import LLAMACTL_DEFAULT_CTX, ServerSettings
-from llamactl.units import format_bytes, format_count, parse_size
-
-_ON_OFF = {"on": True, "off": False}
+from llamactl.cli.options import INVENTORY, SERVER, InventoryOptions, with_options
+from llamactl.estimate import EstimateResult, estimate_files, host_repack_types
+from llamactl.model.memory import MemoryEstimate
+from llamactl.model.params import ModelParams
+from llamactl.model.settings import Resolved, ServerSettings
+from llamactl.units import format_bytes, format_count
 
 
-def _result_json(result: EstimateResult) -> dict[str, object]:
+def result_json(result: EstimateResult) -> dict[str, object]:
     est, model, res = result.estimate, result.params, result.estimate.resolved
     return {
         "path": str(result.path),
@@ -92,11 +90,12 @@ def _layer_summary(devices: tuple[str, ...]) -> dict[str, int]:
     return counts
 
 
-def _print_human(result: EstimateResult, note: str | None) -> None:
-    model, est, res = result.params, result.estimate, result.estimate.resolved
-    kv_heads = model.n_head_kv[0] if len(set(model.n_head_kv)) == 1 else f"{min(model.n_head_kv)}-{max(model.n_head_kv)} (per layer)"
+def print_summary(path: Path, model: ModelParams, res: Resolved, note: str | None) -> None:
+    """The model in two lines and the effective llama-server settings in one."""
+    kv_heads = (model.n_head_kv[0] if len(set(model.n_head_kv)) == 1
+                else f"{min(model.n_head_kv)}-{max(model.n_head_kv)} (per layer)")
     head = model.n_embd_head_k if model.n_embd_head_k == model.n_embd_head_v else f"{model.n_embd_head_k}/{model.n_embd_head_v}"
-    print(f"{result.path}")
+    print(f"{path}")
     print(f"  {model.arch} · {format_count(model.n_params)} params · {model.file_type or '?'} · {format_bytes(model.file_bytes)}")
     print(f"  layers {model.n_layer} · heads {max(model.n_head)} · kv heads {kv_heads} · head size {head} · "
           f"vocab {model.n_vocab} · trained ctx {model.n_ctx_train}{' · tied output' if model.tied_output else ''}")
@@ -105,18 +104,24 @@ def _print_human(result: EstimateResult, note: str | None) -> None:
           f"-ctk {res.cache_type_k} -ctv {res.cache_type_v} · -b {res.n_batch} -ub {res.n_ubatch}")
     if note:
         print(f"  note: {note}")
-    print()
-    rows = [
-        [d.device, format_bytes(d.weights_bytes), format_bytes(d.kv_bytes), format_bytes(d.compute_bytes),
-         format_bytes(d.output_bytes), format_bytes(d.overhead_bytes), format_bytes(d.total_bytes)]
-        for d in est.devices
-    ]
-    if any(d.recurrent_bytes for d in est.devices):
-        for row, d in zip(rows, est.devices):
-            row.insert(3, format_bytes(d.recurrent_bytes))
-        headers = ["DEVICE", "WEIGHTS", "KV", "RECURRENT", "COMPUTE", "OUTPUT", "OVERHEAD", "TOTAL"]
-    else:
-        headers = ["DEVICE", "WEIGHTS", "KV", "COMPUTE", "OUTPUT", "OVERHEAD", "TOTAL"]
+
+
+def print_devices(est: MemoryEstimate, capacity: dict[str, int] | None = None) -> None:
+    """The per-device table (with capacity and headroom when planning), host weights and caveats."""
+    recurrent = any(d.recurrent_bytes for d in est.devices)
+    headers = ["DEVICE", "WEIGHTS", "KV"] + (["RECURRENT"] if recurrent else []) + [
+        "COMPUTE", "OUTPUT", "OVERHEAD", "TOTAL"] + (["CAPACITY", "HEADROOM"] if capacity is not None else [])
+    rows = []
+    for d in est.devices:
+        row = [d.device, format_bytes(d.weights_bytes), format_bytes(d.kv_bytes)]
+        if recurrent:
+            row.append(format_bytes(d.recurrent_bytes))
+        row += [format_bytes(d.compute_bytes), format_bytes(d.output_bytes), format_bytes(d.overhead_bytes),
+                format_bytes(d.total_bytes)]
+        if capacity is not None:
+            cap = capacity.get(d.device)
+            row += [format_bytes(cap), "-" if cap is None else format_bytes(cap - d.total_bytes)]
+        rows.append(row)
     print(render.table(rows, headers))
     hw = est.host_weights
     parts = []
@@ -133,59 +138,28 @@ def _print_human(result: EstimateResult, note: str | None) -> None:
         print(f"approximate: {text}")
 
 
+@with_options(SERVER, INVENTORY)
 def command(
     ctx: typer.Context,
     models: list[str] = typer.Argument(..., metavar="MODEL.gguf...", help="GGUF files (any shard of a split model)."),
-    ctx_size: int = typer.Option(LLAMACTL_DEFAULT_CTX, "-c", "--ctx-size", help="Context size; 0 = the model's trained context."),
-    n_gpu_layers: Optional[str] = typer.Option(None, "-ngl", "--n-gpu-layers", "--gpu-layers", help="Layers on GPU: N, all (default with GPUs)."),
-    tensor_split: Optional[str] = typer.Option(None, "-ts", "--tensor-split", help="Split across GPUs, e.g. 3,1."),
-    cache_type_k: str = typer.Option("f16", "-ctk", "--cache-type-k", help="KV cache type for K."),
-    cache_type_v: str = typer.Option("f16", "-ctv", "--cache-type-v", help="KV cache type for V."),
-    flash_attn: str = typer.Option("auto", "-fa", "--flash-attn", help="on, off or auto (resolved as the server would)."),
-    parallel: Optional[int] = typer.Option(None, "-np", "--parallel", help="Slots; unset = 4 sharing one unified cache."),
-    kv_unified: Optional[bool] = typer.Option(None, "-kvu/-no-kvu", "--kv-unified/--no-kv-unified", help="One KV cache shared by all slots."),
-    batch_size: int = typer.Option(2048, "-b", "--batch-size", help="Logical batch size."),
-    ubatch_size: int = typer.Option(512, "-ub", "--ubatch-size", help="Physical batch size."),
-    swa_full: bool = typer.Option(False, "--swa-full", help="Full-size cache for sliding-window layers."),
-    no_kv_offload: bool = typer.Option(False, "-nkvo", "--no-kv-offload", help="Keep the KV cache on the host."),
-    no_mmap: bool = typer.Option(False, "--no-mmap", help="Load weights into RAM (llama-server --load-mode none)."),
-    no_repack: bool = typer.Option(False, "-nr", "--no-repack", help="No CPU_REPACK copies of quantized weights."),
-    gpus: Optional[str] = typer.Option(None, "--gpus", help="Simulated GPUs: none, 24GiB,24GiB, 2x80GiB."),
-    gpus_file: Optional[str] = typer.Option(None, "--gpus-file", help="Inventory file as printed by `gpus --json`."),
-    gpu_overhead: str = typer.Option(f"{DEFAULT_GPU_OVERHEAD_BYTES // 2**20}MiB", "--gpu-overhead", help="Per-GPU CUDA context and pools."),
     json_output: bool = typer.Option(False, "--json", help="Machine-readable JSON."),
+    *,
+    settings: ServerSettings,
+    inv: InventoryOptions,
 ) -> None:
     """Predict a model's memory per device from its GGUF header and llama-server flags."""
-    ngl = _parse_ngl(n_gpu_layers)
-    settings = ServerSettings(
-        ctx_size=ctx_size, n_gpu_layers=ngl, tensor_split=parse_tensor_split(tensor_split),
-        cache_type_k=cache_type_k.lower(), cache_type_v=cache_type_v.lower(), flash_attn=flash_attn.lower(),
-        parallel=parallel, kv_unified=kv_unified, batch_size=batch_size, ubatch_size=ubatch_size,
-        swa_full=swa_full, kv_offload=not no_kv_offload, mmap=not no_mmap, repack=not no_repack,
-    )
-    inv = inventory.resolve(gpus, gpus_file)
-    overhead = parse_size(gpu_overhead, what="--gpu-overhead")
-    results = estimate_files(models, settings, inv, gpu_overhead_bytes=overhead, repack_types=host_repack_types())
+    results = estimate_files(models, settings, inv.inventory, gpu_overhead_bytes=inv.gpu_overhead_bytes,
+                             repack_types=host_repack_types())
     if wants_json(ctx, json_output):
-        payload = [_result_json(r) for r in results]
+        payload = [result_json(r) for r in results]
         render.emit_json(payload[0] if len(payload) == 1 else payload)
         return
     for index, result in enumerate(results):
         if index:
             print()
-        _print_human(result, inv.note)
-
-
-def _parse_ngl(text: str | None) -> int | None:
-    if text is None or text.lower() in ("all", "auto", "-1", "-2"):
-        return None
-    try:
-        value = int(text)
-    except ValueError:
-        raise UsageError(f"-ngl/--n-gpu-layers must be a number, 'all' or 'auto', got {text!r}") from None
-    if value < 0:
-        raise UsageError(f"-ngl/--n-gpu-layers must be >= 0, got {value}")
-    return value
+        print_summary(result.path, result.params, result.estimate.resolved, inv.inventory.note)
+        print()
+        print_devices(result.estimate)
 
 
 def register(app: typer.Typer) -> None:

@@ -58,10 +58,11 @@ def root(
 
 
 def _register() -> None:
-    from llamactl.cli import demo, estimate, gpus, stubs
+    from llamactl.cli import demo, estimate, gpus, plan, stubs
 
     gpus.register(app)
     estimate.register(app)
+    plan.register(app)
     stubs.register(app)
     demo.register(app)
 

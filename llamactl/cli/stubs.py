@@ -9,7 +9,6 @@ import typer
 from llamactl.errors import NotBuiltError
 
 _PENDING = {
-    "plan": "choose GPUs, tensor split and layers; print the llama-server command",
     "launch": "start llama-server for a model, wait until ready, record it",
     "ps": "list llama-server instances from the state file",
     "evict": "stop instances (--all, --idle 30m, --lru)",

@@ -12,6 +12,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from llamactl.errors import UsageError
 from llamactl.model.settings import Resolved
 from llamactl.servers.probe import ServerCaps
 
@@ -45,8 +46,8 @@ def build_command(
     *,
     host: str = "127.0.0.1",
     port: int = 8080,
-    tensor_split: Sequence[float] = (),
-    gpu_uuids: Sequence[str] = (),
+    tensor_split: Sequence[float] | None = None,
+    cuda_devices: Sequence[str] = (),
     verbose_buffers: bool = False,
     extra: Sequence[str] = (),
 ) -> ServerCommand:
@@ -79,11 +80,53 @@ def build_command(
     if not resolved.repack:
         caps.require("--no-repack")
         argv.append("--no-repack")
-    if len(tensor_split) > 1:
+    if tensor_split and len(tensor_split) > 1:
         argv += ["--tensor-split", ",".join(_fmt_share(s) for s in tensor_split)]
     if verbose_buffers:
         argv += ["--verbosity", "4"]  # buffer sizes are logged at trace level only
     argv += list(extra)
-    # pin GPUs by UUID (NVML and CUDA may number them differently); a CPU plan hides every GPU
-    env = {"CUDA_VISIBLE_DEVICES": ",".join(gpu_uuids)}
+    # pin GPUs by UUID (NVML and CUDA may number them differently); plain indices are only
+    # right in PCI bus order; a CPU plan hides every GPU
+    env = {"CUDA_VISIBLE_DEVICES": ",".join(cuda_devices)}
+    if any(not d.startswith(("GPU-", "MIG-")) for d in cuda_devices):
+        env["CUDA_DEVICE_ORDER"] = "PCI_BUS_ID"
     return ServerCommand(tuple(argv), env)
+
+
+# Extra llama-server arguments that change memory in ways the estimate does not model yet,
+# and flags llamactl sets itself from its own options.
+_MEMORY_FLAGS = {
+    "--mmproj": "vision projectors", "-mm": "vision projectors", "--mmproj-url": "vision projectors",
+    "-md": "draft models", "--model-draft": "draft models", "--spec-draft-model": "draft models",
+    "--lora": "LoRA adapters", "--lora-scaled": "LoRA adapters",
+    "-sm": "split modes other than layer", "--split-mode": "split modes other than layer",
+    "-mg": "a main GPU", "--main-gpu": "a main GPU",
+    "-ot": "tensor overrides", "--override-tensor": "tensor overrides",
+    "-ncmoe": "expert offload", "--n-cpu-moe": "expert offload", "-cmoe": "expert offload", "--cpu-moe": "expert offload",
+    "--embedding": "embedding mode", "--embeddings": "embedding mode", "--reranking": "reranking mode",
+    "-dev": "device selection", "--device": "device selection",
+}
+_OWN_FLAGS = {
+    "-m", "--model", "--host", "--port", "-c", "--ctx-size", "-ngl", "--gpu-layers", "--n-gpu-layers",
+    "-fa", "--flash-attn", "-np", "--parallel", "-ctk", "--cache-type-k", "-ctv", "--cache-type-v",
+    "-b", "--batch-size", "-ub", "--ubatch-size", "-kvu", "--kv-unified", "-no-kvu", "--no-kv-unified",
+    "-ts", "--tensor-split", "-fit", "--fit", "--swa-full", "-nkvo", "--no-kv-offload", "-kvo", "--kv-offload",
+    "-lm", "--load-mode", "-nr", "--no-repack", "--repack",
+}
+
+
+def check_extra_args(extra: Sequence[str]) -> None:
+    """Refuse extra arguments that would make the estimate wrong, naming the flag and what to use."""
+    for arg in extra:
+        flag = arg.split("=", 1)[0]
+        if flag in _MEMORY_FLAGS:
+            raise UsageError(f"extra argument {flag} ({_MEMORY_FLAGS[flag]}) changes memory in a way llamactl does "
+                             "not model yet; remove it or run llama-server by hand")
+        if flag in _OWN_FLAGS:
+            raise UsageError(f"extra argument {flag} is set by llamactl; use llamactl's own {flag} option instead")
+
+
+# What a current llama-server supports, assumed when planning without a binary at hand (CI fit checks).
+ASSUMED_FLAGS = frozenset(REQUIRED_FLAGS) | {"--kv-unified", "--no-kv-unified", "--fit", "--metrics", "--swa-full",
+                                             "--no-kv-offload", "--load-mode", "--no-repack", "--tensor-split",
+                                             "--verbosity", "--model"}

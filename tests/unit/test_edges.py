@@ -82,7 +82,7 @@ CAPS = ServerCaps("/bin/llama-server", "test", None, parse_help(HELP) | {
 
 def test_argv_is_explicit() -> None:
     cmd = build_command("/bin/llama-server", "m.gguf", _resolved(), CAPS, port=9000, tensor_split=(3, 1),
-                        gpu_uuids=("GPU-a", "GPU-b"))
+                        cuda_devices=("GPU-a", "GPU-b"))
     argv = list(cmd.argv)
     pairs = dict(zip(argv, argv[1:]))
     assert pairs["--ctx-size"] == "4096" and pairs["--n-gpu-layers"] == "33" and pairs["--flash-attn"] == "on"
@@ -106,3 +106,26 @@ def test_missing_flag_is_named() -> None:
 
 def test_format_bytes() -> None:
     assert format_bytes(1536 * MiB) == "1.50 GiB" and format_bytes(512) == "512 B"
+
+
+def test_indices_need_pci_bus_order() -> None:
+    cmd = build_command("llama-server", "m.gguf", _resolved(), CAPS, cuda_devices=("1",))
+    assert cmd.env == {"CUDA_VISIBLE_DEVICES": "1", "CUDA_DEVICE_ORDER": "PCI_BUS_ID"}
+    assert "--tensor-split" not in cmd.argv
+
+
+@pytest.mark.parametrize(("extra", "message"), [
+    (["--mmproj", "p.gguf"], "vision projectors"), (["-md", "d.gguf"], "draft models"), (["--lora=x"], "LoRA"),
+    (["-sm", "row"], "split modes"), (["--n-cpu-moe", "4"], "expert offload"), (["-c", "8"], "set by llamactl"),
+])
+def test_extra_args_that_change_memory_are_refused(extra, message) -> None:
+    from llamactl.servers.command import check_extra_args
+
+    with pytest.raises(UsageError, match=message):
+        check_extra_args(extra)
+
+
+def test_harmless_extra_args_pass() -> None:
+    from llamactl.servers.command import check_extra_args
+
+    check_extra_args(["--temp", "0.7", "--api-key", "k", "--threads", "8"])

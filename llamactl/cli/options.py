@@ -1,0 +1,111 @@
+"""Option groups shared by subcommands (llama-server flags, inventory flags), declared once.
+
+`with_options(...)` adds a group's parameters to a Typer command's signature and
+hands the command one frozen value per group, so `estimate`, `plan` and
+`launch` take the same flags with the same meaning.
+"""
+
+import functools
+import inspect
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, Optional
+
+import typer
+
+from llamactl.errors import UsageError
+from llamactl.estimate import parse_tensor_split
+from llamactl.gpu import inventory
+from llamactl.model.memory import DEFAULT_GPU_OVERHEAD_BYTES
+from llamactl.model.settings import LLAMACTL_DEFAULT_CTX, ServerSettings
+from llamactl.units import parse_size
+
+
+@dataclass(frozen=True)
+class OptionGroup:
+    name: str  # the keyword the command receives
+    params: tuple[inspect.Parameter, ...]
+    build: Callable[..., Any]
+
+
+def _opt(name: str, annotation: Any, default: Any) -> inspect.Parameter:
+    return inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=default, annotation=annotation)
+
+
+def parse_ngl(text: Optional[str]) -> Optional[int]:
+    if text is None or text.lower() in ("all", "auto", "-1", "-2"):
+        return None
+    try:
+        value = int(text)
+    except ValueError:
+        raise UsageError(f"-ngl/--n-gpu-layers must be a number, 'all' or 'auto', got {text!r}") from None
+    if value < 0:
+        raise UsageError(f"-ngl/--n-gpu-layers must be >= 0, got {value}")
+    return value
+
+
+def _server_settings(ctx_size, n_gpu_layers, tensor_split, cache_type_k, cache_type_v, flash_attn, parallel,
+                     kv_unified, batch_size, ubatch_size, swa_full, no_kv_offload, no_mmap, no_repack) -> ServerSettings:
+    return ServerSettings(
+        ctx_size=ctx_size, n_gpu_layers=parse_ngl(n_gpu_layers), tensor_split=parse_tensor_split(tensor_split),
+        cache_type_k=cache_type_k.lower(), cache_type_v=cache_type_v.lower(), flash_attn=flash_attn.lower(),
+        parallel=parallel, kv_unified=kv_unified, batch_size=batch_size, ubatch_size=ubatch_size,
+        swa_full=swa_full, kv_offload=not no_kv_offload, mmap=not no_mmap, repack=not no_repack,
+    )
+
+
+SERVER = OptionGroup("settings", (
+    _opt("ctx_size", int, typer.Option(LLAMACTL_DEFAULT_CTX, "-c", "--ctx-size", help="Context size; 0 = the model's trained context.")),
+    _opt("n_gpu_layers", Optional[str], typer.Option(None, "-ngl", "--n-gpu-layers", "--gpu-layers", help="Layers on GPU: N or all (default: all)."),),
+    _opt("tensor_split", Optional[str], typer.Option(None, "-ts", "--tensor-split", help="Split across GPUs, e.g. 3,1.")),
+    _opt("cache_type_k", str, typer.Option("f16", "-ctk", "--cache-type-k", help="KV cache type for K.")),
+    _opt("cache_type_v", str, typer.Option("f16", "-ctv", "--cache-type-v", help="KV cache type for V.")),
+    _opt("flash_attn", str, typer.Option("auto", "-fa", "--flash-attn", help="on, off or auto (resolved as the server would).")),
+    _opt("parallel", Optional[int], typer.Option(None, "-np", "--parallel", help="Slots; unset = 4 sharing one unified cache.")),
+    _opt("kv_unified", Optional[bool], typer.Option(None, "-kvu/-no-kvu", "--kv-unified/--no-kv-unified", help="One KV cache shared by all slots.")),
+    _opt("batch_size", int, typer.Option(2048, "-b", "--batch-size", help="Logical batch size.")),
+    _opt("ubatch_size", int, typer.Option(512, "-ub", "--ubatch-size", help="Physical batch size.")),
+    _opt("swa_full", bool, typer.Option(False, "--swa-full", help="Full-size cache for sliding-window layers.")),
+    _opt("no_kv_offload", bool, typer.Option(False, "-nkvo", "--no-kv-offload", help="Keep the KV cache on the host.")),
+    _opt("no_mmap", bool, typer.Option(False, "--no-mmap", help="Load weights into RAM (llama-server --load-mode none).")),
+    _opt("no_repack", bool, typer.Option(False, "-nr", "--no-repack", help="No CPU_REPACK copies of quantized weights.")),
+), _server_settings)
+
+
+@dataclass(frozen=True)
+class InventoryOptions:
+    inventory: inventory.Inventory
+    gpu_overhead_bytes: int
+
+
+def _inventory(gpus, gpus_file, gpu_overhead) -> InventoryOptions:
+    return InventoryOptions(inventory.resolve(gpus, gpus_file), parse_size(gpu_overhead, what="--gpu-overhead"))
+
+
+INVENTORY = OptionGroup("inv", (
+    _opt("gpus", Optional[str], typer.Option(None, "--gpus", help="Simulated GPUs: none, 24GiB,24GiB, 2x80GiB (env LLAMACTL_GPUS).")),
+    _opt("gpus_file", Optional[str], typer.Option(None, "--gpus-file", help="Inventory file as printed by `gpus --json`.")),
+    _opt("gpu_overhead", str, typer.Option(f"{DEFAULT_GPU_OVERHEAD_BYTES // 2**20}MiB", "--gpu-overhead", help="Per-GPU CUDA context and pools.")),
+), _inventory)
+
+
+def with_options(*groups: OptionGroup) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+    """Replace each group's keyword parameter by the group's options; call with the built value."""
+
+    def decorate(fn: Callable[..., Any]) -> Callable[..., Any]:
+        sig = inspect.signature(fn, eval_str=True)  # the command module may use string annotations
+        own = [p for p in sig.parameters.values() if p.name not in {g.name for g in groups}]
+        added = [p for g in groups for p in g.params]
+
+        @functools.wraps(fn)
+        def wrapper(**kwargs: Any) -> Any:
+            for group in groups:
+                values = {p.name: kwargs.pop(p.name) for p in group.params}
+                kwargs[group.name] = group.build(**values)
+            return fn(**kwargs)
+
+        wrapper.__signature__ = sig.replace(parameters=own + added)  # type: ignore[attr-defined]
+        wrapper.__annotations__ = {}  # typer must read the signature's real types, not fn's strings
+        return wrapper
+
+    return decorate

@@ -1,0 +1,183 @@
+"""`llamactl plan MODEL`: choose GPUs, split and layers; print the exact llama-server command.
+
+The exit code answers a CI fit check: 0 fully on GPU(s), 3 only partially
+offloaded or on the CPU, 4 does not fit at all, 2 bad input.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import typer
+
+from llamactl import render
+from llamactl.cli.common import wants_json
+from llamactl.cli.estimate import print_devices, print_summary
+from llamactl.cli.options import INVENTORY, SERVER, InventoryOptions, with_options
+from llamactl.errors import ExitCode, LlamactlError, UsageError
+from llamactl.estimate import host_repack_types
+from llamactl.gpu.inventory import Inventory
+from llamactl.model.gguf import read_header
+from llamactl.model.params import ModelParams, model_params
+from llamactl.model.settings import ServerSettings
+from llamactl.placement import DEFAULT_MARGIN_BYTES, DEFAULT_MEM_THRESHOLD, DEFAULT_UTIL_THRESHOLD, Fit, Plan, Policy, Strategy, plan
+from llamactl.servers.command import ASSUMED_FLAGS, ServerCommand, build_command, check_extra_args
+from llamactl.servers.probe import ServerCaps, find_server, probe
+from llamactl.units import parse_size
+
+DEFAULT_PORT = 8081
+_EXIT = {Fit.GPU: ExitCode.OK, Fit.PARTIAL: ExitCode.PARTIAL_FIT, Fit.CPU: ExitCode.PARTIAL_FIT, Fit.NONE: ExitCode.NO_FIT}
+
+
+def server_caps(server_bin: str | None) -> tuple[str, ServerCaps, str | None]:
+    """The binary to put in argv and what it supports; without one, a current build is assumed."""
+    try:
+        binary = find_server(server_bin)
+        return str(binary), probe(binary), None
+    except LlamactlError as exc:
+        if server_bin:
+            raise
+        caps = ServerCaps("llama-server", "assumed", None, ASSUMED_FLAGS)
+        return "llama-server", caps, f"{exc}; the command assumes a current llama-server"
+
+
+def host_memory(inv: Inventory, given: str | None) -> int | None:
+    """RAM a CPU or partial plan may use: --host-memory, else this machine's available RAM when the
+    GPUs are live (a simulated inventory describes another machine, whose RAM is unknown)."""
+    if given is not None:
+        return parse_size(given, what="--host-memory")
+    if inv.source == "nvml":
+        import psutil
+
+        return int(psutil.virtual_memory().available)
+    return None
+
+
+def cuda_devices(result: Plan, inv: Inventory) -> tuple[str, ...]:
+    by_index = {g.index: g for g in inv.gpus}
+    uuids = [by_index[i].uuid for i in result.gpu_ids]
+    if all(uuids):
+        return tuple(u for u in uuids if u)
+    return tuple(str(i) for i in result.gpu_ids)
+
+
+def decision(result: Plan, model: str) -> str:
+    if result.fit is Fit.GPU and len(result.gpu_ids) == 1:
+        return f"{model} fits on GPU {result.gpu_ids[0]}."
+    if result.fit is Fit.GPU:
+        return f"{model} fits on GPUs {', '.join(map(str, result.gpu_ids))}, split {_split_text(result)}."
+    if result.fit is Fit.PARTIAL:
+        return (f"{model} fits only partially: {result.n_gpu_layers} of its layers on GPU "
+                f"{', '.join(map(str, result.gpu_ids))}, the rest on the CPU.")
+    if result.fit is Fit.CPU:
+        return f"{model} runs on the CPU only."
+    return f"{model} does not fit."
+
+
+def _split_text(result: Plan) -> str:
+    return ",".join(f"{s:g}" for s in result.tensor_split or ())
+
+
+def plan_json(result: Plan, cmd: ServerCommand | None) -> dict[str, object]:
+    caps = {f"GPU{i}": c.capacity_bytes for i, c in enumerate(c for gid in result.gpu_ids for c in result.capacities
+                                                           if c.gpu.index == gid)}
+    devices = []
+    if result.estimate is not None:
+        for d in result.estimate.devices:
+            devices.append({
+                "device": d.device, "weights_bytes": d.weights_bytes, "kv_bytes": d.kv_bytes,
+                "recurrent_bytes": d.recurrent_bytes, "compute_bytes": d.compute_bytes,
+                "output_bytes": d.output_bytes, "overhead_bytes": d.overhead_bytes, "total_bytes": d.total_bytes,
+                "capacity_bytes": caps.get(d.device),
+            })
+    return {
+        "fit": result.fit.value,
+        "gpu_ids": list(result.gpu_ids),
+        "tensor_split": list(result.tensor_split) if result.tensor_split else None,
+        "n_gpu_layers": result.n_gpu_layers,
+        "argv": list(cmd.argv) if cmd else [],
+        "env": dict(cmd.env) if cmd else {},
+        "devices": devices,
+        "evict": list(result.evict),
+        "reasons": list(result.reasons),
+    }
+
+
+@with_options(SERVER, INVENTORY)
+def command(
+    ctx: typer.Context,
+    model: str = typer.Argument(..., metavar="MODEL.gguf", help="GGUF file (any shard of a split model)."),
+    extra: Optional[list[str]] = typer.Argument(None, metavar="[-- EXTRA...]", help="Extra llama-server arguments."),
+    strategy: Strategy = typer.Option(Strategy.SPREAD, "--strategy", help="One GPU: spread (most free) or pack (smallest that fits)."),
+    max_gpus: Optional[int] = typer.Option(None, "--max-gpus", min=1, help="Split over at most this many GPUs."),
+    no_partial: bool = typer.Option(False, "--no-partial", help="Refuse partial offload (GPU or CPU only)."),
+    margin: str = typer.Option(f"{DEFAULT_MARGIN_BYTES // 2**20}MiB", "--margin", help="Headroom left free on each GPU."),
+    util_threshold: int = typer.Option(DEFAULT_UTIL_THRESHOLD, "--gpu-util-threshold", help="Skip GPUs at least this busy (%)."),
+    mem_threshold: float = typer.Option(DEFAULT_MEM_THRESHOLD, "--gpu-mem-threshold", help="Skip GPUs other programs use this fraction of."),
+    gpu_ids: Optional[str] = typer.Option(None, "--gpu-ids", help="Allow-list of GPU indices, e.g. 0,2."),
+    host_mem: Optional[str] = typer.Option(None, "--host-memory", help="RAM available for CPU layers (default: this machine's, for live GPUs)."),
+    port: int = typer.Option(DEFAULT_PORT, "--port", help="Port for the llama-server command line."),
+    server_bin: Optional[str] = typer.Option(None, "--server-bin", help="llama-server binary (else $LLAMA_SERVER, PATH)."),
+    json_output: bool = typer.Option(False, "--json", help="Machine-readable JSON."),
+    *,
+    settings: ServerSettings,
+    inv: InventoryOptions,
+) -> None:
+    """Choose GPUs, tensor split and layers; print the llama-server command. Exit 0 GPU, 3 partial/CPU, 4 no fit."""
+    extra_args = list(extra or [])
+    check_extra_args(extra_args)
+    if not 0 < mem_threshold <= 1:
+        raise UsageError(f"--gpu-mem-threshold must be in (0, 1], got {mem_threshold}")
+    allowed = _parse_ids(gpu_ids)
+    params = model_params(read_header(model))
+    policy = Policy(
+        strategy=strategy, max_gpus=max_gpus, allow_partial=not no_partial,
+        margin_bytes=parse_size(margin, what="--margin"), gpu_overhead_bytes=inv.gpu_overhead_bytes,
+        util_threshold=util_threshold, mem_threshold=mem_threshold, allowed_gpus=allowed,
+        host_memory_bytes=host_memory(inv.inventory, host_mem), cpu_repack_types=host_repack_types(),
+    )
+    result = plan(params, settings, inv.inventory.usable, policy)
+    cmd = None
+    note = inv.inventory.note
+    if result.resolved is not None:
+        binary, caps, binary_note = server_caps(server_bin)
+        note = "; ".join(n for n in (note, binary_note) if n) or None
+        cmd = build_command(binary, model, result.resolved, caps, port=port, tensor_split=result.tensor_split,
+                            cuda_devices=cuda_devices(result, inv.inventory), extra=extra_args)
+    if wants_json(ctx, json_output):
+        render.emit_json(plan_json(result, cmd))
+    else:
+        _print_human(result, cmd, model, params, note)
+    raise typer.Exit(int(_EXIT[result.fit]))
+
+
+def _print_human(result: Plan, cmd: ServerCommand | None, model: str, params: ModelParams, note: str | None) -> None:
+    print(decision(result, model))
+    for reason in result.reasons:
+        print(f"  - {reason}")
+    if result.estimate is None or result.resolved is None:
+        return
+    print()
+    print_summary(model, params, result.resolved, note)
+    print()
+    chosen = [c for gid in result.gpu_ids for c in result.capacities if c.gpu.index == gid]
+    capacity = {f"GPU{i}": c.capacity_bytes for i, c in enumerate(chosen)}
+    print_devices(result.estimate, capacity if chosen else None)
+    if result.evict:
+        print(f"\nto run fully on GPU, evict: {', '.join(result.evict)}")
+    if cmd is not None:
+        print(f"\ncommand:\n  {cmd.shell()}")
+
+
+def _parse_ids(text: str | None) -> tuple[int, ...] | None:
+    if text is None:
+        return None
+    try:
+        return tuple(int(part) for part in text.split(",") if part.strip())
+    except ValueError:
+        raise UsageError(f"--gpu-ids {text!r}: expected GPU indices separated by commas") from None
+
+
+def register(app: typer.Typer) -> None:
+    app.command("plan", context_settings={"allow_interspersed_args": True})(command)
+

@@ -1,0 +1,102 @@
+"""`llamactl plan` as a CI fit check: exit codes, JSON, the command it renders."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+
+from llamactl.model.synth import REALISTIC, write_model
+from tests.integration.test_cli import run
+
+KEYS = {"fit", "gpu_ids", "tensor_split", "n_gpu_layers", "argv", "env", "devices", "evict", "reasons"}
+
+
+@pytest.fixture(scope="module")
+def llama8b(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    spec = replace(REALISTIC["llama3-8b"], weight_type="Q4_0", tokenizer="llama", n_merges=0)
+    return write_model(tmp_path_factory.mktemp("m") / "llama3-8b-q4_0.gguf", spec, sparse=True)
+
+
+@pytest.mark.parametrize(("gpus", "extra", "code", "fit", "ids"), [
+    ("24GiB", [], 0, "gpu", [0]),
+    ("24GiB,16GiB", ["--strategy", "pack"], 0, "gpu", [1]),
+    ("8GiB,3GiB", ["-c", "32768"], 0, "gpu", [0, 1]),
+    ("8GiB,3GiB", ["-c", "32768", "--max-gpus", "1"], 3, "partial", [0]),
+    ("2GiB", ["--no-partial"], 3, "cpu", []),
+    ("none", [], 3, "cpu", []),
+    ("none", ["--host-memory", "2GiB"], 4, "none", []),
+])
+def test_fit_by_exit_code(llama8b: Path, gpus, extra, code, fit, ids) -> None:
+    out = run("plan", str(llama8b), "--gpus", gpus, "--json", *extra)
+    assert out.returncode == code, out.stderr
+    data = json.loads(out.stdout)
+    assert set(data) == KEYS
+    assert data["fit"] == fit and data["gpu_ids"] == ids
+    if fit == "none":
+        assert data["argv"] == [] and data["reasons"]
+        return
+    argv = data["argv"]
+    assert argv[argv.index("--n-gpu-layers") + 1] == str(data["n_gpu_layers"])
+    assert data["env"]["CUDA_VISIBLE_DEVICES"] == ",".join(map(str, ids))
+    if len(ids) > 1:
+        split = argv[argv.index("--tensor-split") + 1].split(",")
+        assert len(split) == len(ids) and data["tensor_split"] is not None
+    else:
+        assert "--tensor-split" not in argv and data["tensor_split"] is None
+    for dev in data["devices"]:
+        if dev["device"].startswith("GPU"):
+            assert dev["total_bytes"] <= dev["capacity_bytes"]
+
+
+def test_ci_fit_check_from_an_inventory_file(llama8b: Path, tmp_path: Path) -> None:
+    inv = [{"index": 0, "uuid": "GPU-11111111-2222", "name": "NVIDIA L4", "memory_total_bytes": 24 * 2**30,
+            "memory_used_bytes": 20 * 2**30, "memory_free_bytes": 4 * 2**30, "utilization_gpu": 3,
+            "utilization_memory": 1, "processes": []},
+           {"index": 1, "uuid": "GPU-33333333-4444", "name": "NVIDIA L4", "memory_total_bytes": 24 * 2**30,
+            "memory_used_bytes": 1 * 2**30, "memory_free_bytes": 23 * 2**30, "utilization_gpu": 0,
+            "utilization_memory": 0, "processes": []}]
+    path = tmp_path / "prod.json"
+    path.write_text(json.dumps(inv))
+    out = run("plan", str(llama8b), "--gpus-file", str(path), "--json")
+    assert out.returncode == 0, out.stderr
+    data = json.loads(out.stdout)
+    assert data["gpu_ids"] == [1]  # GPU 0 is 83 % used by other programs
+    assert data["env"] == {"CUDA_VISIBLE_DEVICES": "GPU-33333333-4444"}  # pinned by UUID
+    assert any("other programs use" in r for r in data["reasons"])
+
+
+def test_human_output(llama8b: Path) -> None:
+    out = run("plan", str(llama8b), "--gpus", "24GiB")
+    assert out.returncode == 0
+    lines = out.stdout.splitlines()
+    assert lines[0].endswith("fits on GPU 0.")
+    assert "CAPACITY" in out.stdout and "HEADROOM" in out.stdout
+    assert "--n-gpu-layers 33" in out.stdout and "--fit off" in out.stdout
+
+
+def test_extra_args_pass_through_and_memory_flags_are_refused(llama8b: Path) -> None:
+    out = run("plan", str(llama8b), "--gpus", "24GiB", "--json", "--", "--temp", "0.5")
+    assert out.returncode == 0, out.stderr
+    assert json.loads(out.stdout)["argv"][-2:] == ["--temp", "0.5"]
+    refused = run("plan", str(llama8b), "--gpus", "24GiB", "--", "--mmproj", "x.gguf")
+    assert refused.returncode == 2 and "vision projectors" in refused.stderr
+
+
+@pytest.mark.parametrize(("args", "message"), [
+    (["--gpus", "24GiB", "--margin", "lots"], "--margin"),
+    (["--gpus", "24GiB", "--gpu-ids", "a,b"], "--gpu-ids"),
+    (["--gpus", "24GiB", "--gpu-mem-threshold", "2"], "--gpu-mem-threshold"),
+    (["--gpus", "24GiB", "--strategy", "random"], "random"),
+])
+def test_bad_input_exits_2(llama8b: Path, args, message) -> None:
+    out = run("plan", str(llama8b), *args)
+    assert out.returncode == 2 and message in out.stderr and "Traceback" not in out.stderr
+
+
+def test_plan_with_real_server_probe(llama8b: Path) -> None:
+    # with --server-bin pointing nowhere the plan must fail loudly, not assume
+    out = run("plan", str(llama8b), "--gpus", "24GiB", "--server-bin", "/nonexistent/llama-server")
+    assert out.returncode == 5 and "not found" in out.stderr
