@@ -9,8 +9,12 @@ from collections.abc import Sequence
 from tabulate import tabulate
 
 
-def emit_json(data: object) -> None:
-    json.dump(data, sys.stdout, indent=2, sort_keys=False)
+def emit_json(data: object, *, compact: bool = False) -> None:
+    """One JSON document on stdout; compact = one line (JSON lines for --watch)."""
+    if compact:
+        json.dump(data, sys.stdout, separators=(",", ":"))
+    else:
+        json.dump(data, sys.stdout, indent=2, sort_keys=False)
     sys.stdout.write("\n")
 
 

@@ -1,8 +1,9 @@
-"""`llamactl gpus`: the GPU inventory as a table or JSON."""
+"""`llamactl gpus`: the GPU inventory as a table or JSON, once or refreshed in place."""
 
 from __future__ import annotations
 
-from dataclasses import asdict
+import sys
+import time
 from typing import Optional
 
 import typer
@@ -12,12 +13,15 @@ from llamactl.cli.common import wants_json
 from llamactl.gpu import inventory
 from llamactl.units import format_bytes
 
+WATCH_DEFAULT_S = 2.0
+_CLEAR = "\x1b[H\x1b[2J"
+
 
 def gpus_json(inv: inventory.Inventory) -> list[dict[str, object]]:
     """The schema `--gpus-file` reads back: stable keys, bytes."""
-    out = []
+    out: list[dict[str, object]] = []
     for gpu in inv.gpus:
-        out.append({
+        entry: dict[str, object] = {
             "index": gpu.index,
             "uuid": gpu.uuid,
             "name": gpu.name,
@@ -26,33 +30,72 @@ def gpus_json(inv: inventory.Inventory) -> list[dict[str, object]]:
             "memory_free_bytes": gpu.memory_free_bytes,
             "utilization_gpu": gpu.utilization_gpu,
             "utilization_memory": gpu.utilization_memory,
-            "processes": [asdict(p) for p in gpu.processes],
-            **({"error": gpu.error} if gpu.error else {}),
-        })
+            "temperature_c": gpu.temperature_c,
+            "power_w": gpu.power_w,
+            "processes": [{"pid": p.pid, "used_memory_bytes": p.used_memory_bytes, "instance": p.instance}
+                          for p in gpu.processes],
+        }
+        if gpu.error:
+            entry["error"] = gpu.error
+        out.append(entry)
     return out
+
+
+def _process_text(gpu: inventory.Gpu) -> str:
+    parts = []
+    for proc in gpu.processes:
+        used = "" if proc.used_memory_bytes is None else f" {format_bytes(proc.used_memory_bytes)}"
+        who = f" [{proc.instance}]" if proc.instance else ""
+        parts.append(f"{proc.pid}{who}{used}")
+    return ", ".join(parts) or "-"
+
+
+def gpus_table(inv: inventory.Inventory) -> str:
+    rows = []
+    for g in inv.gpus:
+        if g.error:
+            rows.append([g.index, g.name, f"error: {g.error}", "-", "-", "-"])
+            continue
+        util = "-" if g.utilization_gpu is None else f"{g.utilization_gpu}%"
+        rows.append([g.index, g.name, f"{format_bytes(g.memory_used_bytes)} / {format_bytes(g.memory_total_bytes)}",
+                     format_bytes(g.memory_free_bytes), util, _process_text(g)])
+    return render.table(rows, ["GPU", "NAME", "USED / TOTAL", "FREE", "UTIL", "PROCESSES (pid [instance] memory)"],
+                        align_right_from=2)
 
 
 def command(
     ctx: typer.Context,
     gpus: Optional[str] = typer.Option(None, "--gpus", help="Simulate GPUs: none, 24GiB,16GiB, 2x80GiB."),
     gpus_file: Optional[str] = typer.Option(None, "--gpus-file", help="Inventory file as printed by `gpus --json`."),
-    json_output: bool = typer.Option(False, "--json", help="Machine-readable JSON."),
+    watch: Optional[float] = typer.Option(None, "--watch", metavar="[SECONDS]",
+                                          help=f"Refresh every SECONDS (default {WATCH_DEFAULT_S:g}) until Ctrl-C."),
+    json_output: bool = typer.Option(False, "--json", help="Machine-readable JSON (one document per refresh)."),
 ) -> None:
-    """Inventory: name, memory total/used/free, utilisation, processes."""
-    inv = inventory.resolve(gpus, gpus_file)
-    if wants_json(ctx, json_output):
-        render.emit_json(gpus_json(inv))
-        return
-    if inv.note:
-        render.note(inv.note)
-    rows = [
-        [g.index, g.name, f"{format_bytes(g.memory_used_bytes)} / {format_bytes(g.memory_total_bytes)}",
-         format_bytes(g.memory_free_bytes), "-" if g.utilization_gpu is None else f"{g.utilization_gpu}%",
-         " ".join(str(p.pid) for p in g.processes) or "-"]
-        for g in inv.gpus
-    ]
-    if rows:
-        print(render.table(rows, ["GPU", "NAME", "USED / TOTAL", "FREE", "UTIL", "PIDS"], align_right_from=2))
+    """Inventory: name, memory total/used/free, utilisation, processes (llamactl instances marked)."""
+    as_json = wants_json(ctx, json_output)
+    if watch is not None and watch <= 0:
+        from llamactl.errors import UsageError
+
+        raise UsageError(f"--watch needs a positive number of seconds, got {watch:g}")
+    tty = sys.stdout.isatty()
+    try:
+        while True:
+            inv = inventory.resolve(gpus, gpus_file)
+            if as_json:
+                render.emit_json(gpus_json(inv), compact=watch is not None)
+            else:
+                if watch is not None and tty:
+                    sys.stdout.write(_CLEAR + time.strftime("%H:%M:%S") + f"  every {watch:g}s, Ctrl-C to stop\n\n")
+                if inv.note:
+                    render.note(inv.note)
+                if inv.gpus:
+                    print(gpus_table(inv))
+            sys.stdout.flush()
+            if watch is None:
+                return
+            time.sleep(watch)
+    except KeyboardInterrupt:
+        return  # the normal way out of --watch
 
 
 def register(app: typer.Typer) -> None:

@@ -70,10 +70,28 @@ def _register() -> None:
 _register()
 
 
+def _optional_values(argv: list[str]) -> list[str]:
+    """Let `--watch` stand alone (`--watch [SECONDS]`): Click options cannot make their value optional."""
+    from llamactl.cli.gpus import WATCH_DEFAULT_S
+
+    out = list(argv)
+    for i, arg in enumerate(out):
+        if arg == "--":
+            break
+        if arg == "--watch":
+            following = out[i + 1] if i + 1 < len(out) else None
+            try:
+                float(following)  # type: ignore[arg-type]
+            except (TypeError, ValueError):
+                out.insert(i + 1, f"{WATCH_DEFAULT_S:g}")
+            break
+    return out
+
+
 def main() -> None:
     """Console entry point: run the app, map errors to one line and an exit code."""
     try:
-        app(prog_name="llamactl")
+        app(args=_optional_values(sys.argv[1:]), prog_name="llamactl")
     except LlamactlError as exc:
         if _debug["on"]:
             traceback.print_exc()

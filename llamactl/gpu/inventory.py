@@ -38,6 +38,8 @@ class Gpu:
     uuid: str | None = None
     utilization_gpu: int | None = None
     utilization_memory: int | None = None
+    temperature_c: int | None = None
+    power_w: float | None = None
     processes: tuple[GpuProcess, ...] = ()
     simulated: bool = False
     error: str | None = None
@@ -136,6 +138,19 @@ def load_gpus_file(path: str | os.PathLike[str]) -> Inventory:
     return Inventory(tuple(gpus), str(file))
 
 
+INSTANCE_ENV = "LLAMACTL_INSTANCE"  # every llama-server llamactl starts carries its instance name here
+
+
+def instance_of(pid: int) -> str | None:
+    """The llamactl instance a GPU process is, from the env tag its launch gave it (None if not ours)."""
+    try:
+        import psutil
+
+        return psutil.Process(pid).environ().get(INSTANCE_ENV)
+    except Exception:  # gone, another user's, or no permission: not known to be ours
+        return None
+
+
 def live() -> Inventory:
     """The GPUs NVML sees now; empty with a note when there is no driver or NVML."""
     devices, reason = nvml.devices()
@@ -150,7 +165,8 @@ def live() -> Inventory:
             memory_total_bytes=total, memory_free_bytes=free,
             memory_used_bytes=dev.memory_used_bytes if dev.memory_used_bytes is not None else total - free,
             utilization_gpu=dev.utilization_gpu, utilization_memory=dev.utilization_memory,
-            processes=tuple(GpuProcess(p.pid, p.used_memory_bytes) for p in dev.processes),
+            temperature_c=dev.temperature_c, power_w=dev.power_w,
+            processes=tuple(GpuProcess(p.pid, p.used_memory_bytes, instance_of(p.pid)) for p in dev.processes),
             error=dev.error or (None if dev.memory_total_bytes else "memory information unavailable"),
         ))
     if not gpus:

@@ -109,3 +109,29 @@ def test_demo_without_llama_server_says_how_to_get_one(tmp_path: Path) -> None:
     assert out.returncode == 5, out.stderr
     assert "llama-server not found" in out.stderr and "get-llama-server" in out.stderr
     assert "estimate (CPU): weights" in out.stdout
+
+
+def test_gpus_watch_refreshes_as_json_lines() -> None:
+    import os
+    import signal
+    import time
+
+    proc = subprocess.Popen([sys.executable, "-m", "llamactl", "gpus", "--gpus", "24GiB", "--watch", "0.2", "--json"],
+                            stdout=subprocess.PIPE, text=True, env=os.environ)
+    time.sleep(2.0)
+    proc.send_signal(signal.SIGINT)
+    out, _ = proc.communicate(timeout=10)
+    lines = [json.loads(line) for line in out.splitlines()]
+    assert proc.returncode == 0
+    assert len(lines) >= 2 and all(doc[0]["memory_total_bytes"] == 24 * 2**30 for doc in lines)
+
+
+@pytest.mark.parametrize("args", [["gpus", "--watch", "0"], ["gpus", "--watch", "-1"]])
+def test_gpus_watch_needs_positive_seconds(args) -> None:
+    out = run(*args, "--gpus", "8GiB")
+    assert out.returncode == 2
+
+
+def test_empty_gpus_env_means_no_gpus() -> None:
+    out = run("gpus", "--json", env={"LLAMACTL_GPUS": ""})
+    assert out.returncode == 0 and json.loads(out.stdout) == []

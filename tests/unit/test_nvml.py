@@ -1,0 +1,78 @@
+"""The NVML backend against a fake pynvml: optional fields fail to None, a lost GPU is an entry."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+
+from llamactl.gpu import inventory, nvml
+from llamactl.units import GiB
+from tests.fakes.fake_pynvml import FakeGpu, NVMLError_LibraryNotFound, make
+
+
+@pytest.fixture
+def fake_nvml(monkeypatch: pytest.MonkeyPatch):
+    def install(gpus: list[FakeGpu], **kw) -> None:
+        monkeypatch.setitem(sys.modules, "pynvml", make(gpus, **kw))
+        monkeypatch.setitem(nvml._state, "done", False)
+        monkeypatch.setitem(nvml._state, "error", None)
+
+    return install
+
+
+def test_full_inventory(fake_nvml) -> None:
+    fake_nvml([FakeGpu(used=10 * GiB, util=37, pids=[(4242, 9 * GiB)]), FakeGpu(name="NVIDIA L4", total=24 * GiB)])
+    inv = inventory.live()
+    assert inv.note is None and len(inv.gpus) == 2
+    g0, g1 = inv.gpus
+    assert (g0.name, g0.memory_used_bytes, g0.memory_free_bytes, g0.utilization_gpu) == ("NVIDIA H200", 10 * GiB, 131 * GiB, 37)
+    assert g0.temperature_c == 40 and g0.power_w == 90.0
+    assert g0.processes[0].pid == 4242 and g0.processes[0].used_memory_bytes == 9 * GiB
+    assert g1.memory_total_bytes == 24 * GiB
+
+
+def test_optional_fields_fail_to_none(fake_nvml) -> None:
+    fake_nvml([FakeGpu(fail={"temperature", "power", "utilization", "processes", "uuid"})])
+    (gpu,) = inventory.live().gpus
+    assert gpu.error is None
+    assert (gpu.temperature_c, gpu.power_w, gpu.utilization_gpu, gpu.uuid, gpu.processes) == (None, None, None, None, ())
+
+
+def test_lost_gpu_is_an_entry_not_a_crash(fake_nvml) -> None:
+    fake_nvml([FakeGpu(), FakeGpu(fail={"handle"}), FakeGpu(fail={"memory"})])
+    inv = inventory.live()
+    assert [g.error is None for g in inv.gpus] == [True, False, False]
+    assert "handle failed" in inv.gpus[1].error
+    assert [g.index for g in inv.usable] == [0]
+
+
+def test_no_driver_is_an_empty_inventory_with_a_note(fake_nvml) -> None:
+    fake_nvml([], init_error=NVMLError_LibraryNotFound("NVML Shared Library Not Found"))
+    inv = inventory.live()
+    assert inv.gpus == () and inv.note == "no NVIDIA GPU found: NVML Shared Library Not Found; planning for CPU"
+
+
+def test_llamactl_instances_are_marked(fake_nvml) -> None:
+    child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)"],
+                             env={**os.environ, inventory.INSTANCE_ENV: "qwen-7b"})
+    try:
+        fake_nvml([FakeGpu(pids=[(child.pid, GiB), (os.getpid(), GiB)])])
+        procs = inventory.live().gpus[0].processes
+        assert [(p.pid, p.instance) for p in procs] == [(child.pid, "qwen-7b"), (os.getpid(), None)]
+    finally:
+        child.kill()
+        child.wait()
+
+
+def test_gpus_table_renders_errors_and_instances(fake_nvml) -> None:
+    from llamactl.cli.gpus import gpus_json, gpus_table
+
+    fake_nvml([FakeGpu(pids=[(1, GiB)]), FakeGpu(fail={"handle"})])
+    inv = inventory.live()
+    table = gpus_table(inv)
+    assert "error: handle failed" in table and "NVIDIA H200" in table
+    data = gpus_json(inv)
+    assert data[1]["error"].startswith("handle failed") and data[0]["processes"][0]["pid"] == 1
