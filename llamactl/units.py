@@ -63,3 +63,43 @@ def format_count(n: int) -> str:
         if n >= factor:
             return f"{n / factor:.2f}{suffix}"
     return str(n)
+
+
+_DURATION_RE = re.compile(r"(\d+(?:\.\d+)?)\s*(ms|s|m|h|d)", re.IGNORECASE)
+_DURATION_S = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
+
+
+def parse_duration(text: str, *, what: str = "duration") -> float:
+    """Seconds from "30m", "1h30m", "45s", "2d", "500ms"; a bare number is seconds."""
+    stripped = text.strip()
+    try:
+        value = float(stripped)
+    except ValueError:
+        pass
+    else:
+        if value < 0:
+            raise UsageError(f"invalid {what} {text!r}: must not be negative")
+        return value
+    pos, total = 0, 0.0
+    for match in _DURATION_RE.finditer(stripped):
+        if stripped[pos:match.start()].strip():
+            break
+        total += float(match[1]) * _DURATION_S[match[2].lower()]
+        pos = match.end()
+    if pos == 0 or stripped[pos:].strip():
+        raise UsageError(f"invalid {what} {text!r}: expected e.g. 30s, 10m, 1h30m, 2d")
+    return total
+
+
+def format_duration(seconds: float | None) -> str:
+    """Short human duration: 45s, 12m, 3h05m, 2d04h."""
+    if seconds is None:
+        return "-"
+    s = int(max(seconds, 0))
+    if s < 60:
+        return f"{s}s"
+    if s < 3600:
+        return f"{s // 60}m{s % 60:02d}s"
+    if s < 86400:
+        return f"{s // 3600}h{s % 3600 // 60:02d}m"
+    return f"{s // 86400}d{s % 86400 // 3600:02d}h"

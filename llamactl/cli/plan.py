@@ -22,6 +22,7 @@ from llamactl.model.params import ModelParams, model_params
 from llamactl.model.settings import ServerSettings
 from llamactl.placement import DEFAULT_MARGIN_BYTES, DEFAULT_MEM_THRESHOLD, DEFAULT_UTIL_THRESHOLD, Fit, Plan, Policy, Strategy, plan
 from llamactl.servers.command import ASSUMED_FLAGS, ServerCommand, build_command, check_extra_args
+from llamactl.servers.launcher import cuda_devices
 from llamactl.servers.probe import ServerCaps, find_server, probe
 from llamactl.units import parse_size
 
@@ -51,14 +52,6 @@ def host_memory(inv: Inventory, given: str | None) -> int | None:
 
         return int(psutil.virtual_memory().available)
     return None
-
-
-def cuda_devices(result: Plan, inv: Inventory) -> tuple[str, ...]:
-    by_index = {g.index: g for g in inv.gpus}
-    uuids = [by_index[i].uuid for i in result.gpu_ids]
-    if all(uuids):
-        return tuple(u for u in uuids if u)
-    return tuple(str(i) for i in result.gpu_ids)
 
 
 def decision(result: Plan, model: str) -> str:
@@ -143,7 +136,7 @@ def command(
         binary, caps, binary_note = server_caps(server_bin)
         note = "; ".join(n for n in (note, binary_note) if n) or None
         cmd = build_command(binary, model, result.resolved, caps, port=port, tensor_split=result.tensor_split,
-                            cuda_devices=cuda_devices(result, inv.inventory), extra=extra_args)
+                            cuda_devices=cuda_devices(result.gpu_ids, inv.inventory), extra=extra_args)
     if wants_json(ctx, json_output):
         render.emit_json(plan_json(result, cmd))
     else:

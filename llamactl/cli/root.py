@@ -53,16 +53,22 @@ def root(
 ) -> None:
     _debug["on"] = debug
     if debug:
-        logging.basicConfig(level=logging.DEBUG, format="%(name)s: %(message)s")
+        logging.basicConfig(level=logging.DEBUG, format="%(name)s: %(message)s", force=True)
+    else:
+        logging.basicConfig(level=logging.WARNING, format="llamactl: warning: %(message)s", force=True)
     ctx.obj = Globals(json=json_output, state_dir=state_dir, config=config, debug=debug)
 
 
 def _register() -> None:
-    from llamactl.cli import demo, estimate, gpus, plan, stubs
+    from llamactl.cli import demo, estimate, evict, gpus, launch, logs, plan, ps, stubs
 
     gpus.register(app)
     estimate.register(app)
     plan.register(app)
+    launch.register(app)
+    ps.register(app)
+    evict.register(app)
+    logs.register(app)
     stubs.register(app)
     demo.register(app)
 

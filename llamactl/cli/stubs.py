@@ -9,9 +9,6 @@ import typer
 from llamactl.errors import NotBuiltError
 
 _PENDING = {
-    "launch": "start llama-server for a model, wait until ready, record it",
-    "ps": "list llama-server instances from the state file",
-    "evict": "stop instances (--all, --idle 30m, --lru)",
     "proxy": "OpenAI-compatible server: route by model, launch on demand, evict idle",
 }
 

@@ -1,0 +1,118 @@
+"""`llamactl launch MODEL`: plan, make room, start llama-server detached, wait until ready, record it."""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+from llamactl import render
+from llamactl.cli.common import state_store, wants_json
+from llamactl.cli.options import INVENTORY, SERVER, InventoryOptions, with_options
+from llamactl.cli.plan import host_memory
+from llamactl.errors import LlamactlError
+from llamactl.estimate import host_repack_types
+from llamactl.gpu import inventory
+from llamactl.model.settings import ServerSettings
+from llamactl.placement import DEFAULT_MARGIN_BYTES, Policy, Strategy
+from llamactl.servers import runner
+from llamactl.servers.launcher import DEFAULT_PORT_START, LaunchRequest, launch
+from llamactl.servers.probe import find_server, probe
+from llamactl.units import format_bytes, parse_duration, parse_size
+
+
+def _progress(name: str) -> Callable[[float, str], None] | None:
+    if not runner.is_terminal():
+        return None
+
+    def show(elapsed: float, phase: str) -> None:
+        sys.stderr.write(f"\r\x1b[K  starting {name}: {elapsed:5.1f} s  {phase}")
+        sys.stderr.flush()
+
+    return show
+
+
+@with_options(SERVER, INVENTORY)
+def command(
+    ctx: typer.Context,
+    model: str = typer.Argument(..., metavar="MODEL.gguf", help="GGUF file (any shard of a split model)."),
+    extra: Optional[list[str]] = typer.Argument(None, metavar="[-- EXTRA...]", help="Extra llama-server arguments."),
+    name: Optional[str] = typer.Option(None, "--name", help="Instance name (default: the file stem)."),
+    replace_existing: bool = typer.Option(False, "--replace", help="Stop a live instance of that name first."),
+    port: Optional[int] = typer.Option(None, "--port", min=1, max=65535, help="Port (default: first free from --port-start)."),
+    port_start: int = typer.Option(DEFAULT_PORT_START, "--port-start", min=1, max=65535, help="Where the port search starts."),
+    server_bin: Optional[str] = typer.Option(None, "--server-bin", help="llama-server binary (else $LLAMA_SERVER, PATH)."),
+    timeout: str = typer.Option("300s", "--timeout", help="Readiness deadline, e.g. 90s, 5m."),
+    no_wait: bool = typer.Option(False, "--no-wait", help="Return once started; do not wait for readiness."),
+    dry_run: bool = typer.Option(False, "--dry-run", help="Print the plan's argv and env; start nothing."),
+    strategy: Strategy = typer.Option(Strategy.SPREAD, "--strategy", help="One GPU: spread or pack."),
+    max_gpus: Optional[int] = typer.Option(None, "--max-gpus", min=1, help="Split over at most this many GPUs."),
+    no_partial: bool = typer.Option(False, "--no-partial", help="Refuse partial offload."),
+    margin: str = typer.Option(f"{DEFAULT_MARGIN_BYTES // 2**20}MiB", "--margin", help="Headroom left free on each GPU."),
+    grace: str = typer.Option("10s", "--grace", help="Grace between TERM and KILL when stopping."),
+    json_output: bool = typer.Option(False, "--json", help="Machine-readable JSON."),
+    *,
+    settings: ServerSettings,
+    inv: InventoryOptions,
+) -> None:
+    """Start llama-server for a model (planned like `plan`), wait until ready, record it."""
+    path = Path(model)
+    policy = Policy(strategy=strategy, max_gpus=max_gpus, allow_partial=not no_partial,
+                    margin_bytes=parse_size(margin, what="--margin"), gpu_overhead_bytes=inv.gpu_overhead_bytes,
+                    host_memory_bytes=host_memory(inv.inventory, None), cpu_repack_types=host_repack_types())
+    instance_name = name or path.name.removesuffix(".gguf").split("-00001-of-")[0]
+    req = LaunchRequest(model=path, name=instance_name, settings=settings, policy=policy, port=port,
+                        port_start=port_start, extra=tuple(extra or ()), timeout_s=parse_duration(timeout, what="--timeout"),
+                        wait=not no_wait, replace_existing=replace_existing)
+    store = state_store(ctx)
+    binary = find_server(server_bin)
+    caps = probe(binary)
+    if dry_run:
+        from llamactl.servers.command import build_command, check_extra_args
+        from llamactl.servers.launcher import cuda_devices, plan_for
+
+        check_extra_args(req.extra)
+        the_plan = plan_for(req, inv.inventory, store.instances())
+        if the_plan.resolved is None:
+            raise LlamactlError(f"{path.name} does not fit: " + "; ".join(the_plan.reasons[-2:]))
+        cmd = build_command(binary, path, the_plan.resolved, caps, port=port or port_start,
+                            tensor_split=the_plan.tensor_split, cuda_devices=cuda_devices(the_plan.gpu_ids, inv.inventory),
+                            extra=req.extra)
+        if wants_json(ctx, json_output):
+            render.emit_json({"name": instance_name, "argv": list(cmd.argv), "env": cmd.env, "evict": list(the_plan.evict)})
+        else:
+            print(cmd.shell())
+            if the_plan.evict:
+                print(f"# would evict first: {', '.join(the_plan.evict)}")
+        return
+    fresh = (lambda: inventory.resolve(None, None)) if inv.inventory.source == "nvml" else (lambda: inv.inventory)
+    try:
+        done = launch(store, req, str(binary), caps, fresh, progress=_progress(instance_name),
+                      grace_s=parse_duration(grace, what="--grace"))
+    except runner.LaunchError as exc:
+        if runner.is_terminal():
+            sys.stderr.write("\r\x1b[K")
+        if exc.log_tail:
+            sys.stderr.write(f"--- last lines of {store.log_path(instance_name)} ---\n{exc.log_tail}\n---\n")
+        raise
+    if runner.is_terminal():
+        sys.stderr.write("\r\x1b[K")
+    inst = done.instance
+    if wants_json(ctx, json_output):
+        render.emit_json({"name": inst.name, "status": inst.status.value, "pid": inst.pid, "port": inst.port,
+                          "url": f"http://{inst.host}:{inst.port}", "gpu_ids": list(inst.gpu_ids), "fit": done.plan.fit.value,
+                          "ready_s": done.ready_s, "evicted": list(done.evicted), "log_path": inst.log_path})
+        return
+    for gone in done.evicted:
+        render.note(f"evicted {gone} to make room")
+    where = "GPU " + ",".join(map(str, inst.gpu_ids)) if inst.gpu_ids else "CPU"
+    est = sum(inst.estimated_bytes.values())
+    state = f"ready in {done.ready_s:.1f} s" if done.ready_s is not None else "starting (not waited for)"
+    print(f"{inst.name} {state}: http://{inst.host}:{inst.port} (pid {inst.pid}, {where}, est. {format_bytes(est)})")
+
+
+def register(app: typer.Typer) -> None:
+    app.command("launch", context_settings={"allow_interspersed_args": True})(command)

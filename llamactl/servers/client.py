@@ -1,0 +1,83 @@
+"""The CLI's synchronous HTTP to llama-server instances (httpx lives here and nowhere else in the CLI).
+
+Short explicit timeouts: a hung instance costs `ps` at most its timeout, and
+every transport failure becomes None rather than an exception.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+
+import httpx
+
+DEFAULT_TIMEOUT_S = 1.0
+_METRIC_RE = re.compile(r"^llamacpp:(\w+)\s+([0-9.eE+-]+)$", re.MULTILINE)
+
+
+@dataclass(frozen=True)
+class Live:
+    """What one instance said when polled; None where it did not answer."""
+
+    healthy: bool
+    model_path: str | None = None
+    slots_busy: int | None = None
+    slots_total: int | None = None
+    tokens_per_s: float | None = None
+    activity: int | None = None  # prompt + predicted token counters: grows with every request
+
+
+def health(client: httpx.Client, base_url: str) -> int | None:
+    """The /health status code, or None when nothing answers."""
+    try:
+        return client.get(f"{base_url}/health").status_code
+    except httpx.HTTPError:
+        return None
+
+
+def model_path(client: httpx.Client, base_url: str) -> str | None:
+    """The model the answering server loaded (/props), to tell our server from another program's."""
+    try:
+        reply = client.get(f"{base_url}/props")
+        return reply.json().get("model_path") if reply.status_code == 200 else None
+    except (httpx.HTTPError, ValueError, AttributeError):
+        return None
+
+
+def _poll(base_url: str, timeout_s: float) -> Live:
+    with httpx.Client(timeout=timeout_s) as client:
+        code = health(client, base_url)
+        if code is None:
+            return Live(healthy=False)
+        busy = total = tps = activity = None
+        try:
+            slots = client.get(f"{base_url}/slots").json()
+            if isinstance(slots, list):
+                total = len(slots)
+                busy = sum(1 for s in slots if isinstance(s, dict) and s.get("is_processing"))
+        except (httpx.HTTPError, ValueError):
+            pass
+        try:
+            reply = client.get(f"{base_url}/metrics")
+            if reply.status_code == 200:
+                metrics = {k: float(v) for k, v in _METRIC_RE.findall(reply.text)}
+                tps = metrics.get("predicted_tokens_seconds")
+                if "prompt_tokens_total" in metrics or "tokens_predicted_total" in metrics:
+                    activity = int(metrics.get("prompt_tokens_total", 0) + metrics.get("tokens_predicted_total", 0))
+        except (httpx.HTTPError, ValueError):
+            pass
+        return Live(healthy=code == 200, slots_busy=busy, slots_total=total, tokens_per_s=tps, activity=activity)
+
+
+def poll_all(base_urls: Sequence[str], timeout_s: float = DEFAULT_TIMEOUT_S) -> list[Live]:
+    """Poll instances concurrently: the slowest costs its timeout, not the sum."""
+    if not base_urls:
+        return []
+    with ThreadPoolExecutor(max_workers=min(16, len(base_urls))) as pool:
+        return list(pool.map(lambda url: _poll(url, timeout_s), base_urls))
+
+
+def session(timeout_s: float = DEFAULT_TIMEOUT_S) -> httpx.Client:
+    return httpx.Client(timeout=timeout_s)

@@ -1,0 +1,189 @@
+"""Launch and stop instances: plan, make room, reserve a port, spawn, wait, record — and the reverse.
+
+The one place that changes an instance's recorded lifecycle for the CLI
+(`launch`, `evict`) and, later, the proxy. Each state change happens under the
+state file's lock; slow work (spawning, readiness, stopping) happens outside it.
+"""
+
+from __future__ import annotations
+
+import socket
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+
+from llamactl.errors import NoFitError, UsageError
+from llamactl.gpu.inventory import Inventory
+from llamactl.model.gguf import read_header
+from llamactl.model.params import model_params
+from llamactl.model.settings import ServerSettings
+from llamactl.placement import Fit, Plan, Policy, RunningInstance, plan
+from llamactl.servers import runner
+from llamactl.servers.command import ServerCommand, build_command, check_extra_args
+from llamactl.servers.probe import ServerCaps
+from llamactl.servers.state import INSTANCE_ENV, STATE_DIR_ENV, Instance, StateStore, Status
+
+DEFAULT_PORT_START = 8081
+PORT_SEARCH = 1000
+MEMORY_RELEASE_TIMEOUT_S = 10.0
+
+
+@dataclass(frozen=True)
+class LaunchRequest:
+    model: Path
+    name: str
+    settings: ServerSettings
+    policy: Policy
+    port: int | None = None
+    port_start: int = DEFAULT_PORT_START
+    host: str = "127.0.0.1"
+    extra: tuple[str, ...] = ()
+    timeout_s: float = 300.0
+    wait: bool = True
+    replace_existing: bool = False
+    started_by: str = "cli"
+
+
+@dataclass(frozen=True)
+class Launched:
+    instance: Instance
+    plan: Plan
+    command: ServerCommand
+    ready_s: float | None
+    evicted: tuple[str, ...] = field(default=())
+
+
+def running_for_placement(instances: dict[str, Instance]) -> list[RunningInstance]:
+    return [RunningInstance(name=i.name, gpu_bytes=i.gpu_bytes(), last_used=i.last_used,
+                            idle=i.status is Status.READY, starting=i.status is Status.STARTING, pids=(i.pid,) if i.pid else ())
+            for i in instances.values() if i.live]
+
+
+def cuda_devices(chosen: Sequence[int], inv: Inventory) -> tuple[str, ...]:
+    by_index = {g.index: g for g in inv.gpus}
+    uuids = [by_index[i].uuid if i in by_index else None for i in chosen]
+    if uuids and all(uuids):
+        return tuple(u for u in uuids if u)
+    return tuple(str(i) for i in chosen)
+
+
+def _port_free(host: str, port: int) -> bool:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        try:
+            sock.bind((host, port))
+        except OSError:
+            return False
+    return True
+
+
+def pick_port(instances: dict[str, Instance], start: int, host: str) -> int:
+    """The first port from `start` that no live instance holds and nothing listens on."""
+    taken = {i.port for i in instances.values() if i.live}
+    for port in range(start, min(start + PORT_SEARCH, 65536)):
+        if port not in taken and _port_free(host, port):
+            return port
+    raise UsageError(f"no free port in {start}..{start + PORT_SEARCH - 1}")
+
+
+def plan_for(req: LaunchRequest, inv: Inventory, instances: dict[str, Instance]) -> Plan:
+    params = model_params(read_header(req.model))
+    others = {n: i for n, i in instances.items() if n != req.name or not req.replace_existing}
+    return plan(params, req.settings, inv.usable, req.policy, running_for_placement(others))
+
+
+def stop_instances(store: StateStore, names: Sequence[str], *, grace_s: float = runner.DEFAULT_GRACE_S) -> list[str]:
+    """Stop the named instances (TERM → KILL) and drop them from the state; returns those that were running."""
+    with store.edit() as instances:
+        targets = {n: instances[n] for n in names if n in instances}
+        for name, inst in targets.items():
+            if inst.live:
+                instances[name] = replace(inst, status=Status.STOPPING)
+    stopped = [name for name, inst in targets.items() if inst.live and runner.stop(inst.pid, inst.create_time, grace_s=grace_s)]
+    with store.edit() as instances:
+        for name, inst in targets.items():
+            current = instances.get(name)
+            if current is not None and current.pid == inst.pid:
+                del instances[name]
+    return stopped
+
+
+def wait_memory_released(gpu_ids: Sequence[int], inv_fn: Callable[[], Inventory], before: Inventory,
+                         freed_bytes: dict[int, int], timeout_s: float = MEMORY_RELEASE_TIMEOUT_S) -> None:
+    """After a stop, wait (bounded) until NVML shows the memory back: it is not free the moment a process exits."""
+    if before.source != "nvml" or not gpu_ids:
+        return
+    start_free = {g.index: g.memory_free_bytes for g in before.gpus}
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        now = {g.index: g.memory_free_bytes for g in inv_fn().gpus}
+        if all(now.get(i, 0) >= start_free.get(i, 0) + 0.9 * freed_bytes.get(i, 0) for i in gpu_ids):
+            return
+        time.sleep(0.25)
+
+
+def launch(store: StateStore, req: LaunchRequest, binary: str, caps: ServerCaps, inventory_fn: Callable[[], Inventory],
+           *, progress: Callable[[float, str], None] | None = None, grace_s: float = runner.DEFAULT_GRACE_S) -> Launched:
+    """Plan, make room, start and (unless req.wait is False) wait until ready. Records every step."""
+    check_extra_args(req.extra)
+    read_header(req.model)  # a file that is not a valid GGUF fails before anything starts
+    instances = store.instances()
+    existing = instances.get(req.name)
+    if existing is not None and existing.live:
+        if not req.replace_existing:
+            raise UsageError(f"an instance named {req.name!r} is already {existing.status.value} "
+                             f"(pid {existing.pid}, port {existing.port}); use --replace or another --name")
+        stop_instances(store, [req.name], grace_s=grace_s)
+        instances = store.instances()
+    inv = inventory_fn()
+    the_plan = plan_for(req, inv, instances)
+    evicted: tuple[str, ...] = ()
+    if the_plan.evict:
+        freed: dict[int, int] = {}
+        for name in the_plan.evict:
+            for gpu, used in instances[name].gpu_bytes().items():
+                freed[gpu] = freed.get(gpu, 0) + used
+        evicted = tuple(stop_instances(store, the_plan.evict, grace_s=grace_s))
+        wait_memory_released(list(freed), inventory_fn, inv, freed)
+        instances = store.instances()
+        inv = inventory_fn()
+        the_plan = plan_for(req, inv, instances)
+    if the_plan.fit is Fit.NONE or the_plan.resolved is None or the_plan.estimate is None:
+        raise NoFitError(f"{req.model.name} does not fit: " + "; ".join(the_plan.reasons[-2:]))
+
+    log_path = store.log_path(req.name)
+    with store.edit() as current:
+        live = current.get(req.name)
+        if live is not None and live.live:
+            raise UsageError(f"an instance named {req.name!r} was started meanwhile (pid {live.pid})")
+        port = req.port if req.port is not None else pick_port(current, req.port_start, req.host)
+        if req.port is not None and any(i.live and i.port == port for i in current.values()):
+            raise UsageError(f"port {port} is already used by instance "
+                             f"{next(i.name for i in current.values() if i.live and i.port == port)!r}")
+        cmd = build_command(binary, req.model, the_plan.resolved, caps, host=req.host, port=port,
+                            tensor_split=the_plan.tensor_split, cuda_devices=cuda_devices(the_plan.gpu_ids, inv),
+                            extra=req.extra)
+        env = {**cmd.env, INSTANCE_ENV: req.name, STATE_DIR_ENV: str(store.dir.resolve())}
+        now = time.time()
+        current[req.name] = Instance(
+            name=req.name, model=str(req.model), port=port, argv=cmd.argv, env=cmd.env, gpu_ids=the_plan.gpu_ids,
+            estimated_bytes={d.device: d.total_bytes for d in the_plan.estimate.devices},
+            started_at=now, last_used=now, log_path=str(log_path), started_by=req.started_by,
+            status=Status.STARTING, host=req.host,
+        )
+        child = runner.spawn(list(cmd.argv), env, log_path)
+        current[req.name] = replace(current[req.name], pid=child.pid, create_time=child.create_time)
+    if not req.wait:
+        return Launched(store.instances()[req.name], the_plan, cmd, None, evicted)
+    try:
+        ready_s = runner.wait_ready(child, port, str(req.model), req.timeout_s, host=req.host, progress=progress)
+    except runner.LaunchError:
+        runner.stop(child.pid, child.create_time, grace_s=min(grace_s, 5.0), child=child.proc)
+        with store.edit() as current:
+            if req.name in current and current[req.name].pid == child.pid:
+                current[req.name] = replace(current[req.name], status=Status.FAILED)
+        raise
+    with store.edit() as current:
+        inst = replace(current[req.name], status=Status.READY, last_used=time.time())
+        current[req.name] = inst
+    return Launched(inst, the_plan, cmd, ready_s, evicted)

@@ -1,0 +1,147 @@
+"""Start llama-server detached, observe readiness with a deadline, stop it TERM → KILL.
+
+Children run in their own session (they outlive the CLI), log to a file, are
+started from an argv list, and are tagged in their environment with the
+instance name and state dir so a reconcile can find them. Readiness is
+observed, never assumed: /health must say 200 *and* /props must name our
+model (another program may hold the port), and an early exit is noticed
+within a poll interval, not at the deadline.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+from llamactl.errors import LlamactlError
+from llamactl.servers import client
+from llamactl.servers.state import create_time_of, process_matches
+
+POLL_INTERVAL_S = 0.1
+DEFAULT_GRACE_S = 10.0
+
+
+class LaunchError(LlamactlError):
+    """llama-server exited or missed its readiness deadline; carries the log's tail."""
+
+    def __init__(self, message: str, log_tail: str = "") -> None:
+        super().__init__(message)
+        self.log_tail = log_tail
+
+
+@dataclass
+class Child:
+    proc: subprocess.Popen[bytes]
+    pid: int
+    create_time: float | None
+    log_path: Path
+
+
+def spawn(argv: list[str], env_overrides: dict[str, str], log_path: Path) -> Child:
+    """Start `argv` in a new session, stdout/stderr appended to `log_path`."""
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    with open(log_path, "ab") as log_file:
+        log_file.write(f"==> {time.strftime('%Y-%m-%d %H:%M:%S')} llamactl starts: {' '.join(argv)}\n".encode())
+        log_file.flush()
+        try:
+            proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=log_file, stderr=subprocess.STDOUT,
+                                    env={**os.environ, **env_overrides}, start_new_session=True, close_fds=True)
+        except OSError as exc:
+            raise LaunchError(f"cannot start {argv[0]}: {exc.strerror or exc}") from None
+    return Child(proc, proc.pid, create_time_of(proc.pid), log_path)
+
+
+def tail(log_path: Path, lines: int = 12) -> str:
+    """The last lines of a log file (bounded read: logs can be large)."""
+    try:
+        with open(log_path, "rb") as fh:
+            fh.seek(0, os.SEEK_END)
+            size = fh.tell()
+            fh.seek(max(0, size - 64 * 1024))
+            text = fh.read().decode("utf-8", "replace")
+    except OSError:
+        return ""
+    return "\n".join(text.rstrip("\n").splitlines()[-lines:])
+
+
+def _phase(log_path: Path) -> str:
+    last = tail(log_path, 1).strip()
+    # drop llama.cpp's "0.01.234.567 I " timestamp prefix
+    parts = last.split(" ", 2)
+    if len(parts) == 3 and parts[1] in ("I", "W", "E", "D", "T"):
+        last = parts[2]
+    return last[:70]
+
+
+def wait_ready(child: Child, port: int, model_arg: str, timeout_s: float, *, host: str = "127.0.0.1",
+               progress: Callable[[float, str], None] | None = None) -> float:
+    """Seconds until our server answers /health 200 for our model; LaunchError on exit or deadline."""
+    start = time.monotonic()
+    base = f"http://{host}:{port}"
+    with client.session(timeout_s=2.0) as http:
+        while True:
+            elapsed = time.monotonic() - start
+            code = child.proc.poll()
+            if code is not None:
+                raise LaunchError(f"llama-server exited with code {code} after {elapsed:.1f} s", tail(child.log_path))
+            if client.health(http, base) == 200 and client.model_path(http, base) in (model_arg, None):
+                if child.proc.poll() is None:
+                    return elapsed
+            if elapsed > timeout_s:
+                raise LaunchError(f"llama-server was not ready after {timeout_s:g} s", tail(child.log_path))
+            if progress is not None:
+                progress(elapsed, _phase(child.log_path))
+            time.sleep(POLL_INTERVAL_S)
+
+
+def stop(pid: int | None, create_time: float | None, *, grace_s: float = DEFAULT_GRACE_S,
+         child: subprocess.Popen[bytes] | None = None) -> bool:
+    """TERM the process group, KILL it after `grace_s`; True if it was running. Reaps our own child."""
+    if not process_matches(pid, create_time):
+        if child is not None:
+            child.poll()
+        return False
+    assert pid is not None
+    _signal_group(pid, signal.SIGTERM)
+    deadline = time.monotonic() + grace_s
+    while time.monotonic() < deadline:
+        if child is not None and child.poll() is not None:
+            break
+        if not process_matches(pid, create_time):
+            break
+        time.sleep(0.05)
+    else:
+        _signal_group(pid, signal.SIGKILL)
+        kill_deadline = time.monotonic() + 5.0
+        while time.monotonic() < kill_deadline and process_matches(pid, create_time):
+            if child is not None and child.poll() is not None:
+                break
+            time.sleep(0.05)
+    if child is not None:
+        try:
+            child.wait(timeout=5)
+        except subprocess.TimeoutExpired:
+            pass
+    return True
+
+
+def _signal_group(pid: int, sig: signal.Signals) -> None:
+    try:
+        os.killpg(pid, sig)  # started with start_new_session: its pgid is its pid
+    except ProcessLookupError:
+        pass
+    except PermissionError:
+        try:
+            os.kill(pid, sig)
+        except OSError:
+            pass
+
+
+def is_terminal() -> bool:
+    return sys.stderr.isatty()

@@ -1,0 +1,101 @@
+"""A fake llama-server for fault tests: answers like the real one, misbehaves on request.
+
+Accepts llama-server's argv (unknown flags ignored) plus switches:
+  --fake-ready-after S     /health answers 503 for S seconds first
+  --fake-exit-at-once N    exit with code N before listening
+  --fake-crash-after S     exit(3) S seconds after becoming ready
+  --fake-ignore-sigterm    survive SIGTERM (only SIGKILL stops it)
+  --fake-model NAME        report this model_path in /props (default: the --model value)
+`--version` and `--help` print what llamactl's probe expects.
+"""
+
+import json
+import os
+import signal
+import sys
+import threading
+import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+FLAGS = ["-m", "--model", "--host", "--port", "-c", "--ctx-size", "-ngl", "--n-gpu-layers", "-fa", "--flash-attn",
+         "-np", "--parallel", "-ctk", "--cache-type-k", "-ctv", "--cache-type-v", "-b", "--batch-size", "-ub",
+         "--ubatch-size", "-kvu", "--kv-unified", "-no-kvu", "--no-kv-unified", "-fit", "--fit", "--metrics",
+         "-ts", "--tensor-split", "--swa-full", "-nkvo", "--no-kv-offload", "-lm", "--load-mode", "-nr",
+         "--no-repack", "-lv", "--verbosity"]
+
+
+def arg(argv, name, default=None):
+    return argv[argv.index(name) + 1] if name in argv and argv.index(name) + 1 < len(argv) else default
+
+
+def main() -> None:
+    argv = sys.argv[1:]
+    if "--version" in argv:
+        print("version: 0.0.0-fake (build 0, commit fake)\nbuilt with fake for Linux")
+        return
+    if "--help" in argv:
+        print("\n".join(f"{flag:<40}fake option" for flag in FLAGS))
+        return
+    if "--fake-exit-at-once" in argv:
+        print("fake: failing at once", flush=True)
+        sys.exit(int(arg(argv, "--fake-exit-at-once")))
+    if "--fake-ignore-sigterm" in argv:
+        signal.signal(signal.SIGTERM, lambda *_: print("fake: ignoring SIGTERM", flush=True))
+    port = int(arg(argv, "--port", "8080"))
+    model = arg(argv, "--fake-model") or arg(argv, "--model", "")
+    ready_at = time.monotonic() + float(arg(argv, "--fake-ready-after", "0"))
+    counters = {"prompt": 0, "predicted": 0, "busy": 0}
+    lock = threading.Lock()
+
+    class Handler(BaseHTTPRequestHandler):
+        def log_message(self, *args):
+            pass
+
+        def reply(self, code, body, ctype="application/json"):
+            data = body if isinstance(body, bytes) else json.dumps(body).encode()
+            self.send_response(code)
+            self.send_header("Content-Type", ctype)
+            self.send_header("Content-Length", str(len(data)))
+            self.end_headers()
+            self.wfile.write(data)
+
+        def do_GET(self):
+            if time.monotonic() < ready_at:
+                return self.reply(503, {"error": {"message": "Loading model", "code": 503}})
+            if self.path == "/health":
+                return self.reply(200, {"status": "ok"})
+            if self.path == "/props":
+                return self.reply(200, {"model_path": model, "total_slots": 4})
+            if self.path == "/slots":
+                return self.reply(200, [{"id": i, "is_processing": i < counters["busy"]} for i in range(4)])
+            if self.path == "/metrics":
+                text = (f"llamacpp:prompt_tokens_total {counters['prompt']}\n"
+                        f"llamacpp:tokens_predicted_total {counters['predicted']}\n"
+                        "llamacpp:predicted_tokens_seconds 42.5\n")
+                return self.reply(200, text.encode(), "text/plain")
+            return self.reply(404, {"error": "not found"})
+
+        def do_POST(self):
+            length = int(self.headers.get("Content-Length", 0))
+            body = json.loads(self.rfile.read(length) or b"{}")
+            n = int(body.get("n_predict", 4))
+            with lock:
+                counters["prompt"] += 3
+                counters["predicted"] += n
+            return self.reply(200, {"content": "fake " * n, "tokens_predicted": n, "model": model})
+
+    server = ThreadingHTTPServer((arg(argv, "--host", "127.0.0.1"), port), Handler)
+    print(f"fake: listening on {port} for {model}", flush=True)
+    crash = arg(argv, "--fake-crash-after")
+    if crash is not None:
+        def crash_later():
+            time.sleep(max(ready_at - time.monotonic(), 0) + float(crash))
+            print("fake: crashing", flush=True)
+            os._exit(3)
+
+        threading.Thread(target=crash_later, daemon=True).start()
+    server.serve_forever()
+
+
+if __name__ == "__main__":
+    main()
