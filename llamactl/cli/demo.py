@@ -14,6 +14,7 @@ from llamactl.model.memory import Placement, estimate
 from llamactl.model.params import model_params
 from llamactl.model.settings import ServerSettings, resolve
 from llamactl.model.synth import demo_spec, write_model
+from llamactl.servers import client
 from llamactl.servers.buffers import free_port, measure
 from llamactl.servers.command import build_command
 from llamactl.servers.probe import find_server, probe
@@ -50,10 +51,7 @@ def command(
     replies: list[str] = []
 
     def ask(base_url: str) -> None:
-        import httpx
-
-        body = {"prompt": "Once upon a time", "n_predict": 16}
-        replies.append(httpx.post(f"{base_url}/completion", json=body, timeout=60).json().get("content", ""))
+        replies.append(client.complete(base_url, "Once upon a time", 16))
 
     got = measure(list(cmd.argv), cmd.env, port, timeout_s=120, while_ready=ask).buffers
     print(f"ready; a random-weight model says: {replies[0]!r}\n")

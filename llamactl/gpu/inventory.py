@@ -138,13 +138,12 @@ def load_gpus_file(path: str | os.PathLike[str]) -> Inventory:
     return Inventory(tuple(gpus), str(file))
 
 
-INSTANCE_ENV = "LLAMACTL_INSTANCE"  # every llama-server llamactl starts carries its instance name here
-
-
 def instance_of(pid: int) -> str | None:
     """The llamactl instance a GPU process is, from the env tag its launch gave it (None if not ours)."""
     try:
         import psutil
+
+        from llamactl.servers.state import INSTANCE_ENV
 
         return psutil.Process(pid).environ().get(INSTANCE_ENV)
     except Exception:  # gone, another user's, or no permission: not known to be ours

@@ -75,24 +75,21 @@ def measure(argv: list[str], env: dict[str, str], port: int, *, timeout_s: float
     import tempfile
     import time
 
-    import httpx
+    from llamactl.servers import client
 
     with tempfile.TemporaryFile("w+") as log_file:
         start = time.monotonic()
         proc = subprocess.Popen(argv, stdout=log_file, stderr=subprocess.STDOUT, env={**os.environ, **env},
                                 start_new_session=True)
         try:
-            with httpx.Client(timeout=1.0) as client:
+            with client.session() as http:
                 while True:
                     if proc.poll() is not None:
                         raise RuntimeError(f"llama-server exited with {proc.returncode}: {_tail(log_file)}")
                     if time.monotonic() - start > timeout_s:
                         raise RuntimeError(f"llama-server not ready after {timeout_s:.0f} s: {_tail(log_file)}")
-                    try:
-                        if client.get(f"http://127.0.0.1:{port}/health").status_code == 200:
-                            break
-                    except httpx.TransportError:
-                        pass
+                    if client.health(http, f"http://127.0.0.1:{port}") == 200:
+                        break
                     time.sleep(0.02)
             ready_s = time.monotonic() - start
             if while_ready is not None:

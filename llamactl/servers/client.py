@@ -81,3 +81,13 @@ def poll_all(base_urls: Sequence[str], timeout_s: float = DEFAULT_TIMEOUT_S) -> 
 
 def session(timeout_s: float = DEFAULT_TIMEOUT_S) -> httpx.Client:
     return httpx.Client(timeout=timeout_s)
+
+
+def complete(base_url: str, prompt: str, n_predict: int, timeout_s: float = 60.0) -> str:
+    """One /completion; the generated text ("" when the server says nothing usable)."""
+    with httpx.Client(timeout=timeout_s) as http:
+        try:
+            reply = http.post(f"{base_url}/completion", json={"prompt": prompt, "n_predict": n_predict})
+            return str(reply.json().get("content", ""))
+        except (httpx.HTTPError, ValueError, AttributeError):
+            return ""

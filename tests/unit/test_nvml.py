@@ -9,6 +9,7 @@ import sys
 import pytest
 
 from llamactl.gpu import inventory, nvml
+from llamactl.servers.state import INSTANCE_ENV
 from llamactl.units import GiB
 from tests.fakes.fake_pynvml import FakeGpu, NVMLError_LibraryNotFound, make
 
@@ -57,7 +58,7 @@ def test_no_driver_is_an_empty_inventory_with_a_note(fake_nvml) -> None:
 
 def test_llamactl_instances_are_marked(fake_nvml) -> None:
     child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)"],
-                             env={**os.environ, inventory.INSTANCE_ENV: "qwen-7b"})
+                             env={**os.environ, INSTANCE_ENV: "qwen-7b"})
     try:
         fake_nvml([FakeGpu(pids=[(child.pid, GiB), (os.getpid(), GiB)])])
         procs = inventory.live().gpus[0].processes
