@@ -60,6 +60,7 @@ class Measurement:
     buffers: BufferLog
     log: str
     ready_s: float  # from spawn to /health 200
+    rss_bytes: int | None = None  # the process's resident memory once ready
 
 
 def measure(argv: list[str], env: dict[str, str], port: int, *, timeout_s: float = 120.0,
@@ -92,6 +93,7 @@ def measure(argv: list[str], env: dict[str, str], port: int, *, timeout_s: float
                         break
                     time.sleep(0.02)
             ready_s = time.monotonic() - start
+            rss_bytes = _rss(proc.pid)
             if while_ready is not None:
                 while_ready(f"http://127.0.0.1:{port}")
         finally:
@@ -103,7 +105,16 @@ def measure(argv: list[str], env: dict[str, str], port: int, *, timeout_s: float
                 proc.wait()
         log_file.seek(0)
         text = log_file.read()
-    return Measurement(parse_buffer_log(text), text, ready_s)
+    return Measurement(parse_buffer_log(text), text, ready_s, rss_bytes)
+
+
+def _rss(pid: int) -> int | None:
+    import psutil
+
+    try:
+        return int(psutil.Process(pid).memory_info().rss)
+    except psutil.Error:
+        return None
 
 
 def _tail(log_file: object, lines: int = 8) -> str:

@@ -32,8 +32,8 @@ def test_launch_real_server(server_binary: Path, tmp_path: Path) -> None:
     assert reply.status_code == 200 and reply.json()["tokens_predicted"] == 6
     (inst,) = json.loads(run("ps", "--json").stdout)
     assert inst["name"] == "demo" and inst["status"] == "ready" and inst["slots_total"] == 4
-    # the real RSS of a CPU instance is at least its mapped weights and KV cache
-    assert inst["actual_bytes"] > 10 * 2**20 and inst["estimated_bytes"] > 10 * 2**20
+    # the estimate (buffers + the process's own runtime) against the real RSS of a CPU instance
+    assert abs(inst["actual_bytes"] - inst["estimated_bytes"]) < max(0.15 * inst["actual_bytes"], 8 * 2**20), inst
     proc = psutil.Process(inst["pid"])
     assert "--fit" in proc.cmdline() and "--metrics" in proc.cmdline()
     out = run("evict", "demo")
