@@ -57,3 +57,41 @@ class NotBuiltError(LlamactlError):
     """A subcommand whose issue has not landed yet."""
 
     exit_code = ExitCode.FAILURE
+
+
+class ProxyError(LlamactlError):
+    """An error the proxy answers with OpenAI's envelope: {"error": {"message", "type", "code"}}."""
+
+    http_status = 500
+    kind = "server_error"
+    code = "internal_error"
+
+    def __init__(self, message: str, *, retry_after_s: int | None = None) -> None:
+        super().__init__(message)
+        self.retry_after_s = retry_after_s
+
+
+class UnknownModelError(ProxyError):
+    http_status, kind, code = 404, "invalid_request_error", "model_not_found"
+
+
+class QueueFullError(ProxyError):
+    http_status, kind, code = 429, "rate_limit_error", "queue_full"
+
+
+class ModelUnavailableError(ProxyError):
+    """No fit, or every instance slot is busy."""
+
+    http_status, kind, code = 503, "server_error", "model_unavailable"
+
+
+class LoadTimeoutError(ProxyError):
+    http_status, kind, code = 504, "server_error", "load_timeout"
+
+
+class UpstreamError(ProxyError):
+    http_status, kind, code = 502, "server_error", "upstream_error"
+
+
+class AuthError(ProxyError):
+    http_status, kind, code = 401, "invalid_request_error", "invalid_api_key"

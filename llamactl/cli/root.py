@@ -60,7 +60,7 @@ def root(
 
 
 def _register() -> None:
-    from llamactl.cli import demo, estimate, evict, gpus, launch, logs, plan, ps, stubs
+    from llamactl.cli import demo, estimate, evict, gpus, launch, logs, plan, proxy, ps
 
     gpus.register(app)
     estimate.register(app)
@@ -69,7 +69,7 @@ def _register() -> None:
     ps.register(app)
     evict.register(app)
     logs.register(app)
-    stubs.register(app)
+    proxy.register(app)
     demo.register(app)
 
 

@@ -43,6 +43,8 @@ class LaunchRequest:
     wait: bool = True
     replace_existing: bool = False
     started_by: str = "cli"
+    protected: frozenset[str] = frozenset()  # instances that must not be evicted (requests in flight, not ours)
+    may_evict: bool = True  # act on the plan's eviction proposal
 
 
 @dataclass(frozen=True)
@@ -54,9 +56,10 @@ class Launched:
     evicted: tuple[str, ...] = field(default=())
 
 
-def running_for_placement(instances: dict[str, Instance]) -> list[RunningInstance]:
+def running_for_placement(instances: dict[str, Instance], protected: frozenset[str] = frozenset()) -> list[RunningInstance]:
     return [RunningInstance(name=i.name, gpu_bytes=i.gpu_bytes(), last_used=i.last_used,
-                            idle=i.status is Status.READY, starting=i.status is Status.STARTING, pids=(i.pid,) if i.pid else ())
+                            idle=i.status is Status.READY and i.name not in protected,
+                            starting=i.status is Status.STARTING, pids=(i.pid,) if i.pid else ())
             for i in instances.values() if i.live]
 
 
@@ -89,7 +92,7 @@ def pick_port(instances: dict[str, Instance], start: int, host: str) -> int:
 def plan_for(req: LaunchRequest, inv: Inventory, instances: dict[str, Instance]) -> Plan:
     params = model_params(read_header(req.model))
     others = {n: i for n, i in instances.items() if n != req.name or not req.replace_existing}
-    return plan(params, req.settings, inv.usable, req.policy, running_for_placement(others))
+    return plan(params, req.settings, inv.usable, req.policy, running_for_placement(others, req.protected))
 
 
 def stop_instances(store: StateStore, names: Sequence[str], *, grace_s: float = runner.DEFAULT_GRACE_S) -> list[str]:
@@ -138,7 +141,7 @@ def launch(store: StateStore, req: LaunchRequest, binary: str, caps: ServerCaps,
     inv = inventory_fn()
     the_plan = plan_for(req, inv, instances)
     evicted: tuple[str, ...] = ()
-    if the_plan.evict:
+    if the_plan.evict and req.may_evict:
         freed: dict[int, int] = {}
         for name in the_plan.evict:
             for gpu, used in instances[name].gpu_bytes().items():

@@ -195,7 +195,8 @@ class StateStore:
     def _write(self, instances: dict[str, Instance]) -> None:
         payload = {"version": SCHEMA_VERSION, "instances": {n: i.to_json() for n, i in sorted(instances.items())}}
         tmp = self.path.with_name(f".{STATE_NAME}.{os.getpid()}.tmp")
-        with open(tmp, "w") as fh:
+        # 0600: argv may carry an instance's --api-key
+        with os.fdopen(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600), "w") as fh:
             json.dump(payload, fh, indent=1)
             fh.flush()
             os.fsync(fh.fileno())

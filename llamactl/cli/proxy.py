@@ -1,0 +1,104 @@
+"""`llamactl proxy`: the OpenAI-compatible server (or `--check` to validate the config)."""
+
+from __future__ import annotations
+
+import logging
+import sys
+from typing import Optional
+
+import typer
+
+from llamactl import config as config_mod
+from llamactl import paths, render
+from llamactl.cli.common import state_store, wants_json
+from llamactl.errors import UsageError
+from llamactl.estimate import host_repack_types
+from llamactl.gpu import inventory
+from llamactl.model.gguf import read_header
+from llamactl.units import format_duration, parse_duration, parse_size
+
+
+def _check(cfg: config_mod.Config, as_json: bool) -> None:
+    rows, problems, out = [], [], []
+    for name, model in sorted(cfg.models.items()):
+        try:
+            read_header(model.path)
+            ok = "ok"
+        except UsageError as exc:
+            ok = "error"
+            problems.append(str(exc))
+        s = model.settings
+        out.append({"name": name, "path": str(model.path), "aliases": list(model.aliases), "ctx_size": s.ctx_size,
+                    "n_gpu_layers": s.n_gpu_layers, "cache_type_k": s.cache_type_k, "cache_type_v": s.cache_type_v,
+                    "flash_attn": s.flash_attn, "parallel": s.parallel, "args": list(model.args),
+                    "ttl_s": model.ttl_s if model.ttl_s is not None else cfg.idle_ttl_s, "file": ok})
+        rows.append([name, str(model.path), ", ".join(model.aliases) or "-", s.ctx_size,
+                     "all" if s.n_gpu_layers is None else s.n_gpu_layers,
+                     format_duration(model.ttl_s if model.ttl_s is not None else cfg.idle_ttl_s), ok])
+    if as_json:
+        render.emit_json({"config": str(cfg.source) if cfg.source else None, "host": cfg.host, "port": cfg.port,
+                          "models": out, "problems": problems})
+    else:
+        print(f"config: {cfg.source or '(none: defaults)'}; listening on {cfg.host}:{cfg.port}")
+        if rows:
+            print(render.table(rows, ["MODEL", "PATH", "ALIASES", "CTX", "NGL", "TTL", "FILE"], align_right_from=3))
+        else:
+            render.note("no models configured (add [models.NAME] tables or models_dir)")
+    if problems:
+        raise UsageError(problems[0] + (f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""))
+
+
+def command(
+    ctx: typer.Context,
+    host: Optional[str] = typer.Option(None, "--host", help="Address to bind (default from config: 127.0.0.1)."),
+    port: Optional[int] = typer.Option(None, "--port", min=1, max=65535, help="Port (default from config: 8080)."),
+    gpus: Optional[str] = typer.Option(None, "--gpus", help="Simulated GPUs: none, 24GiB,24GiB, 2x80GiB."),
+    gpus_file: Optional[str] = typer.Option(None, "--gpus-file", help="Inventory file as printed by `gpus --json`."),
+    gpu_overhead: Optional[str] = typer.Option(None, "--gpu-overhead", help="Per-GPU CUDA context and pools."),
+    server_bin: Optional[str] = typer.Option(None, "--server-bin", help="llama-server binary."),
+    check: bool = typer.Option(False, "--check", help="Validate the config, print the resolved models, exit."),
+    keep_instances: bool = typer.Option(False, "--keep-instances", help="Leave started instances running at exit."),
+    grace: str = typer.Option("30s", "--grace", help="How long in-flight requests may finish at shutdown."),
+    log_format: str = typer.Option("text", "--log-format", help="Request log format: text or json."),
+    json_output: bool = typer.Option(False, "--json", help="With --check: JSON."),
+) -> None:
+    """OpenAI-compatible server: route by model, launch on demand, queue, stream, evict idle."""
+    explicit = getattr(ctx.obj, "config", None)
+    cfg = config_mod.load(paths.config_file(explicit), required=bool(explicit))
+    if host is not None or port is not None:
+        from dataclasses import replace
+
+        cfg = replace(cfg, host=host or cfg.host, port=port or cfg.port)
+    if check:
+        _check(cfg, wants_json(ctx, json_output))
+        return
+    if log_format not in ("text", "json"):
+        raise UsageError(f"--log-format must be text or json, got {log_format!r}")
+    from aiohttp import web
+
+    from llamactl.proxy.app import build_app
+    from llamactl.proxy.pool import Pool
+    from llamactl.servers.probe import find_server, probe
+
+    logging.basicConfig(level=logging.INFO, format="%(message)s" if log_format == "json" else "llamactl: %(message)s",
+                        stream=sys.stderr, force=True)
+    logging.getLogger("aiohttp.access").setLevel(logging.WARNING)
+    logging.getLogger("httpx").setLevel(logging.WARNING)  # readiness polls are not news
+    binary = find_server(server_bin, cfg.server_bin)
+    caps = probe(binary)
+    inv = inventory.resolve(gpus, gpus_file)
+    inventory_fn = (lambda: inventory.resolve(None, None)) if inv.source == "nvml" else (lambda: inv)
+    if inv.note:
+        logging.getLogger("llamactl.proxy").info(inv.note)
+    pool = Pool(cfg, state_store(ctx), str(binary), caps, inventory_fn, repack_types=host_repack_types(),
+                gpu_overhead_bytes=parse_size(gpu_overhead, what="--gpu-overhead") if gpu_overhead else None)
+    reload_fn = (lambda: config_mod.load(cfg.source, required=True)) if cfg.source else None
+    app = build_app(pool, inventory_fn, keep_instances=keep_instances, log_json=log_format == "json", reload_fn=reload_fn)
+    logging.getLogger("llamactl.proxy").info(
+        "proxy on http://%s:%d for %d models (%s)", cfg.host, cfg.port, len(cfg.models), ", ".join(sorted(cfg.models)) or "none")
+    web.run_app(app, host=cfg.host, port=cfg.port, shutdown_timeout=parse_duration(grace, what="--grace"),
+                print=None, access_log=None, handler_cancellation=True)
+
+
+def register(app: typer.Typer) -> None:
+    app.command("proxy")(command)

@@ -1,0 +1,318 @@
+"""The config file and model registry: TOML (or the seed's config.json) → a frozen Config.
+
+Every key is checked; a bad one is reported once with its key and line and
+exit code 2. Models come from `[models.NAME]` tables and from every `*.gguf` in
+`models_dir` (split files count once, named by their stem); settings in
+`[defaults]` apply to every model unless the model sets its own.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import tomllib
+from dataclasses import dataclass, field, fields, replace
+from pathlib import Path
+from typing import Any
+
+from llamactl.errors import UsageError
+from llamactl.model.settings import FLASH_ATTN_MODES, KV_CACHE_TYPES, LLAMACTL_DEFAULT_CTX, ServerSettings
+from llamactl.units import parse_duration, parse_size
+
+DEFAULT_PORT = 8080
+DEFAULT_PORT_START = 8081
+_SPLIT_RE = re.compile(r"-(\d{5})-of-(\d{5})$")
+_CACHE_BITS = {32: "f32", 16: "f16", 8: "q8_0", 4: "q4_0"}
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    name: str
+    path: Path
+    settings: ServerSettings
+    args: tuple[str, ...] = ()
+    ttl_s: float | None = None
+    max_gpus: int | None = None
+    gpus: tuple[int, ...] | None = None
+    aliases: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class Config:
+    source: Path | None = None
+    server_bin: str | None = None
+    host: str = "127.0.0.1"
+    port: int = DEFAULT_PORT
+    port_start: int = DEFAULT_PORT_START
+    max_instances: int | None = None
+    idle_ttl_s: float | None = None
+    poll_interval_s: float = 5.0
+    load_timeout_s: float = 300.0
+    max_queue: int = 64
+    max_body_bytes: int = 64 * 1024 * 1024
+    api_keys: tuple[str, ...] = ()
+    instance_api_keys: bool = False
+    adopt: bool = False
+    gpu_util_threshold: int = 50
+    gpu_mem_threshold: float = 0.5
+    models_dir: Path | None = None
+    models: dict[str, ModelConfig] = field(default_factory=dict)
+
+    def lookup(self, name: str) -> ModelConfig | None:
+        """A model by its name or one of its aliases (never a path: clients do not pick files)."""
+        if name in self.models:
+            return self.models[name]
+        for model in self.models.values():
+            if name in model.aliases:
+                return model
+        return None
+
+
+class ConfigError(UsageError):
+    pass
+
+
+_GLOBAL_KEYS = {"server_bin", "host", "port", "port_start", "max_instances", "idle_ttl", "poll_interval",
+                "load_timeout", "max_queue", "max_body", "api_keys", "instance_api_keys", "adopt", "models_dir",
+                "gpu_util_threshold", "gpu_mem_threshold", "defaults", "models"}
+_SETTING_KEYS = {"ctx_size", "n_gpu_layers", "cache_type_k", "cache_type_v", "flash_attn", "parallel", "args",
+                 "kv_unified", "batch_size", "ubatch_size"}
+_MODEL_KEYS = _SETTING_KEYS | {"path", "ttl", "max_gpus", "gpus", "aliases"}
+
+
+class _Reader:
+    """Typed access to the parsed file that reports the offending key with its line."""
+
+    def __init__(self, path: Path, text: str) -> None:
+        self.path, self.lines = path, text.splitlines()
+
+    def line_of(self, key: str) -> int | None:
+        leaf = key.rsplit(".", 1)[-1]
+        pattern = re.compile(rf'^\s*"?{re.escape(leaf)}"?\s*[=:]')
+        section = key.rsplit(".", 1)[0] if "." in key else None
+        in_section = section is None
+        for number, line in enumerate(self.lines, 1):
+            stripped = line.strip()
+            if section is not None and stripped.startswith("["):
+                in_section = stripped.strip("[] ").replace('"', "") == section
+            if in_section and pattern.match(line):
+                return number
+        for number, line in enumerate(self.lines, 1):  # JSON, or a key in an inline table
+            if f'"{leaf}"' in line or re.match(rf"^\s*{re.escape(leaf)}\s*=", line):
+                return number
+        return None
+
+    def fail(self, key: str, message: str) -> ConfigError:
+        line = self.line_of(key)
+        where = f"{self.path}:{line}" if line else str(self.path)
+        return ConfigError(f"{where}: {key}: {message}")
+
+    def get(self, table: dict[str, Any], key: str, full: str, kind: type | tuple[type, ...], default: Any = None) -> Any:
+        if key not in table:
+            return default
+        value = table[key]
+        if kind is int or kind == (int, float):
+            if isinstance(value, bool) or not isinstance(value, kind):
+                raise self.fail(full, f"expected {'an integer' if kind is int else 'a number'}, got {value!r}")
+            return value
+        if not isinstance(value, kind):
+            names = kind.__name__ if isinstance(kind, type) else " or ".join(k.__name__ for k in kind)
+            raise self.fail(full, f"expected {names}, got {value!r}")
+        return value
+
+    def duration(self, table: dict[str, Any], key: str, full: str) -> float | None:
+        if key not in table or table[key] in (None, "none", "off", 0):
+            return None
+        value = table[key]
+        try:
+            return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else parse_duration(str(value), what=full)
+        except UsageError as exc:
+            raise self.fail(full, str(exc)) from None
+
+
+def _settings(r: _Reader, table: dict[str, Any], where: str, base: ServerSettings) -> tuple[ServerSettings, tuple[str, ...]]:
+    updates: dict[str, Any] = {}
+    if "ctx_size" in table:
+        updates["ctx_size"] = r.get(table, "ctx_size", f"{where}.ctx_size", int)
+    if "n_gpu_layers" in table:
+        value = table["n_gpu_layers"]
+        if value in ("all", "auto", -1):
+            updates["n_gpu_layers"] = None
+        elif isinstance(value, int) and not isinstance(value, bool) and value >= 0:
+            updates["n_gpu_layers"] = value
+        else:
+            raise r.fail(f"{where}.n_gpu_layers", f"expected a number >= 0 or 'all', got {value!r}")
+    for key in ("cache_type_k", "cache_type_v"):
+        if key in table:
+            value = str(r.get(table, key, f"{where}.{key}", str)).lower()
+            if value not in KV_CACHE_TYPES:
+                raise r.fail(f"{where}.{key}", f"unknown cache type {value!r} (allowed: {', '.join(KV_CACHE_TYPES)})")
+            updates[key] = value
+    if "flash_attn" in table:
+        value = table["flash_attn"]
+        value = {True: "on", False: "off"}.get(value, value) if isinstance(value, bool) else str(value).lower()
+        if value not in FLASH_ATTN_MODES:
+            raise r.fail(f"{where}.flash_attn", f"expected on, off or auto, got {table['flash_attn']!r}")
+        updates["flash_attn"] = value
+    for key in ("parallel", "batch_size", "ubatch_size"):
+        if key in table:
+            value = r.get(table, key, f"{where}.{key}", int)
+            if value < 1:
+                raise r.fail(f"{where}.{key}", "must be >= 1")
+            updates[key] = value
+    if "kv_unified" in table:
+        updates["kv_unified"] = r.get(table, "kv_unified", f"{where}.kv_unified", bool)
+    args = r.get(table, "args", f"{where}.args", list, None)
+    if args is not None and not all(isinstance(a, str) for a in args):
+        raise r.fail(f"{where}.args", "expected a list of strings")
+    return replace(base, **updates), tuple(args or ())
+
+
+def _check_keys(r: _Reader, table: dict[str, Any], allowed: set[str], where: str) -> None:
+    for key in table:
+        if key not in allowed:
+            full = f"{where}.{key}" if where else key
+            raise r.fail(full, f"unknown key (known: {', '.join(sorted(allowed))})")
+
+
+def _from_seed_json(data: dict[str, Any]) -> dict[str, Any]:
+    """Map the seed spec's config.json keys onto ours."""
+    out: dict[str, Any] = {k: v for k, v in data.items() if k in _GLOBAL_KEYS - {"models", "defaults"}}
+    pool = data.get("server_pool", {})
+    if isinstance(pool, dict):
+        if "size" in pool:
+            out["max_instances"] = pool["size"]
+        if "port_start" in pool:
+            out["port_start"] = pool["port_start"]
+    defaults: dict[str, Any] = {}
+    if "ctx_size" in data:
+        defaults["ctx_size"] = data["ctx_size"]
+    if "gpu_layers" in data:
+        defaults["n_gpu_layers"] = data["gpu_layers"]
+    if "cache_type_bits" in data:
+        bits = data["cache_type_bits"]
+        if bits not in _CACHE_BITS:
+            raise ConfigError(f"cache_type_bits: expected one of {sorted(_CACHE_BITS)}, got {bits!r}")
+        defaults["cache_type_k"] = defaults["cache_type_v"] = _CACHE_BITS[bits]
+        if bits < 16:
+            defaults["flash_attn"] = "on"  # a quantized V cache needs flash attention
+    out["defaults"] = defaults
+    out["models"] = {}
+    for name, model in (data.get("models") or {}).items():
+        if isinstance(model, dict):
+            out["models"][name] = {k: v for k, v in model.items() if k in _MODEL_KEYS}
+    return out
+
+
+def _scan_models_dir(directory: Path, base: ServerSettings, args: tuple[str, ...]) -> dict[str, ModelConfig]:
+    found: dict[str, ModelConfig] = {}
+    for path in sorted(directory.glob("*.gguf")):
+        stem = path.name[: -len(".gguf")]
+        split = _SPLIT_RE.search(stem)
+        if split:
+            if split[1] != "00001":
+                continue  # a split model counts once, by its first shard
+            stem = stem[: split.start()]
+        found[stem] = ModelConfig(name=stem, path=path, settings=base, args=args)
+    return found
+
+
+def load(path: Path | None, *, required: bool = False) -> Config:
+    """Read the config file; a missing default file is an empty config, a missing explicit one an error."""
+    if path is None or not path.exists():
+        if required and path is not None:
+            raise ConfigError(f"{path}: no such config file")
+        return Config(source=None)
+    try:
+        text = path.read_text()
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot read: {exc.strerror or exc}") from None
+    r = _Reader(path, text)
+    try:
+        data = json.loads(text) if path.suffix == ".json" else tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{path}: invalid TOML: {exc}") from None
+    except json.JSONDecodeError as exc:
+        raise ConfigError(f"{path}:{exc.lineno}: invalid JSON: {exc.msg}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: expected a table of settings")
+    if path.suffix == ".json":
+        data = _from_seed_json(data)
+    _check_keys(r, data, _GLOBAL_KEYS, "")
+    cfg: dict[str, Any] = {"source": path}
+    for key, kind in (("server_bin", str), ("host", str), ("adopt", bool), ("instance_api_keys", bool)):
+        if key in data:
+            cfg[key] = r.get(data, key, key, kind)
+    for key in ("port", "port_start", "max_instances", "max_queue", "gpu_util_threshold"):
+        if key in data:
+            value = r.get(data, key, key, int)
+            if value < (0 if key == "max_queue" else 1) or (key.startswith("port") and value > 65535):
+                raise r.fail(key, f"out of range: {value}")
+            cfg[key] = value
+    if "gpu_mem_threshold" in data:
+        value = r.get(data, "gpu_mem_threshold", "gpu_mem_threshold", (int, float))
+        if not 0 < value <= 1:
+            raise r.fail("gpu_mem_threshold", f"must be in (0, 1], got {value}")
+        cfg["gpu_mem_threshold"] = float(value)
+    cfg["idle_ttl_s"] = r.duration(data, "idle_ttl", "idle_ttl")
+    for key, attr in (("poll_interval", "poll_interval_s"), ("load_timeout", "load_timeout_s")):
+        if key in data:
+            value = r.duration(data, key, key)
+            if not value:
+                raise r.fail(key, "must be a positive duration")
+            cfg[attr] = value
+    if "max_body" in data:
+        try:
+            cfg["max_body_bytes"] = parse_size(str(data["max_body"]), what="max_body")
+        except UsageError as exc:
+            raise r.fail("max_body", str(exc)) from None
+    keys = r.get(data, "api_keys", "api_keys", list, None)
+    if keys is not None:
+        if not all(isinstance(k, str) and k for k in keys):
+            raise r.fail("api_keys", "expected a list of non-empty strings")
+        cfg["api_keys"] = tuple(keys)
+    defaults_table = r.get(data, "defaults", "defaults", dict, {})
+    _check_keys(r, defaults_table, _SETTING_KEYS, "defaults")
+    base, base_args = _settings(r, defaults_table, "defaults", ServerSettings(ctx_size=LLAMACTL_DEFAULT_CTX))
+    models: dict[str, ModelConfig] = {}
+    if "models_dir" in data:
+        directory = Path(r.get(data, "models_dir", "models_dir", str)).expanduser()
+        if not directory.is_absolute():
+            directory = path.parent / directory
+        if not directory.is_dir():
+            raise r.fail("models_dir", f"{directory} is not a directory")
+        cfg["models_dir"] = directory
+        models.update(_scan_models_dir(directory, base, base_args))
+    for name, table in r.get(data, "models", "models", dict, {}).items():
+        where = f"models.{name}"
+        if not isinstance(table, dict):
+            raise r.fail(where, "expected a table")
+        _check_keys(r, table, _MODEL_KEYS, where)
+        settings, args = _settings(r, table, where, base)
+        if "path" in table:
+            model_path = Path(r.get(table, "path", f"{where}.path", str)).expanduser()
+            if not model_path.is_absolute():
+                model_path = path.parent / model_path
+        elif name in models:
+            model_path = models[name].path
+        else:
+            raise r.fail(where, "missing key path")
+        aliases = r.get(table, "aliases", f"{where}.aliases", list, [])
+        gpus = r.get(table, "gpus", f"{where}.gpus", list, None)
+        if gpus is not None and not all(isinstance(g, int) and not isinstance(g, bool) and g >= 0 for g in gpus):
+            raise r.fail(f"{where}.gpus", "expected a list of GPU indices")
+        max_gpus = r.get(table, "max_gpus", f"{where}.max_gpus", int, None)
+        models[name] = ModelConfig(
+            name=name, path=model_path, settings=settings, args=args if "args" in table else base_args,
+            ttl_s=r.duration(table, "ttl", f"{where}.ttl"), max_gpus=max_gpus,
+            gpus=tuple(gpus) if gpus is not None else None, aliases=tuple(str(a) for a in aliases),
+        )
+    seen: dict[str, str] = {}
+    for model in models.values():
+        for label in (model.name, *model.aliases):
+            if label in seen and seen[label] != model.name:
+                raise r.fail(f"models.{model.name}.aliases", f"{label!r} already names model {seen[label]!r}")
+            seen[label] = model.name
+    cfg["models"] = models
+    known = {f.name for f in fields(Config)}
+    return Config(**{k: v for k, v in cfg.items() if k in known})

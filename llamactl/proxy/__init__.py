@@ -1,0 +1,1 @@
+"""The OpenAI-compatible proxy: routes by model, launches on demand, queues, streams, evicts."""

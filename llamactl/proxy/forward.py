@@ -1,0 +1,101 @@
+"""Relay one request to an instance with aiohttp, streaming without buffering.
+
+SSE answers are passed through piece by piece as `iter_any()` yields them
+(`X-Accel-Buffering: no` for any reverse proxy in front). The upstream
+response is released in `finally`; a client that goes away cancels the
+handler and with it the upstream read. An upstream that dies mid-stream ends
+the client's stream with an error event.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+
+import aiohttp
+from aiohttp import web
+
+from llamactl.errors import UpstreamError
+
+# hop-by-hop and framing headers are the relay's own business
+_DROP_REQUEST = {"host", "content-length", "transfer-encoding", "connection", "authorization", "keep-alive",
+                 "accept-encoding"}
+_DROP_RESPONSE = {"content-length", "transfer-encoding", "connection", "keep-alive", "content-encoding"}
+_TAIL_BYTES = 4096  # kept from a stream's end to read token usage without parsing every chunk
+
+
+@dataclass
+class Outcome:
+    status: int
+    bytes_out: int = 0
+    ttfb_s: float | None = None
+    usage: dict[str, int] | None = None
+    upstream_died: bool = False
+
+
+def _usage_from(text: str) -> dict[str, int] | None:
+    """Token usage from a JSON body or the last SSE events, when the upstream reports it."""
+    candidates = [text]
+    if "data:" in text:
+        candidates = [line[5:].strip() for line in reversed(text.splitlines()) if line.startswith("data:")]
+    for chunk in candidates:
+        if '"usage"' not in chunk:
+            continue
+        try:
+            usage = json.loads(chunk).get("usage")
+        except (ValueError, AttributeError):
+            continue
+        if isinstance(usage, dict):
+            return {k: int(v) for k, v in usage.items() if isinstance(v, int)}
+    return None
+
+
+async def relay(request: web.Request, session: aiohttp.ClientSession, url: str, body: bytes,
+                api_key: str | None, started: float) -> tuple[web.StreamResponse, Outcome]:
+    import time
+
+    headers = {k: v for k, v in request.headers.items() if k.lower() not in _DROP_REQUEST}
+    if api_key:
+        headers["Authorization"] = f"Bearer {api_key}"
+    try:
+        upstream = await session.request(request.method, url, data=body, headers=headers)
+    except (aiohttp.ClientConnectorError, aiohttp.ServerDisconnectedError) as exc:
+        raise UpstreamError(f"instance unreachable: {exc}") from None
+    finished = False
+    try:
+        out_headers = {k: v for k, v in upstream.headers.items() if k.lower() not in _DROP_RESPONSE}
+        streaming = upstream.headers.get("Content-Type", "").startswith("text/event-stream")
+        outcome = Outcome(status=upstream.status)
+        if not streaming:
+            data = await upstream.read()
+            outcome.ttfb_s = time.monotonic() - started
+            outcome.bytes_out = len(data)
+            outcome.usage = _usage_from(data[-65536:].decode("utf-8", "replace")) if upstream.status == 200 else None
+            finished = True
+            return web.Response(status=upstream.status, body=data, headers=out_headers), outcome
+        response = web.StreamResponse(status=upstream.status, headers=out_headers)
+        response.headers["X-Accel-Buffering"] = "no"
+        response.headers["Cache-Control"] = "no-cache"
+        await response.prepare(request)
+        tail = b""
+        try:
+            async for piece in upstream.content.iter_any():
+                if outcome.ttfb_s is None:
+                    outcome.ttfb_s = time.monotonic() - started
+                await response.write(piece)
+                outcome.bytes_out += len(piece)
+                tail = (tail + piece)[-_TAIL_BYTES:]
+        except (aiohttp.ClientPayloadError, aiohttp.ServerDisconnectedError, aiohttp.ClientOSError) as exc:
+            outcome.upstream_died = True
+            event = {"error": {"message": f"upstream instance failed mid-stream: {exc}", "type": "server_error",
+                               "code": "upstream_error"}}
+            await response.write(f"data: {json.dumps(event)}\n\n".encode())
+        outcome.usage = _usage_from(tail.decode("utf-8", "replace"))
+        await response.write_eof()
+        finished = True
+        return response, outcome
+    finally:
+        if finished:
+            upstream.release()
+        else:
+            upstream.close()  # the client went away (or we failed): drop the connection so the instance stops

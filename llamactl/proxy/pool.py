@@ -1,0 +1,298 @@
+"""The proxy's instances: one Slot per configured model, owned and changed here only.
+
+A Slot's lifecycle is a closed set (stopped → starting → ready → stopping).
+Requests call `acquire()` — never read the phase and then act on it — which
+returns a ready slot with the request counted in flight, starting the model
+first if needed: concurrent requests for a model that is starting wait on that
+one launch (single flight), up to `max_queue` of them. Launching, stopping and
+state-file work run in threads; the event loop never blocks on them.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import secrets
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field, replace
+from enum import Enum
+
+from llamactl.config import Config, ModelConfig
+from llamactl.errors import (LlamactlError, LoadTimeoutError, ModelUnavailableError, NoFitError, QueueFullError,
+                             UnknownModelError, UpstreamError)
+from llamactl.gpu.inventory import Inventory
+from llamactl.placement import Policy
+from llamactl.servers import launcher, runner
+from llamactl.servers.probe import ServerCaps
+from llamactl.servers.state import Instance, StateStore, Status, process_matches
+
+log = logging.getLogger("llamactl.proxy")
+
+
+class Phase(str, Enum):
+    STOPPED = "stopped"
+    STARTING = "starting"
+    READY = "ready"
+    STOPPING = "stopping"
+
+
+@dataclass
+class Slot:
+    model: ModelConfig
+    phase: Phase = Phase.STOPPED
+    instance: Instance | None = None
+    in_flight: int = 0
+    waiting: int = 0
+    last_used: float = 0.0
+    ours: bool = False  # started by this proxy (stopped at shutdown unless --keep-instances)
+    api_key: str | None = None
+    task: asyncio.Future[None] | None = None  # the launch or stop in progress
+
+    @property
+    def base_url(self) -> str:
+        assert self.instance is not None
+        return f"http://{self.instance.host}:{self.instance.port}"
+
+
+@dataclass
+class PoolStats:
+    """Counters the metrics endpoint reads (prometheus objects live in app.py)."""
+
+    launches: dict[tuple[str, str], int] = field(default_factory=dict)  # (model, result) → count
+    evictions: dict[str, int] = field(default_factory=dict)  # reason → count
+
+
+class Pool:
+    def __init__(self, config: Config, store: StateStore, binary: str, caps: ServerCaps,
+                 inventory_fn: Callable[[], Inventory], *, repack_types: frozenset[str] = frozenset(),
+                 gpu_overhead_bytes: int | None = None, grace_s: float = runner.DEFAULT_GRACE_S) -> None:
+        self.config = config
+        self.store = store
+        self.binary = binary
+        self.caps = caps
+        self.inventory_fn = inventory_fn
+        self.repack_types = repack_types
+        self.gpu_overhead_bytes = gpu_overhead_bytes
+        self.grace_s = grace_s
+        self.slots: dict[str, Slot] = {name: Slot(model) for name, model in config.models.items()}
+        self.stats = PoolStats()
+        self.on_change: Callable[[], None] | None = None
+
+    # --- requests -------------------------------------------------------------------------------
+
+    async def acquire(self, requested: str) -> Slot:
+        """A ready slot for `requested` (name or alias) with this request counted in flight."""
+        model = self.config.lookup(requested)
+        if model is None:
+            known = ", ".join(sorted(self.config.models)) or "none configured"
+            raise UnknownModelError(f"model {requested!r} not found; known models: {known}")
+        slot = self.slots[model.name]
+        while True:
+            if slot.phase is Phase.READY and slot.instance is not None:
+                slot.in_flight += 1
+                slot.last_used = time.time()
+                return slot
+            if slot.task is None or slot.task.done():
+                if slot.phase is Phase.STOPPED:
+                    slot.task = asyncio.ensure_future(self._start(slot))
+                else:  # a finished task left a phase behind: treat as stopped
+                    slot.phase = Phase.STOPPED
+                    continue
+            if slot.waiting >= self.config.max_queue:
+                raise QueueFullError(f"{model.name}: {slot.waiting} requests already wait for it to load",
+                                     retry_after_s=max(1, int(self.config.poll_interval_s)))
+            slot.waiting += 1
+            try:
+                await asyncio.shield(slot.task)
+            finally:
+                slot.waiting -= 1
+
+    def release(self, slot: Slot) -> None:
+        slot.in_flight -= 1
+        slot.last_used = time.time()
+
+    async def mark_dead(self, slot: Slot, why: str) -> None:
+        """The upstream went away mid-request: forget it, so the next request relaunches."""
+        if slot.instance is not None and not await asyncio.to_thread(process_matches, slot.instance.pid, slot.instance.create_time):
+            log.warning("%s: instance died (%s); the next request relaunches it", slot.model.name, why)
+            slot.phase, slot.instance = Phase.STOPPED, None
+            self._changed()
+
+    # --- lifecycle (owner-only) -----------------------------------------------------------------
+
+    def _changed(self) -> None:
+        if self.on_change is not None:
+            self.on_change()
+
+    def _protected(self, also: frozenset[str] | set[str] = frozenset()) -> frozenset[str]:
+        """Instances a launch may not evict: requests in flight or queued, and hand-started ones unless adopted."""
+        names = {s.model.name for s in self.slots.values() if s.in_flight or s.waiting or s.phase is Phase.STARTING}
+        if not self.config.adopt:
+            names |= {s.model.name for s in self.slots.values() if s.instance is not None and not s.ours}
+        return frozenset(names | also)
+
+    def _evictable(self, slot: Slot) -> bool:
+        return (slot.phase is Phase.READY and slot.in_flight == 0 and slot.waiting == 0
+                and (slot.ours or self.config.adopt))
+
+    async def _stop(self, slot: Slot, reason: str) -> None:
+        if slot.instance is None:
+            slot.phase = Phase.STOPPED
+            return
+        slot.phase = Phase.STOPPING
+        self._changed()
+        name = slot.instance.name
+        try:
+            await asyncio.to_thread(launcher.stop_instances, self.store, [name], grace_s=self.grace_s)
+        finally:
+            slot.phase, slot.instance, slot.ours = Phase.STOPPED, None, False
+            self.stats.evictions[reason] = self.stats.evictions.get(reason, 0) + 1
+            log.info("%s: stopped (%s)", slot.model.name, reason)
+            self._changed()
+
+    def _request(self, slot: Slot, protected: frozenset[str]) -> launcher.LaunchRequest:
+        m = slot.model
+        policy = Policy(max_gpus=m.max_gpus, allowed_gpus=m.gpus, util_threshold=self.config.gpu_util_threshold,
+                        mem_threshold=self.config.gpu_mem_threshold, cpu_repack_types=self.repack_types,
+                        **({"gpu_overhead_bytes": self.gpu_overhead_bytes} if self.gpu_overhead_bytes is not None else {}))
+        extra = m.args
+        if self.config.instance_api_keys:
+            slot.api_key = secrets.token_urlsafe(24)
+            extra = (*extra, "--api-key", slot.api_key)
+        return launcher.LaunchRequest(model=m.path, name=m.name, settings=m.settings, policy=policy,
+                                      port_start=self.config.port_start, extra=extra,
+                                      timeout_s=self.config.load_timeout_s, started_by="proxy",
+                                      replace_existing=True, protected=protected)
+
+    async def _adopt_running(self, slot: Slot) -> bool:
+        """Route to a live instance of this model's name (started by hand, or by an earlier proxy)."""
+        instances = await asyncio.to_thread(self.store.instances)
+        inst = instances.get(slot.model.name)
+        if inst is None or inst.status not in (Status.READY, Status.BUSY) or inst.pid is None:
+            return False
+        slot.instance, slot.phase = inst, Phase.READY
+        slot.ours = inst.started_by == "proxy"
+        slot.last_used = max(inst.last_used, time.time())
+        log.info("%s: routing to running instance (pid %s, started by %s)", slot.model.name, inst.pid, inst.started_by)
+        return True
+
+    async def _make_room(self, slot: Slot) -> None:
+        """Honour max_instances and the planner's eviction proposals, evicting only idle instances."""
+        limit = self.config.max_instances
+        if limit is not None:
+            running = [s for s in self.slots.values() if s.phase in (Phase.READY, Phase.STARTING) and s is not slot]
+            while len(running) >= limit:
+                victims = sorted((s for s in running if self._evictable(s)), key=lambda s: s.last_used)
+                if not victims:
+                    raise ModelUnavailableError(f"max_instances ({limit}) reached and every instance is busy")
+                await self._stop(victims[0], "max_instances")
+                running.remove(victims[0])
+        req = self._request(slot, self._protected({slot.model.name}))
+        instances = await asyncio.to_thread(self.store.instances)
+        inv = await asyncio.to_thread(self.inventory_fn)
+        proposal = await asyncio.to_thread(launcher.plan_for, req, inv, instances)
+        for name in proposal.evict:
+            other = self.slots.get(name)
+            if other is not None and self._evictable(other):
+                await self._stop(other, "memory")
+            elif other is None and self.config.adopt:
+                await asyncio.to_thread(launcher.stop_instances, self.store, [name], grace_s=self.grace_s)
+                self.stats.evictions["memory"] = self.stats.evictions.get("memory", 0) + 1
+
+    async def _start(self, slot: Slot) -> None:
+        name = slot.model.name
+        slot.phase = Phase.STARTING
+        self._changed()
+        started = time.monotonic()
+        try:
+            if await self._adopt_running(slot):
+                return
+            await self._make_room(slot)
+            # room was made above, under the proxy's rules; the launch itself evicts nothing more
+            req = replace(self._request(slot, self._protected({name})), may_evict=False)
+            done = await asyncio.to_thread(launcher.launch, self.store, req, self.binary, self.caps,
+                                           self.inventory_fn, grace_s=self.grace_s)
+            slot.instance, slot.phase, slot.ours = done.instance, Phase.READY, True
+            slot.last_used = time.time()
+            self._count(name, "ok")
+            log.info("%s: ready on port %s in %.1f s", name, done.instance.port, time.monotonic() - started)
+        except runner.LaunchError as exc:
+            slot.phase, slot.instance = Phase.STOPPED, None
+            self._count(name, "failed")
+            if "not ready after" in str(exc):
+                raise LoadTimeoutError(f"{name}: {exc}") from None
+            raise UpstreamError(f"{name}: {exc}") from None
+        except NoFitError as exc:
+            slot.phase, slot.instance = Phase.STOPPED, None
+            self._count(name, "no_fit")
+            raise ModelUnavailableError(str(exc)) from None
+        except LlamactlError:
+            slot.phase, slot.instance = Phase.STOPPED, None
+            self._count(name, "failed")
+            raise
+        except BaseException:
+            slot.phase, slot.instance = Phase.STOPPED, None
+            raise
+        finally:
+            self._changed()
+
+    def _count(self, name: str, result: str) -> None:
+        self.stats.launches[(name, result)] = self.stats.launches.get((name, result), 0) + 1
+
+    # --- background ---------------------------------------------------------------------------
+
+    async def poll_once(self) -> None:
+        """Liveness, idle TTLs, and last_used/busy written back to the state file (one edit per poll)."""
+        now = time.time()
+        for slot in list(self.slots.values()):
+            if slot.phase is not Phase.READY or slot.instance is None:
+                continue
+            inst = slot.instance
+            if not await asyncio.to_thread(process_matches, inst.pid, inst.create_time):
+                log.warning("%s: instance (pid %s) is gone", slot.model.name, inst.pid)
+                slot.phase, slot.instance = Phase.STOPPED, None
+                self._changed()
+                continue
+            ttl = slot.model.ttl_s if slot.model.ttl_s is not None else self.config.idle_ttl_s
+            if ttl is not None and self._evictable(slot) and now - slot.last_used > ttl:
+                await self._stop(slot, "ttl")
+        for name in [n for n, s in self.slots.items() if n not in self.config.models and s.phase is Phase.STOPPED]:
+            del self.slots[name]  # removed from the config by a reload, and now stopped
+        await asyncio.to_thread(self._write_activity)
+
+    def _write_activity(self) -> None:
+        updates = {s.instance.name: s for s in self.slots.values() if s.instance is not None and s.phase is Phase.READY}
+        if not updates:
+            return
+        with self.store.edit() as instances:
+            for name, slot in updates.items():
+                inst = instances.get(name)
+                if inst is None or inst.pid != slot.instance.pid:  # type: ignore[union-attr]
+                    continue
+                status = Status.BUSY if slot.in_flight else Status.READY
+                last = max(inst.last_used, slot.last_used)
+                if (inst.status, inst.last_used) != (status, last) and inst.status in (Status.READY, Status.BUSY):
+                    instances[name] = replace(inst, status=status, last_used=last)
+
+    async def shutdown(self, keep_instances: bool) -> None:
+        """Stop what this proxy started (unless kept); hand-started instances are never touched."""
+        if keep_instances:
+            return
+        ours = [s for s in self.slots.values() if s.ours and s.instance is not None]
+        await asyncio.gather(*(self._stop(s, "shutdown") for s in ours), return_exceptions=True)
+
+    def reload(self, config: Config) -> None:
+        """Apply a new config: added models appear; removed ones go when idle (the poller's TTL of 0)."""
+        self.config = config
+        for name, model in config.models.items():
+            if name in self.slots:
+                self.slots[name].model = model
+            else:
+                self.slots[name] = Slot(model)
+        for name in [n for n in self.slots if n not in config.models]:
+            slot = self.slots[name]
+            if slot.instance is None and slot.phase is Phase.STOPPED:
+                del self.slots[name]
+            else:
+                slot.model = replace(slot.model, ttl_s=0.0)  # evicted by the poller once idle
