@@ -75,7 +75,7 @@ def test_human_output_has_summary_and_table(model: Path) -> None:
     (["estimate", "{model}", "--gpus", "none", "-ngl", "many"], 2, "-ngl"),
     (["estimate", "{model}", "--gpus-file", "{missing}"], 2, "no such GPU inventory file"),
     (["estimate", "{model}", "--bogus-flag"], 2, "No such option"),
-    (["proxy"], 1, "not built yet"),
+    (["proxy", "--log-format", "xml"], 2, "--log-format"),
 ])
 def test_errors_are_one_line_with_exit_codes(model: Path, tmp_path: Path, args, code, message) -> None:
     garbage = tmp_path / "garbage.gguf"
