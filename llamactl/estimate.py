@@ -7,6 +7,7 @@ estimated is what will run.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
@@ -37,7 +38,7 @@ def parse_tensor_split(text: str | None) -> tuple[float, ...] | None:
         shares = tuple(float(part) for part in text.replace("/", ",").split(",") if part.strip())
     except ValueError:
         raise UsageError(f"-ts/--tensor-split {text!r}: expected numbers separated by commas") from None
-    if not shares or any(s < 0 for s in shares) or sum(shares) <= 0:
+    if not shares or any(not math.isfinite(s) or s < 0 for s in shares) or sum(shares) <= 0:
         raise UsageError(f"-ts/--tensor-split {text!r}: shares must be >= 0 and not all zero")
     return shares
 

@@ -20,7 +20,7 @@ from llamactl.model.params import ModelParams
 from llamactl.model.settings import Resolved, ServerSettings, resolve
 from llamactl.units import MiB, format_bytes
 
-DEFAULT_MARGIN_BYTES = 512 * MiB  # headroom per GPU, like llama.cpp's --fit-target
+DEFAULT_MARGIN_BYTES = 512 * MiB  # headroom per GPU, in the spirit of llama.cpp's --fit-target (1024 MiB there)
 DEFAULT_UTIL_THRESHOLD = 50  # percent
 DEFAULT_MEM_THRESHOLD = 0.5  # fraction of total used by other programs
 SPLIT_REFINEMENTS = 8
@@ -158,7 +158,36 @@ def _single_gpu(params, settings, cands, policy):
     return max(fitting, key=lambda f: (f[0].capacity_bytes, -f[0].gpu.index))
 
 
+def _place_with_split(params: ModelParams, settings: ServerSettings, caps: list[DeviceCapacity],
+                      policy: Policy) -> Plan | None:
+    """A -ts given by the user: exactly those shares over the first candidate GPUs, verified per device."""
+    split = settings.tensor_split or ()
+    chosen = sorted((c for c in caps if c.candidate), key=lambda c: c.gpu.index)[:len(split)]
+    reasons = [c.reason for c in caps if c.reason]
+    if len(chosen) < len(split):
+        return None
+    ids = tuple(c.gpu.index for c in chosen)
+    fits, resolved, est = _try(params, settings, chosen, split, policy)
+    if fits:
+        reasons.append(f"fits on GPUs {list(ids)} with the given -ts {','.join(f'{s:g}' for s in split)}")
+        return Plan(Fit.GPU if resolved.n_gpu_layers == params.n_layer + 1 else Fit.PARTIAL, ids, tuple(split),
+                    resolved, est, tuple(caps), reasons=tuple(reasons))
+    if policy.allow_partial:
+        top = resolved.n_gpu_layers
+        for ngl in range(top - 1, 0, -1):
+            fits, resolved, est = _try(params, settings, chosen, split, policy, ngl)
+            if fits:
+                reasons.append(f"with the given -ts, only {ngl} of {params.n_layer + 1} layers fit on GPUs {list(ids)}")
+                return Plan(Fit.PARTIAL, ids, tuple(split), resolved, est, tuple(caps), reasons=tuple(reasons))
+    return None
+
+
 def _place(params: ModelParams, settings: ServerSettings, caps: list[DeviceCapacity], policy: Policy) -> Plan:
+    if settings.tensor_split and len(settings.tensor_split) > 1:
+        planned = _place_with_split(params, settings, caps, policy)
+        if planned is not None:
+            return planned
+        settings = replace(settings, tensor_split=None)  # the given split cannot work: plan as usual
     cands = sorted((c for c in caps if c.candidate), key=lambda c: (-c.capacity_bytes, c.gpu.index))
     max_gpus = len(cands) if policy.max_gpus is None else min(policy.max_gpus, len(cands))
     reasons = [c.reason for c in caps if c.reason]
@@ -196,6 +225,8 @@ def _place(params: ModelParams, settings: ServerSettings, caps: list[DeviceCapac
         reasons.append("not even one layer fits on the GPUs")
     elif cands and not policy.allow_partial:
         reasons.append("partial offload refused (--no-partial)")
+    if cands and settings.n_gpu_layers == 0:
+        reasons = [r for r in reasons if not r.startswith("not even one layer")] + ["-ngl 0 asks for the CPU"]
     if not cands:
         reasons.append("no GPU to place on")
     resolved = resolve(replace(settings, n_gpu_layers=0), params, 0)

@@ -12,9 +12,9 @@ from tabulate import tabulate
 def emit_json(data: object, *, compact: bool = False) -> None:
     """One JSON document on stdout; compact = one line (JSON lines for --watch)."""
     if compact:
-        json.dump(data, sys.stdout, separators=(",", ":"))
+        json.dump(data, sys.stdout, separators=(",", ":"), allow_nan=False)
     else:
-        json.dump(data, sys.stdout, indent=2, sort_keys=False)
+        json.dump(data, sys.stdout, indent=2, sort_keys=False, allow_nan=False)
     sys.stdout.write("\n")
 
 

@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import os
 from typing import Optional
 
 import typer
 
 from llamactl import paths, render
-from llamactl.errors import ExitCode, LlamactlError
+from llamactl.errors import ExitCode, GGUFError, LlamactlError
 from llamactl.estimate import host_repack_types
 from llamactl.model.gguf import read_header
 from llamactl.model.memory import Placement, estimate
@@ -27,11 +28,16 @@ def command(
 ) -> None:
     """Write a tiny demo model, estimate it, run it in the real llama-server, compare."""
     path = paths.cache_dir() / "demo" / "llamactl-demo.gguf"
-    if not path.exists():
+    try:
+        header = read_header(path)
+    except GGUFError:  # missing, or damaged: write it again (to a temp name, then rename)
         path.parent.mkdir(parents=True, exist_ok=True)
-        write_model(path, demo_spec())
+        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+        write_model(tmp, demo_spec())
+        os.replace(tmp, path)
+        header = read_header(path)
     print(f"demo model: {path}")
-    params = model_params(read_header(path))
+    params = model_params(header)
     resolved = resolve(ServerSettings(ctx_size=ctx_size), params, 0)
     est = estimate(params, resolved, Placement(cpu_repack_types=host_repack_types())).device("CPU")
     try:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import sys
 import time
 from typing import Optional
@@ -73,10 +74,10 @@ def command(
 ) -> None:
     """Inventory: name, memory total/used/free, utilisation, processes (llamactl instances marked)."""
     as_json = wants_json(ctx, json_output)
-    if watch is not None and watch <= 0:
+    if watch is not None and not (math.isfinite(watch) and watch >= 0.1):
         from llamactl.errors import UsageError
 
-        raise UsageError(f"--watch needs a positive number of seconds, got {watch:g}")
+        raise UsageError(f"--watch needs a number of seconds >= 0.1, got {watch:g}")
     tty = sys.stdout.isatty()
     try:
         while True:

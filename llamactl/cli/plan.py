@@ -11,7 +11,7 @@ from typing import Optional
 import typer
 
 from llamactl import render
-from llamactl.cli.common import wants_json
+from llamactl.cli.common import state_store, wants_json
 from llamactl.cli.estimate import print_devices, print_summary
 from llamactl.cli.options import INVENTORY, SERVER, InventoryOptions, with_options
 from llamactl.errors import ExitCode, LlamactlError, UsageError
@@ -22,7 +22,7 @@ from llamactl.model.params import ModelParams, model_params
 from llamactl.model.settings import ServerSettings
 from llamactl.placement import DEFAULT_MARGIN_BYTES, DEFAULT_MEM_THRESHOLD, DEFAULT_UTIL_THRESHOLD, Fit, Plan, Policy, Strategy, plan
 from llamactl.servers.command import ASSUMED_FLAGS, ServerCommand, build_command, check_extra_args
-from llamactl.servers.launcher import cuda_devices
+from llamactl.servers.launcher import cuda_devices, running_for_placement
 from llamactl.servers.probe import ServerCaps, find_server, probe
 from llamactl.units import parse_size
 
@@ -74,6 +74,7 @@ def _split_text(result: Plan) -> str:
 def plan_json(result: Plan, cmd: ServerCommand | None) -> dict[str, object]:
     caps = {f"GPU{i}": c.capacity_bytes for i, c in enumerate(c for gid in result.gpu_ids for c in result.capacities
                                                            if c.gpu.index == gid)}
+    index_of = {f"GPU{i}": gid for i, gid in enumerate(result.gpu_ids)}
     devices = []
     if result.estimate is not None:
         for d in result.estimate.devices:
@@ -81,7 +82,7 @@ def plan_json(result: Plan, cmd: ServerCommand | None) -> dict[str, object]:
                 "device": d.device, "weights_bytes": d.weights_bytes, "kv_bytes": d.kv_bytes,
                 "recurrent_bytes": d.recurrent_bytes, "compute_bytes": d.compute_bytes,
                 "output_bytes": d.output_bytes, "overhead_bytes": d.overhead_bytes, "total_bytes": d.total_bytes,
-                "capacity_bytes": caps.get(d.device),
+                "capacity_bytes": caps.get(d.device), "gpu_index": index_of.get(d.device),
             })
     return {
         "fit": result.fit.value,
@@ -109,7 +110,7 @@ def command(
     mem_threshold: float = typer.Option(DEFAULT_MEM_THRESHOLD, "--gpu-mem-threshold", help="Skip GPUs other programs use this fraction of."),
     gpu_ids: Optional[str] = typer.Option(None, "--gpu-ids", help="Allow-list of GPU indices, e.g. 0,2."),
     host_mem: Optional[str] = typer.Option(None, "--host-memory", help="RAM available for CPU layers (default: this machine's, for live GPUs)."),
-    port: int = typer.Option(DEFAULT_PORT, "--port", help="Port for the llama-server command line."),
+    port: int = typer.Option(DEFAULT_PORT, "--port", min=1, max=65535, help="Port for the llama-server command line."),
     server_bin: Optional[str] = typer.Option(None, "--server-bin", help="llama-server binary (else $LLAMA_SERVER, PATH)."),
     json_output: bool = typer.Option(False, "--json", help="Machine-readable JSON."),
     *,
@@ -121,7 +122,7 @@ def command(
     check_extra_args(extra_args)
     if not 0 < mem_threshold <= 1:
         raise UsageError(f"--gpu-mem-threshold must be in (0, 1], got {mem_threshold}")
-    allowed = _parse_ids(gpu_ids)
+    allowed = _parse_ids(gpu_ids, inv.inventory)
     params = model_params(read_header(model))
     policy = Policy(
         strategy=strategy, max_gpus=max_gpus, allow_partial=not no_partial,
@@ -129,7 +130,9 @@ def command(
         util_threshold=util_threshold, mem_threshold=mem_threshold, allowed_gpus=allowed,
         host_memory_bytes=host_memory(inv.inventory, host_mem), cpu_repack_types=host_repack_types(),
     )
-    result = plan(params, settings, inv.inventory.usable, policy)
+    # llamactl's own instances are accounted exactly (and proposed for eviction), not as other programs' use
+    running = running_for_placement(state_store(ctx).instances()) if inv.inventory.source == "nvml" else []
+    result = plan(params, settings, inv.inventory.usable, policy, running)
     cmd = None
     note = inv.inventory.note
     if result.resolved is not None:
@@ -162,13 +165,20 @@ def _print_human(result: Plan, cmd: ServerCommand | None, model: str, params: Mo
         print(f"\ncommand:\n  {cmd.shell()}")
 
 
-def _parse_ids(text: str | None) -> tuple[int, ...] | None:
+def _parse_ids(text: str | None, inv: Inventory) -> tuple[int, ...] | None:
     if text is None:
         return None
     try:
-        return tuple(int(part) for part in text.split(",") if part.strip())
+        ids = tuple(int(part) for part in text.split(",") if part.strip())
     except ValueError:
         raise UsageError(f"--gpu-ids {text!r}: expected GPU indices separated by commas") from None
+    if not ids:
+        raise UsageError("--gpu-ids needs at least one GPU index")
+    known = {g.index for g in inv.gpus}
+    unknown = [i for i in ids if i not in known]
+    if unknown:
+        raise UsageError(f"--gpu-ids: no GPU {unknown[0]} in the inventory (GPUs: {sorted(known) or 'none'})")
+    return ids
 
 
 def register(app: typer.Typer) -> None:

@@ -97,7 +97,19 @@ def _optional_values(argv: list[str]) -> list[str]:
 def main() -> None:
     """Console entry point: run the app, map errors to one line and an exit code."""
     try:
-        app(args=_optional_values(sys.argv[1:]), prog_name="llamactl")
+        code = app(args=_optional_values(sys.argv[1:]), prog_name="llamactl", standalone_mode=False)
+        sys.exit(code if isinstance(code, int) else 0)
+    except typer.Exit as exc:
+        sys.exit(exc.exit_code)
+    except typer.Abort:
+        print("llamactl: interrupted", file=sys.stderr)
+        sys.exit(int(ExitCode.INTERRUPTED))
+    except typer.TyperException as exc:  # bad usage: one line, like our own UsageError
+        if type(exc).__name__ == "NoArgsIsHelpError":
+            sys.exit(int(ExitCode.OK))  # `llamactl` alone printed its help
+        message = exc.format_message() if hasattr(exc, "format_message") else str(exc)
+        print(f"llamactl: error: {message} (see --help)", file=sys.stderr)
+        sys.exit(int(getattr(exc, "exit_code", ExitCode.USAGE)))
     except LlamactlError as exc:
         if _debug["on"]:
             traceback.print_exc()

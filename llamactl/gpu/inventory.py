@@ -63,7 +63,7 @@ def parse_gpus_spec(spec: str) -> Inventory:
     """`none`, `24GiB,16GiB`, `2x80GiB` (mixable: `2x80GiB,24GiB`) → a simulated inventory."""
     text = spec.strip()
     if text.lower() in ("none", "cpu", ""):
-        return Inventory((), "simulated", note="no GPUs (--gpus none): planning for CPU")
+        return Inventory((), "simulated", note="no GPUs (simulated inventory): planning for CPU")
     sizes: list[int] = []
     for part in text.split(","):
         match = _COUNT_RE.match(part)
@@ -107,6 +107,7 @@ def load_gpus_file(path: str | os.PathLike[str]) -> Inventory:
     if not isinstance(data, list):
         raise UsageError(f"{file}: expected a list of GPUs as printed by `llamactl gpus --json`")
     gpus = []
+    seen: set[int] = set()
     for position, entry in enumerate(data):
         where = f"{file}: GPU #{position}"
         if not isinstance(entry, dict):
@@ -121,19 +122,35 @@ def load_gpus_file(path: str | os.PathLike[str]) -> Inventory:
             used = total - free
         if free > total:
             raise UsageError(f"{where}: memory_free_bytes exceeds memory_total_bytes")
-        procs = tuple(
-            GpuProcess(int(p.get("pid", 0)), p.get("used_memory_bytes"), p.get("instance"))
-            for p in entry.get("processes") or [] if isinstance(p, dict)
-        )
+        if used > total:
+            raise UsageError(f"{where}: memory_used_bytes exceeds memory_total_bytes")
+        procs = []
+        raw_procs = entry.get("processes") or []
+        if not isinstance(raw_procs, list):
+            raise UsageError(f"{where}: 'processes' must be a list")
+        for number, proc in enumerate(raw_procs):
+            pwhere = f"{where} process #{number}"
+            if not isinstance(proc, dict):
+                raise UsageError(f"{pwhere}: expected an object")
+            instance = proc.get("instance")
+            procs.append(GpuProcess(_int_field(proc, "pid", pwhere) or 0,
+                                    _int_field(proc, "used_memory_bytes", pwhere, optional=True),
+                                    instance if isinstance(instance, str) else None))
         index = entry.get("index", position)
+        if isinstance(index, bool) or not isinstance(index, int) or index < 0:
+            raise UsageError(f"{where}: 'index' must be a non-negative integer, got {index!r}")
+        if index in seen:
+            raise UsageError(f"{where}: index {index} appears twice")
+        seen.add(index)
+        error = entry.get("error")
         gpus.append(Gpu(
-            index=index if isinstance(index, int) else position,
+            index=index,
             name=str(entry.get("name") or "GPU"),
             memory_total_bytes=total, memory_free_bytes=free, memory_used_bytes=used,
             uuid=entry.get("uuid") if isinstance(entry.get("uuid"), str) else None,
-            utilization_gpu=entry.get("utilization_gpu") if isinstance(entry.get("utilization_gpu"), int) else None,
-            utilization_memory=entry.get("utilization_memory") if isinstance(entry.get("utilization_memory"), int) else None,
-            processes=procs, simulated=True,
+            utilization_gpu=_int_field(entry, "utilization_gpu", where, optional=True),
+            utilization_memory=_int_field(entry, "utilization_memory", where, optional=True),
+            processes=tuple(procs), simulated=True, error=error if isinstance(error, str) and error else None,
         ))
     return Inventory(tuple(gpus), str(file))
 
@@ -178,6 +195,8 @@ def resolve(gpus: str | None = None, gpus_file: str | None = None) -> Inventory:
     if gpus is not None and gpus_file is not None:
         raise UsageError("give either --gpus or --gpus-file, not both")
     if gpus is not None:
+        if not gpus.strip():
+            raise UsageError("--gpus needs a value: none, 24GiB,16GiB or 2x80GiB")
         return parse_gpus_spec(gpus)
     if gpus_file is not None:
         return load_gpus_file(gpus_file)

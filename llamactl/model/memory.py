@@ -35,6 +35,10 @@ DEFAULT_GPU_OVERHEAD_BYTES = 400 * MiB
 HOST_RUNTIME_BASE_BYTES = 16 * MiB
 HOST_RUNTIME_PER_TOKEN_BYTES = 40
 
+# With some layers on the CPU, llama.cpp's GPU compute buffers grow 1.2-2.7x (MEMORY-MODEL.md);
+# until measured on a GPU, partial plans reserve the upper middle of that range.
+PARTIAL_COMPUTE_FACTOR = 2.0
+
 # Types the CPU backend repacks for SIMD kernels on x86 (ggml-cpu/repack.cpp), by CPU feature.
 REPACK_TYPES_BY_FEATURE: dict[str, frozenset[str]] = {
     "avx2": frozenset({"Q4_0", "Q4_K", "IQ4_NL", "MXFP4"}),
@@ -42,7 +46,7 @@ REPACK_TYPES_BY_FEATURE: dict[str, frozenset[str]] = {
 }
 
 # Compute-buffer calibration: the reserved graph's peak is the live tensors of its largest phase.
-# Regenerate: `python bench/calibrate_compute.py` (fits against llama-server's logged buffers).
+# Check against the real binary: `python bench/accuracy.py --realistic` (docs/benchmarks.md).
 COMPUTE_CALIBRATION = {
     "fixed_bytes": 32 * 1024,  # token ids, positions, KV indices, output ids
     "ffn_embd": 5,  # residual, norm and input activations alive beside gate/up/product
@@ -135,8 +139,11 @@ def layer_devices(params: ModelParams, resolved: Resolved, placement: Placement)
 
 
 def _is_matmul_weight(info: TensorInfo) -> bool:
-    # 2D weight matrices feed MUL_MAT; token_embd feeds GET_ROWS, norms and biases are 1D.
-    return len(info.shape) == 2 and info.shape[1] > 1 and not info.name.startswith("token_embd")
+    # 2D weight matrices feed MUL_MAT and 3D expert stacks MUL_MAT_ID; token_embd feeds GET_ROWS,
+    # norms and biases are 1D.
+    if info.name.startswith("token_embd") or len(info.shape) < 2 or info.shape[1] <= 1:
+        return False
+    return len(info.shape) == 2 or (len(info.shape) == 3 and "_exps" in info.name)
 
 
 def _repackable(info: TensorInfo, types: frozenset[str]) -> bool:
@@ -234,7 +241,7 @@ def compute_graph_bytes(params: ModelParams, resolved: Resolved) -> int:
     return cal["fixed_bytes"] + mask + max(ffn, attention, head)
 
 
-def _approximations(params: ModelParams, placement: Placement) -> tuple[str, ...]:
+def _approximations(params: ModelParams, placement: Placement, partial: bool) -> tuple[str, ...]:
     notes = []
     if params.arch not in DENSE_ATTENTION_ARCHS:
         notes.append(f"architecture {params.arch!r} is estimated as a dense attention model; "
@@ -245,6 +252,9 @@ def _approximations(params: ModelParams, placement: Placement) -> tuple[str, ...
         notes.append("GPU compute buffers are calibrated on the CPU backend; CUDA's may differ")
         if placement.n_gpus > 1:
             notes.append("pipeline-parallel copies on several GPUs are not modelled yet")
+        if partial:
+            notes.append(f"partial offload: GPU compute buffers taken as {PARTIAL_COMPUTE_FACTOR:g}x the full-offload "
+                         "size (llama.cpp's grow 1.2-2.7x)")
     return tuple(notes)
 
 
@@ -265,14 +275,16 @@ def estimate(params: ModelParams, resolved: Resolved, placement: Placement = Pla
         output_bytes=F32 * params.n_vocab * resolved.n_seq_max,
         overhead_bytes=HOST_RUNTIME_BASE_BYTES + HOST_RUNTIME_PER_TOKEN_BYTES * params.n_vocab,
     )]
+    gpu_graph = int(graph * PARTIAL_COMPUTE_FACTOR) if on_cpu else graph
     for name in gpu_names:
         used = name in devices
         rows.append(DeviceMemory(
             device=name,
             weights_bytes=weights.get(name, 0),
             kv_bytes=kv.get(name, 0),
-            compute_bytes=graph if used else 0,
+            compute_bytes=gpu_graph if used else 0,
             overhead_bytes=placement.gpu_overhead_bytes if used else 0,
         ))
     return MemoryEstimate(resolved=resolved, devices=tuple(rows), host_weights=host,
-                          layer_devices=devices, approximate=_approximations(params, placement))
+                          layer_devices=devices,
+                          approximate=_approximations(params, placement, on_cpu and placement.n_gpus > 0))

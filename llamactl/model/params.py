@@ -20,7 +20,7 @@ _LAYER_RE = re.compile(r"^blk\.(\d+)\.")
 
 # Architectures whose memory this version models term by term (dense attention, KV per layer).
 DENSE_ATTENTION_ARCHS = frozenset({
-    "llama", "mistral", "qwen2", "qwen3", "granite", "internlm2", "phi3", "stablelm",
+    "llama", "qwen2", "qwen3", "granite", "internlm2", "phi3", "stablelm",
     "starcoder2", "olmo", "olmo2", "exaone", "smollm3",
 })
 
@@ -74,6 +74,8 @@ def _int(header: GGUFHeader, key: str, default: int | None = None) -> int:
         if default is not None:
             return default
         raise UnsupportedModelError(f"{header.path}: missing or invalid metadata key {key}")
+    if isinstance(value, float) or value < 0 or value > 2**40:
+        raise UnsupportedModelError(f"{header.path}: {key} must be a non-negative integer, got {value!r}")
     return int(value)
 
 
@@ -82,6 +84,8 @@ def _per_layer(header: GGUFHeader, key: str, n_layer: int, default: int | None =
     if isinstance(value, GGUFArray):
         if value.values is None or value.length != n_layer:
             raise UnsupportedModelError(f"{header.path}: {key} has {value.length} entries for {n_layer} layers")
+        if not all(isinstance(v, int) and not isinstance(v, bool) and 0 <= v <= 2**31 for v in value.values):
+            raise UnsupportedModelError(f"{header.path}: {key} must hold non-negative integers")
         return tuple(int(v) for v in value.values)
     return (_int(header, key, default),) * n_layer
 

@@ -16,6 +16,8 @@ from llamactl.model.params import ModelParams
 LLAMACTL_DEFAULT_CTX = 4096  # llamactl's own default; llama-server's -c 0 means the trained context
 SERVER_AUTO_SLOTS = 4  # llama-server with -np unset: 4 slots sharing one unified KV cache
 CTX_PAD = 256
+MAX_SEQ = 256  # LLAMA_MAX_SEQ: llama.cpp refuses more slots
+MAX_CTX = 2**31 - 1  # llama-server parses -c as a 32-bit int
 KV_CACHE_TYPES = ("f32", "f16", "bf16", "q8_0", "q4_0", "q4_1", "iq4_nl", "q5_0", "q5_1")
 FLASH_ATTN_MODES = ("on", "off", "auto")
 
@@ -44,6 +46,7 @@ class ServerSettings:
 class Resolved:
     """What llama-server will actually run with, for one model on one set of devices."""
 
+    ctx_size: int  # -c as llama-server will be given it (0 resolved to the trained context)
     n_ctx: int  # total cells over all streams, after padding
     n_ctx_seq: int  # cells per stream
     n_seq_max: int  # slots
@@ -69,8 +72,10 @@ def resolve(settings: ServerSettings, model: ModelParams, n_gpus: int) -> Resolv
     """Resolve defaults exactly as llama-server does (server.cpp, llama-context.cpp)."""
     if settings.ctx_size < 0:
         raise UsageError(f"-c/--ctx-size must be >= 0, got {settings.ctx_size}")
-    if settings.parallel is not None and settings.parallel < 1:
-        raise UsageError(f"-np/--parallel must be >= 1, got {settings.parallel}")
+    if settings.parallel is not None and not 1 <= settings.parallel <= MAX_SEQ:
+        raise UsageError(f"-np/--parallel must be 1..{MAX_SEQ} (llama.cpp's limit), got {settings.parallel}")
+    if settings.ctx_size > MAX_CTX:
+        raise UsageError(f"-c/--ctx-size {settings.ctx_size} is too large (llama-server takes at most {MAX_CTX})")
     if settings.batch_size < 1 or settings.ubatch_size < 1:
         raise UsageError("-b/--batch-size and -ub/--ubatch-size must be >= 1")
     for flag, value in (("-ctk/--cache-type-k", settings.cache_type_k), ("-ctv/--cache-type-v", settings.cache_type_v)):
@@ -83,16 +88,19 @@ def resolve(settings: ServerSettings, model: ModelParams, n_gpus: int) -> Resolv
         n_seq_max, unified = SERVER_AUTO_SLOTS, True
     else:
         n_seq_max, unified = settings.parallel, bool(settings.kv_unified)
-    n_ctx = settings.ctx_size or model.n_ctx_train
-    if n_ctx <= 0:
+    ctx_size = settings.ctx_size or model.n_ctx_train
+    if ctx_size <= 0:
         raise UsageError("-c 0 asks for the trained context, but the model does not state one; give -c N")
-    n_ctx = pad(n_ctx, CTX_PAD)
+    n_ctx = pad(ctx_size, CTX_PAD)
     if unified:
         n_ctx_seq = n_ctx
     else:
         n_ctx_seq = pad(n_ctx // n_seq_max, CTX_PAD)
+        if n_ctx_seq == 0:
+            raise UsageError(f"-c {ctx_size} is too small for {n_seq_max} slots: each would get no cells")
         n_ctx = n_ctx_seq * n_seq_max
-    n_batch = min(n_ctx, settings.batch_size)
+    # llama.cpp takes min(n_ctx, n_batch) before padding the context
+    n_batch = min(ctx_size, settings.batch_size)
     n_ubatch = min(n_batch, settings.ubatch_size)
 
     # `auto` enables flash attention when every attention op can run on its layer's device;
@@ -106,7 +114,7 @@ def resolve(settings: ServerSettings, model: ModelParams, n_gpus: int) -> Resolv
     if n_gpus == 0:
         ngl = 0
     return Resolved(
-        n_ctx=n_ctx, n_ctx_seq=n_ctx_seq, n_seq_max=n_seq_max, n_stream=1 if unified else n_seq_max,
+        ctx_size=ctx_size, n_ctx=n_ctx, n_ctx_seq=n_ctx_seq, n_seq_max=n_seq_max, n_stream=1 if unified else n_seq_max,
         kv_unified=unified, n_batch=n_batch, n_ubatch=n_ubatch, flash_attn=flash_attn,
         n_gpu_layers=ngl, cache_type_k=settings.cache_type_k, cache_type_v=settings.cache_type_v,
         swa_full=settings.swa_full and model.n_swa > 0, kv_offload=settings.kv_offload,

@@ -71,24 +71,24 @@ def measure(argv: list[str], env: dict[str, str], port: int, *, timeout_s: float
     is called with the server's base URL before it is stopped. Raises
     RuntimeError with the log's tail if the server exits or misses the deadline.
     """
-    import os
     import subprocess
     import tempfile
     import time
 
     from llamactl.servers import client
+    from llamactl.servers.runner import LaunchError, child_env
 
     with tempfile.TemporaryFile("w+") as log_file:
         start = time.monotonic()
-        proc = subprocess.Popen(argv, stdout=log_file, stderr=subprocess.STDOUT, env={**os.environ, **env},
+        proc = subprocess.Popen(argv, stdout=log_file, stderr=subprocess.STDOUT, env=child_env(env),
                                 start_new_session=True)
         try:
             with client.session() as http:
                 while True:
                     if proc.poll() is not None:
-                        raise RuntimeError(f"llama-server exited with {proc.returncode}: {_tail(log_file)}")
+                        raise LaunchError(f"llama-server exited with {proc.returncode}: {_tail(log_file)}")
                     if time.monotonic() - start > timeout_s:
-                        raise RuntimeError(f"llama-server not ready after {timeout_s:.0f} s: {_tail(log_file)}")
+                        raise LaunchError(f"llama-server not ready after {timeout_s:.0f} s: {_tail(log_file)}")
                     if client.health(http, f"http://127.0.0.1:{port}") == 200:
                         break
                     time.sleep(0.02)

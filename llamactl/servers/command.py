@@ -54,7 +54,7 @@ def build_command(
     caps.require(*REQUIRED_FLAGS)
     argv = [
         str(binary), "--model", str(model), "--host", host, "--port", str(port),
-        "--ctx-size", str(resolved.n_ctx),
+        "--ctx-size", str(resolved.ctx_size),
         "--n-gpu-layers", str(resolved.n_gpu_layers),
         "--flash-attn", "on" if resolved.flash_attn else "off",
         "--parallel", str(resolved.n_seq_max),
@@ -105,7 +105,17 @@ _MEMORY_FLAGS = {
     "-ncmoe": "expert offload", "--n-cpu-moe": "expert offload", "-cmoe": "expert offload", "--cpu-moe": "expert offload",
     "--embedding": "embedding mode", "--embeddings": "embedding mode", "--reranking": "reranking mode",
     "-dev": "device selection", "--device": "device selection",
+    "-hf": "another model", "--hf-repo": "another model", "-hff": "another model", "--hf-file": "another model",
+    "-mu": "another model", "--model-url": "another model", "-hfd": "draft models", "--hf-repo-draft": "draft models",
+    "--spec-draft-hf": "draft models", "--spec-type": "speculative decoding", "--draft-max": "speculative decoding",
+    "--draft": "speculative decoding", "-ngld": "draft models", "--gpu-layers-draft": "draft models",
+    "--n-gpu-layers-draft": "draft models", "--spec-draft-ngl": "draft models",
+    "--override-kv": "metadata overrides", "--pooling": "embedding mode", "--control-vector": "control vectors",
+    "--control-vector-scaled": "control vectors", "--no-host": "host buffer placement", "-cram": "the prompt cache",
+    "--cache-ram": "the prompt cache", "--kv-unified-per-slot": "slot sizes", "-sps": "slot sizes",
 }
+# llama-server's presets (--fim-qwen-7b-spec, --gpt-oss-20b-default, ...) pick models and drafts
+_PRESET_PREFIXES = ("--fim-", "--gpt-oss-", "--embd-", "--vision-")
 _OWN_FLAGS = {
     "-m", "--model", "--host", "--port", "-c", "--ctx-size", "-ngl", "--gpu-layers", "--n-gpu-layers",
     "-fa", "--flash-attn", "-np", "--parallel", "-ctk", "--cache-type-k", "-ctv", "--cache-type-v",
@@ -119,6 +129,9 @@ def check_extra_args(extra: Sequence[str]) -> None:
     """Refuse extra arguments that would make the estimate wrong, naming the flag and what to use."""
     for arg in extra:
         flag = arg.split("=", 1)[0]
+        if flag.startswith(_PRESET_PREFIXES):
+            raise UsageError(f"extra argument {flag} is a llama-server preset that picks its own model; "
+                             "give llamactl the model file instead")
         if flag in _MEMORY_FLAGS:
             raise UsageError(f"extra argument {flag} ({_MEMORY_FLAGS[flag]}) changes memory in a way llamactl does "
                              "not model yet; remove it or run llama-server by hand")

@@ -51,10 +51,17 @@ def spawn(argv: list[str], env_overrides: dict[str, str], log_path: Path) -> Chi
         log_file.flush()
         try:
             proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=log_file, stderr=subprocess.STDOUT,
-                                    env={**os.environ, **env_overrides}, start_new_session=True, close_fds=True)
+                                    env=child_env(env_overrides), start_new_session=True, close_fds=True)
         except OSError as exc:
             raise LaunchError(f"cannot start {argv[0]}: {exc.strerror or exc}") from None
     return Child(proc, proc.pid, create_time_of(proc.pid), log_path)
+
+
+def child_env(overrides: dict[str, str]) -> dict[str, str]:
+    """Our environment minus llama-server's LLAMA_ARG_* settings (they would override what we planned)."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("LLAMA_ARG_")}
+    env.update(overrides)
+    return env
 
 
 def tail(log_path: Path, lines: int = 12) -> str:

@@ -183,10 +183,20 @@ class StateStore:
             raise StateError(f"cannot read {self.path}: {exc.strerror or exc}") from None
         try:
             data = json.loads(text)
-            if not isinstance(data, dict) or data.get("version") != SCHEMA_VERSION:
-                raise ValueError(f"unknown schema version {data.get('version') if isinstance(data, dict) else '?'}")
-            return {name: Instance.from_json(entry) for name, entry in data.get("instances", {}).items()}
-        except (ValueError, KeyError, TypeError) as exc:
+        except ValueError:
+            data = None
+        version = data.get("version") if isinstance(data, dict) else None
+        if isinstance(version, int) and not isinstance(version, bool) and version > SCHEMA_VERSION:
+            raise StateError(f"{self.path} was written by a newer llamactl (schema {version}, this one reads "
+                             f"{SCHEMA_VERSION}); upgrade llamactl or use another --state-dir")
+        try:
+            if not isinstance(data, dict) or version != SCHEMA_VERSION:
+                raise ValueError(f"unknown schema version {version!r}" if isinstance(data, dict) else "not JSON")
+            entries = data.get("instances", {})
+            if not isinstance(entries, dict):
+                raise ValueError("'instances' is not an object")
+            return {name: Instance.from_json(entry) for name, entry in entries.items()}
+        except (ValueError, KeyError, TypeError, AttributeError) as exc:
             aside = self.path.with_name(f"{STATE_NAME}.bad-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}")
             os.replace(self.path, aside)
             log.warning("state file %s was unreadable (%s); moved aside to %s", self.path, exc, aside.name)

@@ -58,6 +58,8 @@ def compare(binary: Path, caps, path: Path, settings: ServerSettings, *, timeout
     assert est.weights_bytes == pytest.approx(logged["weights"], rel=0.01, abs=mib)
     assert est.kv_bytes == pytest.approx(logged["kv"], rel=0.01, abs=mib)
     assert est.output_bytes == pytest.approx(logged["output"], rel=0.01, abs=mib)
+    # the calibrated term on its own: a total bound alone would hide it behind the weights
+    assert est.compute_bytes == pytest.approx(logged["compute"], rel=0.05, abs=0.6 * MiB)
     total, logged_total = est.total_bytes - est.overhead_bytes, sum(logged.values())  # buffers only
     assert abs(total - logged_total) <= max(0.05 * logged_total, 8 * MiB), (est, logged)
 

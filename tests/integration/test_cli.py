@@ -134,3 +134,47 @@ def test_gpus_watch_needs_positive_seconds(args) -> None:
 def test_empty_gpus_env_means_no_gpus() -> None:
     out = run("gpus", "--json", env={"LLAMACTL_GPUS": ""})
     assert out.returncode == 0 and json.loads(out.stdout) == []
+
+
+def test_demo_rewrites_a_damaged_cached_model(tmp_path: Path) -> None:
+    cache = tmp_path / "cache"
+    (cache / "demo").mkdir(parents=True)
+    (cache / "demo" / "llamactl-demo.gguf").write_bytes(b"GGUF" + b"\0" * 100)
+    out = run("demo", env={"LLAMA_SERVER": str(tmp_path / "none"), "LLAMACTL_CACHE_DIR": str(cache)})
+    assert out.returncode == 5 and "estimate (CPU): weights" in out.stdout  # the model was written again
+
+
+@pytest.mark.parametrize(("args", "message"), [
+    (["estimate", "{model}", "--gpus", "2x8GiB", "-ts", "nan,1"], "-ts"),
+    (["estimate", "{model}", "--gpus", "2x8GiB", "-ts", "inf,1"], "-ts"),
+    (["estimate", "{model}", "--gpus", "none", "-np", "300"], "1..256"),
+    (["estimate", "{model}", "--gpus", "none", "-c", "99999999999"], "too large"),
+    (["estimate", "{model}", "--gpus", ""], "--gpus needs a value"),
+    (["estimate", "{model}", "-c", "abc"], "Invalid value"),
+    (["nosuchcommand"], "No such command"),
+    (["plan", "{model}", "--gpus", "24GiB", "--gpu-ids", "7"], "no GPU 7"),
+    (["plan", "{model}", "--gpus", "24GiB", "--port", "99999"], "--port"),
+    (["gpus", "--gpus", "8GiB", "--watch", "nan"], "--watch"),
+])
+def test_more_bad_input_is_one_line_exit_2(model: Path, args, message) -> None:
+    out = run(*[str(model) if a == "{model}" else a for a in args])
+    assert out.returncode == 2, (out.stdout, out.stderr)
+    assert message in out.stderr and len(out.stderr.strip().splitlines()) == 1, out.stderr
+
+
+@pytest.mark.parametrize("processes", [[{"pid": "abc"}], [{"pid": None}], [{"pid": 1, "used_memory_bytes": "x"}], "no"])
+def test_gpus_file_with_bad_processes_is_a_usage_error(tmp_path: Path, processes) -> None:
+    path = tmp_path / "inv.json"
+    path.write_text(json.dumps([{"index": 0, "memory_total_bytes": 8 * 2**30, "processes": processes}]))
+    out = run("gpus", "--gpus-file", str(path))
+    assert out.returncode == 2 and "process" in out.stderr
+
+
+def test_gpus_file_duplicate_index_and_lost_gpu(tmp_path: Path, model: Path) -> None:
+    path = tmp_path / "inv.json"
+    path.write_text(json.dumps([{"index": 0, "memory_total_bytes": 8 * 2**30}, {"index": 0, "memory_total_bytes": 8 * 2**30}]))
+    assert run("gpus", "--gpus-file", str(path)).returncode == 2
+    path.write_text(json.dumps([{"index": 0, "memory_total_bytes": 24 * 2**30, "error": "GPU is lost"},
+                                {"index": 1, "memory_total_bytes": 24 * 2**30}]))
+    data = json.loads(run("plan", str(model), "--gpus-file", str(path), "--json").stdout)
+    assert data["gpu_ids"] == [1]  # the lost GPU round-trips as lost, not as a healthy empty one

@@ -18,7 +18,7 @@ import pytest
 
 from llamactl.model.synth import ModelSpec, write_model
 from llamactl.servers.buffers import free_port
-from llamactl.servers.state import INSTANCE_ENV, STATE_DIR_ENV, StateStore
+from llamactl.servers.state import INSTANCE_ENV, STATE_DIR_ENV
 
 FAKE = Path(__file__).resolve().parents[1] / "fakes" / "fake_llama_server.py"
 
@@ -212,7 +212,9 @@ def test_kill_9_mid_write_leaves_a_readable_state(env: Env, tmp_path: Path) -> N
     assert not list(env.state.glob("state.json.bad-*"))
 
 
-@pytest.mark.parametrize("content", ["{not json", json.dumps({"version": 99, "instances": {}}), "[]"])
+@pytest.mark.parametrize("content", ["{not json", json.dumps({"version": 0, "instances": {}}), "[]",
+                                     json.dumps({"version": 1, "instances": []}),
+                                     json.dumps({"version": 1, "instances": {"a": {"name": "a", "port": "x"}}})])
 def test_unreadable_state_is_moved_aside_with_a_warning(env: Env, content: str) -> None:
     env.state.mkdir(parents=True)
     (env.state / "state.json").write_text(content)
@@ -221,6 +223,15 @@ def test_unreadable_state_is_moved_aside_with_a_warning(env: Env, content: str) 
     assert "moved aside" in out.stderr
     (aside,) = env.state.glob("state.json.bad-*")
     assert aside.read_text() == content
+
+
+def test_newer_state_is_refused_not_moved(env: Env) -> None:
+    env.state.mkdir(parents=True)
+    content = json.dumps({"version": 99, "instances": {}})
+    (env.state / "state.json").write_text(content)
+    out = env.run("ps")
+    assert out.returncode == 1 and "newer llamactl" in out.stderr
+    assert (env.state / "state.json").read_text() == content
 
 
 def test_untracked_child_is_adopted(env: Env) -> None:

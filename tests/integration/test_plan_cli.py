@@ -100,3 +100,18 @@ def test_plan_with_real_server_probe(llama8b: Path) -> None:
     # with --server-bin pointing nowhere the plan must fail loudly, not assume
     out = run("plan", str(llama8b), "--gpus", "24GiB", "--server-bin", "/nonexistent/llama-server")
     assert out.returncode == 5 and "not found" in out.stderr
+
+
+def test_plan_honours_a_given_tensor_split(llama8b: Path) -> None:
+    data = json.loads(run("plan", str(llama8b), "-c", "32768", "--gpus", "8GiB,8GiB", "-ts", "1,3", "--json").stdout)
+    assert data["fit"] == "gpu" and data["tensor_split"] == [1.0, 3.0]
+    argv = data["argv"]
+    assert argv[argv.index("--tensor-split") + 1] == "1,3"
+    gpu0, gpu1 = [d for d in data["devices"] if d["device"].startswith("GPU")]
+    assert gpu1["weights_bytes"] > 2 * gpu0["weights_bytes"]
+
+
+def test_ngl_0_says_so(llama8b: Path) -> None:
+    data = json.loads(run("plan", str(llama8b), "--gpus", "24GiB", "-ngl", "0", "--json").stdout)
+    assert data["fit"] == "cpu" and "-ngl 0 asks for the CPU" in data["reasons"]
+    assert not any("not even one layer" in r for r in data["reasons"])
