@@ -6,6 +6,8 @@ Accepts llama-server's argv (unknown flags ignored) plus switches:
   --fake-crash-after S     exit(3) S seconds after becoming ready
   --fake-ignore-sigterm    survive SIGTERM (only SIGKILL stops it)
   --fake-model NAME        report this model_path in /props (default: the --model value)
+  --fake-chunk-delay S     pause S seconds between streamed chunks
+  --fake-crash-mid-stream K  exit(3) after streaming K chunks
 `--version` and `--help` print what llamactl's probe expects.
 """
 
@@ -48,6 +50,8 @@ def main() -> None:
     lock = threading.Lock()
 
     class Handler(BaseHTTPRequestHandler):
+        protocol_version = "HTTP/1.1"  # keep-alive and chunked streams, as llama-server
+
         def log_message(self, *args):
             pass
 
@@ -78,11 +82,48 @@ def main() -> None:
         def do_POST(self):
             length = int(self.headers.get("Content-Length", 0))
             body = json.loads(self.rfile.read(length) or b"{}")
-            n = int(body.get("n_predict", 4))
+            n = int(body.get("n_predict", body.get("max_tokens", 4)))
             with lock:
                 counters["prompt"] += 3
                 counters["predicted"] += n
-            return self.reply(200, {"content": "fake " * n, "tokens_predicted": n, "model": model})
+            usage = {"prompt_tokens": 3, "completion_tokens": n, "total_tokens": 3 + n}
+            if not body.get("stream"):
+                return self.reply(200, {"content": "fake " * n, "tokens_predicted": n, "model": model, "usage": usage,
+                                        "choices": [{"index": 0, "message": {"role": "assistant", "content": "fake " * n},
+                                                     "finish_reason": "length"}], "object": "chat.completion",
+                                        "id": "fake-1", "created": 0})
+            self.send_response(200)
+            self.send_header("Content-Type", "text/event-stream")
+            self.send_header("Transfer-Encoding", "chunked")  # as llama-server: a crash leaves it unterminated
+            self.end_headers()
+
+            def send(data: bytes) -> None:
+                self.wfile.write(f"{len(data):x}\r\n".encode() + data + b"\r\n")
+                self.wfile.flush()
+
+            delay = float(arg(argv, "--fake-chunk-delay", "0"))
+            crash_at = arg(argv, "--fake-crash-mid-stream")
+            with lock:
+                counters["busy"] += 1
+            try:
+                for i in range(n):
+                    if crash_at is not None and i == int(crash_at):
+                        os._exit(3)
+                    chunk = {"id": "fake-1", "object": "chat.completion.chunk", "created": 0, "model": model,
+                             "choices": [{"index": 0, "delta": {"content": f"tok{i} "}, "finish_reason": None}]}
+                    send(f"data: {json.dumps(chunk)}\n\n".encode())
+                    if delay:
+                        time.sleep(delay)
+                final = {"id": "fake-1", "object": "chat.completion.chunk", "created": 0, "model": model,
+                         "choices": [{"index": 0, "delta": {}, "finish_reason": "length"}], "usage": usage}
+                send(f"data: {json.dumps(final)}\n\ndata: [DONE]\n\n".encode())
+                self.wfile.write(b"0\r\n\r\n")
+                self.wfile.flush()
+            except (BrokenPipeError, ConnectionResetError):
+                pass
+            finally:
+                with lock:
+                    counters["busy"] -= 1
 
     server = ThreadingHTTPServer((arg(argv, "--host", "127.0.0.1"), port), Handler)
     print(f"fake: listening on {port} for {model}", flush=True)

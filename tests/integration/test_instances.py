@@ -54,7 +54,8 @@ class Env:
         found = []
         for proc in psutil.process_iter():
             try:
-                if proc.status() != psutil.STATUS_ZOMBIE and proc.environ().get(STATE_DIR_ENV) == wanted:
+                if proc.status() != psutil.STATUS_ZOMBIE and proc.environ().get(STATE_DIR_ENV) == wanted \
+                        and INSTANCE_ENV in proc.environ():
                     found.append(proc)
             except (psutil.NoSuchProcess, psutil.AccessDenied):
                 pass

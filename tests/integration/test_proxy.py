@@ -1,0 +1,294 @@
+"""The proxy against fake llama-servers: single flight, queueing, errors, streaming, eviction, signals."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import psutil
+import pytest
+
+from llamactl.model.synth import ModelSpec, write_model
+from llamactl.servers.buffers import free_port
+from llamactl.servers.state import INSTANCE_ENV, STATE_DIR_ENV
+
+FAKE = Path(__file__).resolve().parents[1] / "fakes" / "fake_llama_server.py"
+
+
+def wait_for(check, timeout_s: float = 5.0) -> bool:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if check():
+            return True
+        time.sleep(0.05)
+    return check()
+
+
+class Proxy:
+    def __init__(self, tmp: Path, models: dict[str, list[str]], extra_config: str = "", *, keep: bool = False) -> None:
+        self.tmp = tmp
+        self.state = tmp / "state"
+        wrapper = tmp / "llama-server"
+        wrapper.write_text(f"#!/bin/sh\nexec {sys.executable} {FAKE} \"$@\"\n")
+        wrapper.chmod(0o755)
+        model = write_model(tmp / "tiny.gguf", ModelSpec(n_vocab=300))
+        self.port = free_port()
+        lines = [f"port = {self.port}", f"port_start = {free_port()}", 'poll_interval = "0.3s"', extra_config,
+                 "[defaults]", "ctx_size = 256"]
+        for name, args in models.items():
+            lines += [f"[models.{name}]", f'path = "{model}"', f"args = {json.dumps(args)}"]
+        self.config = tmp / "config.toml"
+        self.config.write_text("\n".join(lines) + "\n")
+        self.env = {**os.environ, "LLAMACTL_STATE_DIR": str(self.state), "LLAMACTL_GPUS": "none",
+                    "LLAMACTL_CACHE_DIR": str(tmp / "cache"), "LLAMA_SERVER": str(wrapper)}
+        argv = [sys.executable, "-m", "llamactl", "--config", str(self.config), "proxy", "--grace", "5s"]
+        if keep:
+            argv.append("--keep-instances")
+        self.log = open(tmp / "proxy.log", "w+")
+        self.proc = subprocess.Popen(argv, env=self.env, stdout=self.log, stderr=subprocess.STDOUT)
+        self.url = f"http://127.0.0.1:{self.port}"
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline:
+            assert self.proc.poll() is None, self.logs()
+            try:
+                if httpx.get(f"{self.url}/health", timeout=1).status_code == 200:
+                    return
+            except httpx.HTTPError:
+                time.sleep(0.1)
+        raise AssertionError("proxy did not start: " + self.logs())
+
+    def logs(self) -> str:
+        self.log.seek(0)
+        return self.log.read()
+
+    def post(self, model: str, timeout: float = 30, **body) -> httpx.Response:
+        return httpx.post(f"{self.url}/v1/chat/completions", json={"model": model, "messages": [], **body},
+                          timeout=timeout)
+
+    def instances(self) -> list[dict]:
+        return json.loads(httpx.get(f"{self.url}/status", timeout=10).text)["instances"]
+
+    def metric(self, name: str, **labels: str) -> float:
+        text = httpx.get(f"{self.url}/metrics", timeout=10).text
+        for line in text.splitlines():
+            if not line.startswith(name + "{"):
+                continue
+            got = dict(pair.split("=", 1) for pair in line[len(name) + 1:line.index("}")].split(","))
+            if {k: v.strip('"') for k, v in got.items()} == labels:
+                return float(line.rsplit(" ", 1)[1])
+        return 0.0
+
+    def tagged(self) -> list[psutil.Process]:
+        wanted = str(self.state.resolve())
+        out = []
+        for proc in psutil.process_iter():
+            try:
+                if proc.status() != psutil.STATUS_ZOMBIE and proc.environ().get(STATE_DIR_ENV) == wanted \
+                        and INSTANCE_ENV in proc.environ():
+                    out.append(proc)
+            except (psutil.NoSuchProcess, psutil.AccessDenied):
+                pass
+        return out
+
+    def stop(self, sig: int = signal.SIGTERM) -> int:
+        if self.proc.poll() is None:
+            self.proc.send_signal(sig)
+        return self.proc.wait(timeout=30)
+
+
+@pytest.fixture
+def make_proxy(tmp_path: Path):
+    started: list[Proxy] = []
+
+    def make(models: dict[str, list[str]], extra: str = "", keep: bool = False) -> Proxy:
+        (tmp_path / f"p{len(started)}").mkdir()
+        proxy = Proxy(tmp_path / f"p{len(started)}", models, extra, keep=keep)
+        started.append(proxy)
+        return proxy
+
+    yield make
+    for proxy in started:
+        proxy.stop()
+        leftovers = proxy.tagged()
+        for proc in leftovers:
+            proc.kill()
+        assert not leftovers, f"instances left running: {[p.pid for p in leftovers]}\n{proxy.logs()}"
+
+
+def test_routes_models_health_and_unknown(make_proxy) -> None:
+    proxy = make_proxy({"alpha": [], "beta": []})
+    models = httpx.get(f"{proxy.url}/v1/models").json()
+    assert [m["id"] for m in models["data"]] == ["alpha", "beta"] and models["data"][0]["status"] == "stopped"
+    reply = proxy.post("alpha", max_tokens=3)
+    assert reply.status_code == 200 and reply.json()["choices"][0]["message"]["content"] == "fake fake fake "
+    missing = proxy.post("gamma")
+    assert missing.status_code == 404
+    error = missing.json()["error"]
+    assert error["code"] == "model_not_found" and "alpha, beta" in error["message"]
+    bad = httpx.post(f"{proxy.url}/v1/chat/completions", content=b"{nope", timeout=5)
+    assert bad.status_code == 400 and bad.json()["error"]["type"] == "invalid_request_error"
+    assert wait_for(lambda: proxy.metric("llamactl_requests_total", model="alpha", status="200") == 1)
+
+
+def test_concurrent_cold_requests_launch_once(make_proxy) -> None:
+    proxy = make_proxy({"alpha": ["--fake-ready-after", "1"]})
+
+    async def burst() -> list[int]:
+        async with httpx.AsyncClient(timeout=30) as client:
+            replies = await asyncio.gather(*(client.post(f"{proxy.url}/v1/chat/completions",
+                                                         json={"model": "alpha", "messages": []}) for _ in range(12)))
+        return [r.status_code for r in replies]
+
+    assert asyncio.run(burst()) == [200] * 12
+    assert proxy.metric("llamactl_launches", model="alpha", result="ok") == 1
+    assert len(proxy.tagged()) == 1
+
+
+def test_queue_full_is_429_with_retry_after(make_proxy) -> None:
+    proxy = make_proxy({"slow": ["--fake-ready-after", "2"]}, "max_queue = 2")
+
+    async def burst() -> list[httpx.Response]:
+        async with httpx.AsyncClient(timeout=30) as client:
+            return await asyncio.gather(*(client.post(f"{proxy.url}/v1/chat/completions",
+                                                      json={"model": "slow", "messages": []}) for _ in range(6)))
+
+    replies = asyncio.run(burst())
+    codes = sorted(r.status_code for r in replies)
+    assert codes.count(200) == 2 and codes.count(429) == 4
+    limited = next(r for r in replies if r.status_code == 429)
+    assert limited.headers["Retry-After"] and limited.json()["error"]["code"] == "queue_full"
+
+
+def test_load_timeout_is_504_and_exit_is_502(make_proxy) -> None:
+    proxy = make_proxy({"stuck": ["--fake-ready-after", "60"], "broken": ["--fake-exit-at-once", "9"]},
+                       'load_timeout = "1s"')
+    start = time.monotonic()
+    stuck = proxy.post("stuck")
+    assert stuck.status_code == 504 and stuck.json()["error"]["code"] == "load_timeout"
+    broken = proxy.post("broken")
+    assert broken.status_code == 502 and "exited with code 9" in broken.json()["error"]["message"]
+    assert time.monotonic() - start < 20
+    assert not proxy.tagged()
+
+
+def test_streams_are_byte_identical_to_direct(make_proxy) -> None:
+    proxy = make_proxy({"alpha": []})
+    body = {"model": "alpha", "messages": [], "stream": True, "max_tokens": 50}
+    via = httpx.post(f"{proxy.url}/v1/chat/completions", json=body, timeout=30)
+    assert via.status_code == 200 and via.headers["X-Accel-Buffering"] == "no"
+    (inst,) = proxy.instances()
+    direct = httpx.post(f"http://127.0.0.1:{inst['port']}/v1/chat/completions", json=body, timeout=30)
+    assert via.content == direct.content and via.content.endswith(b"data: [DONE]\n\n")
+    # counted once the handler returns, which can be just after the client saw the last byte
+    assert wait_for(lambda: proxy.metric("llamactl_tokens_total", model="alpha", kind="completion") == 50)
+
+
+def test_upstream_crash_mid_stream_ends_with_error_then_relaunches(make_proxy) -> None:
+    proxy = make_proxy({"flaky": ["--fake-crash-mid-stream", "5"]})
+    reply = httpx.post(f"{proxy.url}/v1/chat/completions",
+                       json={"model": "flaky", "messages": [], "stream": True, "max_tokens": 20}, timeout=30)
+    events = [line for line in reply.text.splitlines() if line.startswith("data: ")]
+    assert len(events) == 6 and "upstream_error" in events[-1]
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline and proxy.instances()[0]["state"] != "stopped":
+        time.sleep(0.1)
+    assert proxy.instances()[0]["state"] == "stopped"
+    again = proxy.post("flaky", max_tokens=2)  # non-streaming: no crash; a new process serves it
+    assert again.status_code == 200
+    assert proxy.metric("llamactl_launches", model="flaky", result="ok") == 2
+
+
+def test_idle_ttl_evicts_but_never_a_busy_instance(make_proxy) -> None:
+    proxy = make_proxy({"quick": [], "busy": ["--fake-chunk-delay", "0.1"]}, 'idle_ttl = "1s"')
+    assert proxy.post("quick").status_code == 200
+    with httpx.Client(timeout=30) as client:
+        with client.stream("POST", f"{proxy.url}/v1/chat/completions",
+                           json={"model": "busy", "messages": [], "stream": True, "max_tokens": 40}) as stream:
+            chunks = sum(1 for _ in stream.iter_lines())  # 4 s of streaming, TTL 1 s
+    assert chunks > 40
+    states = {i["model"]: i["state"] for i in proxy.instances()}
+    assert states["quick"] == "stopped"  # idle past its TTL
+    assert proxy.metric("llamactl_launches", model="busy", result="ok") == 1  # never evicted mid-stream
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline and {i["state"] for i in proxy.instances()} != {"stopped"}:
+        time.sleep(0.2)
+    assert {i["state"] for i in proxy.instances()} == {"stopped"}
+    assert proxy.metric("llamactl_evictions", reason="ttl") == 2
+
+
+def test_max_instances_evicts_the_lru_idle_one(make_proxy) -> None:
+    proxy = make_proxy({"a": [], "b": []}, "max_instances = 1")
+    assert proxy.post("a").status_code == 200
+    assert proxy.post("b").status_code == 200
+    states = {i["model"]: i["state"] for i in proxy.instances()}
+    assert states == {"a": "stopped", "b": "ready"}
+    assert proxy.metric("llamactl_evictions", reason="max_instances") == 1
+
+
+def test_api_keys(make_proxy) -> None:
+    proxy = make_proxy({"alpha": []}, 'api_keys = ["sekret"]')
+    assert httpx.get(f"{proxy.url}/health").status_code == 200
+    denied = httpx.get(f"{proxy.url}/v1/models")
+    assert denied.status_code == 401 and denied.json()["error"]["code"] == "invalid_api_key"
+    ok = httpx.get(f"{proxy.url}/v1/models", headers={"Authorization": "Bearer sekret"})
+    assert ok.status_code == 200
+
+
+def test_body_cap(make_proxy) -> None:
+    proxy = make_proxy({"alpha": []}, 'max_body = "1KiB"')
+    reply = httpx.post(f"{proxy.url}/v1/chat/completions", json={"model": "alpha", "messages": [], "pad": "x" * 5000})
+    assert reply.status_code == 413 and "too large" in reply.json()["error"]["message"]
+
+
+def test_sigterm_stops_started_instances_and_exits_0(make_proxy) -> None:
+    proxy = make_proxy({"alpha": []})
+    assert proxy.post("alpha").status_code == 200
+    assert len(proxy.tagged()) == 1
+    assert proxy.stop(signal.SIGTERM) == 0
+    assert not proxy.tagged()
+
+
+def test_keep_instances(make_proxy) -> None:
+    proxy = make_proxy({"alpha": []}, keep=True)
+    assert proxy.post("alpha").status_code == 200
+    assert proxy.stop(signal.SIGTERM) == 0
+    kept = proxy.tagged()
+    assert len(kept) == 1
+    out = subprocess.run([sys.executable, "-m", "llamactl", "evict", "--all"], env=proxy.env, capture_output=True, text=True)
+    assert out.returncode == 0 and not proxy.tagged()
+
+
+def test_sighup_reloads_the_config(make_proxy) -> None:
+    proxy = make_proxy({"alpha": []})
+    proxy.config.write_text(proxy.config.read_text() + f'[models.gamma]\npath = "{proxy.tmp / "tiny.gguf"}"\n')
+    proxy.proc.send_signal(signal.SIGHUP)
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        ids = [m["id"] for m in httpx.get(f"{proxy.url}/v1/models").json()["data"]]
+        if "gamma" in ids:
+            break
+        time.sleep(0.1)
+    assert ids == ["alpha", "gamma"]
+    assert proxy.post("gamma").status_code == 200
+
+
+def test_hand_started_instance_is_routed_to_not_evicted(make_proxy, tmp_path: Path) -> None:
+    proxy = make_proxy({"alpha": []}, 'idle_ttl = "1s"')
+    out = subprocess.run([sys.executable, "-m", "llamactl", "launch", str(proxy.tmp / "tiny.gguf"), "--name", "alpha",
+                          "--port-start", str(free_port()), "-c", "256"], env=proxy.env, capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    pid = json.loads(subprocess.run([sys.executable, "-m", "llamactl", "ps", "--json"], env=proxy.env,
+                                    capture_output=True, text=True).stdout)[0]["pid"]
+    assert proxy.post("alpha").status_code == 200
+    assert proxy.metric("llamactl_launches", model="alpha", result="ok") == 0  # routed, not launched
+    time.sleep(2.5)
+    assert psutil.pid_exists(pid)  # adopt = false: the TTL does not apply to it
+    assert proxy.stop() == 0 and psutil.pid_exists(pid)  # and shutdown leaves it alone
+    subprocess.run([sys.executable, "-m", "llamactl", "evict", "--all"], env=proxy.env, capture_output=True)
