@@ -1,0 +1,87 @@
+"""The proxy with the real llama-server, driven by the official openai client."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import openai
+import pytest
+
+from llamactl.model.synth import ModelSpec, demo_spec, write_model
+from llamactl.servers.buffers import free_port
+
+
+@pytest.fixture(scope="module")
+def proxy(server_binary: Path, tmp_path_factory: pytest.TempPathFactory):
+    tmp = tmp_path_factory.mktemp("proxy")
+    demo = write_model(tmp / "demo.gguf", demo_spec())
+    small = write_model(tmp / "small.gguf", ModelSpec(n_vocab=2048, n_embd=128, n_layer=2, n_head=4, n_head_kv=2, n_ff=256))
+    port = free_port()
+    (tmp / "config.toml").write_text(
+        f'port = {port}\nport_start = {free_port()}\npoll_interval = "0.5s"\napi_keys = ["test-key"]\n'
+        f'[defaults]\nctx_size = 1024\n'
+        f'[models.demo]\npath = "{demo}"\naliases = ["gpt-4o-mini"]\n'
+        f'[models.small]\npath = "{small}"\nparallel = 2\n')
+    env = {**os.environ, "LLAMACTL_STATE_DIR": str(tmp / "state"), "LLAMACTL_GPUS": "none",
+           "LLAMA_SERVER": str(server_binary), "LLAMACTL_CACHE_DIR": str(tmp / "cache")}
+    proc = subprocess.Popen([sys.executable, "-m", "llamactl", "--config", str(tmp / "config.toml"), "proxy"],
+                            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    url = f"http://127.0.0.1:{port}"
+    for _ in range(200):
+        try:
+            if httpx.get(f"{url}/health", timeout=1).status_code == 200:
+                break
+        except httpx.HTTPError:
+            time.sleep(0.1)
+    yield url, env
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(timeout=60) == 0
+    out = subprocess.run([sys.executable, "-m", "llamactl", "ps", "--json"], env=env, capture_output=True, text=True)
+    assert out.stdout.strip() == "[]"  # the proxy stopped what it started
+
+
+def client(url: str, key: str = "test-key") -> openai.OpenAI:
+    return openai.OpenAI(base_url=f"{url}/v1", api_key=key, max_retries=0, timeout=120)
+
+
+def test_models_list(proxy) -> None:
+    url, _ = proxy
+    ids = [m.id for m in client(url).models.list().data]
+    assert ids == ["demo", "small"]
+
+
+def test_chat_plain_and_streamed(proxy) -> None:
+    url, _ = proxy
+    c = client(url)
+    reply = c.chat.completions.create(model="gpt-4o-mini", messages=[{"role": "user", "content": "hi"}], max_tokens=8)
+    assert reply.choices[0].message.content is not None and reply.usage.completion_tokens == 8
+    pieces = [chunk.choices[0].delta.content or "" for chunk in
+              c.chat.completions.create(model="small", messages=[{"role": "user", "content": "hi"}], max_tokens=8,
+                                        stream=True) if chunk.choices]
+    assert len(pieces) >= 2 and "".join(pieces)
+
+
+def test_errors_map_to_client_exceptions(proxy) -> None:
+    url, _ = proxy
+    with pytest.raises(openai.NotFoundError) as info:
+        client(url).chat.completions.create(model="nope", messages=[{"role": "user", "content": "x"}])
+    assert "known models: demo, small" in str(info.value)
+    with pytest.raises(openai.AuthenticationError):
+        client(url, key="wrong").models.list()
+
+
+def test_status_shows_gpus_and_instances(proxy) -> None:
+    url, env = proxy
+    client(url).chat.completions.create(model="demo", messages=[{"role": "user", "content": "x"}], max_tokens=2)
+    status = httpx.get(f"{url}/status", headers={"Authorization": "Bearer test-key"}).json()
+    assert status["gpus"] == []
+    demo = next(i for i in status["instances"] if i["model"] == "demo")
+    assert demo["state"] == "ready" and demo["pid"] and demo["started_by_proxy"]
+    out = subprocess.run([sys.executable, "-m", "llamactl", "ps", "--json"], env=env, capture_output=True, text=True)
+    assert "demo" in out.stdout  # `llamactl ps` in another shell sees what the proxy started
