@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from pathlib import Path
 from typing import Optional
 
 import typer
@@ -65,7 +66,50 @@ def command(
             for term, key, value in (("weights", "weights", est.weights_bytes), ("KV cache", "kv", est.kv_bytes),
                                      ("compute", "compute", est.compute_bytes), ("output", "output", est.output_bytes))]
     print(render.table(rows, ["TERM", "ESTIMATED", "LLAMA-SERVER LOGGED"]))
+    _through_the_proxy(path, binary, ctx_size)
     print("\nnext: llamactl estimate YOUR-MODEL.gguf -c 8192 --gpus 24GiB")
+
+
+def _through_the_proxy(model: Path, binary: Path, ctx_size: int) -> None:
+    """Start `llamactl proxy` on the demo model, ask it one chat completion as a client would, stop it."""
+    import signal
+    import subprocess
+    import sys
+    import tempfile
+    import time
+
+    demo_dir = model.parent
+    port, first_instance_port = free_port(), free_port()
+    config = demo_dir / "proxy-demo.toml"
+    config.write_text(f'port = {port}\nport_start = {first_instance_port}\n\n[models.demo]\npath = "{model}"\n'
+                      f'ctx_size = {ctx_size}\naliases = ["gpt-4o-mini"]\n')
+    with tempfile.TemporaryDirectory() as state:
+        argv = [sys.executable, "-m", "llamactl", "--config", str(config), "--state-dir", state, "proxy",
+                "--server-bin", str(binary), "--gpus", "none"]
+        print(f"\nstarting the proxy: llamactl --config {config} proxy --gpus none")
+        proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+        base = f"http://127.0.0.1:{port}"
+        try:
+            deadline = time.monotonic() + 30
+            while client.health_status(base) != 200:
+                if proc.poll() is not None or time.monotonic() > deadline:
+                    raise LlamactlError(f"the demo proxy did not start: {(proc.stderr.read() if proc.stderr else '').strip()}")
+                time.sleep(0.1)
+            started = time.monotonic()
+            reply = client.chat(base, "gpt-4o-mini", "Say hello", 12)
+            print(f"POST {base}/v1/chat/completions (model gpt-4o-mini → demo, started on demand): "
+                  f"{reply!r} in {time.monotonic() - started:.2f} s")
+            print("try it yourself while the proxy runs:\n"
+                  f"  llamactl --config {config} proxy --gpus none &\n"
+                  f"  curl -s {base}/v1/chat/completions -H 'Content-Type: application/json' "
+                  "-d '{\"model\": \"demo\", \"messages\": [{\"role\": \"user\", \"content\": \"hi\"}]}'")
+        finally:
+            proc.send_signal(signal.SIGTERM)
+            try:
+                proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
 
 
 def register(app: typer.Typer) -> None:

@@ -83,6 +83,25 @@ def session(timeout_s: float = DEFAULT_TIMEOUT_S) -> httpx.Client:
     return httpx.Client(timeout=timeout_s)
 
 
+def health_status(base_url: str, timeout_s: float = 1.0) -> int | None:
+    with httpx.Client(timeout=timeout_s) as http:
+        return health(http, base_url)
+
+
+def chat(base_url: str, model: str, prompt: str, max_tokens: int, timeout_s: float = 120.0) -> str:
+    """One /v1/chat/completions; the reply text, or the error message the server sent."""
+    with httpx.Client(timeout=timeout_s) as http:
+        try:
+            reply = http.post(f"{base_url}/v1/chat/completions", json={
+                "model": model, "max_tokens": max_tokens, "messages": [{"role": "user", "content": prompt}]})
+            data = reply.json()
+            if reply.status_code != 200:
+                return f"error {reply.status_code}: {data.get('error', {}).get('message', '')}"
+            return str(data["choices"][0]["message"]["content"])
+        except (httpx.HTTPError, ValueError, KeyError, IndexError, AttributeError) as exc:
+            return f"error: {exc}"
+
+
 def complete(base_url: str, prompt: str, n_predict: int, timeout_s: float = 60.0) -> str:
     """One /completion; the generated text ("" when the server says nothing usable)."""
     with httpx.Client(timeout=timeout_s) as http:
