@@ -10,6 +10,7 @@ the client's stream with an error event.
 from __future__ import annotations
 
 import json
+from collections import deque
 from dataclasses import dataclass
 
 import aiohttp
@@ -22,6 +23,7 @@ _DROP_REQUEST = {"host", "content-length", "transfer-encoding", "connection", "a
                  "accept-encoding"}
 _DROP_RESPONSE = {"content-length", "transfer-encoding", "connection", "keep-alive", "content-encoding"}
 _TAIL_BYTES = 4096  # kept from a stream's end to read token usage without parsing every chunk
+_TAIL_PIECES = 16
 
 
 @dataclass
@@ -77,20 +79,20 @@ async def relay(request: web.Request, session: aiohttp.ClientSession, url: str, 
         response.headers["X-Accel-Buffering"] = "no"
         response.headers["Cache-Control"] = "no-cache"
         await response.prepare(request)
-        tail = b""
+        tail: deque[bytes] = deque(maxlen=_TAIL_PIECES)  # appending costs nothing per piece; joined once
         try:
             async for piece in upstream.content.iter_any():
                 if outcome.ttfb_s is None:
                     outcome.ttfb_s = time.monotonic() - started
                 await response.write(piece)
                 outcome.bytes_out += len(piece)
-                tail = (tail + piece)[-_TAIL_BYTES:]
+                tail.append(piece)
         except (aiohttp.ClientPayloadError, aiohttp.ServerDisconnectedError, aiohttp.ClientOSError) as exc:
             outcome.upstream_died = True
             event = {"error": {"message": f"upstream instance failed mid-stream: {exc}", "type": "server_error",
                                "code": "upstream_error"}}
             await response.write(f"data: {json.dumps(event)}\n\n".encode())
-        outcome.usage = _usage_from(tail.decode("utf-8", "replace"))
+        outcome.usage = _usage_from(b"".join(tail)[-_TAIL_BYTES:].decode("utf-8", "replace"))
         await response.write_eof()
         finished = True
         return response, outcome

@@ -104,7 +104,8 @@ def wait_ready(child: Child, port: int, model_arg: str, timeout_s: float, *, hos
                 raise LaunchError(f"llama-server was not ready after {timeout_s:g} s", tail(child.log_path))
             if progress is not None:
                 progress(elapsed, _phase(child.log_path))
-            time.sleep(POLL_INTERVAL_S)
+            # poll fast at first (small models are ready in tens of ms), then settle
+            time.sleep(min(POLL_INTERVAL_S, 0.005 + elapsed / 20))
 
 
 def stop(pid: int | None, create_time: float | None, *, grace_s: float = DEFAULT_GRACE_S,
