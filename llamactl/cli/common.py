@@ -7,6 +7,7 @@ from typing import TYPE_CHECKING
 import typer
 
 if TYPE_CHECKING:
+    from llamactl.config import Config
     from llamactl.servers.state import StateStore
 
 
@@ -21,3 +22,11 @@ def state_store(ctx: typer.Context) -> "StateStore":
     from llamactl.servers.state import StateStore
 
     return StateStore(paths.state_dir(getattr(ctx.obj, "state_dir", None)))
+
+
+def load_config(ctx: typer.Context) -> "Config":
+    """The config file: --config (must exist), else the default path when it exists."""
+    from llamactl import config, paths
+
+    explicit = getattr(ctx.obj, "config", None)
+    return config.load(paths.config_file(explicit), required=bool(explicit))

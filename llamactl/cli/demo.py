@@ -9,6 +9,7 @@ from typing import Optional
 import typer
 
 from llamactl import paths, render
+from llamactl.cli.common import load_config
 from llamactl.errors import ExitCode, GGUFError, LlamactlError
 from llamactl.estimate import host_repack_types
 from llamactl.model.gguf import read_header
@@ -24,6 +25,7 @@ from llamactl.units import format_mib
 
 
 def command(
+    ctx: typer.Context,
     server_bin: Optional[str] = typer.Option(None, "--server-bin", help="llama-server binary (else $LLAMA_SERVER, PATH)."),
     ctx_size: int = typer.Option(2048, "-c", "--ctx-size", help="Context size for the demo."),
 ) -> None:
@@ -42,7 +44,7 @@ def command(
     resolved = resolve(ServerSettings(ctx_size=ctx_size), params, 0)
     est = estimate(params, resolved, Placement(cpu_repack_types=host_repack_types())).device("CPU")
     try:
-        binary = find_server(server_bin)
+        binary = find_server(server_bin, load_config(ctx).server_bin)
         caps = probe(binary)
     except LlamactlError as exc:
         print(f"estimate (CPU): weights {format_mib(est.weights_bytes)}, KV {format_mib(est.kv_bytes)}, "

@@ -10,7 +10,7 @@ from typing import Optional
 import typer
 
 from llamactl import render
-from llamactl.cli.common import state_store, wants_json
+from llamactl.cli.common import load_config, state_store, wants_json
 from llamactl.cli.options import INVENTORY, SERVER, InventoryOptions, with_options
 from llamactl.cli.plan import host_memory
 from llamactl.errors import LlamactlError
@@ -58,8 +58,17 @@ def command(
     settings: ServerSettings,
     inv: InventoryOptions,
 ) -> None:
-    """Start llama-server for a model (planned like `plan`), wait until ready, record it."""
+    """Start llama-server for a model (planned like `plan`), wait until ready, record it.
+
+    MODEL is a GGUF path, or a model name or alias from the config (then its path, settings and args are used).
+    """
+    cfg = load_config(ctx)
     path = Path(model)
+    configured = cfg.lookup(model) if not path.exists() else None
+    if configured is not None:
+        path, settings = configured.path, configured.settings
+        extra = list(configured.args) + list(extra or [])
+        name = name or configured.name
     policy = Policy(strategy=strategy, max_gpus=max_gpus, allow_partial=not no_partial,
                     margin_bytes=parse_size(margin, what="--margin"), gpu_overhead_bytes=inv.gpu_overhead_bytes,
                     host_memory_bytes=host_memory(inv.inventory, None), cpu_repack_types=host_repack_types())
@@ -68,7 +77,7 @@ def command(
                         port_start=port_start, extra=tuple(extra or ()), timeout_s=parse_duration(timeout, what="--timeout"),
                         wait=not no_wait, replace_existing=replace_existing)
     store = state_store(ctx)
-    binary = find_server(server_bin)
+    binary = find_server(server_bin, cfg.server_bin)
     caps = probe(binary)
     if dry_run:
         from llamactl.servers.command import build_command, check_extra_args

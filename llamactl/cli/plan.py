@@ -11,7 +11,7 @@ from typing import Optional
 import typer
 
 from llamactl import render
-from llamactl.cli.common import state_store, wants_json
+from llamactl.cli.common import load_config, state_store, wants_json
 from llamactl.cli.estimate import print_devices, print_summary
 from llamactl.cli.options import INVENTORY, SERVER, InventoryOptions, with_options
 from llamactl.errors import ExitCode, LlamactlError, UsageError
@@ -30,10 +30,10 @@ DEFAULT_PORT = 8081
 _EXIT = {Fit.GPU: ExitCode.OK, Fit.PARTIAL: ExitCode.PARTIAL_FIT, Fit.CPU: ExitCode.PARTIAL_FIT, Fit.NONE: ExitCode.NO_FIT}
 
 
-def server_caps(server_bin: str | None) -> tuple[str, ServerCaps, str | None]:
+def server_caps(server_bin: str | None, configured: str | None = None) -> tuple[str, ServerCaps, str | None]:
     """The binary to put in argv and what it supports; without one, a current build is assumed."""
     try:
-        binary = find_server(server_bin)
+        binary = find_server(server_bin, configured)
         return str(binary), probe(binary), None
     except LlamactlError as exc:
         if server_bin:
@@ -136,7 +136,7 @@ def command(
     cmd = None
     note = inv.inventory.note
     if result.resolved is not None:
-        binary, caps, binary_note = server_caps(server_bin)
+        binary, caps, binary_note = server_caps(server_bin, load_config(ctx).server_bin)
         note = "; ".join(n for n in (note, binary_note) if n) or None
         cmd = build_command(binary, model, result.resolved, caps, port=port, tensor_split=result.tensor_split,
                             cuda_devices=cuda_devices(result.gpu_ids, inv.inventory), extra=extra_args)

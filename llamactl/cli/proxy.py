@@ -9,8 +9,8 @@ from typing import Optional
 import typer
 
 from llamactl import config as config_mod
-from llamactl import paths, render
-from llamactl.cli.common import state_store, wants_json
+from llamactl import render
+from llamactl.cli.common import load_config, state_store, wants_json
 from llamactl.errors import UsageError
 from llamactl.estimate import host_repack_types
 from llamactl.gpu import inventory
@@ -63,8 +63,7 @@ def command(
     json_output: bool = typer.Option(False, "--json", help="With --check: JSON."),
 ) -> None:
     """OpenAI-compatible server: route by model, launch on demand, queue, stream, evict idle."""
-    explicit = getattr(ctx.obj, "config", None)
-    cfg = config_mod.load(paths.config_file(explicit), required=bool(explicit))
+    cfg = load_config(ctx)
     if host is not None or port is not None:
         from dataclasses import replace
 

@@ -300,3 +300,15 @@ def test_logs(env: Env) -> None:
     assert "llamactl starts" in env.run("logs", "l").stdout
     assert env.run("logs", "nobody").returncode == 2
     env.run("evict", "--all")
+
+
+def test_launch_by_config_name(env: Env, tmp_path: Path) -> None:
+    cfg = tmp_path / "config.toml"
+    cfg.write_text(f'port_start = {env.port_start}\n[models.chat]\npath = "{env.model}"\nctx_size = 512\n'
+                   'aliases = ["gpt-4o-mini"]\nargs = ["--fake-model", "x"]\n')
+    out = env.run("--config", str(cfg), "launch", "gpt-4o-mini", "--dry-run")
+    assert out.returncode == 0 and "--ctx-size 512" in out.stdout and "--fake-model x" in out.stdout
+    out = env.run("--config", str(cfg), "launch", "chat", "--timeout", "3s")
+    # the fake reports model "x": not our model, so readiness is never confirmed
+    assert out.returncode == 1 and "not ready" in out.stderr
+    assert env.run("--config", str(tmp_path / "missing.toml"), "launch", "chat").returncode == 2

@@ -1,0 +1,80 @@
+"""The config file: TOML and the seed's JSON, defaults, models_dir, and one clear error per bad key."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from llamactl.config import ConfigError, load
+
+
+def write(tmp_path: Path, text: str, name: str = "config.toml") -> Path:
+    path = tmp_path / name
+    path.write_text(text)
+    return path
+
+
+def test_full_example(tmp_path: Path) -> None:
+    (tmp_path / "models").mkdir()
+    for name in ("a.gguf", "big-00001-of-00002.gguf", "big-00002-of-00002.gguf"):
+        (tmp_path / "models" / name).write_bytes(b"")
+    cfg = load(write(tmp_path, '''
+port = 9000
+idle_ttl = "1h30m"
+models_dir = "models"
+api_keys = ["k"]
+[defaults]
+ctx_size = 8192
+args = ["--jinja"]
+[models.chat]
+path = "models/a.gguf"
+aliases = ["gpt-4o-mini"]
+ttl = "2m"
+cache_type_k = "q8_0"
+flash_attn = true
+gpus = [0, 1]
+'''))
+    assert (cfg.port, cfg.idle_ttl_s, cfg.api_keys) == (9000, 5400.0, ("k",))
+    assert sorted(cfg.models) == ["a", "big", "chat"]  # split files count once
+    chat = cfg.models["chat"]
+    assert chat.path == tmp_path / "models" / "a.gguf" and chat.ttl_s == 120.0 and chat.gpus == (0, 1)
+    assert (chat.settings.ctx_size, chat.settings.cache_type_k, chat.settings.flash_attn) == (8192, "q8_0", "on")
+    assert chat.args == ("--jinja",) and cfg.models["big"].settings.ctx_size == 8192
+    assert cfg.lookup("gpt-4o-mini") is chat and cfg.lookup("models/a.gguf") is None
+
+
+@pytest.mark.parametrize(("text", "message"), [
+    ("port = 9000\n[defaults]\nctx_sise = 4\n", "config.toml:3: defaults.ctx_sise: unknown key"),
+    ("port = \"x\"\n", "config.toml:1: port: expected an integer"),
+    ("port = 70000\n", "port: out of range"),
+    ("idle_ttl = \"soon\"\n", "idle_ttl"),
+    ("[models.m]\nctx_size = 4\n", "models.m: missing key path"),
+    ("[models.m]\npath = \"m.gguf\"\ncache_type_v = \"q3\"\n", "config.toml:3: models.m.cache_type_v: unknown cache type"),
+    ("[models.a]\npath = \"a.gguf\"\naliases = [\"x\"]\n[models.b]\npath = \"b.gguf\"\naliases = [\"x\"]\n", "already names"),
+    ("gpu_mem_threshold = 2\n", "gpu_mem_threshold"),
+    ("this is = not toml [", "invalid TOML"),
+    ("models_dir = \"nowhere\"\n", "is not a directory"),
+])
+def test_bad_keys_name_the_key_and_line(tmp_path: Path, text: str, message: str) -> None:
+    with pytest.raises(ConfigError) as info:
+        load(write(tmp_path, text))
+    assert message in str(info.value) and "\n" not in str(info.value)
+
+
+def test_seed_json(tmp_path: Path) -> None:
+    seed = {"backend": "llama.cpp", "server_pool": {"size": 4, "port_start": 8080},
+            "models": {"llama-7b": {"path": "models/llama-7b.gguf", "max_gpus": 2}},
+            "gpu_util_threshold": 50, "gpu_mem_threshold": 0.5, "ctx_size": 2048, "cache_type_bits": 8, "gpu_layers": -1}
+    cfg = load(write(tmp_path, json.dumps(seed), "config.json"))
+    model = cfg.models["llama-7b"]
+    assert (cfg.max_instances, cfg.port_start, model.max_gpus) == (4, 8080, 2)
+    assert (model.settings.ctx_size, model.settings.cache_type_k, model.settings.cache_type_v) == (2048, "q8_0", "q8_0")
+    assert model.settings.flash_attn == "on" and model.settings.n_gpu_layers is None
+
+
+def test_missing_files(tmp_path: Path) -> None:
+    assert load(tmp_path / "none.toml").models == {}
+    with pytest.raises(ConfigError, match="no such config file"):
+        load(tmp_path / "none.toml", required=True)
