@@ -14,16 +14,12 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from tests.fakes.fake_llama_server import FLAGS, arg  # noqa: E402
+from tests.fakes.fake_llama_server import answer_probe, arg  # noqa: E402
 
 
 def main() -> None:
     argv = sys.argv[1:]
-    if "--version" in argv:
-        print("version: 0.0.0-fake-sse (build 0)")
-        return
-    if "--help" in argv:
-        print("\n".join(f"{flag:<40}fake option" for flag in FLAGS))
+    if answer_probe(argv, "fake-sse"):
         return
     import asyncio
 

@@ -30,13 +30,20 @@ def arg(argv, name, default=None):
     return argv[argv.index(name) + 1] if name in argv and argv.index(name) + 1 < len(argv) else default
 
 
-def main() -> None:
-    argv = sys.argv[1:]
+def answer_probe(argv, name="fake") -> bool:
+    """Answer llamactl's probe (`--version`, `--help`) like llama-server; True if it was one."""
     if "--version" in argv:
-        print("version: 0.0.0-fake (build 0, commit fake)\nbuilt with fake for Linux")
-        return
+        print(f"version: 0.0.0-{name} (build 0, commit fake)\nbuilt with fake for Linux")
+        return True
     if "--help" in argv:
         print("\n".join(f"{flag:<40}fake option" for flag in FLAGS))
+        return True
+    return False
+
+
+def main() -> None:
+    argv = sys.argv[1:]
+    if answer_probe(argv):
         return
     if "--fake-exit-at-once" in argv:
         print("fake: failing at once", flush=True)

@@ -19,6 +19,7 @@ import pytest
 from llamactl.model.synth import ModelSpec, write_model
 from llamactl.servers.buffers import free_port
 from llamactl.servers.state import INSTANCE_ENV, STATE_DIR_ENV
+from tests.fakes.procs import tagged_instances
 
 FAKE = Path(__file__).resolve().parents[1] / "fakes" / "fake_llama_server.py"
 
@@ -50,16 +51,7 @@ class Env:
         return json.loads(out.stdout)
 
     def tagged(self) -> list[psutil.Process]:
-        wanted = str(self.state.resolve())
-        found = []
-        for proc in psutil.process_iter():
-            try:
-                if proc.status() != psutil.STATUS_ZOMBIE and proc.environ().get(STATE_DIR_ENV) == wanted \
-                        and INSTANCE_ENV in proc.environ():
-                    found.append(proc)
-            except (psutil.NoSuchProcess, psutil.AccessDenied):
-                pass
-        return found
+        return tagged_instances(self.state)
 
 
 @pytest.fixture

@@ -17,7 +17,7 @@ import pytest
 
 from llamactl.model.synth import ModelSpec, write_model
 from llamactl.servers.buffers import free_port
-from llamactl.servers.state import INSTANCE_ENV, STATE_DIR_ENV
+from tests.fakes.procs import tagged_instances
 
 FAKE = Path(__file__).resolve().parents[1] / "fakes" / "fake_llama_server.py"
 
@@ -86,16 +86,7 @@ class Proxy:
         return 0.0
 
     def tagged(self) -> list[psutil.Process]:
-        wanted = str(self.state.resolve())
-        out = []
-        for proc in psutil.process_iter():
-            try:
-                if proc.status() != psutil.STATUS_ZOMBIE and proc.environ().get(STATE_DIR_ENV) == wanted \
-                        and INSTANCE_ENV in proc.environ():
-                    out.append(proc)
-            except (psutil.NoSuchProcess, psutil.AccessDenied):
-                pass
-        return out
+        return tagged_instances(self.state)
 
     def stop(self, sig: int = signal.SIGTERM) -> int:
         if self.proc.poll() is None:
