@@ -41,13 +41,14 @@ def main() -> None:
             return web.json_response({"choices": [{"index": 0, "message": {"role": "assistant", "content": "ok"}}],
                                       "usage": {"prompt_tokens": 1, "completion_tokens": 1}})
         pace = float(body.get("pace", 0))
+        fill = "x" * int(body.get("pad", len(pad)))
         response = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
         await response.prepare(request)
         start = time.monotonic()
         for i in range(n):
             if pace:
                 await asyncio.sleep(max(0.0, start + i / pace - time.monotonic()))
-            chunk = {"i": i, "t": time.time(), "choices": [{"delta": {"content": pad}}]}
+            chunk = {"i": i, "t": time.time(), "choices": [{"delta": {"content": fill}}]}
             await response.write(f"data: {json.dumps(chunk)}\n\n".encode())
         await response.write(b"data: [DONE]\n\n")
         await response.write_eof()

@@ -38,9 +38,12 @@ def cpu_s(proc: psutil.Process) -> float:
     return t.user + t.system
 
 
+PAD = {"pad": 64}  # bytes of content per chunk (~110 bytes per SSE event); --chunk-bytes changes it
+
+
 async def stream(session: aiohttp.ClientSession, url: str, n: int, pace: float = 0.0,
                  latencies: list[float] | None = None) -> int:
-    body = {"model": "hot", "messages": [], "stream": True, "max_tokens": n, "pace": pace}
+    body = {"model": "hot", "messages": [], "stream": True, "max_tokens": n, "pace": pace, **PAD}
     total = 0
     async with session.post(url, json=body) as resp:
         buf = b""
@@ -114,7 +117,10 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--quick", action="store_true", help="smaller loads (a smoke test of the bench)")
+    parser.add_argument("--chunk-bytes", type=int, default=64, help="content bytes per streamed chunk")
+    parser.add_argument("--only-a", action="store_true", help="only the unthrottled-stream part")
     args = parser.parse_args()
+    PAD["pad"] = args.chunk_bytes
     n_chunks = 300 if args.quick else 2000
     with tempfile.TemporaryDirectory() as tmp_name:
         tmp = Path(tmp_name)
@@ -145,7 +151,8 @@ def main() -> int:
             hot_port = next(i["port"] for i in httpx.get(f"{base}/status").json()["instances"] if i["model"] == "hot")
             via, direct = f"{base}/v1/chat/completions", f"http://127.0.0.1:{hot_port}/v1/chat/completions"
             pproc = psutil.Process(proxy.pid)
-            print(f"backend: fake SSE server (aiohttp); {n_chunks} chunks of ~110 bytes per stream; {args.rounds} rounds")
+            print(f"backend: fake SSE server (aiohttp); {n_chunks} chunks of ~{args.chunk_bytes + 46} bytes per stream; "
+                  f"{args.rounds} rounds")
 
             bare_port = free_port()
             bare = subprocess.Popen([sys.executable, str(ROOT / "bench" / "bare_relay.py"), str(bare_port), direct],
@@ -174,6 +181,8 @@ def main() -> int:
                       f"{statistics.median(cpu_per_mb['bare']):.1f} ms (ratio {med['bare'] / med['direct']:.2f})")
             bare.terminate()
             bare.wait()
+            if args.only_a:
+                return 0
 
             paced_chunks = 50 if args.quick else 100
             lat = {"direct": [], "proxy": []}

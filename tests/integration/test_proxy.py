@@ -283,3 +283,13 @@ def test_hand_started_instance_is_routed_to_not_evicted(make_proxy, tmp_path: Pa
     assert psutil.pid_exists(pid)  # adopt = false: the TTL does not apply to it
     assert proxy.stop() == 0 and psutil.pid_exists(pid)  # and shutdown leaves it alone
     subprocess.run([sys.executable, "-m", "llamactl", "evict", "--all"], env=proxy.env, capture_output=True)
+
+
+def test_instance_api_keys_stay_private(make_proxy) -> None:
+    proxy = make_proxy({"alpha": []}, "instance_api_keys = true")
+    assert proxy.post("alpha").status_code == 200
+    state = proxy.state / "state.json"
+    assert state.stat().st_mode & 0o777 == 0o600  # the keys are in argv, so only the owner may read it
+    argv = json.loads(state.read_text())["instances"]["alpha"]["argv"]
+    key = argv[argv.index("--api-key") + 1]
+    assert len(key) >= 24 and key not in proxy.logs()
