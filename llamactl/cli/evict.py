@@ -9,6 +9,7 @@ import typer
 
 from llamactl import render
 from llamactl.cli.common import state_store, wants_json
+from llamactl.cli.complete import instance_names
 from llamactl.cli.ps import refresh
 from llamactl.errors import UsageError
 from llamactl.servers.launcher import stop_instances
@@ -18,7 +19,8 @@ from llamactl.units import format_duration, parse_duration
 
 def command(
     ctx: typer.Context,
-    names: Optional[list[str]] = typer.Argument(None, metavar="[NAME...]", help="Instances to stop."),
+    names: Optional[list[str]] = typer.Argument(None, metavar="[NAME...]", help="Instances to stop.",
+                                                autocompletion=instance_names),
     all_: bool = typer.Option(False, "--all", help="Stop every instance."),
     idle: Optional[str] = typer.Option(None, "--idle", help="Stop instances idle longer than this, e.g. 30m."),
     lru: Optional[int] = typer.Option(None, "--lru", min=1, help="Stop the N least recently used."),

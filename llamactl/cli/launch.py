@@ -11,6 +11,7 @@ import typer
 
 from llamactl import render
 from llamactl.cli.common import load_config, state_store, wants_json
+from llamactl.cli.complete import model_names
 from llamactl.cli.options import INVENTORY, SERVER, InventoryOptions, with_options
 from llamactl.cli.plan import host_memory
 from llamactl.errors import LlamactlError
@@ -38,7 +39,8 @@ def _progress(name: str) -> Callable[[float, str], None] | None:
 @with_options(SERVER, INVENTORY)
 def command(
     ctx: typer.Context,
-    model: str = typer.Argument(..., metavar="MODEL.gguf", help="GGUF file (any shard of a split model)."),
+    model: str = typer.Argument(..., metavar="MODEL", help="GGUF file, or a model name from the config.",
+                                autocompletion=model_names),
     extra: Optional[list[str]] = typer.Argument(None, metavar="[-- EXTRA...]", help="Extra llama-server arguments."),
     name: Optional[str] = typer.Option(None, "--name", help="Instance name (default: the file stem)."),
     replace_existing: bool = typer.Option(False, "--replace", help="Stop a live instance of that name first."),

@@ -9,13 +9,14 @@ from pathlib import Path
 import typer
 
 from llamactl.cli.common import state_store
+from llamactl.cli.complete import instance_names
 from llamactl.errors import UsageError
 from llamactl.servers.runner import tail
 
 
 def command(
     ctx: typer.Context,
-    name: str = typer.Argument(..., help="Instance name."),
+    name: str = typer.Argument(..., help="Instance name.", autocompletion=instance_names),
     lines: int = typer.Option(0, "-n", "--lines", min=0, help="Only the last N lines (0 = all)."),
     follow: bool = typer.Option(False, "-f", "--follow", help="Keep printing new lines until Ctrl-C."),
 ) -> None:

@@ -17,7 +17,7 @@ app = typer.Typer(
     name="llamactl",
     help="Run llama.cpp's llama-server on NVIDIA GPUs: estimate, plan, launch, track, evict, proxy.",
     no_args_is_help=True,
-    add_completion=False,
+    add_completion=True,
     pretty_exceptions_enable=False,
     context_settings={"help_option_names": ["-h", "--help"]},
 )
@@ -60,7 +60,7 @@ def root(
 
 
 def _register() -> None:
-    from llamactl.cli import demo, estimate, evict, gpus, launch, logs, plan, proxy, ps
+    from llamactl.cli import demo, estimate, evict, gpus, install, launch, logs, plan, proxy, ps
 
     gpus.register(app)
     estimate.register(app)
@@ -70,6 +70,7 @@ def _register() -> None:
     evict.register(app)
     logs.register(app)
     proxy.register(app)
+    install.register(app)
     demo.register(app)
 
 

@@ -47,7 +47,7 @@ class ServerCaps:
 
 
 def find_server(explicit: str | None = None, configured: str | None = None) -> Path:
-    """--server-bin, then config `server_bin`, then $LLAMA_SERVER, then llama-server on PATH."""
+    """--server-bin, config `server_bin`, $LLAMA_SERVER, llama-server on PATH, then `llamactl install-server`'s build."""
     for source, value in (("--server-bin", explicit), ("server_bin", configured), (SERVER_ENV, os.environ.get(SERVER_ENV))):
         if value:
             candidate = Path(value).expanduser()
@@ -60,11 +60,17 @@ def find_server(explicit: str | None = None, configured: str | None = None) -> P
                 raise ServerBinaryError(f"{candidate} (from {source}) is not executable")
             return candidate
     found = shutil.which("llama-server")
-    if not found:
-        raise ServerBinaryError(
-            "llama-server not found: pass --server-bin, set LLAMA_SERVER, or put llama-server on PATH"
-        )
-    return Path(found)
+    if found:
+        return Path(found)
+    from llamactl.servers.install import installed_binary
+
+    built = installed_binary()
+    if built is not None:
+        return built
+    raise ServerBinaryError(
+        "llama-server not found: pass --server-bin, set LLAMA_SERVER, put llama-server on PATH, "
+        "or run `llamactl install-server`"
+    )
 
 
 def parse_help(text: str) -> frozenset[str]:

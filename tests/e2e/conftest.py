@@ -16,7 +16,7 @@ def server_binary() -> Path:
         return find_server()
     except ServerBinaryError as exc:
         pytest.fail(f"end-to-end tests need the real llama-server: {exc}. "
-                    "Run `.ci/get-llama-server` (builds one) and export LLAMA_SERVER, "
+                    "Run `llamactl install-server` (builds one), or export LLAMA_SERVER, "
                     "or deselect them explicitly with -m 'not e2e'.", pytrace=False)
 
 

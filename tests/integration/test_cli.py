@@ -106,7 +106,7 @@ def test_version() -> None:
 def test_demo_without_llama_server_says_how_to_get_one(tmp_path: Path) -> None:
     out = run("demo", env={"LLAMA_SERVER": str(tmp_path / "no-such-llama-server"), "LLAMACTL_CACHE_DIR": str(tmp_path)})
     assert out.returncode == 5, out.stderr
-    assert "llama-server not found" in out.stderr and "get-llama-server" in out.stderr
+    assert "llama-server not found" in out.stderr and "llamactl install-server" in out.stderr
     assert "estimate (CPU): weights" in out.stdout
 
 
