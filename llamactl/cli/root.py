@@ -39,6 +39,13 @@ _debug = {"on": False}
 def _version(value: bool) -> None:
     if value:
         typer.echo(f"llamactl {__version__} ({DIST_NAME} on PyPI)")
+        from llamactl.servers.probe import find_server, probe
+
+        try:
+            binary = find_server()
+            typer.echo(f"llama-server {probe(binary).version} at {binary}")
+        except LlamactlError as exc:
+            typer.echo(f"llama-server: {exc}")
         raise typer.Exit()
 
 

@@ -167,11 +167,24 @@ def instance_of(pid: int) -> str | None:
         return None
 
 
+def unsupported_platform() -> str | None:
+    """Why this machine's GPUs are out of llamactl's scope (the non-goals), or None."""
+    import sys
+
+    if sys.platform == "darwin":
+        return "macOS/Metal is not supported by llamactl (Linux with NVIDIA GPUs only); planning for CPU"
+    if not sys.platform.startswith("linux"):
+        return f"{sys.platform} is not supported by llamactl (Linux with NVIDIA GPUs only); planning for CPU"
+    if Path("/dev/kfd").exists() or Path("/opt/rocm").exists():
+        return "AMD ROCm GPUs are not supported by llamactl (NVIDIA only); planning for CPU"
+    return None
+
+
 def live() -> Inventory:
     """The GPUs NVML sees now; empty with a note when there is no driver or NVML."""
     devices, reason = nvml.devices()
     if reason:
-        return Inventory((), "nvml", note=f"no NVIDIA GPU found: {reason}; planning for CPU")
+        return Inventory((), "nvml", note=unsupported_platform() or f"no NVIDIA GPU found: {reason}; planning for CPU")
     gpus = []
     for dev in devices:
         total = dev.memory_total_bytes or 0

@@ -77,3 +77,9 @@ def test_gpus_table_renders_errors_and_instances(fake_nvml) -> None:
     assert "error: handle failed" in table and "NVIDIA H200" in table
     data = gpus_json(inv)
     assert data[1]["error"].startswith("handle failed") and data[0]["processes"][0]["pid"] == 1
+
+
+def test_non_goal_platforms_say_so(fake_nvml, monkeypatch) -> None:
+    fake_nvml([], init_error=NVMLError_LibraryNotFound("NVML Shared Library Not Found"))
+    monkeypatch.setattr(sys, "platform", "darwin")
+    assert "macOS/Metal is not supported by llamactl" in inventory.live().note
