@@ -106,9 +106,16 @@ def _through_the_proxy(model: Path, binary: Path, ctx_size: int) -> None:
                     raise LlamactlError(f"the demo proxy did not start: {(proc.stderr.read() if proc.stderr else '').strip()}")
                 time.sleep(0.1)
             started = time.monotonic()
-            reply = client.chat(base, "gpt-4o-mini", "Say hello", 12)
-            print(f"POST {base}/v1/chat/completions (model gpt-4o-mini → demo, started on demand): "
-                  f"{reply!r} in {time.monotonic() - started:.2f} s")
+            print(f"POST {base}/v1/chat/completions (model gpt-4o-mini → demo, started on demand, streamed):\n  ",
+                  end="", flush=True)
+            try:
+                pieces = 0
+                for piece in client.chat_stream(base, "gpt-4o-mini", "Say hello", 16):
+                    print(piece, end="", flush=True)
+                    pieces += 1
+            except (ValueError, OSError) as exc:
+                raise LlamactlError(f"the demo request through the proxy failed: {exc}") from None
+            print(f"\n  ({pieces} streamed pieces in {time.monotonic() - started:.2f} s)")
             print("try it yourself while the proxy runs:\n"
                   f"  llamactl --config {config} proxy --gpus none &\n"
                   f"  curl -s {base}/v1/chat/completions -H 'Content-Type: application/json' "

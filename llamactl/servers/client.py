@@ -6,8 +6,9 @@ every transport failure becomes None rather than an exception.
 
 from __future__ import annotations
 
+import json
 import re
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
@@ -88,18 +89,23 @@ def health_status(base_url: str, timeout_s: float = 1.0) -> int | None:
         return health(http, base_url)
 
 
-def chat(base_url: str, model: str, prompt: str, max_tokens: int, timeout_s: float = 120.0) -> str:
-    """One /v1/chat/completions; the reply text, or the error message the server sent."""
-    with httpx.Client(timeout=timeout_s) as http:
-        try:
-            reply = http.post(f"{base_url}/v1/chat/completions", json={
-                "model": model, "max_tokens": max_tokens, "messages": [{"role": "user", "content": prompt}]})
-            data = reply.json()
-            if reply.status_code != 200:
-                return f"error {reply.status_code}: {data.get('error', {}).get('message', '')}"
-            return str(data["choices"][0]["message"]["content"])
-        except (httpx.HTTPError, ValueError, KeyError, IndexError, AttributeError) as exc:
-            return f"error: {exc}"
+def chat_stream(base_url: str, model: str, prompt: str, max_tokens: int, timeout_s: float = 120.0) -> Iterator[str]:
+    """One streamed /v1/chat/completions: yields the text pieces as they arrive."""
+    body = {"model": model, "max_tokens": max_tokens, "stream": True, "messages": [{"role": "user", "content": prompt}]}
+    with httpx.Client(timeout=timeout_s) as http, http.stream("POST", f"{base_url}/v1/chat/completions", json=body) as reply:
+        if reply.status_code != 200:
+            reply.read()
+            raise ValueError(f"error {reply.status_code}: {reply.text[:200]}")
+        for line in reply.iter_lines():
+            if not line.startswith("data: ") or line == "data: [DONE]":
+                continue
+            event = json.loads(line[6:])
+            if "error" in event:
+                raise ValueError(str(event["error"].get("message")))
+            for choice in event.get("choices", []):
+                piece = (choice.get("delta") or {}).get("content")
+                if piece:
+                    yield piece
 
 
 def complete(base_url: str, prompt: str, n_predict: int, timeout_s: float = 60.0) -> str:
