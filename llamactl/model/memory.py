@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from gguf.constants import GGML_QUANT_SIZES, GGMLQuantizationType
 
 from llamactl.model.gguf import TensorInfo
-from llamactl.model.params import DENSE_ATTENTION_ARCHS, ModelParams, tensor_layer
+from llamactl.model.params import MODELLED_ARCHS, ModelParams, tensor_layer
 from llamactl.model.settings import Resolved, pad
 from llamactl.units import MiB
 
@@ -196,19 +196,40 @@ def _weights(params: ModelParams, resolved: Resolved, placement: Placement,
     return per_device, host
 
 
+def swa_cells(params: ModelParams, resolved: Resolved) -> int:
+    """Cells per stream of the sliding-window cache (llama-kv-cache-iswa.cpp)."""
+    if resolved.swa_full:
+        return resolved.n_ctx_seq
+    window = params.n_swa * (resolved.n_seq_max if resolved.kv_unified else 1) + resolved.n_ubatch
+    return pad(min(resolved.n_ctx_seq, window), 256)
+
+
 def _kv(params: ModelParams, resolved: Resolved, devices: tuple[str, ...]) -> dict[str, int]:
-    cells = resolved.n_ctx_seq * resolved.n_stream
+    full_cells = resolved.n_ctx_seq * resolved.n_stream
+    window_cells = swa_cells(params, resolved) * resolved.n_stream if any(params.swa_layers) else 0
     # without flash attention V is stored transposed, every layer sized for the widest one
     v_width_max = max((params.n_embd_v_gqa(il) for il in range(params.n_layer)), default=0)
     per_device: dict[str, int] = {}
     for il in range(params.n_layer):
-        if params.n_head_kv[il] == 0:
+        if params.n_head_kv[il] == 0 or params.recurrent_layers[il]:
             continue
+        cells = window_cells if params.swa_layers[il] else full_cells
         v_width = params.n_embd_v_gqa(il) if resolved.flash_attn else v_width_max
         layer_bytes = (row_bytes(resolved.cache_type_k, params.n_embd_k_gqa(il))
                        + row_bytes(resolved.cache_type_v, v_width)) * cells
         dev = devices[il] if resolved.kv_offload else "CPU"
         per_device[dev] = per_device.get(dev, 0) + layer_bytes
+    return per_device
+
+
+def _recurrent(params: ModelParams, resolved: Resolved, devices: tuple[str, ...]) -> dict[str, int]:
+    """Conv and SSM state per recurrent layer, f32, one row per sequence (llama-memory-recurrent.cpp)."""
+    rows = max(1, resolved.n_seq_max)
+    per_device: dict[str, int] = {}
+    for il in range(params.n_layer):
+        if params.recurrent_layers[il]:
+            dev = devices[il] if resolved.kv_offload else "CPU"
+            per_device[dev] = per_device.get(dev, 0) + F32 * (params.n_embd_r + params.n_embd_s) * rows
     return per_device
 
 
@@ -243,11 +264,9 @@ def compute_graph_bytes(params: ModelParams, resolved: Resolved) -> int:
 
 def _approximations(params: ModelParams, placement: Placement, partial: bool) -> tuple[str, ...]:
     notes = []
-    if params.arch not in DENSE_ATTENTION_ARCHS:
-        notes.append(f"architecture {params.arch!r} is estimated as a dense attention model; "
-                     "recurrent state, sliding windows and experts are not modelled yet")
-    if params.n_swa:
-        notes.append("sliding-window layers are counted with the full context (an upper bound)")
+    if params.arch not in MODELLED_ARCHS:
+        notes.append(f"architecture {params.arch!r} has not been checked against llama-server: weights and "
+                     "KV follow the GGUF, the compute buffer is the dense-attention model's")
     if placement.n_gpus:
         notes.append("GPU compute buffers are calibrated on the CPU backend; CUDA's may differ")
         if placement.n_gpus > 1:
@@ -263,6 +282,7 @@ def estimate(params: ModelParams, resolved: Resolved, placement: Placement = Pla
     devices = layer_devices(params, resolved, placement)
     weights, host = _weights(params, resolved, placement, devices)
     kv = _kv(params, resolved, devices)
+    state = _recurrent(params, resolved, devices)
     graph = compute_graph_bytes(params, resolved)
     on_cpu = any(dev == "CPU" for dev in devices)
     gpu_names = [f"GPU{i}" for i in range(placement.n_gpus)]
@@ -270,6 +290,7 @@ def estimate(params: ModelParams, resolved: Resolved, placement: Placement = Pla
         device="CPU",
         weights_bytes=weights.get("CPU", 0),
         kv_bytes=kv.get("CPU", 0),
+        recurrent_bytes=state.get("CPU", 0),
         # with every layer offloaded the host only embeds the input tokens
         compute_bytes=graph if on_cpu else F32 * params.n_embd * resolved.n_ubatch,
         output_bytes=F32 * params.n_vocab * resolved.n_seq_max,
@@ -282,6 +303,7 @@ def estimate(params: ModelParams, resolved: Resolved, placement: Placement = Pla
             device=name,
             weights_bytes=weights.get(name, 0),
             kv_bytes=kv.get(name, 0),
+            recurrent_bytes=state.get(name, 0),
             compute_bytes=gpu_graph if used else 0,
             overhead_bytes=placement.gpu_overhead_bytes if used else 0,
         ))

@@ -18,11 +18,25 @@ from llamactl.model.gguf import GGUFArray, GGUFHeader, TensorInfo
 
 _LAYER_RE = re.compile(r"^blk\.(\d+)\.")
 
-# Architectures whose memory this version models term by term (dense attention, KV per layer).
-DENSE_ATTENTION_ARCHS = frozenset({
-    "llama", "qwen2", "qwen3", "granite", "internlm2", "phi3", "stablelm",
-    "starcoder2", "olmo", "olmo2", "exaone", "smollm3",
+# Architectures whose memory this version models term by term and has checked against llama-server.
+MODELLED_ARCHS = frozenset({
+    "llama", "qwen2", "qwen3", "qwen3moe", "gemma2", "gemma3", "mamba2", "granite", "internlm2",
+    "stablelm", "starcoder2", "olmo", "olmo2", "exaone", "smollm3",
 })
+
+# Which layers use a sliding window is set per architecture in llama.cpp's loaders (src/models/*.cpp:
+# load_swa_pattern(ml, n_pattern, dense_first)); a GGUF may override it with
+# `{arch}.attention.sliding_window_pattern` (a number, or one bool per layer). Layer l is SWA when
+# l % n < n - 1 (or, dense first, when l % n != 0). Some set a default window when the GGUF has none.
+SWA_PATTERNS: dict[str, tuple[int, bool]] = {
+    "gemma2": (2, False), "gemma3": (6, False), "gemma-embedding": (6, False), "gemma3n": (5, False),
+    "cohere2": (4, False), "cohere2moe": (4, True), "exaone4": (4, False), "exaone-moe": (4, False),
+    "olmo2": (4, False), "gpt-oss": (2, False), "afmoe": (4, False), "mellum": (4, False),
+    "plamo3": (8, False), "smallthinker": (4, True), "modern-bert": (3, True),
+}
+SWA_DEFAULT_WINDOW = {"gemma2": 4096}
+RECURRENT_ARCHS = frozenset({"mamba", "mamba2", "rwkv6", "rwkv7", "arwkv7", "rwkv6qwen2"})
+HYBRID_ARCHS = frozenset({"jamba", "granitehybrid", "falcon-h1", "nemotron_h", "qwen3next", "lfm2", "plamo2"})
 
 
 @dataclass(frozen=True)
@@ -44,6 +58,10 @@ class ModelParams:
     n_expert: int
     n_expert_used: int
     n_swa: int  # sliding window, 0 = none
+    swa_layers: tuple[bool, ...]  # per layer: uses the sliding window
+    recurrent_layers: tuple[bool, ...]  # per layer: holds recurrent state (mamba, rwkv, hybrids)
+    n_embd_r: int  # recurrent conv state per sequence and layer (f32 elements)
+    n_embd_s: int  # recurrent ssm state per sequence and layer (f32 elements)
     n_params: int
     tied_output: bool
     tensors: tuple[TensorInfo, ...]
@@ -113,6 +131,30 @@ def _file_type(header: GGUFHeader) -> str | None:
         return f"type {value}"
 
 
+def _swa_layers(header: GGUFHeader, arch: str, n_layer: int, n_swa: int) -> tuple[bool, ...]:
+    if n_swa <= 0 or arch not in SWA_PATTERNS:
+        return (False,) * n_layer
+    n_pattern, dense_first = SWA_PATTERNS[arch]
+    override = header.get(f"{arch}.attention.sliding_window_pattern")
+    if isinstance(override, GGUFArray) and override.values is not None and override.length == n_layer:
+        return tuple(bool(v) for v in override.values)
+    if isinstance(override, int) and not isinstance(override, bool):
+        n_pattern = override
+    if n_pattern == 0:
+        return (True,) * n_layer
+    if dense_first:
+        return tuple(il % n_pattern != 0 for il in range(n_layer))
+    return tuple(il % n_pattern < n_pattern - 1 for il in range(n_layer))
+
+
+def _recurrent_layers(arch: str, n_head_kv: tuple[int, ...], n_layer: int) -> tuple[bool, ...]:
+    if arch in RECURRENT_ARCHS:
+        return (True,) * n_layer
+    if arch in HYBRID_ARCHS:
+        return tuple(kv == 0 for kv in n_head_kv)  # hybrids mark their recurrent layers with 0 KV heads
+    return (False,) * n_layer
+
+
 def model_params(header: GGUFHeader) -> ModelParams:
     """Hyperparameters as llama.cpp derives them from the header."""
     arch = header.architecture
@@ -130,6 +172,12 @@ def model_params(header: GGUFHeader) -> ModelParams:
     n_embd_head_v = _int(header, f"{arch}.attention.value_length", default_head)
     names = {t.name for t in header.tensors}
     name = header.get("general.name")
+    n_swa = _int(header, f"{arch}.attention.sliding_window", SWA_DEFAULT_WINDOW.get(arch, 0))
+    recurrent = _recurrent_layers(arch, n_head_kv, n_layer)
+    d_conv = _int(header, f"{arch}.ssm.conv_kernel", 0)
+    d_inner = _int(header, f"{arch}.ssm.inner_size", 0)
+    d_state = _int(header, f"{arch}.ssm.state_size", 0)
+    n_group = _int(header, f"{arch}.ssm.group_count", 0)
     return ModelParams(
         arch=arch,
         name=name if isinstance(name, str) else None,
@@ -145,7 +193,11 @@ def model_params(header: GGUFHeader) -> ModelParams:
         n_ff=_per_layer(header, f"{arch}.feed_forward_length", n_layer, 0),
         n_expert=_int(header, f"{arch}.expert_count", 0),
         n_expert_used=_int(header, f"{arch}.expert_used_count", 0),
-        n_swa=_int(header, f"{arch}.attention.sliding_window", 0),
+        n_swa=n_swa,
+        swa_layers=_swa_layers(header, arch, n_layer, n_swa),
+        recurrent_layers=recurrent,
+        n_embd_r=max(d_conv - 1, 0) * (d_inner + 2 * n_group * d_state) if any(recurrent) else 0,
+        n_embd_s=d_state * d_inner if any(recurrent) else 0,
         n_params=sum(t.n_elements for t in header.tensors),
         tied_output="output.weight" not in names,
         tensors=header.tensors,

@@ -60,6 +60,13 @@ def test_llamactl_instances_are_marked(fake_nvml) -> None:
     child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)"],
                              env={**os.environ, INSTANCE_ENV: "qwen-7b"})
     try:
+        import time
+
+        import psutil
+
+        deadline = time.monotonic() + 5  # until exec, the child still shows our environment
+        while time.monotonic() < deadline and INSTANCE_ENV not in psutil.Process(child.pid).environ():
+            time.sleep(0.01)
         fake_nvml([FakeGpu(pids=[(child.pid, GiB), (os.getpid(), GiB)])])
         procs = inventory.live().gpus[0].processes
         assert [(p.pid, p.instance) for p in procs] == [(child.pid, "qwen-7b"), (os.getpid(), None)]
