@@ -51,7 +51,11 @@ COMPUTE_CALIBRATION = {
     "fixed_bytes": 32 * 1024,  # token ids, positions, KV indices, output ids
     "ffn_embd": 5,  # residual, norm and input activations alive beside gate/up/product
     "attn_embd": 3,
+    "moe_router": 2,  # router logits and probabilities, per expert
 }
+# Mamba-2 layers (a least-squares fit over 15 shapes × settings, worst ±7 %; bench/estimate_accuracy.py):
+# per token, f32: in_proj output, conv input (xBC), scan output, residual stream; plus the states.
+MAMBA2_CALIBRATION = {"in_proj": 1.6, "xbc": 0.66, "inner": 0.9, "embd": 5.0, "state": 1.5, "fixed_bytes": 160 * 1024}
 
 
 @dataclass(frozen=True)
@@ -244,6 +248,8 @@ def compute_graph_bytes(params: ModelParams, resolved: Resolved) -> int:
     """
     cal = COMPUTE_CALIBRATION
     n_seqs = resolved.n_seq_max
+    if all(params.recurrent_layers):
+        return _recurrent_graph_bytes(params, resolved)
     n_tokens = pad(resolved.n_ubatch, n_seqs)
     n_outputs = min(resolved.n_ubatch, resolved.n_seq_max)  # llama-server reserves n_parallel outputs
     n_kv = resolved.n_ctx_seq
@@ -251,15 +257,38 @@ def compute_graph_bytes(params: ModelParams, resolved: Resolved) -> int:
     q_width = n_head * params.n_embd_head_k
     kv_width = n_head_kv * (params.n_embd_head_k + params.n_embd_head_v)
     act = F32 * n_tokens  # bytes per activation row element
-    mask = (2 if resolved.flash_attn else F32) * n_kv * n_tokens
-    ffn = act * (3 * max(params.n_ff) + cal["ffn_embd"] * params.n_embd)
-    attention = act * (2 * q_width + kv_width + cal["attn_embd"] * params.n_embd)
-    if resolved.flash_attn:
-        attention += act * n_head * params.n_embd_head_v
+    mask_elem = 2 if resolved.flash_attn else F32
+    mask = mask_elem * n_kv * n_tokens
+    if any(params.swa_layers):  # the sliding-window layers have a mask of their own
+        mask += mask_elem * swa_cells(params, resolved) * n_tokens
+    if params.n_expert and params.n_ff_exp:  # only the used experts' FFNs run per token
+        ff_used = params.n_ff_exp * params.n_expert_used
+        down = params.n_embd * params.n_expert_used
+        # the experts' down outputs reuse the freed gate+up block when they fit in it, else they stack on top
+        ffn = act * (3 * ff_used + (down if down > 2 * ff_used else 0) + cal["ffn_embd"] * params.n_embd
+                     + cal["moe_router"] * params.n_expert)
     else:
-        attention += F32 * n_kv * n_tokens * n_head  # KQ scores; softmax runs in place
+        ffn = act * (3 * max(params.n_ff) + cal["ffn_embd"] * params.n_embd)
+    attention = act * (q_width + kv_width + cal["attn_embd"] * params.n_embd)
+    if resolved.flash_attn:
+        attention += act * n_head * params.n_embd_head_v  # the fused kernel's output
+    else:
+        # KQ scores (softmax runs in place), then KQV and its contiguous copy
+        attention += F32 * n_kv * n_tokens * n_head + act * 2 * n_head * params.n_embd_head_v
     head = F32 * params.n_vocab * n_outputs + act * 2 * params.n_embd
     return cal["fixed_bytes"] + mask + max(ffn, attention, head)
+
+
+def _recurrent_graph_bytes(params: ModelParams, resolved: Resolved) -> int:
+    cal = MAMBA2_CALIBRATION
+    n_tokens = pad(resolved.n_ubatch, resolved.n_seq_max)
+    xbc = params.ssm_d_inner + 2 * params.ssm_n_group * params.ssm_d_state
+    in_proj = xbc + params.ssm_d_inner + params.ssm_dt_rank
+    per_token = (cal["in_proj"] * in_proj + cal["xbc"] * xbc + cal["inner"] * params.ssm_d_inner
+                 + cal["embd"] * params.n_embd)
+    states = cal["state"] * F32 * params.n_embd_s * resolved.n_seq_max
+    head = F32 * params.n_vocab * min(resolved.n_ubatch, resolved.n_seq_max)
+    return int(F32 * n_tokens * per_token + states + cal["fixed_bytes"] + head)
 
 
 def _approximations(params: ModelParams, placement: Placement, partial: bool) -> tuple[str, ...]:

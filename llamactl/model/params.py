@@ -57,11 +57,16 @@ class ModelParams:
     n_ff: tuple[int, ...]  # per layer
     n_expert: int
     n_expert_used: int
+    n_ff_exp: int  # one expert's FFN width (0 = dense)
     n_swa: int  # sliding window, 0 = none
     swa_layers: tuple[bool, ...]  # per layer: uses the sliding window
     recurrent_layers: tuple[bool, ...]  # per layer: holds recurrent state (mamba, rwkv, hybrids)
     n_embd_r: int  # recurrent conv state per sequence and layer (f32 elements)
     n_embd_s: int  # recurrent ssm state per sequence and layer (f32 elements)
+    ssm_d_inner: int
+    ssm_d_state: int
+    ssm_n_group: int
+    ssm_dt_rank: int
     n_params: int
     tied_output: bool
     tensors: tuple[TensorInfo, ...]
@@ -193,11 +198,14 @@ def model_params(header: GGUFHeader) -> ModelParams:
         n_ff=_per_layer(header, f"{arch}.feed_forward_length", n_layer, 0),
         n_expert=_int(header, f"{arch}.expert_count", 0),
         n_expert_used=_int(header, f"{arch}.expert_used_count", 0),
+        n_ff_exp=_int(header, f"{arch}.expert_feed_forward_length", 0),
         n_swa=n_swa,
         swa_layers=_swa_layers(header, arch, n_layer, n_swa),
         recurrent_layers=recurrent,
         n_embd_r=max(d_conv - 1, 0) * (d_inner + 2 * n_group * d_state) if any(recurrent) else 0,
         n_embd_s=d_state * d_inner if any(recurrent) else 0,
+        ssm_d_inner=d_inner, ssm_d_state=d_state, ssm_n_group=n_group,
+        ssm_dt_rank=_int(header, f"{arch}.ssm.time_step_rank", 0),
         n_params=sum(t.n_elements for t in header.tensors),
         tied_output="output.weight" not in names,
         tensors=header.tensors,

@@ -26,6 +26,7 @@ from gguf.constants import (
     TENSOR_NAMES,
     GGMLQuantizationType,
     LlamaFileType,
+    PoolingType,
     TokenType,
 )
 from gguf.quants import quant_shape_to_byte_shape, quantize
@@ -49,8 +50,27 @@ _GPT2_BASE = 257
 # larger than the vocabulary (llama 3: 280147) can be reproduced.
 _MAX_MERGES = 256 * 256 * 257
 
-_ARCHES = {"llama": MODEL_ARCH.LLAMA, "qwen2": MODEL_ARCH.QWEN2}
-_BIASED_ARCHES = {MODEL_ARCH.QWEN2}
+_ARCHES = {
+    "llama": MODEL_ARCH.LLAMA,
+    "qwen2": MODEL_ARCH.QWEN2,
+    "qwen3": MODEL_ARCH.QWEN3,
+    "qwen3moe": MODEL_ARCH.QWEN3MOE,
+    "gemma3": MODEL_ARCH.GEMMA3,
+    "mamba2": MODEL_ARCH.MAMBA2,
+    "bert": MODEL_ARCH.BERT,
+}
+_BIASED_ARCHES = {MODEL_ARCH.QWEN2}  # q/k/v biases on a llama-style block
+# Per-head RMS norms on Q and K; these files always write key/value_length.
+_QK_NORM_ARCHES = {MODEL_ARCH.QWEN3, MODEL_ARCH.QWEN3MOE, MODEL_ARCH.GEMMA3}
+_MOE_ARCHES = {MODEL_ARCH.QWEN3MOE}
+_SSM_ARCHES = {MODEL_ARCH.MAMBA2}
+_SWA_ARCHES = {MODEL_ARCH.GEMMA3}
+_SANDWICH_NORM_ARCHES = {MODEL_ARCH.GEMMA3}  # post_attention_norm / post_ffw_norm
+_ENCODER_ARCHES = {MODEL_ARCH.BERT}
+# llama.cpp's LLAMA_MAX_EXPERTS (src/llama-hparams.h).
+_MAX_EXPERTS = 1024
+_LAYER_NORM_EPS = 1e-12  # bert's LayerNorm epsilon
+_N_TOKEN_TYPES = 2  # bert: sentence A / sentence B
 
 # general.file_type for a file whose matrices all use one type. The K types
 # have no pure-K file type; the *_M variants are what real files report.
@@ -74,9 +94,38 @@ _FLOAT_TYPES = {GGMLQuantizationType.F32, GGMLQuantizationType.F16, GGMLQuantiza
 
 @dataclass(frozen=True)
 class ModelSpec:
-    """Shape of a synthetic model; validated by write_model."""
+    """Shape of a synthetic model; validated by write_model.
 
-    arch: str = "llama"  # "llama" or "qwen2" (qwen2 adds attention q/k/v biases)
+    Architectures (`arch`):
+
+    - "llama": RMSNorm, SwiGLU FFN, GQA attention.
+    - "qwen2": llama plus q/k/v biases.
+    - "qwen3": llama plus per-head RMS norms on Q and K (attn_q_norm /
+      attn_k_norm, head_dim wide). Always writes key_length/value_length, so
+      head_dim may differ from n_embd // n_head.
+    - "qwen3moe": qwen3 attention; every layer's FFN is a mixture of experts
+      (n_expert, n_expert_used, n_ff_exp; ffn_gate_inp router kept F32).
+      n_ff is written as feed_forward_length but no dense FFN exists.
+    - "gemma3": qwen3-style attention plus post_attention_norm/post_ffw_norm,
+      GELU FFN. n_swa > 0 writes attention.sliding_window and llama.cpp then
+      uses an interleaved SWA cache. Without a sliding_window_pattern key
+      (never written here) llama.cpp's gemma3 loader applies period 6 with
+      dense_first=false (src/models/gemma3.cpp:7 -> load_swa_pattern(ml, 6);
+      src/llama-hparams.cpp:8-17): layer il is SWA iff il % 6 < 5, i.e.
+      layers 5, 11, 17, ... use full attention, all others the window. A
+      model with fewer than 6 layers is therefore all-SWA. n_swa = 0 writes
+      no window key: every layer is full attention.
+    - "mamba2": recurrent SSM, no attention. Uses ssm_* fields (all > 0)
+      and ignores n_head, n_head_kv, n_ff, head_dim and rope_freq_base
+      (head_count and feed_forward_length are written as 0, as the HF
+      converter does). The SSM head count is ssm_dt_rank.
+    - "bert": encoder for embeddings (llama-server --embedding): LayerNorm
+      with biases, learned position embeddings (n_ctx_train rows), token type
+      embeddings, mean pooling, non-causal. No output tensor (tied_output is
+      ignored); head_dim must be None.
+    """
+
+    arch: str = "llama"  # see the class docstring
     n_vocab: int = 512
     n_embd: int = 64
     n_layer: int = 2
@@ -86,14 +135,28 @@ class ModelSpec:
     # valid GGUF that the server refuses ("wrong shape"): reader tests only.
     n_head_kv: int | tuple[int, ...] = 2
     n_ff: int = 128
-    head_dim: int | None = None  # None: n_embd // n_head, and no key/value_length keys
+    head_dim: int | None = None  # None: n_embd // n_head, and no key/value_length keys (llama/qwen2)
     n_ctx_train: int = 4096
     tied_output: bool = False  # True: no output.weight; llama.cpp reuses token_embd
-    weight_type: str = "F16"  # ggml type of 2D matrices; norms and biases stay F32
+    weight_type: str = "F16"  # ggml type of 2D/3D matrices; norms, biases, router, conv stay F32
     tokenizer: str = "llama"  # "llama" (SentencePiece byte fallback) or "gpt2" (byte-level BPE)
     n_merges: int = 0  # gpt2 only, and required there (>= 1)
     name: str = "tiny"
     rope_freq_base: float = 10000.0
+    # gemma3 only: sliding window size (attention.sliding_window); 0 = none.
+    n_swa: int = 0
+    # qwen3moe only (required there): experts per layer, experts routed per
+    # token, and each expert's FFN width.
+    n_expert: int = 0
+    n_expert_used: int = 0
+    n_ff_exp: int = 0
+    # mamba2 only (all required there): conv kernel width, inner size
+    # (expand * n_embd), state size, B/C group count, and SSM head count.
+    ssm_d_conv: int = 0
+    ssm_d_inner: int = 0
+    ssm_d_state: int = 0
+    ssm_n_group: int = 0
+    ssm_dt_rank: int = 0
 
     @property
     def head_size(self) -> int:
@@ -103,6 +166,16 @@ class ModelSpec:
         if isinstance(self.n_head_kv, int):
             return self.n_head_kv
         return self.n_head_kv[layer]
+
+    @property
+    def ssm_conv_dim(self) -> int:
+        """mamba2: channels through the causal conv (x, B and C)."""
+        return self.ssm_d_inner + 2 * self.ssm_n_group * self.ssm_d_state
+
+    @property
+    def ssm_in_rows(self) -> int:
+        """mamba2: output width of ssm_in (z, x, B, C and dt)."""
+        return self.ssm_d_inner + self.ssm_conv_dim + self.ssm_dt_rank
 
 
 def write_model(
@@ -161,19 +234,78 @@ def _can_quantize(qtype: GGMLQuantizationType) -> bool:
 def _validate(spec: ModelSpec, qtype: GGMLQuantizationType) -> None:
     if spec.arch not in _ARCHES:
         raise ValueError(f"arch {spec.arch!r} not supported; use one of {sorted(_ARCHES)}")
+    arch = _ARCHES[spec.arch]
     if spec.tokenizer not in ("llama", "gpt2"):
         raise ValueError(f"tokenizer {spec.tokenizer!r} not supported; use 'llama' or 'gpt2'")
     if spec.n_vocab < MIN_VOCAB:
         raise ValueError(f"n_vocab must be >= {MIN_VOCAB} (specials + 256 byte tokens), got {spec.n_vocab}")
-    if min(spec.n_embd, spec.n_layer, spec.n_head, spec.n_ff) <= 0:
-        raise ValueError("n_embd, n_layer, n_head and n_ff must be positive")
+    if min(spec.n_embd, spec.n_layer, spec.n_ctx_train) <= 0:
+        raise ValueError("n_embd, n_layer and n_ctx_train must be positive")
+    if arch not in _SSM_ARCHES:
+        _validate_attention(spec, arch)
+    _validate_swa(spec, arch)
+    _validate_moe(spec, arch)
+    _validate_ssm(spec, arch)
+    _validate_merges(spec)
+    _validate_rows(spec, arch, qtype)
+
+
+def _validate_attention(spec: ModelSpec, arch: MODEL_ARCH) -> None:
+    if min(spec.n_head, spec.n_ff) <= 0:
+        raise ValueError("n_head and n_ff must be positive")
     if spec.head_dim is None and spec.n_embd % spec.n_head:
         raise ValueError(f"n_embd {spec.n_embd} is not divisible by n_head {spec.n_head}; set head_dim")
     if spec.head_size <= 0:
         raise ValueError("head_dim must be positive")
+    if arch in _ENCODER_ARCHES and spec.head_dim is not None:
+        # bert's Q/K/V/O are n_embd x n_embd in llama.cpp.
+        raise ValueError(f"{spec.arch} needs head_dim=None (head size n_embd // n_head)")
     _validate_kv_heads(spec)
-    _validate_merges(spec)
-    _validate_rows(spec, qtype)
+
+
+def _validate_swa(spec: ModelSpec, arch: MODEL_ARCH) -> None:
+    if spec.n_swa < 0:
+        raise ValueError(f"n_swa must be >= 0, got {spec.n_swa}")
+    if spec.n_swa and arch not in _SWA_ARCHES:
+        raise ValueError(f"n_swa only applies to {_arch_list(_SWA_ARCHES)}")
+
+
+def _validate_moe(spec: ModelSpec, arch: MODEL_ARCH) -> None:
+    fields = {"n_expert": spec.n_expert, "n_expert_used": spec.n_expert_used, "n_ff_exp": spec.n_ff_exp}
+    if arch not in _MOE_ARCHES:
+        if any(fields.values()):
+            raise ValueError(f"{', '.join(fields)} only apply to {_arch_list(_MOE_ARCHES)}")
+        return
+    if min(fields.values()) <= 0:
+        raise ValueError(f"{spec.arch} needs n_expert, n_expert_used and n_ff_exp > 0, got {fields}")
+    if spec.n_expert > _MAX_EXPERTS:
+        raise ValueError(f"n_expert {spec.n_expert} exceeds llama.cpp's limit of {_MAX_EXPERTS}")
+    if spec.n_expert_used > spec.n_expert:
+        raise ValueError(f"n_expert_used {spec.n_expert_used} exceeds n_expert {spec.n_expert}")
+
+
+def _validate_ssm(spec: ModelSpec, arch: MODEL_ARCH) -> None:
+    fields = {
+        "ssm_d_conv": spec.ssm_d_conv, "ssm_d_inner": spec.ssm_d_inner, "ssm_d_state": spec.ssm_d_state,
+        "ssm_n_group": spec.ssm_n_group, "ssm_dt_rank": spec.ssm_dt_rank,
+    }
+    if arch not in _SSM_ARCHES:
+        if any(fields.values()):
+            raise ValueError(f"ssm_* fields only apply to {_arch_list(_SSM_ARCHES)}")
+        return
+    if min(fields.values()) <= 0:
+        raise ValueError(f"{spec.arch} needs every ssm_* field > 0, got {fields}")
+    # llama.cpp's mamba2 graph asserts both (src/models/mamba-base.cpp).
+    if spec.ssm_d_inner % spec.ssm_dt_rank:
+        raise ValueError(
+            f"ssm_d_inner {spec.ssm_d_inner} is not divisible by ssm_dt_rank (SSM heads) {spec.ssm_dt_rank}"
+        )
+    if spec.ssm_d_inner % spec.ssm_n_group:
+        raise ValueError(f"ssm_d_inner {spec.ssm_d_inner} is not divisible by ssm_n_group {spec.ssm_n_group}")
+
+
+def _arch_list(arches: set[MODEL_ARCH]) -> str:
+    return ", ".join(sorted(MODEL_ARCH_NAMES[a] for a in arches))
 
 
 def _validate_kv_heads(spec: ModelSpec) -> None:
@@ -193,10 +325,16 @@ def _validate_merges(spec: ModelSpec) -> None:
         raise ValueError(f"the gpt2 tokenizer needs 1 <= n_merges <= {_MAX_MERGES}, got {spec.n_merges}")
 
 
-def _validate_rows(spec: ModelSpec, qtype: GGMLQuantizationType) -> None:
+def _validate_rows(spec: ModelSpec, arch: MODEL_ARCH, qtype: GGMLQuantizationType) -> None:
     block_size = GGML_QUANT_SIZES[qtype][0]
-    # Rows of every matrix are n_embd, n_ff or n_head*head_dim elements long.
-    for row in {spec.n_embd, spec.n_ff, spec.n_head * spec.head_size}:
+    # The row (ggml ne[0]) lengths of the matrices written in `qtype`.
+    if arch in _SSM_ARCHES:
+        rows = {spec.n_embd, spec.ssm_d_inner}
+    elif arch in _MOE_ARCHES:
+        rows = {spec.n_embd, spec.n_ff_exp, spec.n_head * spec.head_size}
+    else:
+        rows = {spec.n_embd, spec.n_ff, spec.n_head * spec.head_size}
+    for row in sorted(rows):
         if row % block_size:
             raise ValueError(f"row size {row} is not a multiple of the {qtype.name} block size {block_size}")
 
@@ -205,24 +343,68 @@ def _validate_rows(spec: ModelSpec, qtype: GGMLQuantizationType) -> None:
 
 
 def _add_hparams(writer: GGUFWriter, spec: ModelSpec, qtype: GGMLQuantizationType) -> None:
+    arch = _ARCHES[spec.arch]
     writer.add_name(spec.name)
     writer.add_context_length(spec.n_ctx_train)
     writer.add_embedding_length(spec.n_embd)
     writer.add_block_count(spec.n_layer)
+    if arch in _SSM_ARCHES:
+        _add_ssm_hparams(writer, spec)
+    elif arch in _ENCODER_ARCHES:
+        _add_encoder_hparams(writer, spec)
+    else:
+        _add_decoder_hparams(writer, spec)
+    writer.add_vocab_size(spec.n_vocab)
+    if arch not in _SSM_ARCHES | _ENCODER_ARCHES:
+        _add_decoder_extras(writer, spec, arch)
+    writer.add_file_type(_FILE_TYPES[qtype])
+    if qtype not in _FLOAT_TYPES:
+        writer.add_quantization_version(_QUANT_VERSION)
+
+
+def _add_head_counts(writer: GGUFWriter, spec: ModelSpec) -> None:
     writer.add_feed_forward_length(spec.n_ff)
     writer.add_head_count(spec.n_head)
     n_head_kv = spec.n_head_kv
     writer.add_head_count_kv(n_head_kv if isinstance(n_head_kv, int) else list(n_head_kv))
+
+
+def _add_decoder_hparams(writer: GGUFWriter, spec: ModelSpec) -> None:
+    _add_head_counts(writer, spec)
     writer.add_layer_norm_rms_eps(_RMS_EPS)
     writer.add_rope_dimension_count(spec.head_size)
     writer.add_rope_freq_base(spec.rope_freq_base)
-    writer.add_vocab_size(spec.n_vocab)
-    if spec.head_dim is not None:
-        writer.add_key_length(spec.head_dim)
-        writer.add_value_length(spec.head_dim)
-    writer.add_file_type(_FILE_TYPES[qtype])
-    if qtype not in _FLOAT_TYPES:
-        writer.add_quantization_version(_QUANT_VERSION)
+
+
+def _add_decoder_extras(writer: GGUFWriter, spec: ModelSpec, arch: MODEL_ARCH) -> None:
+    if spec.head_dim is not None or arch in _QK_NORM_ARCHES:
+        writer.add_key_length(spec.head_size)
+        writer.add_value_length(spec.head_size)
+    if spec.n_swa:
+        writer.add_sliding_window(spec.n_swa)
+    if arch in _MOE_ARCHES:
+        writer.add_expert_count(spec.n_expert)
+        writer.add_expert_used_count(spec.n_expert_used)
+        writer.add_expert_feed_forward_length(spec.n_ff_exp)
+
+
+def _add_ssm_hparams(writer: GGUFWriter, spec: ModelSpec) -> None:
+    # No attention and no dense FFN: zero counts, as the HF converter writes.
+    writer.add_feed_forward_length(0)
+    writer.add_head_count(0)
+    writer.add_layer_norm_rms_eps(_RMS_EPS)
+    writer.add_ssm_conv_kernel(spec.ssm_d_conv)
+    writer.add_ssm_inner_size(spec.ssm_d_inner)
+    writer.add_ssm_state_size(spec.ssm_d_state)
+    writer.add_ssm_time_step_rank(spec.ssm_dt_rank)
+    writer.add_ssm_group_count(spec.ssm_n_group)
+
+
+def _add_encoder_hparams(writer: GGUFWriter, spec: ModelSpec) -> None:
+    _add_head_counts(writer, spec)
+    writer.add_layer_norm_eps(_LAYER_NORM_EPS)
+    writer.add_causal_attention(False)
+    writer.add_pooling_type(PoolingType.MEAN)
 
 
 def _add_vocab(writer: GGUFWriter, spec: ModelSpec) -> None:
@@ -242,6 +424,8 @@ def _add_vocab(writer: GGUFWriter, spec: ModelSpec) -> None:
     writer.add_token_list(tokens)
     writer.add_token_types(types)
     writer.add_token_scores([0.0] * spec.n_vocab)
+    if _ARCHES[spec.arch] in _ENCODER_ARCHES:
+        writer.add_token_type_count(_N_TOKEN_TYPES)
 
 
 def _spm_vocab(n_vocab: int) -> tuple[list[str], list[int]]:
@@ -304,45 +488,121 @@ def _gpt2_merges(n_merges: int) -> list[str]:
 TensorPlan = tuple[str, tuple[int, ...], GGMLQuantizationType]
 
 
-def _tensor_name(arch: MODEL_ARCH, tensor: MODEL_TENSOR, suffix: str, bid: int | None = None) -> str:
+def _tensor_name(arch: MODEL_ARCH, tensor: MODEL_TENSOR, suffix: str | None, bid: int | None = None) -> str:
     if tensor not in MODEL_TENSORS[arch]:
         raise ValueError(f"{MODEL_ARCH_NAMES[arch]} has no {tensor.name} tensor")
     base = TENSOR_NAMES[tensor]
-    return f"{base.format(bid=bid) if bid is not None else base}.{suffix}"
+    name = base.format(bid=bid) if bid is not None else base
+    # A few tensors (mamba's ssm_a, ssm_d) carry no .weight suffix.
+    return f"{name}.{suffix}" if suffix else name
 
 
 def _tensor_plan(spec: ModelSpec, qtype: GGMLQuantizationType) -> Iterator[TensorPlan]:
     # Shapes are numpy order (rows, cols): the reverse of ggml's ne.
     arch = _ARCHES[spec.arch]
+    if arch in _ENCODER_ARCHES:
+        yield from _encoder_plan(spec, arch, qtype)
+        return
     f32 = GGMLQuantizationType.F32
     yield _tensor_name(arch, MODEL_TENSOR.TOKEN_EMBD, "weight"), (spec.n_vocab, spec.n_embd), qtype
     yield _tensor_name(arch, MODEL_TENSOR.OUTPUT_NORM, "weight"), (spec.n_embd,), f32
     if not spec.tied_output:
         yield _tensor_name(arch, MODEL_TENSOR.OUTPUT, "weight"), (spec.n_vocab, spec.n_embd), qtype
+    block = _ssm_block_plan if arch in _SSM_ARCHES else _block_plan
     for layer in range(spec.n_layer):
-        yield from _block_plan(spec, arch, layer, qtype)
+        yield from block(spec, arch, layer, qtype)
 
 
-def _block_plan(spec: ModelSpec, arch: MODEL_ARCH, bid: int, qtype: GGMLQuantizationType) -> Iterator[TensorPlan]:
-    f32 = GGMLQuantizationType.F32
+def _attention_matrices(spec: ModelSpec, bid: int) -> list[tuple[MODEL_TENSOR, tuple[int, int]]]:
     q_dim = spec.n_head * spec.head_size
     kv_dim = spec.kv_heads(bid) * spec.head_size
-    matrices = [
+    return [
         (MODEL_TENSOR.ATTN_Q, (q_dim, spec.n_embd)),
         (MODEL_TENSOR.ATTN_K, (kv_dim, spec.n_embd)),
         (MODEL_TENSOR.ATTN_V, (kv_dim, spec.n_embd)),
         (MODEL_TENSOR.ATTN_OUT, (spec.n_embd, q_dim)),
-        (MODEL_TENSOR.FFN_GATE, (spec.n_ff, spec.n_embd)),
-        (MODEL_TENSOR.FFN_UP, (spec.n_ff, spec.n_embd)),
-        (MODEL_TENSOR.FFN_DOWN, (spec.n_embd, spec.n_ff)),
     ]
+
+
+def _block_plan(spec: ModelSpec, arch: MODEL_ARCH, bid: int, qtype: GGMLQuantizationType) -> Iterator[TensorPlan]:
+    f32 = GGMLQuantizationType.F32
+    attention = _attention_matrices(spec, bid)
     yield _tensor_name(arch, MODEL_TENSOR.ATTN_NORM, "weight", bid), (spec.n_embd,), f32
-    yield _tensor_name(arch, MODEL_TENSOR.FFN_NORM, "weight", bid), (spec.n_embd,), f32
-    for tensor, shape in matrices:
+    # gguf-py files gemma's pre-FFN norm as FFN_PRE_NORM; both are named blk.N.ffn_norm.
+    ffn_norm = MODEL_TENSOR.FFN_PRE_NORM if arch in _SANDWICH_NORM_ARCHES else MODEL_TENSOR.FFN_NORM
+    yield _tensor_name(arch, ffn_norm, "weight", bid), (spec.n_embd,), f32
+    for tensor, shape in attention:
         yield _tensor_name(arch, tensor, "weight", bid), shape, qtype
+    if arch in _MOE_ARCHES:
+        yield from _moe_ffn_plan(spec, arch, bid, qtype)
+    else:
+        for tensor, shape in [
+            (MODEL_TENSOR.FFN_GATE, (spec.n_ff, spec.n_embd)),
+            (MODEL_TENSOR.FFN_UP, (spec.n_ff, spec.n_embd)),
+            (MODEL_TENSOR.FFN_DOWN, (spec.n_embd, spec.n_ff)),
+        ]:
+            yield _tensor_name(arch, tensor, "weight", bid), shape, qtype
     if arch in _BIASED_ARCHES:
-        for tensor, shape in matrices[:3]:
+        for tensor, shape in attention[:3]:
             yield _tensor_name(arch, tensor, "bias", bid), shape[:1], f32
+    if arch in _QK_NORM_ARCHES:
+        yield _tensor_name(arch, MODEL_TENSOR.ATTN_Q_NORM, "weight", bid), (spec.head_size,), f32
+        yield _tensor_name(arch, MODEL_TENSOR.ATTN_K_NORM, "weight", bid), (spec.head_size,), f32
+    if arch in _SANDWICH_NORM_ARCHES:
+        yield _tensor_name(arch, MODEL_TENSOR.ATTN_POST_NORM, "weight", bid), (spec.n_embd,), f32
+        yield _tensor_name(arch, MODEL_TENSOR.FFN_POST_NORM, "weight", bid), (spec.n_embd,), f32
+
+
+def _moe_ffn_plan(spec: ModelSpec, arch: MODEL_ARCH, bid: int, qtype: GGMLQuantizationType) -> Iterator[TensorPlan]:
+    # The router stays F32, as llama.cpp's converter and quantizer keep it.
+    n_exp, n_ff_exp, n_embd = spec.n_expert, spec.n_ff_exp, spec.n_embd
+    yield _tensor_name(arch, MODEL_TENSOR.FFN_GATE_INP, "weight", bid), (n_exp, n_embd), GGMLQuantizationType.F32
+    yield _tensor_name(arch, MODEL_TENSOR.FFN_GATE_EXP, "weight", bid), (n_exp, n_ff_exp, n_embd), qtype
+    yield _tensor_name(arch, MODEL_TENSOR.FFN_UP_EXP, "weight", bid), (n_exp, n_ff_exp, n_embd), qtype
+    yield _tensor_name(arch, MODEL_TENSOR.FFN_DOWN_EXP, "weight", bid), (n_exp, n_embd, n_ff_exp), qtype
+
+
+def _ssm_block_plan(spec: ModelSpec, arch: MODEL_ARCH, bid: int, qtype: GGMLQuantizationType) -> Iterator[TensorPlan]:
+    # Shapes from llama.cpp's mamba2 loader (src/models/mamba2.cpp), reversed.
+    f32 = GGMLQuantizationType.F32
+    n_head, n_group = spec.ssm_dt_rank, spec.ssm_n_group
+    yield _tensor_name(arch, MODEL_TENSOR.ATTN_NORM, "weight", bid), (spec.n_embd,), f32
+    yield _tensor_name(arch, MODEL_TENSOR.SSM_IN, "weight", bid), (spec.ssm_in_rows, spec.n_embd), qtype
+    # ggml's ssm_conv needs an F32 kernel; llama.cpp never quantizes it.
+    yield _tensor_name(arch, MODEL_TENSOR.SSM_CONV1D, "weight", bid), (spec.ssm_conv_dim, spec.ssm_d_conv), f32
+    yield _tensor_name(arch, MODEL_TENSOR.SSM_CONV1D, "bias", bid), (spec.ssm_conv_dim,), f32
+    yield _tensor_name(arch, MODEL_TENSOR.SSM_DT, "bias", bid), (n_head,), f32
+    yield _tensor_name(arch, MODEL_TENSOR.SSM_A, None, bid), (n_head, 1), f32
+    yield _tensor_name(arch, MODEL_TENSOR.SSM_D, None, bid), (n_head, 1), f32
+    yield _tensor_name(arch, MODEL_TENSOR.SSM_NORM, "weight", bid), (n_group, spec.ssm_d_inner // n_group), f32
+    yield _tensor_name(arch, MODEL_TENSOR.SSM_OUT, "weight", bid), (spec.n_embd, spec.ssm_d_inner), qtype
+
+
+def _encoder_plan(spec: ModelSpec, arch: MODEL_ARCH, qtype: GGMLQuantizationType) -> Iterator[TensorPlan]:
+    # bert: post-LayerNorm blocks, every linear layer and norm with a bias.
+    # Position and token-type embeddings stay F32, as llama.cpp's converter keeps them.
+    f32 = GGMLQuantizationType.F32
+    n_embd, n_ff = spec.n_embd, spec.n_ff
+    yield _tensor_name(arch, MODEL_TENSOR.TOKEN_EMBD, "weight"), (spec.n_vocab, n_embd), qtype
+    yield _tensor_name(arch, MODEL_TENSOR.TOKEN_TYPES, "weight"), (_N_TOKEN_TYPES, n_embd), f32
+    yield _tensor_name(arch, MODEL_TENSOR.POS_EMBD, "weight"), (spec.n_ctx_train, n_embd), f32
+    for suffix in ("weight", "bias"):
+        yield _tensor_name(arch, MODEL_TENSOR.TOKEN_EMBD_NORM, suffix), (n_embd,), f32
+    for bid in range(spec.n_layer):
+        kv_dim = spec.kv_heads(bid) * spec.head_size
+        for tensor, shape in [
+            (MODEL_TENSOR.ATTN_Q, (n_embd, n_embd)),
+            (MODEL_TENSOR.ATTN_K, (kv_dim, n_embd)),
+            (MODEL_TENSOR.ATTN_V, (kv_dim, n_embd)),
+            (MODEL_TENSOR.ATTN_OUT, (n_embd, n_embd)),
+            (MODEL_TENSOR.FFN_UP, (n_ff, n_embd)),
+            (MODEL_TENSOR.FFN_DOWN, (n_embd, n_ff)),
+        ]:
+            yield _tensor_name(arch, tensor, "weight", bid), shape, qtype
+            yield _tensor_name(arch, tensor, "bias", bid), shape[:1], f32
+        for tensor in (MODEL_TENSOR.ATTN_OUT_NORM, MODEL_TENSOR.LAYER_OUT_NORM):
+            for suffix in ("weight", "bias"):
+                yield _tensor_name(arch, tensor, suffix, bid), (n_embd,), f32
 
 
 def _write_dense(writer: GGUFWriter, plan: Sequence[TensorPlan], rng: np.random.Generator) -> None:
@@ -356,9 +616,15 @@ def _write_dense(writer: GGUFWriter, plan: Sequence[TensorPlan], rng: np.random.
 def _random_tensor(
     name: str, shape: tuple[int, ...], qtype: GGMLQuantizationType, rng: np.random.Generator
 ) -> np.ndarray:
-    # Unit norm weights keep RMSNorm an identity scale, as in a trained model.
+    # Unit norm weights and zero norm biases keep normalization an identity
+    # scale, as in a trained model.
     if name.endswith("norm.weight"):
         return np.ones(shape, dtype=np.float32)
+    if name.endswith("norm.bias"):
+        return np.zeros(shape, dtype=np.float32)
+    # mamba's A is -exp(A_log) < 0: a decaying state, as in a trained model.
+    if name.endswith(".ssm_a"):
+        return -np.ones(shape, dtype=np.float32)
     values = rng.standard_normal(shape, dtype=np.float32) * np.float32(_WEIGHT_SCALE)
     return quantize(values, qtype)
 
@@ -415,6 +681,37 @@ REALISTIC: dict[str, ModelSpec] = {
         arch="qwen2", n_vocab=152064, n_embd=3584, n_layer=28, n_head=28, n_head_kv=4,
         n_ff=18944, n_ctx_train=32768, rope_freq_base=1000000.0,
         tokenizer="gpt2", n_merges=_QWEN2_MERGES, name="qwen2.5-7b",
+    ),
+    # The entries below keep the SentencePiece tokenizer: the vocabulary size
+    # is real, the tokenizer kind is not (it does not change any buffer).
+    "qwen3-8b": ModelSpec(
+        arch="qwen3", n_vocab=151936, n_embd=4096, n_layer=36, n_head=32, n_head_kv=8, head_dim=128,
+        n_ff=12288, n_ctx_train=40960, rope_freq_base=1000000.0, name="qwen3-8b",
+    ),
+    "qwen3-30b-a3b": ModelSpec(
+        arch="qwen3moe", n_vocab=151936, n_embd=2048, n_layer=48, n_head=32, n_head_kv=4, head_dim=128,
+        n_ff=6144, n_expert=128, n_expert_used=8, n_ff_exp=768, n_ctx_train=40960,
+        rope_freq_base=1000000.0, name="qwen3-30b-a3b",
+    ),
+    # gemma3: every 6th layer (5, 11, ...) is global, the rest use the
+    # 1024-token window (see ModelSpec).
+    "gemma3-4b": ModelSpec(
+        arch="gemma3", n_vocab=262208, n_embd=2560, n_layer=34, n_head=8, n_head_kv=4, head_dim=256,
+        n_ff=10240, n_swa=1024, n_ctx_train=131072, tied_output=True, rope_freq_base=1000000.0,
+        name="gemma3-4b",
+    ),
+    "gemma3-27b": ModelSpec(
+        arch="gemma3", n_vocab=262208, n_embd=5376, n_layer=62, n_head=32, n_head_kv=16, head_dim=128,
+        n_ff=21504, n_swa=1024, n_ctx_train=131072, tied_output=True, rope_freq_base=1000000.0,
+        name="gemma3-27b",
+    ),
+    # state-spaces/mamba2-2.7b: d_model 2560, expand 2, head_dim 64 (80 SSM
+    # heads), one B/C group; tied embeddings. Context 2**20 is what llama.cpp's
+    # converter writes for mamba (no trained limit).
+    "mamba2-2.7b": ModelSpec(
+        arch="mamba2", n_vocab=50288, n_embd=2560, n_layer=64, n_ctx_train=1048576, tied_output=True,
+        ssm_d_conv=4, ssm_d_inner=5120, ssm_d_state=128, ssm_n_group=1, ssm_dt_rank=80,
+        name="mamba2-2.7b",
     ),
 }
 

@@ -41,8 +41,12 @@ def parse_buffer_log(text: str) -> BufferLog:
     for match in _LINE_RE.finditer(text):
         term = _KIND_KEY[match["kind"]]
         buffers = by_term.setdefault(term, {})
-        # one line per buffer; a second reserve of the same buffer replaces the first
-        buffers[match["buf"]] = round(float(match["mib"]) * MiB)
+        size = round(float(match["mib"]) * MiB)
+        if term in ("kv", "recurrent"):
+            # caches log one line each, and a model may have two on one buffer type (iSWA: full + window)
+            buffers[match["buf"]] = buffers.get(match["buf"], 0) + size
+        else:
+            buffers[match["buf"]] = size  # one line per buffer (the last reserve's size)
     return BufferLog(by_term)
 
 

@@ -133,3 +133,31 @@ def test_output_buffer_scales_with_slots(llama8b) -> None:
     one = estimate(llama8b, resolve(ServerSettings(parallel=1), llama8b, 0)).device("CPU").output_bytes
     four = estimate(llama8b, resolve(ServerSettings(), llama8b, 0)).device("CPU").output_bytes
     assert one == 4 * 128256 and four == 4 * one
+
+
+def _params(tmp_path, spec):
+    return model_params(read_header(write_model(tmp_path / "m.gguf", spec)))
+
+
+def test_gemma3_sliding_window_layers_and_cells(tmp_path) -> None:
+    spec = ModelSpec(arch="gemma3", n_vocab=512, n_embd=64, n_layer=12, n_head=4, n_head_kv=2, n_ff=128,
+                     head_dim=32, n_swa=128, tied_output=True)
+    params = _params(tmp_path, spec)
+    assert [il for il, swa in enumerate(params.swa_layers) if not swa] == [5, 11]  # il % 6 == 5 is global
+    per_cell_layer = 2 * 32 * 2 * 2  # kv heads x head size x (K + V) x f16
+    est = estimate(params, resolve(ServerSettings(ctx_size=8192), params, 0))
+    window = 1024  # pad256(min(8192, 128 x 4 slots + 512))
+    assert est.device("CPU").kv_bytes == per_cell_layer * (2 * 8192 + 10 * window)
+    full = estimate(params, resolve(ServerSettings(ctx_size=8192, swa_full=True), params, 0))
+    assert full.device("CPU").kv_bytes == per_cell_layer * 12 * 8192
+
+
+def test_mamba2_state_does_not_grow_with_context(tmp_path) -> None:
+    spec = ModelSpec(arch="mamba2", n_vocab=512, n_embd=64, n_layer=3, n_head=0, n_head_kv=0, ssm_d_conv=4,
+                     ssm_d_inner=128, ssm_d_state=16, ssm_n_group=1, ssm_dt_rank=4)
+    params = _params(tmp_path, spec)
+    small = estimate(params, resolve(ServerSettings(ctx_size=1024), params, 0)).device("CPU")
+    big = estimate(params, resolve(ServerSettings(ctx_size=65536), params, 0)).device("CPU")
+    per_seq_layer = 4 * (3 * (128 + 2 * 16) + 16 * 128)  # f32 x (conv + ssm state)
+    assert small.kv_bytes == big.kv_bytes == 0
+    assert small.recurrent_bytes == big.recurrent_bytes == 3 * 4 * per_seq_layer  # 3 layers x 4 slots

@@ -1,0 +1,139 @@
+"""Accuracy report per architecture: llamactl's estimate vs llama-server's logged buffers, and how two
+simple public formulas do on the same cases.
+
+Usage: python bench/estimate_accuracy.py [--server PATH] [--realistic] [--markdown]
+
+For each case the real llama-server (CPU) loads the model at `--verbosity 4`; the truth is the sum of
+its model, KV, recurrent-state, compute and output buffers. Compared:
+  llamactl  — `llamactl estimate --gpus none`, buffers only (the host runtime overhead is left out)
+  seed      — the seed spec's formula (its gguf_utils.estimate_vram_mb with every layer on the GPU:
+              (file MiB + 650 + n_kv_heads·ctx·n_embd·2/MiB · n_layers) · 1.2 + 577)
+  naive     — file size + 2·n_layers·ctx·n_kv_heads·head_dim·2 bytes (the usual back-of-envelope)
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import tempfile
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from llamactl.estimate import host_repack_types  # noqa: E402
+from llamactl.model.gguf import read_header  # noqa: E402
+from llamactl.model.memory import Placement, estimate  # noqa: E402
+from llamactl.model.params import ModelParams, model_params  # noqa: E402
+from llamactl.model.settings import ServerSettings, resolve  # noqa: E402
+from llamactl.model.synth import REALISTIC, ModelSpec, write_model  # noqa: E402
+from llamactl.servers.buffers import free_port, measure  # noqa: E402
+from llamactl.servers.command import build_command  # noqa: E402
+from llamactl.servers.probe import find_server, probe  # noqa: E402
+from llamactl.units import MiB  # noqa: E402
+
+TERMS = ("weights", "kv", "recurrent", "compute", "output")
+
+
+@dataclass(frozen=True)
+class Case:
+    arch: str
+    label: str
+    spec: ModelSpec
+    settings: ServerSettings
+    sparse: bool = False
+
+
+def cases(realistic: bool) -> list[Case]:
+    base = ModelSpec(n_vocab=4096, n_embd=256, n_layer=4, n_head=8, n_head_kv=4, n_ff=768)
+    archs: dict[str, ModelSpec] = {"llama": base, "qwen2": replace(base, arch="qwen2")}
+    extra = {  # architectures the generator may know (see llamactl/model/synth.py)
+        "qwen3": dict(arch="qwen3", head_dim=64),
+        "gemma3": dict(arch="gemma3", head_dim=64, n_swa=128, tied_output=True, n_layer=6),
+        "qwen3moe": dict(arch="qwen3moe", head_dim=64, n_expert=8, n_expert_used=2, n_ff_exp=256),
+        "mamba2": dict(arch="mamba2", n_head=0, n_head_kv=0, ssm_d_conv=4, ssm_d_inner=512, ssm_d_state=64,
+                       ssm_n_group=1, ssm_dt_rank=8),
+    }
+    for arch, fields in extra.items():
+        try:
+            archs[arch] = replace(base, **fields)
+        except TypeError:
+            continue  # this generator does not know the architecture yet
+    grid = {
+        "-c 4096": ServerSettings(ctx_size=4096),
+        "-c 16384 -fa off": ServerSettings(ctx_size=16384, flash_attn="off"),
+        "-c 8192 -ctk q8_0 -ctv q8_0": ServerSettings(ctx_size=8192, cache_type_k="q8_0", cache_type_v="q8_0"),
+        "-c 4096 -np 2": ServerSettings(ctx_size=4096, parallel=2),
+    }
+    out = [Case(arch, f"{arch} {label}", spec, s) for arch, spec in archs.items() for label, s in grid.items()]
+    if realistic:
+        for key, wtype, arch in (("llama3-8b", "Q4_0", "llama"), ("qwen2.5-7b", "Q8_0", "qwen2"),
+                                 ("qwen3-8b", "Q4_0", "qwen3"), ("gemma3-4b", "Q4_0", "gemma3"),
+                                 ("qwen3-30b-a3b", "Q4_0", "qwen3moe")):
+            if key in REALISTIC:
+                out.append(Case(arch, f"{key} {wtype} -c 8192", replace(REALISTIC[key], weight_type=wtype),
+                                ServerSettings(ctx_size=8192), sparse=True))
+    return out
+
+
+def seed_formula(params: ModelParams, ctx: int) -> int:
+    size_mb = params.file_bytes / MiB
+    kv_factor = max(params.n_head_kv) * ctx * params.n_embd * 2 / MiB
+    return int(((size_mb + 650 + kv_factor * params.n_layer) * 1.2 + 577) * MiB)
+
+
+def naive_formula(params: ModelParams, ctx: int) -> int:
+    return params.file_bytes + 2 * params.n_layer * ctx * max(params.n_head_kv) * params.n_embd_head_k * 2
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--server", default=None)
+    parser.add_argument("--realistic", action="store_true")
+    parser.add_argument("--markdown", action="store_true")
+    args = parser.parse_args()
+    binary = find_server(args.server)
+    caps = probe(binary)
+    worst: dict[str, float] = {}
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for case in cases(args.realistic):
+            path = Path(tmp) / f"{abs(hash((case.spec, case.sparse)))}.gguf"
+            if not path.exists():
+                write_model(path, case.spec, sparse=case.sparse)
+            params = model_params(read_header(path))
+            resolved = resolve(case.settings, params, 0)
+            est = estimate(params, resolved, Placement(cpu_repack_types=host_repack_types())).device("CPU")
+            port = free_port()
+            cmd = build_command(binary, path, resolved, caps, port=port, verbose_buffers=True)
+            got = measure(list(cmd.argv), cmd.env, port, timeout_s=300).buffers
+            ours = {"weights": est.weights_bytes, "kv": est.kv_bytes, "recurrent": est.recurrent_bytes,
+                    "compute": est.compute_bytes, "output": est.output_bytes}
+            truth = {t: got.term(t) for t in TERMS}
+            total_truth = sum(truth.values())
+            row = [case.label]
+            for term in TERMS:
+                if truth[term] or ours[term]:
+                    err = 100.0 * (ours[term] - truth[term]) / truth[term] if truth[term] else float("inf")
+                    worst[term] = max(worst.get(term, 0.0), abs(err))
+                    row.append(f"{ours[term] / MiB:.2f}/{truth[term] / MiB:.2f} ({err:+.1f}%)")
+                else:
+                    row.append("-")
+            for name, value in (("llamactl", sum(ours.values())), ("seed", seed_formula(params, resolved.n_ctx)),
+                                ("naive", naive_formula(params, resolved.n_ctx))):
+                err = 100.0 * (value - total_truth) / total_truth
+                worst[f"total {name}"] = max(worst.get(f"total {name}", 0.0), abs(err))
+                row.append(f"{err:+.1f}%")
+            rows.append(row)
+            print(" | ".join(row) if not args.markdown else "| " + " | ".join(row) + " |", flush=True)
+    header = ["case"] + [f"{t} est/log MiB" for t in TERMS] + ["total: llamactl", "seed formula", "naive"]
+    if args.markdown:
+        print("\n| " + " | ".join(header) + " |\n|" + "---|" * len(header))
+        for row in rows:
+            print("| " + " | ".join(row) + " |")
+    print("worst |error|: " + ", ".join(f"{k} {v:.1f}%" for k, v in worst.items()))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

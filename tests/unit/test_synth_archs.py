@@ -1,0 +1,150 @@
+"""synth's newer architectures (qwen3, qwen3moe, gemma3, mamba2, bert): headers hold what llama.cpp's loaders read."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+
+from llamactl.model.gguf import GGUFHeader, read_header
+from llamactl.model.synth import REALISTIC, ModelSpec, write_model
+
+QWEN3 = ModelSpec(arch="qwen3", n_embd=256, n_head=4, n_head_kv=2, head_dim=128, n_ff=512)
+QWEN3MOE = ModelSpec(arch="qwen3moe", n_embd=128, n_head=4, n_head_kv=2, head_dim=64, n_ff=256,
+                     n_expert=8, n_expert_used=2, n_ff_exp=64)
+GEMMA3 = ModelSpec(arch="gemma3", n_layer=6, n_embd=128, n_head=4, n_head_kv=2, head_dim=64, n_ff=256,
+                   n_swa=128, tied_output=True)
+MAMBA2 = ModelSpec(arch="mamba2", n_embd=128, ssm_d_conv=4, ssm_d_inner=256, ssm_d_state=16, ssm_n_group=1,
+                   ssm_dt_rank=4, tied_output=True)
+BERT = ModelSpec(arch="bert", n_embd=128, n_head=4, n_head_kv=4, n_ff=256, n_ctx_train=512)
+
+
+def write(tmp_path: Path, spec: ModelSpec, **kwargs: object) -> GGUFHeader:
+    return read_header(write_model(tmp_path / f"{spec.arch}.gguf", spec, **kwargs))
+
+
+def shapes(header: GGUFHeader) -> dict[str, tuple[int, ...]]:
+    return {t.name: t.shape for t in header.tensors}  # ggml order: ne[0] first
+
+
+def test_qwen3_has_qk_norms_and_explicit_head_dim(tmp_path: Path) -> None:
+    header = write(tmp_path, QWEN3)
+    assert header.architecture == "qwen3"
+    assert header.get("qwen3.attention.key_length") == 128
+    assert header.get("qwen3.attention.value_length") == 128
+    assert header.get("qwen3.rope.dimension_count") == 128
+    t = shapes(header)
+    assert t["blk.0.attn_q_norm.weight"] == (128,) and t["blk.1.attn_k_norm.weight"] == (128,)
+    assert t["blk.0.attn_q.weight"] == (256, 4 * 128)  # q width differs from n_embd
+    assert t["blk.0.attn_k.weight"] == (256, 2 * 128)
+    assert t["blk.0.attn_output.weight"] == (4 * 128, 256)
+    assert not any(name.endswith(".bias") for name in t)
+    assert "output.weight" in t
+
+
+def test_qwen3_without_head_dim_still_writes_key_length(tmp_path: Path) -> None:
+    header = write(tmp_path, ModelSpec(arch="qwen3"))
+    assert header.get("qwen3.attention.key_length") == 16
+
+
+def test_qwen3moe_experts(tmp_path: Path) -> None:
+    header = write(tmp_path, QWEN3MOE)
+    assert header.architecture == "qwen3moe"
+    assert header.get("qwen3moe.expert_count") == 8
+    assert header.get("qwen3moe.expert_used_count") == 2
+    assert header.get("qwen3moe.expert_feed_forward_length") == 64
+    t = shapes(header)
+    assert t["blk.0.ffn_gate_inp.weight"] == (128, 8)
+    assert t["blk.0.ffn_gate_exps.weight"] == (128, 64, 8)
+    assert t["blk.0.ffn_up_exps.weight"] == (128, 64, 8)
+    assert t["blk.1.ffn_down_exps.weight"] == (64, 128, 8)
+    assert "blk.0.attn_q_norm.weight" in t and "blk.0.ffn_gate.weight" not in t
+    types = {ti.name: ti.ggml_type.name for ti in header.tensors}
+    assert types["blk.0.ffn_gate_inp.weight"] == "F32" and types["blk.0.ffn_up_exps.weight"] == "F16"
+
+
+def test_gemma3_swa_and_sandwich_norms(tmp_path: Path) -> None:
+    header = write(tmp_path, GEMMA3)
+    assert header.architecture == "gemma3"
+    assert header.get("gemma3.attention.sliding_window") == 128
+    assert header.get("gemma3.attention.sliding_window_pattern") is None  # llama.cpp's default: period 6
+    assert header.get("gemma3.attention.key_length") == 64
+    t = shapes(header)
+    for name in ("post_attention_norm", "post_ffw_norm", "ffn_norm", "attn_norm", "attn_q_norm", "attn_k_norm"):
+        assert f"blk.5.{name}.weight" in t
+    assert "output.weight" not in t  # tied
+
+
+def test_gemma3_without_window_writes_no_swa_key(tmp_path: Path) -> None:
+    header = write(tmp_path, replace(GEMMA3, n_swa=0))
+    assert header.get("gemma3.attention.sliding_window") is None
+
+
+def test_mamba2_ssm_layout(tmp_path: Path) -> None:
+    header = write(tmp_path, MAMBA2)
+    assert header.architecture == "mamba2"
+    assert header.get("mamba2.ssm.conv_kernel") == 4
+    assert header.get("mamba2.ssm.inner_size") == 256
+    assert header.get("mamba2.ssm.state_size") == 16
+    assert header.get("mamba2.ssm.time_step_rank") == 4
+    assert header.get("mamba2.ssm.group_count") == 1
+    assert header.get("mamba2.attention.head_count") == 0
+    t = shapes(header)
+    conv_dim = 256 + 2 * 1 * 16
+    assert t["blk.0.ssm_in.weight"] == (128, 256 + conv_dim + 4)
+    assert t["blk.0.ssm_conv1d.weight"] == (4, conv_dim)
+    assert t["blk.0.ssm_conv1d.bias"] == (conv_dim,)
+    assert t["blk.0.ssm_dt.bias"] == (4,)
+    assert t["blk.1.ssm_a"] == (1, 4) and t["blk.1.ssm_d"] == (1, 4)
+    assert t["blk.0.ssm_norm.weight"] == (256, 1)
+    assert t["blk.0.ssm_out.weight"] == (256, 128)
+    assert not any("attn_q" in name for name in t)
+
+
+def test_bert_encoder_layout(tmp_path: Path) -> None:
+    header = write(tmp_path, BERT)
+    assert header.architecture == "bert"
+    assert header.get("bert.attention.causal") is False
+    assert header.get("bert.pooling_type") == 1  # mean
+    assert header.get("tokenizer.ggml.token_type_count") == 2
+    t = shapes(header)
+    assert t["position_embd.weight"] == (128, 512)
+    assert t["token_types.weight"] == (128, 2)
+    assert "token_embd_norm.bias" in t and "blk.1.layer_output_norm.bias" in t
+    assert t["blk.0.ffn_up.bias"] == (256,)
+    assert "output.weight" not in t and "output_norm.weight" not in t
+
+
+@pytest.mark.parametrize(("key", "weight_type"), [
+    ("qwen3-8b", "Q4_0"), ("qwen3-30b-a3b", "Q4_K"), ("gemma3-4b", "Q4_0"), ("gemma3-27b", "Q8_0"),
+    ("mamba2-2.7b", "Q4_0"),
+])
+def test_new_realistic_specs_write_sparse_fast(tmp_path: Path, key: str, weight_type: str) -> None:
+    spec = replace(REALISTIC[key], weight_type=weight_type)
+    start = time.perf_counter()
+    header = write(tmp_path, spec, sparse=True)
+    assert time.perf_counter() - start < 5
+    assert header.architecture == spec.arch
+    assert header.get(f"{spec.arch}.block_count") == spec.n_layer
+    if key == "qwen3-30b-a3b":
+        down = next(t for t in header.tensors if t.name == "blk.47.ffn_down_exps.weight")
+        assert down.shape == (768, 2048, 128) and down.ggml_type.name == "Q4_K"
+        assert header.file_bytes > 15 * 2**30  # logical size; the file is sparse on disk
+
+
+@pytest.mark.parametrize(("spec", "message"), [
+    (ModelSpec(n_swa=64), "n_swa only applies"),
+    (ModelSpec(n_expert=4), "only apply to qwen3moe"),
+    (ModelSpec(ssm_d_inner=64), "ssm_"),
+    (replace(QWEN3MOE, n_expert_used=0), "n_expert_used"),
+    (replace(QWEN3MOE, n_expert_used=9), "exceeds n_expert"),
+    (replace(MAMBA2, ssm_dt_rank=3), "divisible by ssm_dt_rank"),
+    (replace(MAMBA2, ssm_d_state=0), "ssm_"),
+    (replace(BERT, head_dim=64), "head_dim=None"),
+    (replace(QWEN3MOE, n_ff_exp=48, weight_type="Q8_0"), "row size 48"),
+])
+def test_rejects_inconsistent_specs(tmp_path: Path, spec: ModelSpec, message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        write_model(tmp_path / "bad.gguf", spec)
