@@ -66,6 +66,12 @@ def cases(realistic: bool) -> list[Case]:
         "-c 4096 -np 2": ServerSettings(ctx_size=4096, parallel=2),
     }
     out = [Case(arch, f"{arch} {label}", spec, s) for arch, spec in archs.items() for label, s in grid.items()]
+    bert = ModelSpec(arch="bert", n_vocab=4096, n_embd=256, n_layer=4, n_head=4, n_head_kv=4, n_ff=1024, n_ctx_train=2048)
+    for label, s in (("--embedding -c 2048", ServerSettings(ctx_size=2048, embedding=True)),
+                     ("--embedding -c 2048 -fa off", ServerSettings(ctx_size=2048, embedding=True, flash_attn="off")),
+                     ("--embedding -ub 1024 -b 1024", ServerSettings(ctx_size=2048, embedding=True, ubatch_size=1024,
+                                                                    batch_size=1024))):
+        out.append(Case("bert", f"bert {label}", bert, s))
     if realistic:
         for key, wtype, arch in (("llama3-8b", "Q4_0", "llama"), ("qwen2.5-7b", "Q8_0", "qwen2"),
                                  ("qwen3-8b", "Q4_0", "qwen3"), ("gemma3-4b", "Q4_0", "gemma3"),

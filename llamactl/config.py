@@ -76,7 +76,7 @@ _GLOBAL_KEYS = {"server_bin", "host", "port", "port_start", "max_instances", "id
                 "load_timeout", "max_queue", "max_body", "api_keys", "instance_api_keys", "adopt", "models_dir",
                 "gpu_util_threshold", "gpu_mem_threshold", "defaults", "models"}
 _SETTING_KEYS = {"ctx_size", "n_gpu_layers", "cache_type_k", "cache_type_v", "flash_attn", "parallel", "args",
-                 "kv_unified", "batch_size", "ubatch_size"}
+                 "kv_unified", "batch_size", "ubatch_size", "embedding"}
 _MODEL_KEYS = _SETTING_KEYS | {"path", "ttl", "max_gpus", "gpus", "aliases"}
 
 
@@ -160,8 +160,9 @@ def _settings(r: _Reader, table: dict[str, Any], where: str, base: ServerSetting
             if value < 1:
                 raise r.fail(f"{where}.{key}", "must be >= 1")
             updates[key] = value
-    if "kv_unified" in table:
-        updates["kv_unified"] = r.get(table, "kv_unified", f"{where}.kv_unified", bool)
+    for key in ("kv_unified", "embedding"):
+        if key in table:
+            updates[key] = r.get(table, key, f"{where}.{key}", bool)
     args = r.get(table, "args", f"{where}.args", list, None)
     if args is not None and not all(isinstance(a, str) for a in args):
         raise r.fail(f"{where}.args", "expected a list of strings")

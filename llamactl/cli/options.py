@@ -45,12 +45,14 @@ def parse_ngl(text: Optional[str]) -> Optional[int]:
 
 
 def _server_settings(ctx_size, n_gpu_layers, tensor_split, cache_type_k, cache_type_v, flash_attn, parallel,
-                     kv_unified, batch_size, ubatch_size, swa_full, no_kv_offload, no_mmap, no_repack) -> ServerSettings:
+                     kv_unified, batch_size, ubatch_size, swa_full, no_kv_offload, no_mmap, no_repack,
+                     embedding) -> ServerSettings:
     return ServerSettings(
         ctx_size=ctx_size, n_gpu_layers=parse_ngl(n_gpu_layers), tensor_split=parse_tensor_split(tensor_split),
         cache_type_k=cache_type_k.lower(), cache_type_v=cache_type_v.lower(), flash_attn=flash_attn.lower(),
         parallel=parallel, kv_unified=kv_unified, batch_size=batch_size, ubatch_size=ubatch_size,
         swa_full=swa_full, kv_offload=not no_kv_offload, mmap=not no_mmap, repack=not no_repack,
+        embedding=embedding,
     )
 
 
@@ -69,6 +71,7 @@ SERVER = OptionGroup("settings", (
     _opt("no_kv_offload", bool, typer.Option(False, "-nkvo", "--no-kv-offload", help="Keep the KV cache on the host.")),
     _opt("no_mmap", bool, typer.Option(False, "--no-mmap", help="Load weights into RAM (llama-server --load-mode none).")),
     _opt("no_repack", bool, typer.Option(False, "-nr", "--no-repack", help="No CPU_REPACK copies of quantized weights.")),
+    _opt("embedding", bool, typer.Option(False, "--embedding", "--embeddings", help="An embeddings server (llama-server --embedding).")),
 ), _server_settings)
 
 

@@ -214,6 +214,8 @@ def _kv(params: ModelParams, resolved: Resolved, devices: tuple[str, ...]) -> di
     # without flash attention V is stored transposed, every layer sized for the widest one
     v_width_max = max((params.n_embd_v_gqa(il) for il in range(params.n_layer)), default=0)
     per_device: dict[str, int] = {}
+    if not params.causal:
+        return per_device  # encoders attend within the batch and keep no cache
     for il in range(params.n_layer):
         if params.n_head_kv[il] == 0 or params.recurrent_layers[il]:
             continue
@@ -252,14 +254,14 @@ def compute_graph_bytes(params: ModelParams, resolved: Resolved) -> int:
         return _recurrent_graph_bytes(params, resolved)
     n_tokens = pad(resolved.n_ubatch, n_seqs)
     n_outputs = min(resolved.n_ubatch, resolved.n_seq_max)  # llama-server reserves n_parallel outputs
-    n_kv = resolved.n_ctx_seq
+    n_kv = resolved.n_ctx_seq if params.causal else n_tokens  # encoders: attention within the ubatch
     n_head, n_head_kv = max(params.n_head), max(params.n_head_kv)
     q_width = n_head * params.n_embd_head_k
     kv_width = n_head_kv * (params.n_embd_head_k + params.n_embd_head_v)
     act = F32 * n_tokens  # bytes per activation row element
     mask_elem = 2 if resolved.flash_attn else F32
     mask = mask_elem * n_kv * n_tokens
-    if any(params.swa_layers):  # the sliding-window layers have a mask of their own
+    if any(params.swa_layers) and params.causal:  # the sliding-window layers have a mask of their own
         mask += mask_elem * swa_cells(params, resolved) * n_tokens
     if params.n_expert and params.n_ff_exp:  # only the used experts' FFNs run per token
         ff_used = params.n_ff_exp * params.n_expert_used
@@ -267,8 +269,8 @@ def compute_graph_bytes(params: ModelParams, resolved: Resolved) -> int:
         # the experts' down outputs reuse the freed gate+up block when they fit in it, else they stack on top
         ffn = act * (3 * ff_used + (down if down > 2 * ff_used else 0) + cal["ffn_embd"] * params.n_embd
                      + cal["moe_router"] * params.n_expert)
-    else:
-        ffn = act * (3 * max(params.n_ff) + cal["ffn_embd"] * params.n_embd)
+    else:  # gate, up and their product; an ungated FFN (bert's GELU) only up, activated in place
+        ffn = act * ((3 if params.ffn_gated else 1) * max(params.n_ff) + cal["ffn_embd"] * params.n_embd)
     attention = act * (q_width + kv_width + cal["attn_embd"] * params.n_embd)
     if resolved.flash_attn:
         attention += act * n_head * params.n_embd_head_v  # the fused kernel's output
@@ -322,7 +324,8 @@ def estimate(params: ModelParams, resolved: Resolved, placement: Placement = Pla
         recurrent_bytes=state.get("CPU", 0),
         # with every layer offloaded the host only embeds the input tokens
         compute_bytes=graph if on_cpu else F32 * params.n_embd * resolved.n_ubatch,
-        output_bytes=F32 * params.n_vocab * resolved.n_seq_max,
+        # logits (reserved even by encoders) and, for an embeddings server, one embedding per slot
+        output_bytes=F32 * (params.n_vocab + (params.n_embd if resolved.embedding else 0)) * resolved.n_seq_max,
         overhead_bytes=HOST_RUNTIME_BASE_BYTES + HOST_RUNTIME_PER_TOKEN_BYTES * params.n_vocab,
     )]
     gpu_graph = int(graph * PARTIAL_COMPUTE_FACTOR) if on_cpu else graph

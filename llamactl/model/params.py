@@ -20,7 +20,7 @@ _LAYER_RE = re.compile(r"^blk\.(\d+)\.")
 
 # Architectures whose memory this version models term by term and has checked against llama-server.
 MODELLED_ARCHS = frozenset({
-    "llama", "qwen2", "qwen3", "qwen3moe", "gemma2", "gemma3", "mamba2", "granite", "internlm2",
+    "llama", "qwen2", "qwen3", "qwen3moe", "gemma2", "gemma3", "mamba2", "bert", "granite", "internlm2",
     "stablelm", "starcoder2", "olmo", "olmo2", "exaone", "smollm3",
 })
 
@@ -67,6 +67,8 @@ class ModelParams:
     ssm_d_state: int
     ssm_n_group: int
     ssm_dt_rank: int
+    causal: bool  # False: an encoder (bert & co.) that keeps no KV cache
+    ffn_gated: bool  # the FFN has a gate (SwiGLU/GeGLU) beside up
     n_params: int
     tied_output: bool
     tensors: tuple[TensorInfo, ...]
@@ -206,6 +208,8 @@ def model_params(header: GGUFHeader) -> ModelParams:
         n_embd_s=d_state * d_inner if any(recurrent) else 0,
         ssm_d_inner=d_inner, ssm_d_state=d_state, ssm_n_group=n_group,
         ssm_dt_rank=_int(header, f"{arch}.ssm.time_step_rank", 0),
+        causal=header.get(f"{arch}.attention.causal", True) is not False,
+        ffn_gated=any(t.name.startswith("blk.") and ".ffn_gate" in t.name for t in header.tensors),
         n_params=sum(t.n_elements for t in header.tensors),
         tied_output="output.weight" not in names,
         tensors=header.tensors,

@@ -40,6 +40,7 @@ class ServerSettings:
     kv_offload: bool = True  # -nkvo turns it off
     mmap: bool = True  # --no-mmap = llama-server's `--load-mode none`
     repack: bool = True  # --no-repack turns CPU_REPACK off
+    embedding: bool = False  # --embedding: an embeddings server
 
 
 @dataclass(frozen=True)
@@ -62,6 +63,7 @@ class Resolved:
     kv_offload: bool
     mmap: bool
     repack: bool
+    embedding: bool
 
 
 def pad(value: int, to: int) -> int:
@@ -99,8 +101,11 @@ def resolve(settings: ServerSettings, model: ModelParams, n_gpus: int) -> Resolv
         if n_ctx_seq == 0:
             raise UsageError(f"-c {ctx_size} is too small for {n_seq_max} slots: each would get no cells")
         n_ctx = n_ctx_seq * n_seq_max
-    # llama.cpp takes min(n_ctx, n_batch) before padding the context
-    n_batch = min(ctx_size, settings.batch_size)
+    batch = settings.batch_size
+    if settings.embedding:  # all of an input in one ubatch: the server caps the batch to the ubatch
+        batch = min(batch, settings.ubatch_size)
+    # llama.cpp takes min(n_ctx, n_batch) before padding the context (causal models only)
+    n_batch = min(ctx_size, batch) if model.causal else batch
     n_ubatch = min(n_batch, settings.ubatch_size)
 
     # `auto` enables flash attention when every attention op can run on its layer's device;
@@ -118,5 +123,5 @@ def resolve(settings: ServerSettings, model: ModelParams, n_gpus: int) -> Resolv
         kv_unified=unified, n_batch=n_batch, n_ubatch=n_ubatch, flash_attn=flash_attn,
         n_gpu_layers=ngl, cache_type_k=settings.cache_type_k, cache_type_v=settings.cache_type_v,
         swa_full=settings.swa_full and model.n_swa > 0, kv_offload=settings.kv_offload,
-        mmap=settings.mmap, repack=settings.repack,
+        mmap=settings.mmap, repack=settings.repack, embedding=settings.embedding,
     )

@@ -72,6 +72,8 @@ def build_command(
         argv.append("--metrics")
     if resolved.swa_full:
         argv.append("--swa-full")
+    if resolved.embedding:
+        argv.append("--embedding")
     if not resolved.kv_offload:
         argv.append("--no-kv-offload")
     if not resolved.mmap:
@@ -103,7 +105,7 @@ _MEMORY_FLAGS = {
     "-mg": "a main GPU", "--main-gpu": "a main GPU",
     "-ot": "tensor overrides", "--override-tensor": "tensor overrides",
     "-ncmoe": "expert offload", "--n-cpu-moe": "expert offload", "-cmoe": "expert offload", "--cpu-moe": "expert offload",
-    "--embedding": "embedding mode", "--embeddings": "embedding mode", "--reranking": "reranking mode",
+    "--reranking": "reranking mode",
     "-dev": "device selection", "--device": "device selection",
     "-hf": "another model", "--hf-repo": "another model", "-hff": "another model", "--hf-file": "another model",
     "-mu": "another model", "--model-url": "another model", "-hfd": "draft models", "--hf-repo-draft": "draft models",
@@ -121,7 +123,7 @@ _OWN_FLAGS = {
     "-fa", "--flash-attn", "-np", "--parallel", "-ctk", "--cache-type-k", "-ctv", "--cache-type-v",
     "-b", "--batch-size", "-ub", "--ubatch-size", "-kvu", "--kv-unified", "-no-kvu", "--no-kv-unified",
     "-ts", "--tensor-split", "-fit", "--fit", "--swa-full", "-nkvo", "--no-kv-offload", "-kvo", "--kv-offload",
-    "-lm", "--load-mode", "-nr", "--no-repack", "--repack",
+    "-lm", "--load-mode", "-nr", "--no-repack", "--repack", "--embedding", "--embeddings",
 }
 
 

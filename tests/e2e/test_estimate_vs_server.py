@@ -157,3 +157,33 @@ def test_demo_runs_end_to_end(server_binary, tmp_path: Path) -> None:
     assert "LLAMA-SERVER LOGGED" in out.stdout and "ready; a random-weight model says" in out.stdout
     assert "started on demand, streamed" in out.stdout and "16 streamed pieces" in out.stdout
     assert (tmp_path / "demo" / "llamactl-demo.gguf").exists()
+
+
+BERT = ModelSpec(arch="bert", n_vocab=4096, n_embd=256, n_layer=4, n_head=4, n_head_kv=4, n_ff=1024, n_ctx_train=2048)
+
+
+@pytest.mark.parametrize("settings", [
+    ServerSettings(ctx_size=2048, embedding=True),
+    ServerSettings(ctx_size=2048, embedding=True, flash_attn="off"),
+    ServerSettings(ctx_size=2048, embedding=True, ubatch_size=1024, batch_size=1024),
+    ServerSettings(ctx_size=512, embedding=True, parallel=1),
+], ids=["default", "fa-off", "ub1024", "np1"])
+def test_embedding_encoder_matches_logged_buffers(server_binary, server_caps, model_dir, settings) -> None:
+    compare(server_binary, server_caps, _model(model_dir, "bert", BERT), settings)
+
+
+def test_embedding_server_answers(server_binary, server_caps, tmp_path: Path) -> None:
+    path = write_model(tmp_path / "bert.gguf", BERT)
+    params = model_params(read_header(path))
+    port = free_port()
+    cmd = build_command(server_binary, path, resolve(ServerSettings(ctx_size=512, embedding=True), params, 0),
+                        server_caps, port=port)
+    assert "--embedding" in cmd.argv
+    vectors: list[list[float]] = []
+
+    def ask(base: str) -> None:
+        reply = httpx.post(f"{base}/v1/embeddings", json={"input": "hello world"}, timeout=30)
+        vectors.append(reply.json()["data"][0]["embedding"])
+
+    measure(list(cmd.argv), cmd.env, port, while_ready=ask)
+    assert len(vectors[0]) == 256

@@ -70,7 +70,7 @@ def test_parse_version() -> None:
 def _resolved(**kw) -> Resolved:
     base = dict(ctx_size=4096, n_ctx=4096, n_ctx_seq=4096, n_seq_max=4, n_stream=1, kv_unified=True, n_batch=2048, n_ubatch=512,
                 flash_attn=True, n_gpu_layers=33, cache_type_k="f16", cache_type_v="f16", swa_full=False,
-                kv_offload=True, mmap=True, repack=True)
+                kv_offload=True, mmap=True, repack=True, embedding=False)
     base.update(kw)
     return Resolved(**base)
 
