@@ -19,7 +19,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from llamactl.estimate import host_repack_types  # noqa: E402
 from llamactl.model.gguf import read_header  # noqa: E402
 from llamactl.model.memory import Placement, estimate  # noqa: E402
-from llamactl.model.params import model_params  # noqa: E402
+from llamactl.model.params import ModelParams, model_params  # noqa: E402
 from llamactl.model.settings import ServerSettings, resolve  # noqa: E402
 from llamactl.model.synth import REALISTIC, ModelSpec, write_model  # noqa: E402
 from llamactl.servers.buffers import free_port, measure  # noqa: E402
@@ -70,18 +70,29 @@ def describe(s: ServerSettings) -> str:
     return " ".join(parts)
 
 
-def run_case(case: Case, binary: Path, workdir: Path) -> dict[str, tuple[int, int]]:
-    path = workdir / f"{abs(hash((case.spec, case.sparse)))}.gguf"
+ALL_TERMS = ("weights", "kv", "recurrent", "compute", "output")
+
+
+def measure_case(spec: ModelSpec, sparse: bool, settings: ServerSettings, binary: Path,
+                 workdir: Path) -> tuple[ModelParams, dict[str, int], dict[str, int]]:
+    """Write the model (once per shape), estimate it for the CPU, load it in llama-server: (params, ours, logged)."""
+    path = workdir / f"{abs(hash((spec, sparse)))}.gguf"
     if not path.exists():
-        write_model(path, case.spec, sparse=case.sparse)
+        write_model(path, spec, sparse=sparse)
     params = model_params(read_header(path))
-    resolved = resolve(case.settings, params, 0)
+    resolved = resolve(settings, params, 0)
     est = estimate(params, resolved, Placement(cpu_repack_types=host_repack_types())).device("CPU")
     port = free_port()
     cmd = build_command(binary, path, resolved, probe(binary), port=port, verbose_buffers=True)
     got = measure(list(cmd.argv), cmd.env, port, timeout_s=300).buffers
-    estimated = {"weights": est.weights_bytes, "kv": est.kv_bytes, "compute": est.compute_bytes, "output": est.output_bytes}
-    return {term: (estimated[term], got.term(term)) for term in TERMS}
+    ours = {"weights": est.weights_bytes, "kv": est.kv_bytes, "recurrent": est.recurrent_bytes,
+            "compute": est.compute_bytes, "output": est.output_bytes}
+    return params, ours, {term: got.term(term) for term in ALL_TERMS}
+
+
+def run_case(case: Case, binary: Path, workdir: Path) -> dict[str, tuple[int, int]]:
+    _, ours, logged = measure_case(case.spec, case.sparse, case.settings, binary, workdir)
+    return {term: (ours[term], logged[term]) for term in TERMS}
 
 
 def main() -> int:

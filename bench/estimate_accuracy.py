@@ -21,15 +21,14 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from llamactl.estimate import host_repack_types  # noqa: E402
-from llamactl.model.gguf import read_header  # noqa: E402
-from llamactl.model.memory import Placement, estimate  # noqa: E402
-from llamactl.model.params import ModelParams, model_params  # noqa: E402
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from accuracy import measure_case  # noqa: E402
+
+from llamactl.model.params import ModelParams  # noqa: E402
 from llamactl.model.settings import ServerSettings, resolve  # noqa: E402
-from llamactl.model.synth import REALISTIC, ModelSpec, write_model  # noqa: E402
-from llamactl.servers.buffers import free_port, measure  # noqa: E402
-from llamactl.servers.command import build_command  # noqa: E402
-from llamactl.servers.probe import find_server, probe  # noqa: E402
+from llamactl.model.synth import REALISTIC, ModelSpec  # noqa: E402
+from llamactl.servers.probe import find_server  # noqa: E402
 from llamactl.units import MiB  # noqa: E402
 
 TERMS = ("weights", "kv", "recurrent", "compute", "output")
@@ -99,23 +98,12 @@ def main() -> int:
     parser.add_argument("--markdown", action="store_true")
     args = parser.parse_args()
     binary = find_server(args.server)
-    caps = probe(binary)
     worst: dict[str, float] = {}
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         for case in cases(args.realistic):
-            path = Path(tmp) / f"{abs(hash((case.spec, case.sparse)))}.gguf"
-            if not path.exists():
-                write_model(path, case.spec, sparse=case.sparse)
-            params = model_params(read_header(path))
+            params, ours, truth = measure_case(case.spec, case.sparse, case.settings, binary, Path(tmp))
             resolved = resolve(case.settings, params, 0)
-            est = estimate(params, resolved, Placement(cpu_repack_types=host_repack_types())).device("CPU")
-            port = free_port()
-            cmd = build_command(binary, path, resolved, caps, port=port, verbose_buffers=True)
-            got = measure(list(cmd.argv), cmd.env, port, timeout_s=300).buffers
-            ours = {"weights": est.weights_bytes, "kv": est.kv_bytes, "recurrent": est.recurrent_bytes,
-                    "compute": est.compute_bytes, "output": est.output_bytes}
-            truth = {t: got.term(t) for t in TERMS}
             total_truth = sum(truth.values())
             row = [case.label]
             for term in TERMS:
