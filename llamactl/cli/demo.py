@@ -82,11 +82,11 @@ def command(
 
 def _through_the_proxy(model: Path, binary: Path, ctx_size: int) -> None:
     """Start `llamactl proxy` on the demo model, ask it one chat completion as a client would, stop it."""
-    import signal
-    import subprocess
     import sys
     import tempfile
     import time
+
+    from llamactl.servers import runner
 
     demo_dir = model.parent
     port, first_instance_port = free_port(), free_port()
@@ -97,13 +97,13 @@ def _through_the_proxy(model: Path, binary: Path, ctx_size: int) -> None:
         argv = [sys.executable, "-m", "llamactl", "--config", str(config), "--state-dir", state, "proxy",
                 "--server-bin", str(binary), "--gpus", "none"]
         print(f"\nstarting the proxy: llamactl --config {config} proxy --gpus none")
-        proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+        proxy = runner.spawn(argv, {}, Path(state) / "proxy.log")
         base = f"http://127.0.0.1:{port}"
         try:
             deadline = time.monotonic() + 30
             while client.health_status(base) != 200:
-                if proc.poll() is not None or time.monotonic() > deadline:
-                    raise LlamactlError(f"the demo proxy did not start: {(proc.stderr.read() if proc.stderr else '').strip()}")
+                if proxy.proc.poll() is not None or time.monotonic() > deadline:
+                    raise LlamactlError(f"the demo proxy did not start: {runner.tail(proxy.log_path, 3)}")
                 time.sleep(0.1)
             started = time.monotonic()
             print(f"POST {base}/v1/chat/completions (model gpt-4o-mini → demo, started on demand, streamed):\n  ",
@@ -121,12 +121,7 @@ def _through_the_proxy(model: Path, binary: Path, ctx_size: int) -> None:
                   f"  curl -s {base}/v1/chat/completions -H 'Content-Type: application/json' "
                   "-d '{\"model\": \"demo\", \"messages\": [{\"role\": \"user\", \"content\": \"hi\"}]}'")
         finally:
-            proc.send_signal(signal.SIGTERM)
-            try:
-                proc.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
+            runner.stop(proxy.pid, proxy.create_time, grace_s=30.0, child=proxy.proc)
 
 
 def register(app: typer.Typer) -> None:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Callable
+from pathlib import Path
 from dataclasses import dataclass, field
 
 from llamactl.units import MiB
@@ -69,46 +70,28 @@ class Measurement:
 
 def measure(argv: list[str], env: dict[str, str], port: int, *, timeout_s: float = 120.0,
             while_ready: Callable[[str], None] | None = None) -> Measurement:
-    """Run llama-server until it answers /health, then stop it and parse its buffer log.
+    """Run llama-server until it is ready, then stop it and parse its buffer log.
 
     The argv must log at verbosity 4 (build_command(..., verbose_buffers=True)). `while_ready`
-    is called with the server's base URL before it is stopped. Raises
-    RuntimeError with the log's tail if the server exits or misses the deadline.
+    is called with the server's base URL before it is stopped. Raises LaunchError with the
+    log's tail if the server exits or misses the deadline.
     """
-    import subprocess
     import tempfile
-    import time
 
-    from llamactl.servers import client
-    from llamactl.servers.runner import LaunchError, child_env
+    from llamactl.servers import runner
 
-    with tempfile.TemporaryFile("w+") as log_file:
-        start = time.monotonic()
-        proc = subprocess.Popen(argv, stdout=log_file, stderr=subprocess.STDOUT, env=child_env(env),
-                                start_new_session=True)
+    model = argv[argv.index("--model") + 1] if "--model" in argv else ""
+    with tempfile.TemporaryDirectory() as tmp:
+        log_path = Path(tmp) / "llama-server.log"
+        child = runner.spawn(argv, env, log_path)
         try:
-            with client.session() as http:
-                while True:
-                    if proc.poll() is not None:
-                        raise LaunchError(f"llama-server exited with {proc.returncode}: {_tail(log_file)}")
-                    if time.monotonic() - start > timeout_s:
-                        raise LaunchError(f"llama-server not ready after {timeout_s:.0f} s: {_tail(log_file)}")
-                    if client.health(http, f"http://127.0.0.1:{port}") == 200:
-                        break
-                    time.sleep(0.02)
-            ready_s = time.monotonic() - start
-            rss_bytes = _rss(proc.pid)
+            ready_s = runner.wait_ready(child, port, model, timeout_s)
+            rss_bytes = _rss(child.pid)
             if while_ready is not None:
                 while_ready(f"http://127.0.0.1:{port}")
         finally:
-            proc.terminate()
-            try:
-                proc.wait(5)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
-        log_file.seek(0)
-        text = log_file.read()
+            runner.stop(child.pid, child.create_time, grace_s=5.0, child=child.proc)
+        text = log_path.read_text(errors="replace")
     return Measurement(parse_buffer_log(text), text, ready_s, rss_bytes)
 
 
@@ -119,8 +102,3 @@ def _rss(pid: int) -> int | None:
         return int(psutil.Process(pid).memory_info().rss)
     except psutil.Error:
         return None
-
-
-def _tail(log_file: object, lines: int = 8) -> str:
-    log_file.seek(0)  # type: ignore[attr-defined]
-    return " | ".join(log_file.read().strip().splitlines()[-lines:])  # type: ignore[attr-defined]

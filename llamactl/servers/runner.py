@@ -15,7 +15,7 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -44,7 +44,7 @@ class Child:
 
 
 def spawn(argv: list[str], env_overrides: dict[str, str], log_path: Path) -> Child:
-    """Start `argv` in a new session, stdout/stderr appended to `log_path`."""
+    """Start `argv` in a new session, stdout/stderr appended to `log_path` (LLAMA_ARG_* left out of its env)."""
     log_path.parent.mkdir(parents=True, exist_ok=True)
     with open(log_path, "ab") as log_file:
         log_file.write(f"==> {time.strftime('%Y-%m-%d %H:%M:%S')} llamactl starts: {' '.join(argv)}\n".encode())
@@ -55,6 +55,26 @@ def spawn(argv: list[str], env_overrides: dict[str, str], log_path: Path) -> Chi
         except OSError as exc:
             raise LaunchError(f"cannot start {argv[0]}: {exc.strerror or exc}") from None
     return Child(proc, proc.pid, create_time_of(proc.pid), log_path)
+
+
+def run_capture(argv: list[str], *, timeout_s: float, env: dict[str, str] | None = None) -> tuple[int, str, str]:
+    """Run a short command to completion: (exit code, stdout, stderr). TimeoutError / OSError on failure."""
+    try:
+        proc = subprocess.run(argv, capture_output=True, text=True, errors="replace", timeout=timeout_s,
+                              env=env, check=False)
+    except subprocess.TimeoutExpired:
+        raise TimeoutError(f"{argv[0]} did not finish within {timeout_s:g} s") from None
+    return proc.returncode, proc.stdout, proc.stderr
+
+
+def run_lines(argv: list[str], *, env: dict[str, str] | None = None) -> Iterator[str]:
+    """Run a long command, yielding its output (stdout and stderr) line by line; OSError if it fails."""
+    proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
+    assert proc.stdout is not None
+    yield from proc.stdout
+    code = proc.wait()
+    if code != 0:
+        raise OSError(f"{argv[0]} exited with code {code}")
 
 
 def child_env(overrides: dict[str, str]) -> dict[str, str]:
