@@ -221,8 +221,8 @@ def _kv(params: ModelParams, resolved: Resolved, devices: tuple[str, ...]) -> di
             continue
         cells = window_cells if params.swa_layers[il] else full_cells
         v_width = params.n_embd_v_gqa(il) if resolved.flash_attn else v_width_max
-        layer_bytes = (row_bytes(resolved.cache_type_k, params.n_embd_k_gqa(il))
-                       + row_bytes(resolved.cache_type_v, v_width)) * cells
+        v_bytes = 0 if params.mla else row_bytes(resolved.cache_type_v, v_width)  # MLA: V is read from K
+        layer_bytes = (row_bytes(resolved.cache_type_k, params.n_embd_k_gqa(il)) + v_bytes) * cells
         dev = devices[il] if resolved.kv_offload else "CPU"
         per_device[dev] = per_device.get(dev, 0) + layer_bytes
     return per_device
@@ -263,14 +263,17 @@ def compute_graph_bytes(params: ModelParams, resolved: Resolved) -> int:
     mask = mask_elem * n_kv * n_tokens
     if any(params.swa_layers) and params.causal:  # the sliding-window layers have a mask of their own
         mask += mask_elem * swa_cells(params, resolved) * n_tokens
+    ffn = 0
     if params.n_expert and params.n_ff_exp:  # only the used experts' FFNs run per token
         ff_used = params.n_ff_exp * params.n_expert_used
         down = params.n_embd * params.n_expert_used
         # the experts' down outputs reuse the freed gate+up block when they fit in it, else they stack on top
         ffn = act * (3 * ff_used + (down if down > 2 * ff_used else 0) + cal["ffn_embd"] * params.n_embd
                      + cal["moe_router"] * params.n_expert)
-    else:  # gate, up and their product; an ungated FFN (bert's GELU) only up, activated in place
-        ffn = act * ((3 if params.ffn_gated else 1) * max(params.n_ff) + cal["ffn_embd"] * params.n_embd)
+    if params.ffn_dense or not params.n_expert:
+        # gate, up and their product; an ungated FFN (bert's GELU) only up, activated in place
+        dense = act * ((3 if params.ffn_gated else 1) * max(params.n_ff) + cal["ffn_embd"] * params.n_embd)
+        ffn = max(ffn, dense)
     attention = act * (q_width + kv_width + cal["attn_embd"] * params.n_embd)
     if resolved.flash_attn:
         attention += act * n_head * params.n_embd_head_v  # the fused kernel's output

@@ -20,7 +20,7 @@ _LAYER_RE = re.compile(r"^blk\.(\d+)\.")
 
 # Architectures whose memory this version models term by term and has checked against llama-server.
 MODELLED_ARCHS = frozenset({
-    "llama", "qwen2", "qwen3", "qwen3moe", "gemma2", "gemma3", "mamba2", "bert", "granite", "internlm2",
+    "llama", "qwen2", "qwen3", "qwen3moe", "gemma2", "gemma3", "mamba2", "bert", "deepseek2", "granite", "internlm2",
     "stablelm", "starcoder2", "olmo", "olmo2", "exaone", "smollm3",
 })
 
@@ -68,7 +68,9 @@ class ModelParams:
     ssm_n_group: int
     ssm_dt_rank: int
     causal: bool  # False: an encoder (bert & co.) that keeps no KV cache
+    mla: bool  # multi-head latent attention (deepseek2 & co.): the cache holds the compressed K only
     ffn_gated: bool  # the FFN has a gate (SwiGLU/GeGLU) beside up
+    ffn_dense: bool  # some layer has a dense FFN (all of a dense model's; a MoE's leading dense layers)
     n_params: int
     tied_output: bool
     tensors: tuple[TensorInfo, ...]
@@ -209,7 +211,10 @@ def model_params(header: GGUFHeader) -> ModelParams:
         ssm_d_inner=d_inner, ssm_d_state=d_state, ssm_n_group=n_group,
         ssm_dt_rank=_int(header, f"{arch}.ssm.time_step_rank", 0),
         causal=header.get(f"{arch}.attention.causal", True) is not False,
+        # llama.cpp's is_mla(): both MLA head sizes present (files converted before that store K and V)
+        mla=bool(_int(header, f"{arch}.attention.key_length_mla", 0) and _int(header, f"{arch}.attention.value_length_mla", 0)),
         ffn_gated=any(t.name.startswith("blk.") and ".ffn_gate" in t.name for t in header.tensors),
+        ffn_dense=any(t.name.startswith("blk.") and t.name.endswith(".ffn_up.weight") for t in header.tensors),
         n_params=sum(t.n_elements for t in header.tensors),
         tied_output="output.weight" not in names,
         tensors=header.tensors,

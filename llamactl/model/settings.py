@@ -10,6 +10,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from gguf.constants import GGML_QUANT_SIZES, GGMLQuantizationType
+
 from llamactl.errors import UsageError
 from llamactl.model.params import ModelParams
 
@@ -113,6 +115,16 @@ def resolve(settings: ServerSettings, model: ModelParams, n_gpus: int) -> Resolv
     flash_attn = settings.flash_attn != "off"
     if settings.cache_type_v not in ("f32", "f16", "bf16") and not flash_attn:
         raise UsageError("quantized V cache (-ctv) requires flash attention: use -fa on")
+    if model.mla and settings.cache_type_k != settings.cache_type_v:
+        raise UsageError(f"MLA models do not support different K ({settings.cache_type_k}) and V "
+                         f"({settings.cache_type_v}) cache types (llama.cpp refuses it); give -ctk and -ctv the same type")
+    if flash_attn:  # llama_init_from_model refuses quantized cache blocks that do not divide a head
+        for flag, kind, head in (("-ctk", settings.cache_type_k, model.n_embd_head_k),
+                                 ("-ctv", settings.cache_type_v, model.n_embd_head_v)):
+            block = GGML_QUANT_SIZES[GGMLQuantizationType[kind.upper()]][0]
+            if block > 1 and head and head % block:
+                raise UsageError(f"{flag} {kind}: its block of {block} does not divide this model's head size {head} "
+                                 "(llama.cpp refuses it); use f16 or -fa off")
 
     max_layers = model.n_layer + 1  # the output layer counts as one
     ngl = max_layers if settings.n_gpu_layers is None or settings.n_gpu_layers < 0 else min(settings.n_gpu_layers, max_layers)

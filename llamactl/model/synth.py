@@ -58,6 +58,7 @@ _ARCHES = {
     "gemma3": MODEL_ARCH.GEMMA3,
     "mamba2": MODEL_ARCH.MAMBA2,
     "bert": MODEL_ARCH.BERT,
+    "deepseek2": MODEL_ARCH.DEEPSEEK2,
 }
 _BIASED_ARCHES = {MODEL_ARCH.QWEN2}  # q/k/v biases on a llama-style block
 # Per-head RMS norms on Q and K; these files always write key/value_length.
@@ -67,6 +68,11 @@ _SSM_ARCHES = {MODEL_ARCH.MAMBA2}
 _SWA_ARCHES = {MODEL_ARCH.GEMMA3}
 _SANDWICH_NORM_ARCHES = {MODEL_ARCH.GEMMA3}  # post_attention_norm / post_ffw_norm
 _ENCODER_ARCHES = {MODEL_ARCH.BERT}
+# Multi-head Latent Attention (DeepSeek-V2 layout, src/models/deepseek2.cpp):
+# low-rank KV (and optionally Q) projections, written as the HF converter
+# does (MQA form plus split attn_k_b / attn_v_b), with a MoE FFN after
+# n_dense_lead dense layers.
+_MLA_ARCHES = {MODEL_ARCH.DEEPSEEK2}
 # llama.cpp's LLAMA_MAX_EXPERTS (src/llama-hparams.h).
 _MAX_EXPERTS = 1024
 _LAYER_NORM_EPS = 1e-12  # bert's LayerNorm epsilon
@@ -123,6 +129,17 @@ class ModelSpec:
       with biases, learned position embeddings (n_ctx_train rows), token type
       embeddings, mean pooling, non-causal. No output tensor (tied_output is
       ignored); head_dim must be None.
+    - "deepseek2": Multi-head Latent Attention (DeepSeek-V2). Needs
+      kv_lora_rank, n_rot (qk_rope_head_dim) and head_dim, which is both the
+      non-rope ("nope") part of each query/key head and the value head size;
+      a key head is head_dim + n_rot wide. q_lora_rank = 0 writes a plain
+      attn_q (as DeepSeek-V2-Lite), > 0 a compressed attn_q_a/attn_q_b.
+      Metadata follows the HF converter: head_count_kv 1 (n_head_kv is
+      ignored), key_length kv_lora_rank + n_rot, value_length kv_lora_rank,
+      key_length_mla head_dim + n_rot, value_length_mla head_dim. The first
+      n_dense_lead layers use a dense FFN (n_ff); the rest a MoE FFN
+      (n_expert, n_expert_used, n_ff_exp, all required) plus
+      n_shared_expert (>= 1) shared experts of width n_ff_exp each.
     """
 
     arch: str = "llama"  # see the class docstring
@@ -157,6 +174,14 @@ class ModelSpec:
     ssm_d_state: int = 0
     ssm_n_group: int = 0
     ssm_dt_rank: int = 0
+    # deepseek2 only: KV compression rank (required), Q compression rank
+    # (0 = plain attn_q), rope part of each key head (required), leading
+    # dense-FFN layers, and shared experts per MoE layer (required).
+    kv_lora_rank: int = 0
+    q_lora_rank: int = 0
+    n_rot: int = 0
+    n_dense_lead: int = 0
+    n_shared_expert: int = 0
 
     @property
     def head_size(self) -> int:
@@ -245,6 +270,7 @@ def _validate(spec: ModelSpec, qtype: GGMLQuantizationType) -> None:
         _validate_attention(spec, arch)
     _validate_swa(spec, arch)
     _validate_moe(spec, arch)
+    _validate_mla(spec, arch)
     _validate_ssm(spec, arch)
     _validate_merges(spec)
     _validate_rows(spec, arch, qtype)
@@ -272,9 +298,11 @@ def _validate_swa(spec: ModelSpec, arch: MODEL_ARCH) -> None:
 
 def _validate_moe(spec: ModelSpec, arch: MODEL_ARCH) -> None:
     fields = {"n_expert": spec.n_expert, "n_expert_used": spec.n_expert_used, "n_ff_exp": spec.n_ff_exp}
-    if arch not in _MOE_ARCHES:
+    if arch not in _MOE_ARCHES | _MLA_ARCHES:
         if any(fields.values()):
-            raise ValueError(f"{', '.join(fields)} only apply to {_arch_list(_MOE_ARCHES)}")
+            raise ValueError(
+                f"{', '.join(fields)} only apply to {_arch_list(_MOE_ARCHES)} and {_arch_list(_MLA_ARCHES)}"
+            )
         return
     if min(fields.values()) <= 0:
         raise ValueError(f"{spec.arch} needs n_expert, n_expert_used and n_ff_exp > 0, got {fields}")
@@ -282,6 +310,27 @@ def _validate_moe(spec: ModelSpec, arch: MODEL_ARCH) -> None:
         raise ValueError(f"n_expert {spec.n_expert} exceeds llama.cpp's limit of {_MAX_EXPERTS}")
     if spec.n_expert_used > spec.n_expert:
         raise ValueError(f"n_expert_used {spec.n_expert_used} exceeds n_expert {spec.n_expert}")
+
+
+def _validate_mla(spec: ModelSpec, arch: MODEL_ARCH) -> None:
+    fields = {
+        "kv_lora_rank": spec.kv_lora_rank, "q_lora_rank": spec.q_lora_rank, "n_rot": spec.n_rot,
+        "n_dense_lead": spec.n_dense_lead, "n_shared_expert": spec.n_shared_expert,
+    }
+    if arch not in _MLA_ARCHES:
+        if any(fields.values()):
+            raise ValueError(f"{', '.join(fields)} only apply to {_arch_list(_MLA_ARCHES)}")
+        return
+    if spec.head_dim is None:
+        raise ValueError(f"{spec.arch} needs head_dim (the non-rope key head and value head size)")
+    if min(spec.kv_lora_rank, spec.n_rot, spec.n_shared_expert) <= 0:
+        raise ValueError(f"{spec.arch} needs kv_lora_rank, n_rot and n_shared_expert > 0, got {fields}")
+    if spec.n_rot % 2:
+        raise ValueError(f"n_rot must be even (rotary pairs), got {spec.n_rot}")
+    if spec.q_lora_rank < 0:
+        raise ValueError(f"q_lora_rank must be >= 0, got {spec.q_lora_rank}")
+    if not 0 <= spec.n_dense_lead <= spec.n_layer:
+        raise ValueError(f"n_dense_lead must be in 0..n_layer ({spec.n_layer}), got {spec.n_dense_lead}")
 
 
 def _validate_ssm(spec: ModelSpec, arch: MODEL_ARCH) -> None:
@@ -330,6 +379,11 @@ def _validate_rows(spec: ModelSpec, arch: MODEL_ARCH, qtype: GGMLQuantizationTyp
     # The row (ggml ne[0]) lengths of the matrices written in `qtype`.
     if arch in _SSM_ARCHES:
         rows = {spec.n_embd, spec.ssm_d_inner}
+    elif arch in _MLA_ARCHES:
+        # attn_k_b rows are head_dim, attn_v_b rows kv_lora_rank, shexp down n_ff_exp * n_shared.
+        rows = {spec.n_embd, spec.n_ff_exp, spec.head_size, spec.kv_lora_rank, spec.n_head * spec.head_size}
+        rows |= {spec.n_ff} if spec.n_dense_lead else set()
+        rows |= {spec.q_lora_rank} if spec.q_lora_rank else set()
     elif arch in _MOE_ARCHES:
         rows = {spec.n_embd, spec.n_ff_exp, spec.n_head * spec.head_size}
     else:
@@ -352,10 +406,14 @@ def _add_hparams(writer: GGUFWriter, spec: ModelSpec, qtype: GGMLQuantizationTyp
         _add_ssm_hparams(writer, spec)
     elif arch in _ENCODER_ARCHES:
         _add_encoder_hparams(writer, spec)
+    elif arch in _MLA_ARCHES:
+        _add_mla_hparams(writer, spec)
     else:
         _add_decoder_hparams(writer, spec)
     writer.add_vocab_size(spec.n_vocab)
-    if arch not in _SSM_ARCHES | _ENCODER_ARCHES:
+    if arch in _MLA_ARCHES:
+        _add_mla_extras(writer, spec)
+    elif arch not in _SSM_ARCHES | _ENCODER_ARCHES:
         _add_decoder_extras(writer, spec, arch)
     writer.add_file_type(_FILE_TYPES[qtype])
     if qtype not in _FLOAT_TYPES:
@@ -386,6 +444,33 @@ def _add_decoder_extras(writer: GGUFWriter, spec: ModelSpec, arch: MODEL_ARCH) -
         writer.add_expert_count(spec.n_expert)
         writer.add_expert_used_count(spec.n_expert_used)
         writer.add_expert_feed_forward_length(spec.n_ff_exp)
+
+
+def _add_mla_hparams(writer: GGUFWriter, spec: ModelSpec) -> None:
+    # MLA is stored as MQA: one KV "head" holding the compressed latent.
+    writer.add_feed_forward_length(spec.n_ff)
+    writer.add_head_count(spec.n_head)
+    writer.add_head_count_kv(1)
+    writer.add_layer_norm_rms_eps(_RMS_EPS)
+    writer.add_rope_dimension_count(spec.n_rot)
+    writer.add_rope_freq_base(spec.rope_freq_base)
+
+
+def _add_mla_extras(writer: GGUFWriter, spec: ModelSpec) -> None:
+    # Keys read by llama_model_deepseek2::load_arch_hparams. q_lora_rank is
+    # required there unless n_layer is 26/27 (the "lite" heuristic), so it
+    # is always written, 0 meaning a plain attn_q.
+    writer.add_leading_dense_block_count(spec.n_dense_lead)
+    writer.add_q_lora_rank(spec.q_lora_rank)
+    writer.add_kv_lora_rank(spec.kv_lora_rank)
+    writer.add_key_length(spec.kv_lora_rank + spec.n_rot)
+    writer.add_value_length(spec.kv_lora_rank)
+    writer.add_key_length_mla(spec.head_size + spec.n_rot)
+    writer.add_value_length_mla(spec.head_size)
+    writer.add_expert_feed_forward_length(spec.n_ff_exp)
+    writer.add_expert_count(spec.n_expert)
+    writer.add_expert_used_count(spec.n_expert_used)
+    writer.add_expert_shared_count(spec.n_shared_expert)
 
 
 def _add_ssm_hparams(writer: GGUFWriter, spec: ModelSpec) -> None:
@@ -508,7 +593,12 @@ def _tensor_plan(spec: ModelSpec, qtype: GGMLQuantizationType) -> Iterator[Tenso
     yield _tensor_name(arch, MODEL_TENSOR.OUTPUT_NORM, "weight"), (spec.n_embd,), f32
     if not spec.tied_output:
         yield _tensor_name(arch, MODEL_TENSOR.OUTPUT, "weight"), (spec.n_vocab, spec.n_embd), qtype
-    block = _ssm_block_plan if arch in _SSM_ARCHES else _block_plan
+    if arch in _SSM_ARCHES:
+        block = _ssm_block_plan
+    elif arch in _MLA_ARCHES:
+        block = _mla_block_plan
+    else:
+        block = _block_plan
     for layer in range(spec.n_layer):
         yield from block(spec, arch, layer, qtype)
 
@@ -560,6 +650,41 @@ def _moe_ffn_plan(spec: ModelSpec, arch: MODEL_ARCH, bid: int, qtype: GGMLQuanti
     yield _tensor_name(arch, MODEL_TENSOR.FFN_GATE_EXP, "weight", bid), (n_exp, n_ff_exp, n_embd), qtype
     yield _tensor_name(arch, MODEL_TENSOR.FFN_UP_EXP, "weight", bid), (n_exp, n_ff_exp, n_embd), qtype
     yield _tensor_name(arch, MODEL_TENSOR.FFN_DOWN_EXP, "weight", bid), (n_exp, n_embd, n_ff_exp), qtype
+
+
+def _mla_block_plan(spec: ModelSpec, arch: MODEL_ARCH, bid: int, qtype: GGMLQuantizationType) -> Iterator[TensorPlan]:
+    # Shapes from llama_model_deepseek2::load_arch_tensors, reversed (MLA form:
+    # split attn_k_b / attn_v_b, as current converters write).
+    f32 = GGMLQuantizationType.F32
+    n_embd, n_head, nope, rope = spec.n_embd, spec.n_head, spec.head_size, spec.n_rot
+    q_rank, kv_rank, v_head = spec.q_lora_rank, spec.kv_lora_rank, spec.head_size
+    q_dim = n_head * (nope + rope)
+    yield _tensor_name(arch, MODEL_TENSOR.ATTN_NORM, "weight", bid), (n_embd,), f32
+    if q_rank:
+        yield _tensor_name(arch, MODEL_TENSOR.ATTN_Q_A_NORM, "weight", bid), (q_rank,), f32
+        yield _tensor_name(arch, MODEL_TENSOR.ATTN_Q_A, "weight", bid), (q_rank, n_embd), qtype
+        yield _tensor_name(arch, MODEL_TENSOR.ATTN_Q_B, "weight", bid), (q_dim, q_rank), qtype
+    else:
+        yield _tensor_name(arch, MODEL_TENSOR.ATTN_Q, "weight", bid), (q_dim, n_embd), qtype
+    yield _tensor_name(arch, MODEL_TENSOR.ATTN_KV_A_NORM, "weight", bid), (kv_rank,), f32
+    yield _tensor_name(arch, MODEL_TENSOR.ATTN_KV_A_MQA, "weight", bid), (kv_rank + rope, n_embd), qtype
+    yield _tensor_name(arch, MODEL_TENSOR.ATTN_K_B, "weight", bid), (n_head, kv_rank, nope), qtype
+    yield _tensor_name(arch, MODEL_TENSOR.ATTN_V_B, "weight", bid), (n_head, v_head, kv_rank), qtype
+    yield _tensor_name(arch, MODEL_TENSOR.ATTN_OUT, "weight", bid), (n_embd, n_head * v_head), qtype
+    yield _tensor_name(arch, MODEL_TENSOR.FFN_NORM, "weight", bid), (n_embd,), f32
+    if bid < spec.n_dense_lead:
+        for tensor, shape in [
+            (MODEL_TENSOR.FFN_GATE, (spec.n_ff, n_embd)),
+            (MODEL_TENSOR.FFN_UP, (spec.n_ff, n_embd)),
+            (MODEL_TENSOR.FFN_DOWN, (n_embd, spec.n_ff)),
+        ]:
+            yield _tensor_name(arch, tensor, "weight", bid), shape, qtype
+        return
+    yield from _moe_ffn_plan(spec, arch, bid, qtype)
+    n_ff_sh = spec.n_ff_exp * spec.n_shared_expert
+    yield _tensor_name(arch, MODEL_TENSOR.FFN_GATE_SHEXP, "weight", bid), (n_ff_sh, n_embd), qtype
+    yield _tensor_name(arch, MODEL_TENSOR.FFN_UP_SHEXP, "weight", bid), (n_ff_sh, n_embd), qtype
+    yield _tensor_name(arch, MODEL_TENSOR.FFN_DOWN_SHEXP, "weight", bid), (n_embd, n_ff_sh), qtype
 
 
 def _ssm_block_plan(spec: ModelSpec, arch: MODEL_ARCH, bid: int, qtype: GGMLQuantizationType) -> Iterator[TensorPlan]:
@@ -712,6 +837,15 @@ REALISTIC: dict[str, ModelSpec] = {
         arch="mamba2", n_vocab=50288, n_embd=2560, n_layer=64, n_ctx_train=1048576, tied_output=True,
         ssm_d_conv=4, ssm_d_inner=5120, ssm_d_state=128, ssm_n_group=1, ssm_dt_rank=80,
         name="mamba2-2.7b",
+    ),
+    # deepseek-ai/DeepSeek-V2-Lite: MLA with no Q compression (qk_nope 128,
+    # qk_rope 64, v 128), first layer dense, 64 routed + 2 shared experts.
+    # 27 layers is also what llama.cpp's "lite" heuristic keys on.
+    "deepseek-v2-lite": ModelSpec(
+        arch="deepseek2", n_vocab=102400, n_embd=2048, n_layer=27, n_head=16, head_dim=128,
+        n_ff=10944, kv_lora_rank=512, q_lora_rank=0, n_rot=64, n_dense_lead=1,
+        n_expert=64, n_expert_used=6, n_ff_exp=1408, n_shared_expert=2, n_ctx_train=163840,
+        name="deepseek-v2-lite",
     ),
 }
 

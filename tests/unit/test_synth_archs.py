@@ -1,4 +1,4 @@
-"""synth's newer architectures (qwen3, qwen3moe, gemma3, mamba2, bert): headers hold what llama.cpp's loaders read."""
+"""synth's newer architectures (qwen3, qwen3moe, gemma3, mamba2, bert, deepseek2): headers hold what llama.cpp's loaders read."""
 
 from __future__ import annotations
 
@@ -19,6 +19,9 @@ GEMMA3 = ModelSpec(arch="gemma3", n_layer=6, n_embd=128, n_head=4, n_head_kv=2, 
 MAMBA2 = ModelSpec(arch="mamba2", n_embd=128, ssm_d_conv=4, ssm_d_inner=256, ssm_d_state=16, ssm_n_group=1,
                    ssm_dt_rank=4, tied_output=True)
 BERT = ModelSpec(arch="bert", n_embd=128, n_head=4, n_head_kv=4, n_ff=256, n_ctx_train=512)
+DEEPSEEK2 = ModelSpec(arch="deepseek2", n_vocab=4096, n_embd=256, n_layer=4, n_head=4, head_dim=32, n_ff=512,
+                      kv_lora_rank=64, n_rot=16, n_dense_lead=1, n_expert=8, n_expert_used=2, n_ff_exp=64,
+                      n_shared_expert=1)
 
 
 def write(tmp_path: Path, spec: ModelSpec, **kwargs: object) -> GGUFHeader:
@@ -117,9 +120,48 @@ def test_bert_encoder_layout(tmp_path: Path) -> None:
     assert "output.weight" not in t and "output_norm.weight" not in t
 
 
+def test_deepseek2_mla_layout(tmp_path: Path) -> None:
+    header = write(tmp_path, DEEPSEEK2)
+    assert header.architecture == "deepseek2"
+    # MQA form of MLA, as llama.cpp's converter writes it.
+    expected = {
+        "attention.head_count": 4, "attention.head_count_kv": 1, "rope.dimension_count": 16,
+        "attention.q_lora_rank": 0, "attention.kv_lora_rank": 64,
+        "attention.key_length": 64 + 16, "attention.value_length": 64,
+        "attention.key_length_mla": 32 + 16, "attention.value_length_mla": 32,
+        "leading_dense_block_count": 1, "feed_forward_length": 512, "expert_feed_forward_length": 64,
+        "expert_count": 8, "expert_used_count": 2, "expert_shared_count": 1,
+    }
+    for key, value in expected.items():
+        assert header.get(f"deepseek2.{key}") == value, key
+    t = shapes(header)
+    assert t["blk.0.attn_q.weight"] == (256, 4 * 48)
+    assert t["blk.0.attn_kv_a_mqa.weight"] == (256, 64 + 16)
+    assert t["blk.0.attn_kv_a_norm.weight"] == (64,)
+    assert t["blk.0.attn_k_b.weight"] == (32, 64, 4)
+    assert t["blk.0.attn_v_b.weight"] == (64, 32, 4)
+    assert t["blk.0.attn_output.weight"] == (4 * 32, 256)
+    assert t["blk.0.ffn_gate.weight"] == (256, 512) and "blk.0.ffn_gate_inp.weight" not in t  # dense lead
+    assert t["blk.1.ffn_gate_inp.weight"] == (256, 8) and "blk.1.ffn_gate.weight" not in t
+    assert t["blk.3.ffn_down_exps.weight"] == (64, 256, 8)
+    assert t["blk.1.ffn_gate_shexp.weight"] == (256, 64) and t["blk.1.ffn_down_shexp.weight"] == (64, 256)
+    assert "blk.0.attn_q_a.weight" not in t and "blk.0.attn_kv_b.weight" not in t
+
+
+def test_deepseek2_q_lora(tmp_path: Path) -> None:
+    header = write(tmp_path, replace(DEEPSEEK2, q_lora_rank=96, n_shared_expert=2))
+    assert header.get("deepseek2.attention.q_lora_rank") == 96
+    t = shapes(header)
+    assert t["blk.2.attn_q_a.weight"] == (256, 96)
+    assert t["blk.2.attn_q_a_norm.weight"] == (96,)
+    assert t["blk.2.attn_q_b.weight"] == (96, 4 * 48)
+    assert t["blk.2.ffn_up_shexp.weight"] == (256, 128)
+    assert "blk.2.attn_q.weight" not in t
+
+
 @pytest.mark.parametrize(("key", "weight_type"), [
     ("qwen3-8b", "Q4_0"), ("qwen3-30b-a3b", "Q4_K"), ("gemma3-4b", "Q4_0"), ("gemma3-27b", "Q8_0"),
-    ("mamba2-2.7b", "Q4_0"),
+    ("mamba2-2.7b", "Q4_0"), ("deepseek-v2-lite", "Q4_0"),
 ])
 def test_new_realistic_specs_write_sparse_fast(tmp_path: Path, key: str, weight_type: str) -> None:
     spec = replace(REALISTIC[key], weight_type=weight_type)
@@ -132,6 +174,10 @@ def test_new_realistic_specs_write_sparse_fast(tmp_path: Path, key: str, weight_
         down = next(t for t in header.tensors if t.name == "blk.47.ffn_down_exps.weight")
         assert down.shape == (768, 2048, 128) and down.ggml_type.name == "Q4_K"
         assert header.file_bytes > 15 * 2**30  # logical size; the file is sparse on disk
+    if key == "deepseek-v2-lite":
+        assert header.get("deepseek2.attention.kv_lora_rank") == 512
+        assert header.get("deepseek2.attention.key_length") == 576
+        assert shapes(header)["blk.26.attn_k_b.weight"] == (128, 512, 16)
 
 
 @pytest.mark.parametrize(("spec", "message"), [
@@ -144,6 +190,14 @@ def test_new_realistic_specs_write_sparse_fast(tmp_path: Path, key: str, weight_
     (replace(MAMBA2, ssm_d_state=0), "ssm_"),
     (replace(BERT, head_dim=64), "head_dim=None"),
     (replace(QWEN3MOE, n_ff_exp=48, weight_type="Q8_0"), "row size 48"),
+    (ModelSpec(kv_lora_rank=64), "only apply to deepseek2"),
+    (replace(DEEPSEEK2, head_dim=None), "needs head_dim"),
+    (replace(DEEPSEEK2, kv_lora_rank=0), "kv_lora_rank"),
+    (replace(DEEPSEEK2, n_rot=15), "n_rot must be even"),
+    (replace(DEEPSEEK2, n_shared_expert=0), "n_shared_expert"),
+    (replace(DEEPSEEK2, n_dense_lead=5), "n_dense_lead"),
+    (replace(DEEPSEEK2, n_expert=0), "n_expert"),
+    (replace(DEEPSEEK2, kv_lora_rank=48, weight_type="Q8_0"), "row size 48"),
 ])
 def test_rejects_inconsistent_specs(tmp_path: Path, spec: ModelSpec, message: str) -> None:
     with pytest.raises(ValueError, match=message):
