@@ -8,6 +8,7 @@ the state file). `--check` exits 1 when a committed script is stale (tests/unit/
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -17,8 +18,10 @@ FILES = {"bash": "llamactl.bash", "zsh": "_llamactl", "fish": "llamactl.fish"}
 
 
 def script(shell: str) -> str:
+    # without this Typer ignores the SHELL argument and prints the script for the shell it runs under
+    env = {**os.environ, "_TYPER_COMPLETE_TEST_DISABLE_SHELL_DETECTION": "1"}
     out = subprocess.run([sys.executable, "-m", "llamactl", "--show-completion", shell],
-                         capture_output=True, text=True, check=True, cwd=HERE.parent)
+                         capture_output=True, text=True, check=True, cwd=HERE.parent, env=env)
     return out.stdout.rstrip("\n") + "\n"
 
 

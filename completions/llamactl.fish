@@ -1,10 +1,1 @@
-_llamactl_completion() {
-    local IFS=$'
-'
-    COMPREPLY=( $( env COMP_WORDS="${COMP_WORDS[*]}" \
-                   COMP_CWORD=$COMP_CWORD \
-                   _LLAMACTL_COMPLETE=complete_bash $1 ) )
-    return 0
-}
-
-complete -o default -F _llamactl_completion llamactl
+complete --command llamactl --no-files --arguments "(env _LLAMACTL_COMPLETE=complete_fish _TYPER_COMPLETE_FISH_ACTION=get-args _TYPER_COMPLETE_ARGS=(commandline -cp) llamactl)" --condition "env _LLAMACTL_COMPLETE=complete_fish _TYPER_COMPLETE_FISH_ACTION=is-args _TYPER_COMPLETE_ARGS=(commandline -cp) llamactl"

@@ -22,6 +22,10 @@ def test_committed_scripts_are_current() -> None:
     out = subprocess.run([sys.executable, str(ROOT / "completions" / "generate.py"), "--check"],
                          capture_output=True, text=True, timeout=60)
     assert out.returncode == 0, out.stderr
+    scripts = ROOT / "completions"
+    assert "complete -o default -F _llamactl_completion llamactl" in (scripts / "llamactl.bash").read_text()
+    assert (scripts / "_llamactl").read_text().startswith("#compdef llamactl")
+    assert (scripts / "llamactl.fish").read_text().startswith("complete --command llamactl")
 
 
 def test_subcommands_and_flags() -> None:
