@@ -55,6 +55,9 @@ def cases(realistic: bool) -> list[Case]:
                        ssm_n_group=1, ssm_dt_rank=8),
         "deepseek2": dict(arch="deepseek2", n_head_kv=1, n_ff=1536, head_dim=32, n_rot=16, kv_lora_rank=64,
                           n_dense_lead=1, n_expert=8, n_expert_used=2, n_ff_exp=64, n_shared_expert=1),
+        "granitehybrid": dict(arch="granitehybrid", n_head_kv=(0, 4, 0, 4), ssm_d_conv=4, ssm_d_inner=512,
+                              ssm_d_state=64, ssm_n_group=1, ssm_dt_rank=8, n_expert=8, n_expert_used=2,
+                              n_ff_exp=256, n_ff_shexp=512),
     }
     for arch, fields in extra.items():
         try:
@@ -77,7 +80,8 @@ def cases(realistic: bool) -> list[Case]:
     if realistic:
         for key, wtype, arch in (("llama3-8b", "Q4_0", "llama"), ("qwen2.5-7b", "Q8_0", "qwen2"),
                                  ("qwen3-8b", "Q4_0", "qwen3"), ("gemma3-4b", "Q4_0", "gemma3"),
-                                 ("qwen3-30b-a3b", "Q4_0", "qwen3moe"), ("deepseek-v2-lite", "Q4_0", "deepseek2")):
+                                 ("qwen3-30b-a3b", "Q4_0", "qwen3moe"), ("deepseek-v2-lite", "Q4_0", "deepseek2"),
+                                 ("granite-4.0-h-tiny", "Q4_0", "granitehybrid")):
             if key in REALISTIC:
                 big = key in ("qwen3-30b-a3b", "deepseek-v2-lite")  # a repacked copy would not fit 24 GiB of RAM
                 out.append(Case(arch, f"{key} {wtype} -c 8192" + (" -nr" if big else ""),

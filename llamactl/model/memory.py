@@ -281,10 +281,13 @@ def compute_graph_bytes(params: ModelParams, resolved: Resolved) -> int:
         # KQ scores (softmax runs in place), then KQV and its contiguous copy
         attention += F32 * n_kv * n_tokens * n_head + act * 2 * n_head * params.n_embd_head_v
     head = F32 * params.n_vocab * n_outputs + act * 2 * params.n_embd
-    return cal["fixed_bytes"] + mask + max(ffn, attention, head)
+    # hybrids (granitehybrid & co.): their Mamba-2 layers are one more phase of the same graph
+    mixer = _mamba2_mixer_bytes(params, resolved) if any(params.recurrent_layers) else 0
+    return cal["fixed_bytes"] + mask + max(ffn, attention, head, mixer)
 
 
-def _recurrent_graph_bytes(params: ModelParams, resolved: Resolved) -> int:
+def _mamba2_mixer_bytes(params: ModelParams, resolved: Resolved) -> int:
+    """Live tensors of one Mamba-2 mixer: its per-token activations and the states it reads and writes."""
     cal = MAMBA2_CALIBRATION
     n_tokens = pad(resolved.n_ubatch, resolved.n_seq_max)
     xbc = params.ssm_d_inner + 2 * params.ssm_n_group * params.ssm_d_state
@@ -292,8 +295,12 @@ def _recurrent_graph_bytes(params: ModelParams, resolved: Resolved) -> int:
     per_token = (cal["in_proj"] * in_proj + cal["xbc"] * xbc + cal["inner"] * params.ssm_d_inner
                  + cal["embd"] * params.n_embd)
     states = cal["state"] * F32 * params.n_embd_s * resolved.n_seq_max
+    return int(F32 * n_tokens * per_token + states)
+
+
+def _recurrent_graph_bytes(params: ModelParams, resolved: Resolved) -> int:
     head = F32 * params.n_vocab * min(resolved.n_ubatch, resolved.n_seq_max)
-    return int(F32 * n_tokens * per_token + states + cal["fixed_bytes"] + head)
+    return _mamba2_mixer_bytes(params, resolved) + MAMBA2_CALIBRATION["fixed_bytes"] + head
 
 
 def _approximations(params: ModelParams, placement: Placement, partial: bool) -> tuple[str, ...]:

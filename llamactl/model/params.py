@@ -21,6 +21,7 @@ _LAYER_RE = re.compile(r"^blk\.(\d+)\.")
 # Architectures whose memory this version models term by term and has checked against llama-server.
 MODELLED_ARCHS = frozenset({
     "llama", "qwen2", "qwen3", "qwen3moe", "gemma2", "gemma3", "mamba2", "bert", "deepseek2", "granite", "internlm2",
+    "granitehybrid",
     "stablelm", "starcoder2", "olmo", "olmo2", "exaone", "smollm3",
 })
 
@@ -58,6 +59,7 @@ class ModelParams:
     n_expert: int
     n_expert_used: int
     n_ff_exp: int  # one expert's FFN width (0 = dense)
+    n_ff_shexp: int  # the shared experts' FFN width beside a MoE (0 = none)
     n_swa: int  # sliding window, 0 = none
     swa_layers: tuple[bool, ...]  # per layer: uses the sliding window
     recurrent_layers: tuple[bool, ...]  # per layer: holds recurrent state (mamba, rwkv, hybrids)
@@ -128,6 +130,14 @@ def _n_vocab(header: GGUFHeader, arch: str) -> int:
         if info.name == "token_embd.weight" and len(info.shape) >= 2:
             return info.shape[1]
     raise UnsupportedModelError(f"{header.path}: cannot tell the vocabulary size (no tokenizer.ggml.tokens)")
+
+
+def _tensor_dim(header: GGUFHeader, suffix: str, dim: int) -> int:
+    """ggml dimension `dim` of the first block tensor named *suffix, or 0."""
+    for info in header.tensors:
+        if info.name.startswith("blk.") and info.name.endswith(suffix) and len(info.shape) > dim:
+            return info.shape[dim]
+    return 0
 
 
 def _file_type(header: GGUFHeader) -> str | None:
@@ -202,7 +212,9 @@ def model_params(header: GGUFHeader) -> ModelParams:
         n_ff=_per_layer(header, f"{arch}.feed_forward_length", n_layer, 0),
         n_expert=_int(header, f"{arch}.expert_count", 0),
         n_expert_used=_int(header, f"{arch}.expert_used_count", 0),
-        n_ff_exp=_int(header, f"{arch}.expert_feed_forward_length", 0),
+        # mixtral and granite write the experts' width as feed_forward_length: the tensor tells
+        n_ff_exp=_int(header, f"{arch}.expert_feed_forward_length", 0) or _tensor_dim(header, ".ffn_up_exps.weight", 1),
+        n_ff_shexp=_tensor_dim(header, ".ffn_up_shexp.weight", 1),
         n_swa=n_swa,
         swa_layers=_swa_layers(header, arch, n_layer, n_swa),
         recurrent_layers=recurrent,

@@ -59,6 +59,7 @@ _ARCHES = {
     "mamba2": MODEL_ARCH.MAMBA2,
     "bert": MODEL_ARCH.BERT,
     "deepseek2": MODEL_ARCH.DEEPSEEK2,
+    "granitehybrid": MODEL_ARCH.GRANITE_HYBRID,
 }
 _BIASED_ARCHES = {MODEL_ARCH.QWEN2}  # q/k/v biases on a llama-style block
 # Per-head RMS norms on Q and K; these files always write key/value_length.
@@ -73,6 +74,9 @@ _ENCODER_ARCHES = {MODEL_ARCH.BERT}
 # does (MQA form plus split attn_k_b / attn_v_b), with a MoE FFN after
 # n_dense_lead dense layers.
 _MLA_ARCHES = {MODEL_ARCH.DEEPSEEK2}
+# Mamba-2 layers interleaved with attention layers (src/models/granite-hybrid.cpp): a layer is
+# recurrent iff its head_count_kv entry is 0; every layer has an FFN, dense or MoE.
+_HYBRID_ARCHES = {MODEL_ARCH.GRANITE_HYBRID}
 # llama.cpp's LLAMA_MAX_EXPERTS (src/llama-hparams.h).
 _MAX_EXPERTS = 1024
 _LAYER_NORM_EPS = 1e-12  # bert's LayerNorm epsilon
@@ -140,6 +144,13 @@ class ModelSpec:
       n_dense_lead layers use a dense FFN (n_ff); the rest a MoE FFN
       (n_expert, n_expert_used, n_ff_exp, all required) plus
       n_shared_expert (>= 1) shared experts of width n_ff_exp each.
+    - "granitehybrid": Granite 4.0 H. n_head_kv is a per-layer tuple whose 0
+      entries mark Mamba-2 layers (ssm_* fields required, ssm_d_inner must be
+      2 * n_embd as llama.cpp asserts); the others are attention layers. Every
+      layer has an FFN: dense (n_ff) or, with n_expert > 0, a mixture of
+      n_expert experts of width n_ff_exp (written as feed_forward_length, as
+      the HF converter does; n_ff is then unused) plus an optional shared
+      expert of width n_ff_shexp.
     """
 
     arch: str = "llama"  # see the class docstring
@@ -182,6 +193,8 @@ class ModelSpec:
     n_rot: int = 0
     n_dense_lead: int = 0
     n_shared_expert: int = 0
+    # granitehybrid only: the shared expert's FFN width beside a MoE (0 = none).
+    n_ff_shexp: int = 0
 
     @property
     def head_size(self) -> int:
@@ -268,6 +281,7 @@ def _validate(spec: ModelSpec, qtype: GGMLQuantizationType) -> None:
         raise ValueError("n_embd, n_layer and n_ctx_train must be positive")
     if arch not in _SSM_ARCHES:
         _validate_attention(spec, arch)
+    _validate_hybrid(spec, arch)
     _validate_swa(spec, arch)
     _validate_moe(spec, arch)
     _validate_mla(spec, arch)
@@ -286,7 +300,19 @@ def _validate_attention(spec: ModelSpec, arch: MODEL_ARCH) -> None:
     if arch in _ENCODER_ARCHES and spec.head_dim is not None:
         # bert's Q/K/V/O are n_embd x n_embd in llama.cpp.
         raise ValueError(f"{spec.arch} needs head_dim=None (head size n_embd // n_head)")
-    _validate_kv_heads(spec)
+    _validate_kv_heads(spec, allow_zero=arch in _HYBRID_ARCHES)
+
+
+def _validate_hybrid(spec: ModelSpec, arch: MODEL_ARCH) -> None:
+    if arch not in _HYBRID_ARCHES:
+        if spec.n_ff_shexp:
+            raise ValueError(f"n_ff_shexp only applies to {_arch_list(_HYBRID_ARCHES)}")
+        return
+    if spec.n_ff_shexp < 0 or (spec.n_ff_shexp and not spec.n_expert):
+        raise ValueError("n_ff_shexp needs n_expert > 0 (a shared expert sits beside a MoE)")
+    if spec.ssm_d_inner != 2 * spec.n_embd:
+        # GGML_ASSERT(2 * n_embd == d_inner) in llama_model_granite_hybrid::load_arch_tensors
+        raise ValueError(f"{spec.arch} needs ssm_d_inner == 2 * n_embd ({2 * spec.n_embd}), got {spec.ssm_d_inner}")
 
 
 def _validate_swa(spec: ModelSpec, arch: MODEL_ARCH) -> None:
@@ -298,12 +324,15 @@ def _validate_swa(spec: ModelSpec, arch: MODEL_ARCH) -> None:
 
 def _validate_moe(spec: ModelSpec, arch: MODEL_ARCH) -> None:
     fields = {"n_expert": spec.n_expert, "n_expert_used": spec.n_expert_used, "n_ff_exp": spec.n_ff_exp}
-    if arch not in _MOE_ARCHES | _MLA_ARCHES:
+    if arch not in _MOE_ARCHES | _MLA_ARCHES | _HYBRID_ARCHES:
         if any(fields.values()):
             raise ValueError(
-                f"{', '.join(fields)} only apply to {_arch_list(_MOE_ARCHES)} and {_arch_list(_MLA_ARCHES)}"
+                f"{', '.join(fields)} only apply to "
+                f"{_arch_list(_MOE_ARCHES | _MLA_ARCHES | _HYBRID_ARCHES)}"
             )
         return
+    if arch in _HYBRID_ARCHES and not any(fields.values()):
+        return  # a dense hybrid
     if min(fields.values()) <= 0:
         raise ValueError(f"{spec.arch} needs n_expert, n_expert_used and n_ff_exp > 0, got {fields}")
     if spec.n_expert > _MAX_EXPERTS:
@@ -338,9 +367,9 @@ def _validate_ssm(spec: ModelSpec, arch: MODEL_ARCH) -> None:
         "ssm_d_conv": spec.ssm_d_conv, "ssm_d_inner": spec.ssm_d_inner, "ssm_d_state": spec.ssm_d_state,
         "ssm_n_group": spec.ssm_n_group, "ssm_dt_rank": spec.ssm_dt_rank,
     }
-    if arch not in _SSM_ARCHES:
+    if arch not in _SSM_ARCHES | _HYBRID_ARCHES:
         if any(fields.values()):
-            raise ValueError(f"ssm_* fields only apply to {_arch_list(_SSM_ARCHES)}")
+            raise ValueError(f"ssm_* fields only apply to {_arch_list(_SSM_ARCHES | _HYBRID_ARCHES)}")
         return
     if min(fields.values()) <= 0:
         raise ValueError(f"{spec.arch} needs every ssm_* field > 0, got {fields}")
@@ -357,11 +386,14 @@ def _arch_list(arches: set[MODEL_ARCH]) -> str:
     return ", ".join(sorted(MODEL_ARCH_NAMES[a] for a in arches))
 
 
-def _validate_kv_heads(spec: ModelSpec) -> None:
+def _validate_kv_heads(spec: ModelSpec, allow_zero: bool = False) -> None:
     if isinstance(spec.n_head_kv, tuple) and len(spec.n_head_kv) != spec.n_layer:
         raise ValueError(f"n_head_kv has {len(spec.n_head_kv)} entries for {spec.n_layer} layers")
     counts = [spec.kv_heads(layer) for layer in range(spec.n_layer)]
-    if any(n <= 0 for n in counts):
+    if allow_zero:
+        if any(n < 0 for n in counts):
+            raise ValueError("n_head_kv entries must be >= 0 (0 marks a recurrent layer)")
+    elif any(n <= 0 for n in counts):
         raise ValueError("every n_head_kv entry must be > 0")
 
 
@@ -386,6 +418,10 @@ def _validate_rows(spec: ModelSpec, arch: MODEL_ARCH, qtype: GGMLQuantizationTyp
         rows |= {spec.q_lora_rank} if spec.q_lora_rank else set()
     elif arch in _MOE_ARCHES:
         rows = {spec.n_embd, spec.n_ff_exp, spec.n_head * spec.head_size}
+    elif arch in _HYBRID_ARCHES:
+        rows = {spec.n_embd, spec.ssm_d_inner, spec.n_head * spec.head_size}
+        rows |= {spec.n_ff_exp} if spec.n_expert else {spec.n_ff}
+        rows |= {spec.n_ff_shexp} if spec.n_ff_shexp else set()
     else:
         rows = {spec.n_embd, spec.n_ff, spec.n_head * spec.head_size}
     for row in sorted(rows):
@@ -404,6 +440,8 @@ def _add_hparams(writer: GGUFWriter, spec: ModelSpec, qtype: GGMLQuantizationTyp
     writer.add_block_count(spec.n_layer)
     if arch in _SSM_ARCHES:
         _add_ssm_hparams(writer, spec)
+    elif arch in _HYBRID_ARCHES:
+        _add_hybrid_hparams(writer, spec)
     elif arch in _ENCODER_ARCHES:
         _add_encoder_hparams(writer, spec)
     elif arch in _MLA_ARCHES:
@@ -413,7 +451,7 @@ def _add_hparams(writer: GGUFWriter, spec: ModelSpec, qtype: GGMLQuantizationTyp
     writer.add_vocab_size(spec.n_vocab)
     if arch in _MLA_ARCHES:
         _add_mla_extras(writer, spec)
-    elif arch not in _SSM_ARCHES | _ENCODER_ARCHES:
+    elif arch not in _SSM_ARCHES | _ENCODER_ARCHES | _HYBRID_ARCHES:
         _add_decoder_extras(writer, spec, arch)
     writer.add_file_type(_FILE_TYPES[qtype])
     if qtype not in _FLOAT_TYPES:
@@ -478,6 +516,27 @@ def _add_ssm_hparams(writer: GGUFWriter, spec: ModelSpec) -> None:
     writer.add_feed_forward_length(0)
     writer.add_head_count(0)
     writer.add_layer_norm_rms_eps(_RMS_EPS)
+    _add_ssm_sizes(writer, spec)
+
+
+def _add_hybrid_hparams(writer: GGUFWriter, spec: ModelSpec) -> None:
+    # As convert_hf_to_gguf writes GraniteMoeHybrid: head_count_kv per layer (0 on Mamba layers),
+    # the experts' width as feed_forward_length, no key_length, no rope (Granite 4.0 H is NoPE).
+    writer.add_feed_forward_length(spec.n_ff_exp if spec.n_expert else spec.n_ff)
+    writer.add_head_count(spec.n_head)
+    writer.add_head_count_kv([spec.kv_heads(il) for il in range(spec.n_layer)])
+    writer.add_layer_norm_rms_eps(_RMS_EPS)
+    writer.add_rope_dimension_count(spec.head_size)
+    writer.add_rope_scaling_finetuned(False)
+    _add_ssm_sizes(writer, spec)
+    if spec.n_expert:
+        writer.add_expert_count(spec.n_expert)
+        writer.add_expert_used_count(spec.n_expert_used)
+    if spec.n_ff_shexp:
+        writer.add_expert_shared_feed_forward_length(spec.n_ff_shexp)
+
+
+def _add_ssm_sizes(writer: GGUFWriter, spec: ModelSpec) -> None:
     writer.add_ssm_conv_kernel(spec.ssm_d_conv)
     writer.add_ssm_inner_size(spec.ssm_d_inner)
     writer.add_ssm_state_size(spec.ssm_d_state)
@@ -595,6 +654,8 @@ def _tensor_plan(spec: ModelSpec, qtype: GGMLQuantizationType) -> Iterator[Tenso
         yield _tensor_name(arch, MODEL_TENSOR.OUTPUT, "weight"), (spec.n_vocab, spec.n_embd), qtype
     if arch in _SSM_ARCHES:
         block = _ssm_block_plan
+    elif arch in _HYBRID_ARCHES:
+        block = _hybrid_block_plan
     elif arch in _MLA_ARCHES:
         block = _mla_block_plan
     else:
@@ -626,12 +687,7 @@ def _block_plan(spec: ModelSpec, arch: MODEL_ARCH, bid: int, qtype: GGMLQuantiza
     if arch in _MOE_ARCHES:
         yield from _moe_ffn_plan(spec, arch, bid, qtype)
     else:
-        for tensor, shape in [
-            (MODEL_TENSOR.FFN_GATE, (spec.n_ff, spec.n_embd)),
-            (MODEL_TENSOR.FFN_UP, (spec.n_ff, spec.n_embd)),
-            (MODEL_TENSOR.FFN_DOWN, (spec.n_embd, spec.n_ff)),
-        ]:
-            yield _tensor_name(arch, tensor, "weight", bid), shape, qtype
+        yield from _dense_ffn_plan(spec, arch, bid, qtype, spec.n_ff)
     if arch in _BIASED_ARCHES:
         for tensor, shape in attention[:3]:
             yield _tensor_name(arch, tensor, "bias", bid), shape[:1], f32
@@ -673,12 +729,7 @@ def _mla_block_plan(spec: ModelSpec, arch: MODEL_ARCH, bid: int, qtype: GGMLQuan
     yield _tensor_name(arch, MODEL_TENSOR.ATTN_OUT, "weight", bid), (n_embd, n_head * v_head), qtype
     yield _tensor_name(arch, MODEL_TENSOR.FFN_NORM, "weight", bid), (n_embd,), f32
     if bid < spec.n_dense_lead:
-        for tensor, shape in [
-            (MODEL_TENSOR.FFN_GATE, (spec.n_ff, n_embd)),
-            (MODEL_TENSOR.FFN_UP, (spec.n_ff, n_embd)),
-            (MODEL_TENSOR.FFN_DOWN, (n_embd, spec.n_ff)),
-        ]:
-            yield _tensor_name(arch, tensor, "weight", bid), shape, qtype
+        yield from _dense_ffn_plan(spec, arch, bid, qtype, spec.n_ff)
         return
     yield from _moe_ffn_plan(spec, arch, bid, qtype)
     n_ff_sh = spec.n_ff_exp * spec.n_shared_expert
@@ -688,10 +739,43 @@ def _mla_block_plan(spec: ModelSpec, arch: MODEL_ARCH, bid: int, qtype: GGMLQuan
 
 
 def _ssm_block_plan(spec: ModelSpec, arch: MODEL_ARCH, bid: int, qtype: GGMLQuantizationType) -> Iterator[TensorPlan]:
+    yield _tensor_name(arch, MODEL_TENSOR.ATTN_NORM, "weight", bid), (spec.n_embd,), GGMLQuantizationType.F32
+    yield from _mamba2_mixer_plan(spec, arch, bid, qtype)
+
+
+def _hybrid_block_plan(spec: ModelSpec, arch: MODEL_ARCH, bid: int, qtype: GGMLQuantizationType) -> Iterator[TensorPlan]:
+    # Shapes from llama_model_granite_hybrid::load_arch_tensors, reversed.
+    f32 = GGMLQuantizationType.F32
+    yield _tensor_name(arch, MODEL_TENSOR.ATTN_NORM, "weight", bid), (spec.n_embd,), f32
+    if spec.kv_heads(bid) == 0:
+        yield from _mamba2_mixer_plan(spec, arch, bid, qtype)
+    else:
+        for tensor, shape in _attention_matrices(spec, bid):
+            yield _tensor_name(arch, tensor, "weight", bid), shape, qtype
+    yield _tensor_name(arch, MODEL_TENSOR.FFN_NORM, "weight", bid), (spec.n_embd,), f32
+    if not spec.n_expert:
+        yield from _dense_ffn_plan(spec, arch, bid, qtype, spec.n_ff)
+        return
+    yield from _moe_ffn_plan(spec, arch, bid, qtype)
+    if spec.n_ff_shexp:
+        n_sh = spec.n_ff_shexp
+        yield _tensor_name(arch, MODEL_TENSOR.FFN_GATE_SHEXP, "weight", bid), (n_sh, spec.n_embd), qtype
+        yield _tensor_name(arch, MODEL_TENSOR.FFN_UP_SHEXP, "weight", bid), (n_sh, spec.n_embd), qtype
+        yield _tensor_name(arch, MODEL_TENSOR.FFN_DOWN_SHEXP, "weight", bid), (spec.n_embd, n_sh), qtype
+
+
+def _dense_ffn_plan(spec: ModelSpec, arch: MODEL_ARCH, bid: int, qtype: GGMLQuantizationType,
+                    n_ff: int) -> Iterator[TensorPlan]:
+    yield _tensor_name(arch, MODEL_TENSOR.FFN_GATE, "weight", bid), (n_ff, spec.n_embd), qtype
+    yield _tensor_name(arch, MODEL_TENSOR.FFN_UP, "weight", bid), (n_ff, spec.n_embd), qtype
+    yield _tensor_name(arch, MODEL_TENSOR.FFN_DOWN, "weight", bid), (spec.n_embd, n_ff), qtype
+
+
+def _mamba2_mixer_plan(spec: ModelSpec, arch: MODEL_ARCH, bid: int,
+                       qtype: GGMLQuantizationType) -> Iterator[TensorPlan]:
     # Shapes from llama.cpp's mamba2 loader (src/models/mamba2.cpp), reversed.
     f32 = GGMLQuantizationType.F32
     n_head, n_group = spec.ssm_dt_rank, spec.ssm_n_group
-    yield _tensor_name(arch, MODEL_TENSOR.ATTN_NORM, "weight", bid), (spec.n_embd,), f32
     yield _tensor_name(arch, MODEL_TENSOR.SSM_IN, "weight", bid), (spec.ssm_in_rows, spec.n_embd), qtype
     # ggml's ssm_conv needs an F32 kernel; llama.cpp never quantizes it.
     yield _tensor_name(arch, MODEL_TENSOR.SSM_CONV1D, "weight", bid), (spec.ssm_conv_dim, spec.ssm_d_conv), f32
@@ -846,6 +930,15 @@ REALISTIC: dict[str, ModelSpec] = {
         n_ff=10944, kv_lora_rank=512, q_lora_rank=0, n_rot=64, n_dense_lead=1,
         n_expert=64, n_expert_used=6, n_ff_exp=1408, n_shared_expert=2, n_ctx_train=163840,
         name="deepseek-v2-lite",
+    ),
+    # ibm-granite/granite-4.0-h-tiny: 40 layers, attention at 5, 15, 25 and 35 (Mamba-2 elsewhere,
+    # 48 SSM heads of 64), 64 experts of 512 with 6 routed plus a 1024-wide shared expert, NoPE.
+    "granite-4.0-h-tiny": ModelSpec(
+        arch="granitehybrid", n_vocab=100352, n_embd=1536, n_layer=40, n_head=12,
+        n_head_kv=tuple(4 if il % 10 == 5 else 0 for il in range(40)), n_ff=512,
+        n_expert=64, n_expert_used=6, n_ff_exp=512, n_ff_shexp=1024, n_ctx_train=131072, tied_output=True,
+        ssm_d_conv=4, ssm_d_inner=3072, ssm_d_state=128, ssm_n_group=1, ssm_dt_rank=48,
+        name="granite-4.0-h-tiny",
     ),
 }
 

@@ -39,6 +39,12 @@ MODELS = {
     # MLA: the cache holds the compressed K only (kv_lora_rank + n_rot per cell); a dense first layer, then experts
     "deepseek2-mla": replace(BASE, arch="deepseek2", n_head_kv=1, n_ff=1536, head_dim=32, n_rot=16, kv_lora_rank=64,
                              n_dense_lead=1, n_expert=8, n_expert_used=2, n_ff_exp=64, n_shared_expert=1),
+    # hybrid: Mamba-2 layers (0 KV heads) between attention layers; state on the first, KV on the others
+    "granitehybrid": replace(BASE, arch="granitehybrid", n_head_kv=(0, 4, 0, 4), ssm_d_conv=4, ssm_d_inner=512,
+                             ssm_d_state=64, ssm_n_group=1, ssm_dt_rank=8),
+    "granitehybrid-moe": replace(BASE, arch="granitehybrid", n_head_kv=(0, 4, 0, 4), ssm_d_conv=4, ssm_d_inner=512,
+                                 ssm_d_state=64, ssm_n_group=1, ssm_dt_rank=8, n_expert=8, n_expert_used=2,
+                                 n_ff_exp=256, n_ff_shexp=512),
 }
 SETTINGS = {
     "default": ServerSettings(ctx_size=4096),
@@ -115,6 +121,8 @@ def test_tiny_models_match_logged_buffers(server_binary, server_caps, model_dir,
     ("qwen3-30b-a3b", "Q4_0", ServerSettings(ctx_size=8192, repack=False)),
     ("mamba2-2.7b", "Q8_0", ServerSettings(ctx_size=8192)),  # recurrent state, no KV
     ("deepseek-v2-lite", "Q4_0", ServerSettings(ctx_size=4096, repack=False)),  # MLA, 64 experts
+    # hybrid: 36 Mamba-2 layers, 4 attention layers, 64 experts + a shared one
+    ("granite-4.0-h-tiny", "Q4_0", ServerSettings(ctx_size=16384, parallel=2)),
 ])
 def test_realistic_shapes_match_logged_buffers(server_binary, server_caps, model_dir, key, weight_type, settings) -> None:
     path = _model(model_dir, f"{key}-{weight_type}", replace(REALISTIC[key], weight_type=weight_type), sparse=True)

@@ -161,3 +161,21 @@ def test_mamba2_state_does_not_grow_with_context(tmp_path) -> None:
     per_seq_layer = 4 * (3 * (128 + 2 * 16) + 16 * 128)  # f32 x (conv + ssm state)
     assert small.kv_bytes == big.kv_bytes == 0
     assert small.recurrent_bytes == big.recurrent_bytes == 3 * 4 * per_seq_layer  # 3 layers x 4 slots
+
+
+def test_granitehybrid_splits_state_and_kv_by_layer(tmp_path) -> None:
+    spec = ModelSpec(arch="granitehybrid", n_vocab=512, n_embd=64, n_layer=4, n_head=4, n_head_kv=(0, 2, 0, 0),
+                     n_ff=128, ssm_d_conv=4, ssm_d_inner=128, ssm_d_state=16, ssm_n_group=1, ssm_dt_rank=4,
+                     n_expert=4, n_expert_used=2, n_ff_exp=32, n_ff_shexp=48)
+    params = _params(tmp_path, spec)
+    assert params.recurrent_layers == (True, False, True, True)
+    assert (params.n_ff_exp, params.n_ff_shexp) == (32, 48)  # the experts' width from their tensors
+    est = estimate(params, resolve(ServerSettings(ctx_size=4096, parallel=2), params, 0)).device("CPU")
+    assert est.kv_bytes == 4096 * 2 * 16 * 2 * 2  # one attention layer: cells x kv heads x head x (K+V) x f16
+    per_seq_layer = 4 * (3 * (128 + 2 * 16) + 16 * 128)
+    assert est.recurrent_bytes == 3 * 2 * per_seq_layer  # three Mamba-2 layers x 2 slots
+    # the mixer is a phase of its own: a wider SSM must raise the compute buffer
+    (tmp_path / "w").mkdir()
+    wide = _params(tmp_path / "w", replace(spec, n_embd=128, ssm_d_inner=256, n_head=8))
+    assert (estimate(wide, resolve(ServerSettings(ctx_size=4096, parallel=2), wide, 0)).device("CPU").compute_bytes
+            > est.compute_bytes)

@@ -1,4 +1,4 @@
-"""synth's newer architectures (qwen3, qwen3moe, gemma3, mamba2, bert, deepseek2): headers hold what llama.cpp's loaders read."""
+"""synth's newer architectures (qwen3, qwen3moe, gemma3, mamba2, bert, deepseek2, granitehybrid): headers hold what llama.cpp's loaders read."""
 
 from __future__ import annotations
 
@@ -22,6 +22,8 @@ BERT = ModelSpec(arch="bert", n_embd=128, n_head=4, n_head_kv=4, n_ff=256, n_ctx
 DEEPSEEK2 = ModelSpec(arch="deepseek2", n_vocab=4096, n_embd=256, n_layer=4, n_head=4, head_dim=32, n_ff=512,
                       kv_lora_rank=64, n_rot=16, n_dense_lead=1, n_expert=8, n_expert_used=2, n_ff_exp=64,
                       n_shared_expert=1)
+GRANITE_H = ModelSpec(arch="granitehybrid", n_embd=128, n_layer=4, n_head=4, n_head_kv=(0, 2, 0, 2), n_ff=256,
+                      ssm_d_conv=4, ssm_d_inner=256, ssm_d_state=16, ssm_n_group=1, ssm_dt_rank=4, tied_output=True)
 
 
 def write(tmp_path: Path, spec: ModelSpec, **kwargs: object) -> GGUFHeader:
@@ -159,8 +161,31 @@ def test_deepseek2_q_lora(tmp_path: Path) -> None:
     assert "blk.2.attn_q.weight" not in t
 
 
+def test_granitehybrid_layers_follow_their_kv_heads(tmp_path: Path) -> None:
+    header = write(tmp_path, GRANITE_H)
+    kv = header.get("granitehybrid.attention.head_count_kv")
+    assert list(kv.values) == [0, 2, 0, 2]
+    assert header.get("granitehybrid.rope.scaling.finetuned") is False  # NoPE, as Granite 4.0 H
+    t = shapes(header)
+    assert t["blk.0.ssm_in.weight"] == (128, 256 + 256 + 2 * 16 + 4)  # z, x, B, C, dt
+    assert t["blk.1.attn_k.weight"] == (128, 2 * 32) and "blk.1.ssm_in.weight" not in t
+    assert "blk.0.attn_q.weight" not in t
+    assert all(t[f"blk.{il}.ffn_up.weight"] == (128, 256) for il in range(4))  # every layer has an FFN
+
+
+def test_granitehybrid_moe_writes_expert_width_as_ffn_length(tmp_path: Path) -> None:
+    header = write(tmp_path, replace(GRANITE_H, n_expert=8, n_expert_used=2, n_ff_exp=64, n_ff_shexp=96))
+    assert header.get("granitehybrid.feed_forward_length") == 64  # what llama.cpp sizes the experts by
+    assert header.get("granitehybrid.expert_shared_feed_forward_length") == 96
+    assert header.get("granitehybrid.expert_feed_forward_length") is None
+    t = shapes(header)
+    assert t["blk.3.ffn_up_exps.weight"] == (128, 64, 8)
+    assert t["blk.3.ffn_down_shexp.weight"] == (96, 128)
+    assert "blk.3.ffn_up.weight" not in t
+
+
 @pytest.mark.parametrize(("key", "weight_type"), [
-    ("qwen3-8b", "Q4_0"), ("qwen3-30b-a3b", "Q4_K"), ("gemma3-4b", "Q4_0"), ("gemma3-27b", "Q8_0"),
+    ("granite-4.0-h-tiny", "Q4_0"), ("qwen3-8b", "Q4_0"), ("qwen3-30b-a3b", "Q4_K"), ("gemma3-4b", "Q4_0"), ("gemma3-27b", "Q8_0"),
     ("mamba2-2.7b", "Q4_0"), ("deepseek-v2-lite", "Q4_0"),
 ])
 def test_new_realistic_specs_write_sparse_fast(tmp_path: Path, key: str, weight_type: str) -> None:
@@ -178,11 +203,19 @@ def test_new_realistic_specs_write_sparse_fast(tmp_path: Path, key: str, weight_
         assert header.get("deepseek2.attention.kv_lora_rank") == 512
         assert header.get("deepseek2.attention.key_length") == 576
         assert shapes(header)["blk.26.attn_k_b.weight"] == (128, 512, 16)
+    if key == "granite-4.0-h-tiny":
+        attention = [il for il, kv in enumerate(header.get("granitehybrid.attention.head_count_kv").values) if kv]
+        assert attention == [5, 15, 25, 35]
 
 
 @pytest.mark.parametrize(("spec", "message"), [
     (ModelSpec(n_swa=64), "n_swa only applies"),
-    (ModelSpec(n_expert=4), "only apply to qwen3moe"),
+    (ModelSpec(n_expert=4), "only apply to deepseek2, granitehybrid, qwen3moe"),
+    (ModelSpec(n_ff_shexp=64), "only applies to granitehybrid"),
+    (replace(GRANITE_H, ssm_d_inner=384), "ssm_d_inner == 2 \\* n_embd"),
+    (replace(GRANITE_H, n_ff_shexp=64), "needs n_expert"),
+    (replace(GRANITE_H, n_head_kv=(0, -1, 0, 2)), ">= 0"),
+    (replace(QWEN3, n_head_kv=(0, 2)), "must be > 0"),
     (ModelSpec(ssm_d_inner=64), "ssm_"),
     (replace(QWEN3MOE, n_expert_used=0), "n_expert_used"),
     (replace(QWEN3MOE, n_expert_used=9), "exceeds n_expert"),
