@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from llamactl.errors import UsageError
-from llamactl.model.settings import FLASH_ATTN_MODES, KV_CACHE_TYPES, LLAMACTL_DEFAULT_CTX, ServerSettings
+from llamactl.model.settings import FLASH_ATTN_MODES, KV_CACHE_TYPES, LLAMACTL_DEFAULT_CTX, MAX_LAYERS, ServerSettings
 from llamactl.units import parse_duration, parse_size
 
 DEFAULT_PORT = 8080
@@ -76,7 +76,7 @@ _GLOBAL_KEYS = {"server_bin", "host", "port", "port_start", "max_instances", "id
                 "load_timeout", "max_queue", "max_body", "api_keys", "instance_api_keys", "adopt", "models_dir",
                 "gpu_util_threshold", "gpu_mem_threshold", "defaults", "models"}
 _SETTING_KEYS = {"ctx_size", "n_gpu_layers", "cache_type_k", "cache_type_v", "flash_attn", "parallel", "args",
-                 "kv_unified", "batch_size", "ubatch_size", "embedding"}
+                 "kv_unified", "batch_size", "ubatch_size", "embedding", "n_cpu_moe"}
 _MODEL_KEYS = _SETTING_KEYS | {"path", "ttl", "max_gpus", "gpus", "aliases"}
 
 
@@ -160,6 +160,14 @@ def _settings(r: _Reader, table: dict[str, Any], where: str, base: ServerSetting
             if value < 1:
                 raise r.fail(f"{where}.{key}", "must be >= 1")
             updates[key] = value
+    if "n_cpu_moe" in table:
+        value = table["n_cpu_moe"]
+        if value == "all":
+            updates["n_cpu_moe"] = MAX_LAYERS
+        elif isinstance(value, int) and not isinstance(value, bool) and value >= 0:
+            updates["n_cpu_moe"] = value
+        else:
+            raise r.fail(f"{where}.n_cpu_moe", f"expected a number >= 0 or 'all', got {value!r}")
     for key in ("kv_unified", "embedding"):
         if key in table:
             updates[key] = r.get(table, key, f"{where}.{key}", bool)

@@ -2,7 +2,10 @@
 
 Order of preference: the whole model on one GPU (the seed's explicit wish),
 then the fewest GPUs that hold it with `-ts` in proportion to what each can
-hold, then partial offload (the largest `-ngl` that fits), then the CPU. Every
+hold, then, for a mixture of experts, every layer on the GPUs with the experts
+of the fewest leading layers on the CPU (`--n-cpu-moe`: attention, KV and the
+dense parts stay on the GPU, which beats dropping whole layers), then partial
+offload (the largest `-ngl` that fits), then the CPU. Every
 candidate is verified per device with the memory model, never by a sum. When
 the model does not fit wholly on GPUs, the least-recently-used idle llamactl
 instances whose removal would make it fit are proposed for eviction.
@@ -87,6 +90,10 @@ class Plan:
     def n_gpu_layers(self) -> int:
         return self.resolved.n_gpu_layers if self.resolved else 0
 
+    @property
+    def n_cpu_moe(self) -> int:
+        return self.resolved.n_cpu_moe if self.resolved else 0
+
 
 def capacities(gpus: Sequence[Gpu], instances: Sequence[RunningInstance], policy: Policy) -> list[DeviceCapacity]:
     """Candidate GPUs and what each can take, counting only other programs' use against the thresholds."""
@@ -112,6 +119,7 @@ def capacities(gpus: Sequence[Gpu], instances: Sequence[RunningInstance], policy
 
 def _try(params: ModelParams, settings: ServerSettings, chosen: Sequence[DeviceCapacity], split: Sequence[float],
          policy: Policy, n_gpu_layers: int | None = None) -> tuple[bool, Resolved, MemoryEstimate]:
+    # replace(), not keywords: the settings may carry an --n-cpu-moe chosen by _expert_offload
     wanted = replace(settings, n_gpu_layers=n_gpu_layers if n_gpu_layers is not None else settings.n_gpu_layers)
     resolved = resolve(wanted, params, len(chosen))
     est = estimate(params, resolved, Placement(n_gpus=len(chosen), tensor_split=tuple(split),
@@ -209,6 +217,13 @@ def _place(params: ModelParams, settings: ServerSettings, caps: list[DeviceCapac
                 return Plan(Fit.GPU, ids, split, resolved, est, tuple(caps), reasons=tuple(reasons))
         if max_gpus >= 2:
             reasons.append(f"not even {max_gpus} GPUs hold the whole model")
+    if cands and max_gpus >= 1 and policy.allow_partial and wants_full and settings.n_cpu_moe is None and params.n_expert:
+        planned = _expert_offload(params, settings, cands[:max_gpus], policy)
+        if planned is not None:
+            n, ids, split, resolved, est = planned
+            reasons.append(f"every layer on GPU {list(ids)} with the experts of the first {n} of {params.n_layer} "
+                           f"layers on the CPU (--n-cpu-moe {n}): attention and KV stay on the GPU")
+            return Plan(Fit.PARTIAL, ids, split, resolved, est, tuple(caps), reasons=tuple(reasons))
     if cands and max_gpus >= 1 and policy.allow_partial:
         chosen = cands[:max_gpus]
         top = min(full, settings.n_gpu_layers) if settings.n_gpu_layers is not None else full
@@ -237,6 +252,35 @@ def _place(params: ModelParams, settings: ServerSettings, caps: list[DeviceCapac
         return Plan(Fit.NONE, (), None, None, est, tuple(caps), reasons=tuple(reasons))
     reasons.append(f"runs on the CPU ({format_bytes(host)})")
     return Plan(Fit.CPU, (), None, resolved, est, tuple(caps), reasons=tuple(reasons))
+
+
+def _expert_offload(params: ModelParams, settings: ServerSettings, cands: Sequence[DeviceCapacity], policy: Policy):
+    """The fewest leading layers whose experts must stay on the CPU for the rest to fit, on the fewest GPUs.
+
+    GPU memory only falls as N grows, so N is found by bisection on each GPU count.
+    """
+    def attempt(chosen: Sequence[DeviceCapacity], n: int):
+        trial = replace(settings, n_cpu_moe=n)
+        if len(chosen) == 1:
+            fits, resolved, est = _try(params, trial, chosen, [1.0], policy)
+            return fits, None, resolved, est
+        fits, split, resolved, est = _proportional_split(params, trial, chosen, policy)
+        return fits, split, resolved, est
+
+    for k in range(1, len(cands) + 1):
+        chosen = cands[:k]
+        if not attempt(chosen, params.n_layer)[0]:
+            continue  # not even with every expert on the CPU
+        lo, hi = 1, params.n_layer  # hi fits
+        while lo < hi:
+            mid = (lo + hi) // 2
+            if attempt(chosen, mid)[0]:
+                hi = mid
+            else:
+                lo = mid + 1
+        fits, split, resolved, est = attempt(chosen, hi)
+        return hi, tuple(c.gpu.index for c in chosen), split, resolved, est
+    return None
 
 
 def plan(params: ModelParams, settings: ServerSettings, gpus: Sequence[Gpu], policy: Policy = Policy(),

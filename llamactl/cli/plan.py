@@ -59,6 +59,9 @@ def decision(result: Plan, model: str) -> str:
         return f"{model} fits on GPU {result.gpu_ids[0]}."
     if result.fit is Fit.GPU:
         return f"{model} fits on GPUs {', '.join(map(str, result.gpu_ids))}, split {_split_text(result)}."
+    if result.fit is Fit.PARTIAL and result.n_cpu_moe:
+        return (f"{model} fits with the experts of {result.n_cpu_moe} layers on the CPU (--n-cpu-moe), "
+                f"everything else on GPU {', '.join(map(str, result.gpu_ids))}.")
     if result.fit is Fit.PARTIAL:
         return (f"{model} fits only partially: {result.n_gpu_layers} of its layers on GPU "
                 f"{', '.join(map(str, result.gpu_ids))}, the rest on the CPU.")
@@ -89,6 +92,7 @@ def plan_json(result: Plan, cmd: ServerCommand | None) -> dict[str, object]:
         "gpu_ids": list(result.gpu_ids),
         "tensor_split": list(result.tensor_split) if result.tensor_split else None,
         "n_gpu_layers": result.n_gpu_layers,
+        "n_cpu_moe": result.n_cpu_moe,
         "argv": list(cmd.argv) if cmd else [],
         "env": dict(cmd.env) if cmd else {},
         "devices": devices,

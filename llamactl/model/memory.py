@@ -11,6 +11,7 @@ buffer from the worst-case graph's live tensors with calibrated coefficients.
 from __future__ import annotations
 
 import bisect
+import re
 from dataclasses import dataclass, field
 
 from gguf.constants import GGML_QUANT_SIZES, GGMLQuantizationType
@@ -155,11 +156,17 @@ def _repackable(info: TensorInfo, types: frozenset[str]) -> bool:
             and info.shape[0] % 8 == 0 and info.shape[1] % 8 == 0)
 
 
-def _tensor_device(info: TensorInfo, devices: tuple[str, ...], n_layer: int) -> str:
+# --n-cpu-moe N overrides the buffer type of blk.<i> tensors matching this for i < N (common/common.h)
+_EXPERT_TENSOR_RE = re.compile(r"\.ffn_(up|down|gate|gate_up)_(ch|)exps")
+
+
+def _tensor_device(info: TensorInfo, devices: tuple[str, ...], n_layer: int, n_cpu_moe: int = 0) -> str:
     if info.name.startswith("token_embd"):
         return "CPU"  # llama.cpp never offloads the input layer
     layer = tensor_layer(info.name)
     if layer is not None:
+        if layer < n_cpu_moe and _EXPERT_TENSOR_RE.search(info.name):
+            return "CPU"
         return devices[min(layer, n_layer - 1)]
     if info.name.startswith(("output", "cls", "output_norm")):
         return devices[n_layer]
@@ -175,7 +182,7 @@ def _weights(params: ModelParams, resolved: Resolved, placement: Placement,
     ranges: dict[int, tuple[int, int]] = {}  # shard → mapped [first, last) of the CPU context
     repack_bytes = copy_bytes = 0
     for info in params.tensors:
-        dev = _tensor_device(info, devices, params.n_layer)
+        dev = _tensor_device(info, devices, params.n_layer, resolved.n_cpu_moe)
         if dev != "CPU":
             per_device[dev] = per_device.get(dev, 0) + pad(info.n_bytes, GPU_ALIGNMENT)
         elif _repackable(info, repack_types):
@@ -325,7 +332,8 @@ def estimate(params: ModelParams, resolved: Resolved, placement: Placement = Pla
     kv = _kv(params, resolved, devices)
     state = _recurrent(params, resolved, devices)
     graph = compute_graph_bytes(params, resolved)
-    on_cpu = any(dev == "CPU" for dev in devices)
+    # the host computes whatever it holds: CPU layers, and the experts --n-cpu-moe keeps there
+    on_cpu = any(dev == "CPU" for dev in devices) or resolved.n_cpu_moe > 0
     gpu_names = [f"GPU{i}" for i in range(placement.n_gpus)]
     rows = [DeviceMemory(
         device="CPU",

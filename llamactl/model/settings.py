@@ -20,6 +20,7 @@ SERVER_AUTO_SLOTS = 4  # llama-server with -np unset: 4 slots sharing one unifie
 CTX_PAD = 256
 MAX_SEQ = 256  # LLAMA_MAX_SEQ: llama.cpp refuses more slots
 MAX_CTX = 2**31 - 1  # llama-server parses -c as a 32-bit int
+MAX_LAYERS = 100_000  # more than any model has: "all layers" for --cpu-moe
 KV_CACHE_TYPES = ("f32", "f16", "bf16", "q8_0", "q4_0", "q4_1", "iq4_nl", "q5_0", "q5_1")
 FLASH_ATTN_MODES = ("on", "off", "auto")
 
@@ -43,6 +44,7 @@ class ServerSettings:
     mmap: bool = True  # --no-mmap = llama-server's `--load-mode none`
     repack: bool = True  # --no-repack turns CPU_REPACK off
     embedding: bool = False  # --embedding: an embeddings server
+    n_cpu_moe: int | None = None  # --n-cpu-moe: experts of the first N layers stay on the CPU; None = unset
 
 
 @dataclass(frozen=True)
@@ -66,6 +68,7 @@ class Resolved:
     mmap: bool
     repack: bool
     embedding: bool
+    n_cpu_moe: int = 0  # layers whose expert tensors stay on the host (only with GPU layers)
 
 
 def pad(value: int, to: int) -> int:
@@ -130,10 +133,14 @@ def resolve(settings: ServerSettings, model: ModelParams, n_gpus: int) -> Resolv
     ngl = max_layers if settings.n_gpu_layers is None or settings.n_gpu_layers < 0 else min(settings.n_gpu_layers, max_layers)
     if n_gpus == 0:
         ngl = 0
+    if settings.n_cpu_moe is not None and settings.n_cpu_moe < 0:
+        raise UsageError(f"--n-cpu-moe must be >= 0, got {settings.n_cpu_moe}")
+    # experts matter only where layers would otherwise be on a GPU, and only for a MoE
+    n_cpu_moe = min(settings.n_cpu_moe or 0, model.n_layer) if ngl and model.n_expert else 0
     return Resolved(
         ctx_size=ctx_size, n_ctx=n_ctx, n_ctx_seq=n_ctx_seq, n_seq_max=n_seq_max, n_stream=1 if unified else n_seq_max,
         kv_unified=unified, n_batch=n_batch, n_ubatch=n_ubatch, flash_attn=flash_attn,
         n_gpu_layers=ngl, cache_type_k=settings.cache_type_k, cache_type_v=settings.cache_type_v,
         swa_full=settings.swa_full and model.n_swa > 0, kv_offload=settings.kv_offload,
-        mmap=settings.mmap, repack=settings.repack, embedding=settings.embedding,
+        mmap=settings.mmap, repack=settings.repack, embedding=settings.embedding, n_cpu_moe=n_cpu_moe,
     )

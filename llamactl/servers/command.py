@@ -82,6 +82,9 @@ def build_command(
     if not resolved.repack:
         caps.require("--no-repack")
         argv.append("--no-repack")
+    if resolved.n_cpu_moe:
+        caps.require("--n-cpu-moe")
+        argv += ["--n-cpu-moe", str(resolved.n_cpu_moe)]
     if tensor_split and len(tensor_split) > 1:
         argv += ["--tensor-split", ",".join(_fmt_share(s) for s in tensor_split)]
     if verbose_buffers:
@@ -104,7 +107,6 @@ _MEMORY_FLAGS = {
     "-sm": "split modes other than layer", "--split-mode": "split modes other than layer",
     "-mg": "a main GPU", "--main-gpu": "a main GPU",
     "-ot": "tensor overrides", "--override-tensor": "tensor overrides",
-    "-ncmoe": "expert offload", "--n-cpu-moe": "expert offload", "-cmoe": "expert offload", "--cpu-moe": "expert offload",
     "--reranking": "reranking mode",
     "-dev": "device selection", "--device": "device selection",
     "-hf": "another model", "--hf-repo": "another model", "-hff": "another model", "--hf-file": "another model",
@@ -124,6 +126,7 @@ _OWN_FLAGS = {
     "-b", "--batch-size", "-ub", "--ubatch-size", "-kvu", "--kv-unified", "-no-kvu", "--no-kv-unified",
     "-ts", "--tensor-split", "-fit", "--fit", "--swa-full", "-nkvo", "--no-kv-offload", "-kvo", "--kv-offload",
     "-lm", "--load-mode", "-nr", "--no-repack", "--repack", "--embedding", "--embeddings",
+    "-ncmoe", "--n-cpu-moe", "-cmoe", "--cpu-moe",
 }
 
 
@@ -144,4 +147,4 @@ def check_extra_args(extra: Sequence[str]) -> None:
 # What a current llama-server supports, assumed when planning without a binary at hand (CI fit checks).
 ASSUMED_FLAGS = frozenset(REQUIRED_FLAGS) | {"--kv-unified", "--no-kv-unified", "--fit", "--metrics", "--swa-full",
                                              "--no-kv-offload", "--load-mode", "--no-repack", "--tensor-split",
-                                             "--verbosity", "--model"}
+                                             "--verbosity", "--model", "--n-cpu-moe"}

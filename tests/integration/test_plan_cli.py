@@ -11,7 +11,7 @@ import pytest
 from llamactl.model.synth import REALISTIC, write_model
 from tests.integration.test_cli import run
 
-KEYS = {"fit", "gpu_ids", "tensor_split", "n_gpu_layers", "argv", "env", "devices", "evict", "reasons"}
+KEYS = {"fit", "gpu_ids", "tensor_split", "n_gpu_layers", "n_cpu_moe", "argv", "env", "devices", "evict", "reasons"}
 
 
 @pytest.fixture(scope="module")
@@ -115,3 +115,28 @@ def test_ngl_0_says_so(llama8b: Path) -> None:
     data = json.loads(run("plan", str(llama8b), "--gpus", "24GiB", "-ngl", "0", "--json").stdout)
     assert data["fit"] == "cpu" and "-ngl 0 asks for the CPU" in data["reasons"]
     assert not any("not even one layer" in r for r in data["reasons"])
+
+
+@pytest.fixture(scope="module")
+def qwen3moe(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    spec = replace(REALISTIC["qwen3-30b-a3b"], weight_type="Q4_K")
+    return write_model(tmp_path_factory.mktemp("m") / "qwen3-30b-a3b-q4_k.gguf", spec, sparse=True)
+
+
+def test_moe_plan_keeps_layers_on_gpu_and_moves_experts(qwen3moe: Path) -> None:
+    out = run("plan", str(qwen3moe), "--gpus", "16GiB", "--json")
+    assert out.returncode == 3, out.stderr  # partial: some weights on the host
+    data = json.loads(out.stdout)
+    argv = data["argv"]
+    assert data["n_gpu_layers"] == 49 and argv[argv.index("--n-gpu-layers") + 1] == "49"
+    assert 0 < data["n_cpu_moe"] < 48 and argv[argv.index("--n-cpu-moe") + 1] == str(data["n_cpu_moe"])
+    text = run("plan", str(qwen3moe), "--gpus", "16GiB")
+    assert f"experts of {data['n_cpu_moe']} layers on the CPU" in text.stdout
+    # the same flag given by hand: an estimate that follows it, and no flag twice in the command
+    given = run("plan", str(qwen3moe), "--gpus", "24GiB", "--n-cpu-moe", "8", "--json")
+    assert given.returncode == 0, given.stderr
+    assert json.loads(given.stdout)["argv"].count("--n-cpu-moe") == 1
+    refused = run("plan", str(qwen3moe), "--gpus", "24GiB", "--", "--n-cpu-moe", "8")
+    assert refused.returncode == 2 and "--n-cpu-moe" in refused.stderr
+    bad = run("estimate", str(qwen3moe), "--n-cpu-moe", "-1")
+    assert bad.returncode == 2 and "--n-cpu-moe must be >= 0" in bad.stderr

@@ -131,3 +131,52 @@ def test_no_eviction_when_it_fits(llama8b) -> None:
 def test_explicit_ngl_is_respected(llama8b) -> None:
     result = plan(llama8b, ServerSettings(ctx_size=8192, n_gpu_layers=10), gpus("24GiB"))
     assert result.fit is Fit.PARTIAL and result.n_gpu_layers == 10
+
+
+@pytest.fixture(scope="module")
+def qwen3moe(tmp_path_factory: pytest.TempPathFactory):
+    path = tmp_path_factory.mktemp("m") / "qwen3-30b-a3b.gguf"
+    write_model(path, replace(REALISTIC["qwen3-30b-a3b"], weight_type="Q4_K"), sparse=True)
+    return model_params(read_header(path))
+
+
+def _expert_bytes(params, layers: int) -> int:
+    return sum(t.n_bytes for t in params.tensors if "_exps" in t.name and int(t.name.split(".")[1]) < layers)
+
+
+def test_moe_prefers_experts_on_the_cpu_to_dropping_layers(qwen3moe) -> None:
+    # Qwen3-30B-A3B Q4_K is ~17 GiB: on a 16 GiB GPU every layer stays there, the fewest experts move out
+    result = plan(qwen3moe, CTX8K, gpus("16GiB"), Policy())
+    assert result.fit is Fit.PARTIAL, result.reasons
+    assert result.n_gpu_layers == qwen3moe.n_layer + 1
+    n = result.n_cpu_moe
+    assert 0 < n < qwen3moe.n_layer
+    capacity = result.capacities[0].capacity_bytes
+    assert result.estimate.device("GPU0").total_bytes <= capacity
+    # minimal: one layer fewer on the CPU would overflow the GPU
+    fewer = resolve(replace(CTX8K, n_cpu_moe=n - 1), qwen3moe, 1)
+    over = estimate(qwen3moe, fewer, Placement(n_gpus=1)).device("GPU0").total_bytes
+    assert over > capacity
+    assert any("--n-cpu-moe" in r for r in result.reasons)
+
+
+def test_n_cpu_moe_moves_exactly_the_expert_tensors(qwen3moe) -> None:
+    base = estimate(qwen3moe, resolve(CTX8K, qwen3moe, 1), Placement(n_gpus=1))
+    moved = estimate(qwen3moe, resolve(replace(CTX8K, n_cpu_moe=10), qwen3moe, 1), Placement(n_gpus=1))
+    gone = base.device("GPU0").weights_bytes - moved.device("GPU0").weights_bytes
+    assert abs(gone - _expert_bytes(qwen3moe, 10)) <= 30 * 128  # GPU tensors are padded to 128 bytes
+    # mapped from the file on the host, and the host now computes those experts
+    assert moved.device("CPU").weights_bytes - base.device("CPU").weights_bytes >= _expert_bytes(qwen3moe, 10)
+    assert moved.device("CPU").compute_bytes > base.device("CPU").compute_bytes
+    assert moved.layer_devices == base.layer_devices  # no layer moved
+
+
+def test_dense_models_never_get_n_cpu_moe(llama8b) -> None:
+    result = plan(llama8b, CTX8K, gpus("2GiB"), Policy())
+    assert result.fit is Fit.PARTIAL and result.n_cpu_moe == 0
+    assert resolve(replace(CTX8K, n_cpu_moe=5), llama8b, 1).n_cpu_moe == 0  # nothing to move
+
+
+def test_given_n_cpu_moe_is_kept(qwen3moe) -> None:
+    result = plan(qwen3moe, replace(CTX8K, n_cpu_moe=48), gpus("24GiB"), Policy())
+    assert result.fit is Fit.GPU and result.n_cpu_moe == 48
