@@ -36,6 +36,11 @@ DEFAULT_GPU_OVERHEAD_BYTES = 400 * MiB
 HOST_RUNTIME_BASE_BYTES = 16 * MiB
 HOST_RUNTIME_PER_TOKEN_BYTES = 40
 
+# With every layer on two or more GPUs (split by layer, KV offloaded, no tensor overrides, devices
+# with async compute and events, as CUDA's), llama.cpp runs micro-batches in a pipeline and keeps
+# GGML_SCHED_MAX_COPIES copies of every graph input and of every tensor crossing devices.
+PIPELINE_COPIES = 4
+
 # With some layers on the CPU, llama.cpp's GPU compute buffers grow 1.2-2.7x (MEMORY-MODEL.md);
 # until measured on a GPU, partial plans reserve the upper middle of that range.
 PARTIAL_COMPUTE_FACTOR = 2.0
@@ -93,6 +98,7 @@ class MemoryEstimate:
     host_weights: HostWeights
     layer_devices: tuple[str, ...]  # device of each repeating layer, then of the output layer
     approximate: tuple[str, ...] = field(default=())  # terms that are not exact, and why
+    pipeline_copies: int = 1  # graph-input copies llama.cpp keeps (4 under pipeline parallelism)
 
     @property
     def total_bytes(self) -> int:
@@ -256,27 +262,17 @@ def compute_graph_bytes(params: ModelParams, resolved: Resolved) -> int:
     were read off llama-server's logs over the grid in bench/accuracy.py.
     """
     cal = COMPUTE_CALIBRATION
-    n_seqs = resolved.n_seq_max
     if all(params.recurrent_layers):
         return _recurrent_graph_bytes(params, resolved)
-    n_tokens = pad(resolved.n_ubatch, n_seqs)
+    n_tokens = pad(resolved.n_ubatch, resolved.n_seq_max)
     n_outputs = min(resolved.n_ubatch, resolved.n_seq_max)  # llama-server reserves n_parallel outputs
     n_kv = resolved.n_ctx_seq if params.causal else n_tokens  # encoders: attention within the ubatch
-    n_head, n_head_kv = max(params.n_head), max(params.n_head_kv)
+    n_head = max(params.n_head)
     q_width = n_head * params.n_embd_head_k
-    kv_width = n_head_kv * (params.n_embd_head_k + params.n_embd_head_v)
+    kv_width = max(params.n_head_kv) * (params.n_embd_head_k + params.n_embd_head_v)
     act = F32 * n_tokens  # bytes per activation row element
-    mask_elem = 2 if resolved.flash_attn else F32
-    mask = mask_elem * n_kv * n_tokens
-    if any(params.swa_layers) and params.causal:  # the sliding-window layers have a mask of their own
-        mask += mask_elem * swa_cells(params, resolved) * n_tokens
-    ffn = 0
-    if params.n_expert and params.n_ff_exp:  # only the used experts' FFNs run per token
-        ff_used = params.n_ff_exp * params.n_expert_used
-        down = params.n_embd * params.n_expert_used
-        # the experts' down outputs reuse the freed gate+up block when they fit in it, else they stack on top
-        ffn = act * (3 * ff_used + (down if down > 2 * ff_used else 0) + cal["ffn_embd"] * params.n_embd
-                     + cal["moe_router"] * params.n_expert)
+    mask = _mask_bytes(params, resolved)
+    ffn = _moe_ffn_bytes(params, resolved)
     if params.ffn_dense or not params.n_expert:
         # gate, up and their product; an ungated FFN (bert's GELU) only up, activated in place
         dense = act * ((3 if params.ffn_gated else 1) * max(params.n_ff) + cal["ffn_embd"] * params.n_embd)
@@ -291,6 +287,49 @@ def compute_graph_bytes(params: ModelParams, resolved: Resolved) -> int:
     # hybrids (granitehybrid & co.): their Mamba-2 layers are one more phase of the same graph
     mixer = _mamba2_mixer_bytes(params, resolved) if any(params.recurrent_layers) else 0
     return cal["fixed_bytes"] + mask + max(ffn, attention, head, mixer)
+
+
+def _mask_bytes(params: ModelParams, resolved: Resolved, layers: range | list[int] | None = None) -> int:
+    """The KQ mask(s) `layers` read, a graph input: f16 with flash attention, f32 without.
+
+    Full-attention and sliding-window layers each read a mask of their own cache's size; recurrent
+    layers none.
+    """
+    attn = [il for il in (range(params.n_layer) if layers is None else layers) if not params.recurrent_layers[il]]
+    if not attn:
+        return 0
+    n_tokens = pad(resolved.n_ubatch, resolved.n_seq_max)
+    n_kv = resolved.n_ctx_seq if params.causal else n_tokens
+    mask_elem = 2 if resolved.flash_attn else F32
+    swa = params.causal and any(params.swa_layers[il] for il in attn)
+    full = not params.causal or any(not params.swa_layers[il] for il in attn)
+    return mask_elem * n_tokens * ((n_kv if full else 0) + (swa_cells(params, resolved) if swa else 0))
+
+
+def _input_bytes(params: ModelParams, resolved: Resolved, layers: range | list[int] | None = None) -> int:
+    """Graph inputs that grow with the batch: the masks, and without flash attention the transposed
+    V cache's row indices (int64 per token and V element)."""
+    inputs = _mask_bytes(params, resolved, layers)
+    if inputs and not resolved.flash_attn and params.causal:
+        attn = [il for il in (range(params.n_layer) if layers is None else layers) if params.n_head_kv[il]
+                and not params.recurrent_layers[il]]
+        v_width = max((params.n_embd_v_gqa(il) for il in range(params.n_layer)), default=0)
+        kinds = {params.swa_layers[il] for il in attn}  # one index tensor per cache
+        inputs += 8 * pad(resolved.n_ubatch, resolved.n_seq_max) * v_width * len(kinds)
+    return inputs
+
+
+def _moe_ffn_bytes(params: ModelParams, resolved: Resolved) -> int:
+    """Live tensors of a MoE FFN: only the used experts' FFNs run per token."""
+    if not (params.n_expert and params.n_ff_exp):
+        return 0
+    cal = COMPUTE_CALIBRATION
+    act = F32 * pad(resolved.n_ubatch, resolved.n_seq_max)
+    ff_used = params.n_ff_exp * params.n_expert_used
+    down = params.n_embd * params.n_expert_used
+    # the experts' down outputs reuse the freed gate+up block when they fit in it, else they stack on top
+    return act * (3 * ff_used + (down if down > 2 * ff_used else 0) + cal["ffn_embd"] * params.n_embd
+                  + cal["moe_router"] * params.n_expert)
 
 
 def _mamba2_mixer_bytes(params: ModelParams, resolved: Resolved) -> int:
@@ -310,15 +349,52 @@ def _recurrent_graph_bytes(params: ModelParams, resolved: Resolved) -> int:
     return _mamba2_mixer_bytes(params, resolved) + MAMBA2_CALIBRATION["fixed_bytes"] + head
 
 
+def pipeline_parallel(resolved: Resolved, n_gpus: int, devices: tuple[str, ...]) -> bool:
+    """llama_context's condition: several GPUs, every layer on them, split by layer, KV offloaded, no overrides."""
+    return n_gpus > 1 and "CPU" not in devices and resolved.kv_offload and not resolved.n_cpu_moe
+
+
+def _host_compute(params: ModelParams, resolved: Resolved, graph: int, copies: int, layers_on_cpu: bool) -> int:
+    """The host's compute buffer: the whole graph when it runs layers, else the graph inputs it keeps.
+
+    Graph inputs (the KQ masks, token embeddings) live on the host and are copied to the GPUs; with
+    every layer offloaded the host holds them and the token_embd lookup, `copies` times under
+    pipeline parallelism (read off llama-server's logs with RPC devices, tests/e2e/test_rpc_devices.py).
+    """
+    if layers_on_cpu:
+        return graph
+    embd = F32 * params.n_embd * resolved.n_ubatch
+    inputs = copies * (_input_bytes(params, resolved) + 2 * embd) + 2 * embd
+    if resolved.n_cpu_moe:  # the host runs the experts it keeps: its input, gate/up and down outputs
+        inputs += F32 * pad(resolved.n_ubatch, resolved.n_seq_max) * (
+            2 * params.n_ff_exp * params.n_expert_used + params.n_embd * (params.n_expert_used + 1))
+    return inputs
+
+
+def _gpu_compute(params: ModelParams, resolved: Resolved, graph: int, copies: int, partial: bool,
+                 layers: list[int]) -> int:
+    if not layers:  # the output layer alone: the logits of the reserved outputs
+        n_outputs = min(resolved.n_ubatch, resolved.n_seq_max)
+        return F32 * (params.n_vocab + 2 * params.n_embd) * n_outputs
+    own = int(graph * PARTIAL_COMPUTE_FACTOR) if partial else graph
+    # a device receives only the inputs its layers read (a stage of sliding-window layers: not the full mask)
+    inputs = _input_bytes(params, resolved, layers)
+    own -= _input_bytes(params, resolved) - inputs
+    per_copy = inputs + 4 * F32 * params.n_embd * resolved.n_ubatch
+    if all(params.recurrent_layers):  # fitted on RPC logs (mamba2): each stage also copies ~4 states per slot
+        per_copy += 4 * F32 * (params.n_embd_r + params.n_embd_s) * resolved.n_seq_max
+    # pipeline copies of those inputs and of the activations from upstream
+    return own + (copies - 1) * per_copy
+
+
 def _approximations(params: ModelParams, placement: Placement, partial: bool) -> tuple[str, ...]:
     notes = []
     if params.arch not in MODELLED_ARCHS:
         notes.append(f"architecture {params.arch!r} has not been checked against llama-server: weights and "
                      "KV follow the GGUF, the compute buffer is the dense-attention model's")
     if placement.n_gpus:
-        notes.append("GPU compute buffers are calibrated on the CPU backend; CUDA's may differ")
-        if placement.n_gpus > 1:
-            notes.append("pipeline-parallel copies on several GPUs are not modelled yet")
+        notes.append("GPU compute buffers are calibrated on the CPU backend; CUDA's may differ (placement, "
+                     "weights, KV and pipeline copies per device are checked against llama.cpp with RPC devices)")
         if partial:
             notes.append(f"partial offload: GPU compute buffers taken as {PARTIAL_COMPUTE_FACTOR:g}x the full-offload "
                          "size (llama.cpp's grow 1.2-2.7x)")
@@ -332,21 +408,21 @@ def estimate(params: ModelParams, resolved: Resolved, placement: Placement = Pla
     kv = _kv(params, resolved, devices)
     state = _recurrent(params, resolved, devices)
     graph = compute_graph_bytes(params, resolved)
-    # the host computes whatever it holds: CPU layers, and the experts --n-cpu-moe keeps there
-    on_cpu = any(dev == "CPU" for dev in devices) or resolved.n_cpu_moe > 0
+    layers_on_cpu = "CPU" in devices
+    # some weights of the offloaded layers stay on the host: their GPUs compute as under partial offload
+    partial = placement.n_gpus > 0 and (layers_on_cpu or resolved.n_cpu_moe > 0)
+    copies = PIPELINE_COPIES if pipeline_parallel(resolved, placement.n_gpus, devices) else 1
     gpu_names = [f"GPU{i}" for i in range(placement.n_gpus)]
     rows = [DeviceMemory(
         device="CPU",
         weights_bytes=weights.get("CPU", 0),
         kv_bytes=kv.get("CPU", 0),
         recurrent_bytes=state.get("CPU", 0),
-        # with every layer offloaded the host only embeds the input tokens
-        compute_bytes=graph if on_cpu else F32 * params.n_embd * resolved.n_ubatch,
+        compute_bytes=_host_compute(params, resolved, graph, copies, layers_on_cpu),
         # logits (reserved even by encoders) and, for an embeddings server, one embedding per slot
         output_bytes=F32 * (params.n_vocab + (params.n_embd if resolved.embedding else 0)) * resolved.n_seq_max,
         overhead_bytes=HOST_RUNTIME_BASE_BYTES + HOST_RUNTIME_PER_TOKEN_BYTES * params.n_vocab,
     )]
-    gpu_graph = int(graph * PARTIAL_COMPUTE_FACTOR) if on_cpu else graph
     for name in gpu_names:
         used = name in devices
         rows.append(DeviceMemory(
@@ -354,9 +430,10 @@ def estimate(params: ModelParams, resolved: Resolved, placement: Placement = Pla
             weights_bytes=weights.get(name, 0),
             kv_bytes=kv.get(name, 0),
             recurrent_bytes=state.get(name, 0),
-            compute_bytes=gpu_graph if used else 0,
+            compute_bytes=_gpu_compute(params, resolved, graph, copies, partial,
+                                       [il for il in range(params.n_layer) if devices[il] == name]) if used else 0,
             overhead_bytes=placement.gpu_overhead_bytes if used else 0,
         ))
     return MemoryEstimate(resolved=resolved, devices=tuple(rows), host_weights=host,
-                          layer_devices=devices,
-                          approximate=_approximations(params, placement, on_cpu and placement.n_gpus > 0))
+                          layer_devices=devices, approximate=_approximations(params, placement, partial),
+                          pipeline_copies=copies)

