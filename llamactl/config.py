@@ -77,7 +77,7 @@ _GLOBAL_KEYS = {"server_bin", "host", "port", "port_start", "max_instances", "id
                 "gpu_util_threshold", "gpu_mem_threshold", "defaults", "models"}
 _SETTING_KEYS = {"ctx_size", "n_gpu_layers", "cache_type_k", "cache_type_v", "flash_attn", "parallel", "args",
                  "kv_unified", "batch_size", "ubatch_size", "embedding", "n_cpu_moe"}
-_MODEL_KEYS = _SETTING_KEYS | {"path", "ttl", "max_gpus", "gpus", "aliases"}
+_MODEL_KEYS = _SETTING_KEYS | {"path", "ttl", "max_gpus", "gpus", "aliases", "lora"}
 
 
 class _Reader:
@@ -306,6 +306,12 @@ def load(path: Path | None, *, required: bool = False) -> Config:
             model_path = models[name].path
         else:
             raise r.fail(where, "missing key path")
+        lora = r.get(table, "lora", f"{where}.lora", list, [])
+        if not all(isinstance(a, str) and a for a in lora):
+            raise r.fail(f"{where}.lora", "expected a list of adapter file paths")
+        if lora:  # relative to the config file, like path
+            settings = replace(settings, lora=tuple(
+                str(p if p.is_absolute() else path.parent / p) for p in (Path(a).expanduser() for a in lora)))
         aliases = r.get(table, "aliases", f"{where}.aliases", list, [])
         gpus = r.get(table, "gpus", f"{where}.gpus", list, None)
         if gpus is not None and not all(isinstance(g, int) and not isinstance(g, bool) and g >= 0 for g in gpus):

@@ -8,7 +8,7 @@ estimated is what will run.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import lru_cache
 from pathlib import Path
 
@@ -16,7 +16,7 @@ from llamactl.errors import UsageError
 from llamactl.gpu.inventory import Inventory
 from llamactl.model.gguf import read_header
 from llamactl.model.memory import REPACK_TYPES_BY_FEATURE, MemoryEstimate, Placement, estimate
-from llamactl.model.params import ModelParams, model_params
+from llamactl.model.params import ModelParams, lora_tensors, model_params
 from llamactl.model.settings import ServerSettings, resolve
 
 
@@ -72,6 +72,15 @@ def split_for(inv: Inventory, requested: tuple[float, ...] | None) -> tuple[floa
     return tuple(float(g.memory_free_bytes) for g in gpus)
 
 
+def load_params(path: str | Path, settings: ServerSettings) -> ModelParams:
+    """A model's hyperparameters from its header, with the LoRA adapters the settings load beside it."""
+    params = model_params(read_header(path))
+    if not settings.lora:
+        return params
+    adapters = tuple(t for lora in settings.lora for t in lora_tensors(read_header(lora), params))
+    return replace(params, adapters=adapters)
+
+
 def estimate_files(paths: list[str], settings: ServerSettings, inv: Inventory, *,
                    gpu_overhead_bytes: int, repack_types: frozenset[str]) -> list[EstimateResult]:
     results = []
@@ -80,7 +89,7 @@ def estimate_files(paths: list[str], settings: ServerSettings, inv: Inventory, *
     placement = Placement(n_gpus=n_gpus, tensor_split=split, gpu_overhead_bytes=gpu_overhead_bytes,
                           cpu_repack_types=repack_types)
     for path in paths:
-        params = model_params(read_header(path))
+        params = load_params(path, settings)
         resolved = resolve(settings, params, n_gpus)
         results.append(EstimateResult(Path(path), params, estimate(params, resolved, placement), split))
     return results

@@ -71,6 +71,7 @@ def result_json(result: EstimateResult) -> dict[str, object]:
             "mapped_bytes": est.host_weights.mapped_bytes,
             "repack_bytes": est.host_weights.repack_bytes,
             "copy_bytes": est.host_weights.copy_bytes,
+            "adapter_bytes": est.host_weights.adapter_bytes,
         },
         "layers": _layer_summary(est.layer_devices),
         "approximate": list(est.approximate),
@@ -100,6 +101,9 @@ def print_summary(path: Path, model: ModelParams, res: Resolved, note: str | Non
     print(f"  {model.arch} · {format_count(model.n_params)} params · {model.file_type or '?'} · {format_bytes(model.file_bytes)}")
     print(f"  layers {model.n_layer} · heads {max(model.n_head)} · kv heads {kv_heads} · head size {head} · "
           f"vocab {model.n_vocab} · trained ctx {model.n_ctx_train}{' · tied output' if model.tied_output else ''}")
+    if model.adapters:
+        print(f"  + LoRA: {', '.join(res.lora)} ({len(model.adapters)} tensors, "
+              f"{format_bytes(sum(t.n_bytes for t in model.adapters))})")
     slots = f"{res.n_seq_max} slots, {'unified' if res.kv_unified else f'{res.n_ctx_seq} cells each'}"
     print(f"  -c {res.n_ctx} ({slots}) · -ngl {res.n_gpu_layers} · -fa {'on' if res.flash_attn else 'off'} · "
           f"-ctk {res.cache_type_k} -ctv {res.cache_type_v} · -b {res.n_batch} -ub {res.n_ubatch}")
@@ -132,6 +136,8 @@ def print_devices(est: MemoryEstimate, capacity: dict[str, int] | None = None) -
         parts.append(f"{format_bytes(hw.repack_bytes)} repacked copies")
     if hw.copy_bytes:
         parts.append(f"{format_bytes(hw.copy_bytes)} loaded copies (--no-mmap)")
+    if hw.adapter_bytes:
+        parts.append(f"{format_bytes(hw.adapter_bytes)} LoRA adapters")
     if parts:
         print(f"\nhost weights: {', '.join(parts)}")
     print(f"total: {format_bytes(est.total_bytes)}")

@@ -46,13 +46,13 @@ def parse_ngl(text: Optional[str]) -> Optional[int]:
 
 def _server_settings(ctx_size, n_gpu_layers, tensor_split, cache_type_k, cache_type_v, flash_attn, parallel,
                      kv_unified, batch_size, ubatch_size, swa_full, no_kv_offload, no_mmap, no_repack,
-                     embedding, n_cpu_moe, cpu_moe) -> ServerSettings:
+                     embedding, n_cpu_moe, cpu_moe, lora) -> ServerSettings:
     if n_cpu_moe is not None and n_cpu_moe < 0:
         raise UsageError(f"--n-cpu-moe must be >= 0, got {n_cpu_moe}")
     if cpu_moe:
         n_cpu_moe = MAX_LAYERS  # every layer's experts (resolve() clamps to the model's layers)
     return ServerSettings(
-        n_cpu_moe=n_cpu_moe,
+        n_cpu_moe=n_cpu_moe, lora=tuple(lora or ()),
         ctx_size=ctx_size, n_gpu_layers=parse_ngl(n_gpu_layers), tensor_split=parse_tensor_split(tensor_split),
         cache_type_k=cache_type_k.lower(), cache_type_v=cache_type_v.lower(), flash_attn=flash_attn.lower(),
         parallel=parallel, kv_unified=kv_unified, batch_size=batch_size, ubatch_size=ubatch_size,
@@ -79,6 +79,7 @@ SERVER = OptionGroup("settings", (
     _opt("embedding", bool, typer.Option(False, "--embedding", "--embeddings", help="An embeddings server (llama-server --embedding).")),
     _opt("n_cpu_moe", Optional[int], typer.Option(None, "-ncmoe", "--n-cpu-moe", help="MoE: keep the experts of the first N layers on the CPU (plan picks N when unset).")),
     _opt("cpu_moe", bool, typer.Option(False, "-cmoe", "--cpu-moe", help="MoE: keep every layer's experts on the CPU.")),
+    _opt("lora", Optional[list[str]], typer.Option(None, "--lora", metavar="FILE", help="LoRA adapter loaded with the model (repeatable).")),
 ), _server_settings)
 
 

@@ -15,10 +15,9 @@ from llamactl.cli.common import load_config, state_store, wants_json
 from llamactl.cli.estimate import print_devices, print_summary
 from llamactl.cli.options import INVENTORY, SERVER, InventoryOptions, with_options
 from llamactl.errors import ExitCode, LlamactlError, UsageError
-from llamactl.estimate import host_repack_types
+from llamactl.estimate import host_repack_types, load_params
 from llamactl.gpu.inventory import Inventory
-from llamactl.model.gguf import read_header
-from llamactl.model.params import ModelParams, model_params
+from llamactl.model.params import ModelParams
 from llamactl.model.settings import ServerSettings
 from llamactl.placement import DEFAULT_MARGIN_BYTES, DEFAULT_MEM_THRESHOLD, DEFAULT_UTIL_THRESHOLD, Fit, Plan, Policy, Strategy, plan
 from llamactl.servers.command import ASSUMED_FLAGS, ServerCommand, build_command, check_extra_args
@@ -127,7 +126,7 @@ def command(
     if not 0 < mem_threshold <= 1:
         raise UsageError(f"--gpu-mem-threshold must be in (0, 1], got {mem_threshold}")
     allowed = _parse_ids(gpu_ids, inv.inventory)
-    params = model_params(read_header(model))
+    params = load_params(model, settings)
     policy = Policy(
         strategy=strategy, max_gpus=max_gpus, allow_partial=not no_partial,
         margin_bytes=parse_size(margin, what="--margin"), gpu_overhead_bytes=inv.gpu_overhead_bytes,

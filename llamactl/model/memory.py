@@ -89,6 +89,7 @@ class HostWeights:
     mapped_bytes: int  # CPU_Mapped: page cache of the file (0 with --no-mmap)
     repack_bytes: int  # CPU_REPACK: anonymous copies in SIMD layout
     copy_bytes: int  # CPU: anonymous copies (with --no-mmap)
+    adapter_bytes: int = 0  # CPU: LoRA adapters of host layers (always copies)
 
 
 @dataclass(frozen=True)
@@ -186,7 +187,7 @@ def _weights(params: ModelParams, resolved: Resolved, placement: Placement,
     # CPU: weights are repacked only where no GPU is visible.
     repack_types = placement.cpu_repack_types if resolved.repack and placement.n_gpus == 0 else frozenset()
     ranges: dict[int, tuple[int, int]] = {}  # shard → mapped [first, last) of the CPU context
-    repack_bytes = copy_bytes = 0
+    repack_bytes = copy_bytes = adapter_bytes = 0
     for info in params.tensors:
         dev = _tensor_device(info, devices, params.n_layer, resolved.n_cpu_moe)
         if dev != "CPU":
@@ -197,6 +198,15 @@ def _weights(params: ModelParams, resolved: Resolved, placement: Placement,
             copy_bytes += pad(info.n_bytes, CPU_ALIGNMENT)
             first, last = ranges.get(info.shard, (info.offset, info.offset + info.n_bytes))
             ranges[info.shard] = (min(first, info.offset), max(last, info.offset + info.n_bytes))
+    # LoRA tensors are copies on their base tensor's device (never in a repack buffer: plain CPU there)
+    for info in params.adapters:
+        base = info.name.rpartition(".")[0]
+        dev = _tensor_device(TensorInfo(base, info.shape, info.ggml_type, 0, 0), devices, params.n_layer,
+                             resolved.n_cpu_moe)
+        if dev != "CPU":
+            per_device[dev] = per_device.get(dev, 0) + pad(info.n_bytes, GPU_ALIGNMENT)
+        else:
+            adapter_bytes += pad(info.n_bytes, CPU_ALIGNMENT)
     if params.tied_output:
         embd = next((t for t in params.tensors if t.name == "token_embd.weight"), None)
         out_dev = devices[params.n_layer]
@@ -206,10 +216,10 @@ def _weights(params: ModelParams, resolved: Resolved, placement: Placement,
             repack_bytes += pad(embd.n_bytes, CPU_ALIGNMENT)  # the output's MUL_MAT copy, repacked
     mapped = sum(last - first for first, last in ranges.values())
     if resolved.mmap:
-        host = HostWeights(mapped_bytes=mapped, repack_bytes=repack_bytes, copy_bytes=0)
+        host = HostWeights(mapped_bytes=mapped, repack_bytes=repack_bytes, copy_bytes=0, adapter_bytes=adapter_bytes)
     else:
-        host = HostWeights(mapped_bytes=0, repack_bytes=repack_bytes, copy_bytes=copy_bytes)
-    per_device["CPU"] = host.mapped_bytes + host.repack_bytes + host.copy_bytes
+        host = HostWeights(mapped_bytes=0, repack_bytes=repack_bytes, copy_bytes=copy_bytes, adapter_bytes=adapter_bytes)
+    per_device["CPU"] = host.mapped_bytes + host.repack_bytes + host.copy_bytes + host.adapter_bytes
     return per_device, host
 
 

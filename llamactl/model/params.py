@@ -77,6 +77,8 @@ class ModelParams:
     tied_output: bool
     tensors: tuple[TensorInfo, ...]
     file_bytes: int
+    # LoRA tensors (`<base tensor>.lora_a` / `.lora_b`) of the adapters loaded with the model (--lora)
+    adapters: tuple[TensorInfo, ...] = ()
 
     @property
     def n_gqa_max(self) -> int:
@@ -172,6 +174,29 @@ def _recurrent_layers(arch: str, n_head_kv: tuple[int, ...], n_layer: int) -> tu
     if arch in HYBRID_ARCHS:
         return tuple(kv == 0 for kv in n_head_kv)  # hybrids mark their recurrent layers with 0 KV heads
     return (False,) * n_layer
+
+
+def lora_tensors(adapter: GGUFHeader, model: ModelParams) -> tuple[TensorInfo, ...]:
+    """The tensors of a LoRA adapter for `model`, checked as llama.cpp's adapter loader checks them."""
+    where = f"--lora {adapter.path}"
+    if adapter.get("general.type") != "adapter" or adapter.get("adapter.type") != "lora":
+        raise UnsupportedModelError(f"{where}: not a LoRA adapter (general.type {adapter.get('general.type')!r}, "
+                                    f"adapter.type {adapter.get('adapter.type')!r})")
+    if adapter.architecture != model.arch:
+        raise UnsupportedModelError(f"{where}: an adapter for {adapter.architecture!r}, the model is {model.arch!r}")
+    base = {t.name: t for t in model.tensors}
+    pairs: dict[str, set[str]] = {}
+    for info in adapter.tensors:
+        name, _, suffix = info.name.rpartition(".")
+        if suffix not in ("lora_a", "lora_b"):
+            raise UnsupportedModelError(f"{where}: tensor {info.name} is neither lora_a nor lora_b")
+        if name not in base:
+            raise UnsupportedModelError(f"{where}: {name} is not in the model (an adapter for another base model?)")
+        pairs.setdefault(name, set()).add(suffix)
+    missing = [name for name, parts in pairs.items() if len(parts) != 2]
+    if missing:
+        raise UnsupportedModelError(f"{where}: {missing[0]} lacks its lora_a or lora_b")
+    return adapter.tensors
 
 
 def model_params(header: GGUFHeader) -> ModelParams:

@@ -45,6 +45,7 @@ class ServerSettings:
     repack: bool = True  # --no-repack turns CPU_REPACK off
     embedding: bool = False  # --embedding: an embeddings server
     n_cpu_moe: int | None = None  # --n-cpu-moe: experts of the first N layers stay on the CPU; None = unset
+    lora: tuple[str, ...] = ()  # --lora adapter files, loaded with the model
 
 
 @dataclass(frozen=True)
@@ -69,6 +70,7 @@ class Resolved:
     repack: bool
     embedding: bool
     n_cpu_moe: int = 0  # layers whose expert tensors stay on the host (only with GPU layers)
+    lora: tuple[str, ...] = ()
 
 
 def pad(value: int, to: int) -> int:
@@ -143,4 +145,5 @@ def resolve(settings: ServerSettings, model: ModelParams, n_gpus: int) -> Resolv
         n_gpu_layers=ngl, cache_type_k=settings.cache_type_k, cache_type_v=settings.cache_type_v,
         swa_full=settings.swa_full and model.n_swa > 0, kv_offload=settings.kv_offload,
         mmap=settings.mmap, repack=settings.repack, embedding=settings.embedding, n_cpu_moe=n_cpu_moe,
+        lora=settings.lora,
     )

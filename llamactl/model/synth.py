@@ -31,7 +31,7 @@ from gguf.constants import (
 )
 from gguf.quants import quant_shape_to_byte_shape, quantize
 
-__all__ = ["ModelSpec", "REALISTIC", "demo_spec", "write_model"]
+__all__ = ["ModelSpec", "REALISTIC", "demo_spec", "write_lora", "write_model"]
 
 _RMS_EPS = 1e-5
 # Small weights keep activations tiny, so random models never produce NaNs.
@@ -812,6 +812,47 @@ def _encoder_plan(spec: ModelSpec, arch: MODEL_ARCH, qtype: GGMLQuantizationType
         for tensor in (MODEL_TENSOR.ATTN_OUT_NORM, MODEL_TENSOR.LAYER_OUT_NORM):
             for suffix in ("weight", "bias"):
                 yield _tensor_name(arch, tensor, suffix, bid), (n_embd,), f32
+
+
+LORA_TARGETS = ("attn_q", "attn_k", "attn_v", "attn_output", "ffn_gate", "ffn_up", "ffn_down")
+
+
+def write_lora(path: str | os.PathLike[str], spec: ModelSpec, *, rank: int = 8, alpha: float = 16.0,
+               targets: Sequence[str] = LORA_TARGETS, weight_type: str = "F16", seed: int = 1) -> pathlib.Path:
+    """A LoRA adapter for `spec`'s model, as convert_lora_to_gguf writes one.
+
+    For each target matrix W (ggml ne [n_in, n_out]) of every layer: `W.lora_a` [n_in, rank] and
+    `W.lora_b` [rank, n_out], with general.type "adapter", adapter.type "lora" and adapter.lora.alpha.
+    """
+    if rank <= 0:
+        raise ValueError(f"rank must be positive, got {rank}")
+    qtype = _weight_qtype(weight_type, sparse=False)
+    _validate(spec, qtype)
+    base = {name: shape for name, shape, _ in _tensor_plan(spec, qtype)}
+    out = pathlib.Path(path)
+    writer = GGUFWriter(out, spec.arch)
+    writer.add_type("adapter")
+    writer.add_string("adapter.type", "lora")
+    writer.add_float32("adapter.lora.alpha", alpha)
+    rng = np.random.default_rng(seed)
+    found = False
+    for name, shape in base.items():
+        if len(shape) != 2 or not any(name.endswith(f".{t}.weight") for t in targets):
+            continue
+        found = True
+        n_out, n_in = shape  # numpy order
+        for suffix, lora_shape in (("lora_a", (rank, n_in)), ("lora_b", (n_out, rank))):
+            values = rng.standard_normal(lora_shape, dtype=np.float32) * np.float32(_WEIGHT_SCALE)
+            writer.add_tensor(f"{name}.{suffix}", quantize(values, qtype), raw_dtype=qtype)
+    if not found:
+        raise ValueError(f"no tensor of this model matches the LoRA targets {list(targets)}")
+    try:
+        writer.write_header_to_file()
+        writer.write_kv_data_to_file()
+        writer.write_tensors_to_file()
+    finally:
+        writer.close()
+    return out
 
 
 def _write_dense(writer: GGUFWriter, plan: Sequence[TensorPlan], rng: np.random.Generator) -> None:

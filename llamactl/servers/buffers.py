@@ -14,10 +14,12 @@ from dataclasses import dataclass, field
 from llamactl.units import MiB
 
 _LINE_RE = re.compile(
-    r"(?P<fn>load_tensors|llama_kv_cache|llama_memory_recurrent|sched_reserve|llama_context):\s+"
-    r"(?P<buf>\S+)\s+(?P<kind>model|KV|RS|compute|output) buffer size =\s*(?P<mib>[\d.]+) MiB"
+    r"(?P<fn>load_tensors|llama_kv_cache|llama_memory_recurrent|sched_reserve|llama_context|"
+    r"llama_adapter_lora_init_impl):\s+"
+    r"(?P<buf>\S+)\s+(?P<kind>model|KV|RS|compute|output|LoRA) buffer size =\s*(?P<mib>[\d.]+) MiB"
 )
-_KIND_KEY = {"model": "weights", "KV": "kv", "RS": "recurrent", "compute": "compute", "output": "output"}
+_KIND_KEY = {"model": "weights", "KV": "kv", "RS": "recurrent", "compute": "compute", "output": "output",
+             "LoRA": "lora"}
 
 
 @dataclass(frozen=True)
@@ -43,7 +45,7 @@ def parse_buffer_log(text: str) -> BufferLog:
         term = _KIND_KEY[match["kind"]]
         buffers = by_term.setdefault(term, {})
         size = round(float(match["mib"]) * MiB)
-        if term in ("kv", "recurrent"):
+        if term in ("kv", "recurrent", "lora"):
             # caches log one line each, and a model may have two on one buffer type (iSWA: full + window)
             buffers[match["buf"]] = buffers.get(match["buf"], 0) + size
         else:

@@ -82,6 +82,9 @@ def build_command(
     if not resolved.repack:
         caps.require("--no-repack")
         argv.append("--no-repack")
+    for adapter in resolved.lora:
+        caps.require("--lora")
+        argv += ["--lora", str(adapter)]
     if resolved.n_cpu_moe:
         caps.require("--n-cpu-moe")
         argv += ["--n-cpu-moe", str(resolved.n_cpu_moe)]
@@ -103,7 +106,7 @@ def build_command(
 _MEMORY_FLAGS = {
     "--mmproj": "vision projectors", "-mm": "vision projectors", "--mmproj-url": "vision projectors",
     "-md": "draft models", "--model-draft": "draft models", "--spec-draft-model": "draft models",
-    "--lora": "LoRA adapters", "--lora-scaled": "LoRA adapters",
+    "--lora-scaled": "scaled LoRA adapters (give llamactl --lora)",
     "-sm": "split modes other than layer", "--split-mode": "split modes other than layer",
     "-mg": "a main GPU", "--main-gpu": "a main GPU",
     "-ot": "tensor overrides", "--override-tensor": "tensor overrides",
@@ -126,7 +129,7 @@ _OWN_FLAGS = {
     "-b", "--batch-size", "-ub", "--ubatch-size", "-kvu", "--kv-unified", "-no-kvu", "--no-kv-unified",
     "-ts", "--tensor-split", "-fit", "--fit", "--swa-full", "-nkvo", "--no-kv-offload", "-kvo", "--kv-offload",
     "-lm", "--load-mode", "-nr", "--no-repack", "--repack", "--embedding", "--embeddings",
-    "-ncmoe", "--n-cpu-moe", "-cmoe", "--cpu-moe",
+    "-ncmoe", "--n-cpu-moe", "-cmoe", "--cpu-moe", "--lora",
 }
 
 
@@ -147,4 +150,4 @@ def check_extra_args(extra: Sequence[str]) -> None:
 # What a current llama-server supports, assumed when planning without a binary at hand (CI fit checks).
 ASSUMED_FLAGS = frozenset(REQUIRED_FLAGS) | {"--kv-unified", "--no-kv-unified", "--fit", "--metrics", "--swa-full",
                                              "--no-kv-offload", "--load-mode", "--no-repack", "--tensor-split",
-                                             "--verbosity", "--model", "--n-cpu-moe"}
+                                             "--verbosity", "--model", "--n-cpu-moe", "--lora"}

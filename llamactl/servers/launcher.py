@@ -15,8 +15,8 @@ from pathlib import Path
 
 from llamactl.errors import NoFitError, UsageError
 from llamactl.gpu.inventory import Inventory
+from llamactl.estimate import load_params
 from llamactl.model.gguf import read_header
-from llamactl.model.params import model_params
 from llamactl.model.settings import ServerSettings
 from llamactl.placement import Fit, Plan, Policy, RunningInstance, plan
 from llamactl.servers import runner
@@ -90,7 +90,7 @@ def pick_port(instances: dict[str, Instance], start: int, host: str) -> int:
 
 
 def plan_for(req: LaunchRequest, inv: Inventory, instances: dict[str, Instance]) -> Plan:
-    params = model_params(read_header(req.model))
+    params = load_params(req.model, req.settings)
     others = {n: i for n, i in instances.items() if n != req.name or not req.replace_existing}
     return plan(params, req.settings, inv.usable, req.policy, running_for_placement(others, req.protected))
 

@@ -12,12 +12,12 @@ import httpx
 import pytest
 
 from llamactl.errors import UsageError
-from llamactl.estimate import host_repack_types
+from llamactl.estimate import host_repack_types, load_params
 from llamactl.model.gguf import read_header
 from llamactl.model.memory import Placement, estimate
 from llamactl.model.params import model_params
 from llamactl.model.settings import ServerSettings, resolve
-from llamactl.model.synth import REALISTIC, ModelSpec, demo_spec, write_model
+from llamactl.model.synth import REALISTIC, ModelSpec, demo_spec, write_lora, write_model
 from llamactl.servers.buffers import free_port, measure
 from llamactl.servers.command import build_command
 from llamactl.units import MiB
@@ -62,13 +62,14 @@ SETTINGS = {
 
 
 def compare(binary: Path, caps, path: Path, settings: ServerSettings, *, timeout_s: float = 120) -> None:
-    params = model_params(read_header(path))
+    params = load_params(path, settings)
     resolved = resolve(settings, params, 0)
     est = estimate(params, resolved, Placement(cpu_repack_types=host_repack_types())).device("CPU")
     port = free_port()
     cmd = build_command(binary, path, resolved, caps, port=port, verbose_buffers=True)
     got = measure(list(cmd.argv), cmd.env, port, timeout_s=timeout_s).buffers
     logged = {t: got.term(t) for t in ("weights", "kv", "recurrent", "compute", "output")}
+    logged["weights"] += got.term("lora")  # adapters are weights to the estimate
     assert logged["weights"] and logged["compute"] and logged["output"], f"llama-server logged no buffer sizes: {logged}"
     mib = 0.01 * MiB  # llama.cpp logs two decimals
     assert est.weights_bytes == pytest.approx(logged["weights"], rel=0.005, abs=mib)
@@ -108,6 +109,25 @@ def test_tiny_models_match_logged_buffers(server_binary, server_caps, model_dir,
                               "-ctk", s.cache_type_k, "-ctv", s.cache_type_v, "-fa", s.flash_attn, "--fit", "off"],
                              capture_output=True, text=True, timeout=60)
         assert out.returncode != 0 and refusal in out.stdout + out.stderr
+
+
+@pytest.mark.parametrize(("model", "setting", "adapters"), [
+    ("gqa-f16", "default", [dict(rank=16)]),
+    ("q4_0", "no-mmap", [dict(rank=8)]),  # base weights repacked: their adapters fall back to plain CPU
+    ("qwen3moe", "np3", [dict(rank=4, targets=("attn_q", "attn_v")), dict(rank=32, weight_type="F32")]),
+])
+def test_lora_adapters_match_logged_buffers(server_binary, server_caps, model_dir, model, setting, adapters) -> None:
+    path = _model(model_dir, model, MODELS[model])
+    loras = tuple(str(write_lora(model_dir / f"{model}-lora{i}.gguf", MODELS[model], **kw)) for i, kw in enumerate(adapters))
+    compare(server_binary, server_caps, path, replace(SETTINGS[setting], lora=loras))
+
+
+def test_lora_for_another_model_is_refused(model_dir) -> None:
+    lora = write_lora(model_dir / "qwen3-lora.gguf", MODELS["qwen3-qknorm"])
+    out = subprocess.run([sys.executable, "-m", "llamactl", "estimate", str(_model(model_dir, "gqa-f16", MODELS["gqa-f16"])),
+                          "--lora", str(lora)], capture_output=True, text=True)
+    assert out.returncode == 2 and "adapter for 'qwen3', the model is 'llama'" in out.stderr
+    assert len(out.stderr.strip().splitlines()) == 1
 
 
 @pytest.mark.slow

@@ -25,7 +25,8 @@ from llamactl.model.gguf import read_header
 from llamactl.model.memory import Placement, estimate, pipeline_parallel
 from llamactl.model.params import model_params
 from llamactl.model.settings import ServerSettings, resolve
-from llamactl.model.synth import ModelSpec, write_model
+from llamactl.estimate import load_params
+from llamactl.model.synth import ModelSpec, write_lora, write_model
 from llamactl.servers.buffers import free_port, measure
 from llamactl.servers.command import build_command
 from llamactl.units import MiB
@@ -115,8 +116,18 @@ def _close(ours: int, got: int, rel: float, abs_mib: float) -> bool:
 @pytest.mark.parametrize("case", list(CASES))
 def test_devices_hold_what_the_estimate_says(server_binary, server_caps, rpc_endpoints, models, case) -> None:
     model, n_gpus, settings, split = CASES[case]
-    path = models[model]
-    params = model_params(read_header(path))
+    _compare_devices(server_binary, server_caps, rpc_endpoints, models[model], n_gpus, settings, split, case)
+
+
+def test_lora_adapters_follow_their_layers(server_binary, server_caps, rpc_endpoints, models, tmp_path) -> None:
+    lora = write_lora(tmp_path / "lora.gguf", MODELS["llama-8l-tied"], rank=16)
+    for ngl in (None, 5):  # all layers over two GPUs, then some on the host
+        _compare_devices(server_binary, server_caps, rpc_endpoints, models["llama-8l-tied"], 2,
+                         ServerSettings(ctx_size=2048, n_gpu_layers=ngl, lora=(str(lora),)), None, f"lora -ngl {ngl}")
+
+
+def _compare_devices(server_binary, server_caps, rpc_endpoints, path, n_gpus, settings, split, case) -> None:
+    params = load_params(path, settings)
     resolved = resolve(settings, params, n_gpus)
     est = estimate(params, resolved, Placement(n_gpus=n_gpus, tensor_split=split or (), gpu_overhead_bytes=0))
     port = free_port()
@@ -135,6 +146,8 @@ def test_devices_hold_what_the_estimate_says(server_binary, server_caps, rpc_end
         # exact terms: llama.cpp rounds its log to 0.01 MiB; GPU tensors are padded to 128 bytes here, 32 there
         for term, ours in (("weights", dev.weights_bytes), ("kv", dev.kv_bytes), ("recurrent", dev.recurrent_bytes)):
             logged = log.term(term, device=logged_name)
+            if term == "weights":
+                logged += log.term("lora", device=logged_name)  # adapters are weights to the estimate
             assert _close(ours, logged, 0.005, 0.02), f"{where} {term}: ours {ours / MiB:.2f}, logged {logged / MiB:.2f} MiB"
         logged = log.term("compute", device=logged_name)
         ours = dev.compute_bytes

@@ -36,6 +36,7 @@ cache_type_k = "q8_0"
 flash_attn = true
 gpus = [0, 1]
 n_cpu_moe = 12
+lora = ["adapters/style.gguf", "/abs/other.gguf"]
 '''))
     assert (cfg.port, cfg.idle_ttl_s, cfg.api_keys) == (9000, 5400.0, ("k",))
     assert sorted(cfg.models) == ["a", "big", "chat"]  # split files count once
@@ -43,6 +44,7 @@ n_cpu_moe = 12
     assert chat.path == tmp_path / "models" / "a.gguf" and chat.ttl_s == 120.0 and chat.gpus == (0, 1)
     assert (chat.settings.ctx_size, chat.settings.cache_type_k, chat.settings.flash_attn) == (8192, "q8_0", "on")
     assert chat.args == ("--jinja",) and cfg.models["big"].settings.ctx_size == 8192
+    assert chat.settings.lora == (str(tmp_path / "adapters" / "style.gguf"), "/abs/other.gguf")  # relative to the file
     assert chat.settings.n_cpu_moe == 12 and cfg.models["big"].settings.n_cpu_moe is None  # unset: plan decides
     assert cfg.lookup("gpt-4o-mini") is chat and cfg.lookup("models/a.gguf") is None
 
@@ -56,6 +58,8 @@ n_cpu_moe = 12
     ("[models.m]\npath = \"m.gguf\"\ncache_type_v = \"q3\"\n", "config.toml:3: models.m.cache_type_v: unknown cache type"),
     ("[models.a]\npath = \"a.gguf\"\naliases = [\"x\"]\n[models.b]\npath = \"b.gguf\"\naliases = [\"x\"]\n", "already names"),
     ("gpu_mem_threshold = 2\n", "gpu_mem_threshold"),
+    ("[models.m]\npath = \"m.gguf\"\nlora = \"a.gguf\"\n", "models.m.lora"),
+    ("[defaults]\nlora = [\"a.gguf\"]\n", "defaults.lora: unknown key"),
     ("[models.m]\npath = \"m.gguf\"\nn_cpu_moe = -2\n", "config.toml:3: models.m.n_cpu_moe: expected a number >= 0 or 'all'"),
     ("this is = not toml [", "invalid TOML"),
     ("models_dir = \"nowhere\"\n", "is not a directory"),

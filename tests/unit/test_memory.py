@@ -179,3 +179,28 @@ def test_granitehybrid_splits_state_and_kv_by_layer(tmp_path) -> None:
     wide = _params(tmp_path / "w", replace(spec, n_embd=128, ssm_d_inner=256, n_head=8))
     assert (estimate(wide, resolve(ServerSettings(ctx_size=4096, parallel=2), wide, 0)).device("CPU").compute_bytes
             > est.compute_bytes)
+
+
+def test_lora_tensors_land_with_their_base_layers(tmp_path) -> None:
+    from llamactl.errors import UnsupportedModelError
+    from llamactl.estimate import load_params
+    from llamactl.model.synth import write_lora
+
+    spec = ModelSpec(n_vocab=512, n_embd=64, n_layer=4, n_head=4, n_head_kv=2, n_ff=128)
+    model = write_model(tmp_path / "m.gguf", spec)
+    lora = write_lora(tmp_path / "a.gguf", spec, rank=8, targets=("attn_q", "ffn_down"))
+    plain = ServerSettings(ctx_size=1024, n_gpu_layers=3)  # layers 2, 3 and the output on the GPU
+    with_lora = replace(plain, lora=(str(lora),))
+    params = load_params(model, with_lora)
+    assert len(params.adapters) == 4 * 2 * 2  # layers x targets x (a, b)
+    per_layer = {il: sum(t.n_bytes for t in params.adapters if t.name.startswith(f"blk.{il}.")) for il in range(4)}
+    base = estimate(params := load_params(model, plain), resolve(plain, params, 1), Placement(n_gpus=1))
+    adapted = load_params(model, with_lora)
+    est = estimate(adapted, resolve(with_lora, adapted, 1), Placement(n_gpus=1))
+    assert est.device("GPU0").weights_bytes - base.device("GPU0").weights_bytes == per_layer[2] + per_layer[3]
+    assert est.host_weights.adapter_bytes == per_layer[0] + per_layer[1]  # anonymous copies beside the mapped file
+    with pytest.raises(UnsupportedModelError, match="not a LoRA adapter"):
+        load_params(model, replace(plain, lora=(str(model),)))
+    bigger = write_lora(tmp_path / "b.gguf", replace(spec, n_layer=6), rank=8)
+    with pytest.raises(UnsupportedModelError, match=r"blk\.4\.attn_q\.weight is not in the model"):
+        load_params(model, replace(plain, lora=(str(bigger),)))
