@@ -55,6 +55,8 @@ def cases(realistic: bool) -> list[Case]:
                        ssm_n_group=1, ssm_dt_rank=8),
         "deepseek2": dict(arch="deepseek2", n_head_kv=1, n_ff=1536, head_dim=32, n_rot=16, kv_lora_rank=64,
                           n_dense_lead=1, n_expert=8, n_expert_used=2, n_ff_exp=64, n_shared_expert=1),
+        "deci": dict(arch="deci", n_layer=6, n_head=(8, 8, 8, 0, 8, 8), n_head_kv=(4, 2, 0, 0, 8, 1),
+                     n_ff=(768, 512, 0, 768, 1024, 768)),
         "granitehybrid": dict(arch="granitehybrid", n_head_kv=(0, 4, 0, 4), ssm_d_conv=4, ssm_d_inner=512,
                               ssm_d_state=64, ssm_n_group=1, ssm_dt_rank=8, n_expert=8, n_expert_used=2,
                               n_ff_exp=256, n_ff_shexp=512),

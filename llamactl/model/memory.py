@@ -240,8 +240,11 @@ def _kv(params: ModelParams, resolved: Resolved, devices: tuple[str, ...]) -> di
     if not params.causal:
         return per_device  # encoders attend within the batch and keep no cache
     for il in range(params.n_layer):
-        if params.n_head_kv[il] == 0 or params.recurrent_layers[il]:
-            continue
+        if params.recurrent_layers[il]:
+            continue  # the recurrent memory's, not the KV cache's
+        if params.n_head_kv[il] == 0 and resolved.flash_attn:
+            continue  # no KV heads (deci's linear or attention-free layers): empty K and V
+        # without flash attention even a layer without KV heads gets a V of the widest layer's width
         cells = window_cells if params.swa_layers[il] else full_cells
         v_width = params.n_embd_v_gqa(il) if resolved.flash_attn else v_width_max
         v_bytes = 0 if params.mla else row_bytes(resolved.cache_type_v, v_width)  # MLA: V is read from K

@@ -21,7 +21,7 @@ _LAYER_RE = re.compile(r"^blk\.(\d+)\.")
 # Architectures whose memory this version models term by term and has checked against llama-server.
 MODELLED_ARCHS = frozenset({
     "llama", "qwen2", "qwen3", "qwen3moe", "gemma2", "gemma3", "mamba2", "bert", "deepseek2", "granite", "internlm2",
-    "granitehybrid",
+    "granitehybrid", "deci",
     "stablelm", "starcoder2", "olmo", "olmo2", "exaone", "smollm3",
 })
 
@@ -210,7 +210,8 @@ def model_params(header: GGUFHeader) -> ModelParams:
     n_embd = _int(header, f"{arch}.embedding_length")
     n_head = _per_layer(header, f"{arch}.attention.head_count", n_layer, 0)
     n_head_kv = _per_layer(header, f"{arch}.attention.head_count_kv", n_layer, max(n_head) if n_head else 0)
-    head_ref = max(n_head) if n_head else 0
+    # llama.cpp divides by layer 0's head count (hparams.n_head()); pure recurrent models have none
+    head_ref = n_head[0] if n_head and n_head[0] else (max(n_head) if n_head else 0)
     default_head = n_embd // head_ref if head_ref else 0
     n_embd_head_k = _int(header, f"{arch}.attention.key_length", default_head)
     n_embd_head_v = _int(header, f"{arch}.attention.value_length", default_head)

@@ -60,6 +60,7 @@ _ARCHES = {
     "bert": MODEL_ARCH.BERT,
     "deepseek2": MODEL_ARCH.DEEPSEEK2,
     "granitehybrid": MODEL_ARCH.GRANITE_HYBRID,
+    "deci": MODEL_ARCH.DECI,
 }
 _BIASED_ARCHES = {MODEL_ARCH.QWEN2}  # q/k/v biases on a llama-style block
 # Per-head RMS norms on Q and K; these files always write key/value_length.
@@ -77,6 +78,9 @@ _MLA_ARCHES = {MODEL_ARCH.DEEPSEEK2}
 # Mamba-2 layers interleaved with attention layers (src/models/granite-hybrid.cpp): a layer is
 # recurrent iff its head_count_kv entry is 0; every layer has an FFN, dense or MoE.
 _HYBRID_ARCHES = {MODEL_ARCH.GRANITE_HYBRID}
+# Per-layer heads and FFN widths (Llama-3.1-Nemotron, src/models/deci.cpp): a layer with query heads
+# but no KV heads is a "linear attention" (attn_output only); no heads: attention-free; n_ff 0: no FFN.
+_PER_LAYER_ARCHES = {MODEL_ARCH.DECI}
 # llama.cpp's LLAMA_MAX_EXPERTS (src/llama-hparams.h).
 _MAX_EXPERTS = 1024
 _LAYER_NORM_EPS = 1e-12  # bert's LayerNorm epsilon
@@ -151,18 +155,23 @@ class ModelSpec:
       n_expert experts of width n_ff_exp (written as feed_forward_length, as
       the HF converter does; n_ff is then unused) plus an optional shared
       expert of width n_ff_shexp.
+    - "deci": Llama-3.1-Nemotron (DeciLM). n_head, n_head_kv and n_ff may each
+      be a per-layer tuple, written as arrays: n_head > 0 with n_head_kv 0 is
+      a "linear attention" layer (attn_output only), n_head 0 an
+      attention-free layer, n_ff 0 a layer without FFN. Layer 0 must have
+      heads (llama.cpp's head size is n_embd / n_head of layer 0).
     """
 
     arch: str = "llama"  # see the class docstring
     n_vocab: int = 512
     n_embd: int = 64
     n_layer: int = 2
-    n_head: int = 4
+    n_head: int | tuple[int, ...] = 4  # a tuple (per layer) for deci only
     # A tuple is written as a per-layer array. llama-server's llama/qwen2
     # loaders size every layer's K/V like layer 0, so unequal entries give a
     # valid GGUF that the server refuses ("wrong shape"): reader tests only.
     n_head_kv: int | tuple[int, ...] = 2
-    n_ff: int = 128
+    n_ff: int | tuple[int, ...] = 128  # a tuple (per layer) for deci only
     head_dim: int | None = None  # None: n_embd // n_head, and no key/value_length keys (llama/qwen2)
     n_ctx_train: int = 4096
     tied_output: bool = False  # True: no output.weight; llama.cpp reuses token_embd
@@ -198,7 +207,13 @@ class ModelSpec:
 
     @property
     def head_size(self) -> int:
-        return self.head_dim if self.head_dim is not None else self.n_embd // self.n_head
+        return self.head_dim if self.head_dim is not None else self.n_embd // self.heads(0)
+
+    def heads(self, layer: int) -> int:
+        return self.n_head if isinstance(self.n_head, int) else self.n_head[layer]
+
+    def ffn(self, layer: int) -> int:
+        return self.n_ff if isinstance(self.n_ff, int) else self.n_ff[layer]
 
     def kv_heads(self, layer: int) -> int:
         if isinstance(self.n_head_kv, int):
@@ -279,7 +294,11 @@ def _validate(spec: ModelSpec, qtype: GGMLQuantizationType) -> None:
         raise ValueError(f"n_vocab must be >= {MIN_VOCAB} (specials + 256 byte tokens), got {spec.n_vocab}")
     if min(spec.n_embd, spec.n_layer, spec.n_ctx_train) <= 0:
         raise ValueError("n_embd, n_layer and n_ctx_train must be positive")
-    if arch not in _SSM_ARCHES:
+    if arch in _PER_LAYER_ARCHES:
+        _validate_per_layer(spec)
+    elif isinstance(spec.n_head, tuple) or isinstance(spec.n_ff, tuple):
+        raise ValueError(f"per-layer n_head and n_ff only apply to {_arch_list(_PER_LAYER_ARCHES)}")
+    elif arch not in _SSM_ARCHES:
         _validate_attention(spec, arch)
     _validate_hybrid(spec, arch)
     _validate_swa(spec, arch)
@@ -301,6 +320,25 @@ def _validate_attention(spec: ModelSpec, arch: MODEL_ARCH) -> None:
         # bert's Q/K/V/O are n_embd x n_embd in llama.cpp.
         raise ValueError(f"{spec.arch} needs head_dim=None (head size n_embd // n_head)")
     _validate_kv_heads(spec, allow_zero=arch in _HYBRID_ARCHES)
+
+
+def _validate_per_layer(spec: ModelSpec) -> None:
+    for field_name in ("n_head", "n_head_kv", "n_ff"):
+        value = getattr(spec, field_name)
+        if isinstance(value, tuple) and len(value) != spec.n_layer:
+            raise ValueError(f"{field_name} has {len(value)} entries for {spec.n_layer} layers")
+    if spec.heads(0) <= 0:
+        raise ValueError("layer 0 needs attention heads (llama.cpp derives the head size from it)")
+    if spec.head_dim is None and spec.n_embd % spec.heads(0):
+        raise ValueError(f"n_embd {spec.n_embd} is not divisible by layer 0's n_head {spec.heads(0)}")
+    for il in range(spec.n_layer):
+        heads, kv, ff = spec.heads(il), spec.kv_heads(il), spec.ffn(il)
+        if min(heads, kv, ff) < 0:
+            raise ValueError(f"layer {il}: head counts and n_ff must be >= 0")
+        if kv and (not heads or heads % kv):
+            raise ValueError(f"layer {il}: n_head {heads} is not a multiple of n_head_kv {kv}")
+        if heads and not kv and heads * spec.head_size != spec.n_embd:
+            raise ValueError(f"layer {il}: a linear-attention layer needs n_head x head size == n_embd")
 
 
 def _validate_hybrid(spec: ModelSpec, arch: MODEL_ARCH) -> None:
@@ -418,6 +456,9 @@ def _validate_rows(spec: ModelSpec, arch: MODEL_ARCH, qtype: GGMLQuantizationTyp
         rows |= {spec.q_lora_rank} if spec.q_lora_rank else set()
     elif arch in _MOE_ARCHES:
         rows = {spec.n_embd, spec.n_ff_exp, spec.n_head * spec.head_size}
+    elif arch in _PER_LAYER_ARCHES:
+        rows = {spec.n_embd} | {spec.ffn(il) for il in range(spec.n_layer) if spec.ffn(il)}
+        rows |= {spec.heads(il) * spec.head_size for il in range(spec.n_layer) if spec.heads(il)}
     elif arch in _HYBRID_ARCHES:
         rows = {spec.n_embd, spec.ssm_d_inner, spec.n_head * spec.head_size}
         rows |= {spec.n_ff_exp} if spec.n_expert else {spec.n_ff}
@@ -440,6 +481,8 @@ def _add_hparams(writer: GGUFWriter, spec: ModelSpec, qtype: GGMLQuantizationTyp
     writer.add_block_count(spec.n_layer)
     if arch in _SSM_ARCHES:
         _add_ssm_hparams(writer, spec)
+    elif arch in _PER_LAYER_ARCHES:
+        _add_per_layer_hparams(writer, spec)
     elif arch in _HYBRID_ARCHES:
         _add_hybrid_hparams(writer, spec)
     elif arch in _ENCODER_ARCHES:
@@ -451,7 +494,7 @@ def _add_hparams(writer: GGUFWriter, spec: ModelSpec, qtype: GGMLQuantizationTyp
     writer.add_vocab_size(spec.n_vocab)
     if arch in _MLA_ARCHES:
         _add_mla_extras(writer, spec)
-    elif arch not in _SSM_ARCHES | _ENCODER_ARCHES | _HYBRID_ARCHES:
+    elif arch not in _SSM_ARCHES | _ENCODER_ARCHES | _HYBRID_ARCHES | _PER_LAYER_ARCHES:
         _add_decoder_extras(writer, spec, arch)
     writer.add_file_type(_FILE_TYPES[qtype])
     if qtype not in _FLOAT_TYPES:
@@ -517,6 +560,17 @@ def _add_ssm_hparams(writer: GGUFWriter, spec: ModelSpec) -> None:
     writer.add_head_count(0)
     writer.add_layer_norm_rms_eps(_RMS_EPS)
     _add_ssm_sizes(writer, spec)
+
+
+def _add_per_layer_hparams(writer: GGUFWriter, spec: ModelSpec) -> None:
+    # As convert_hf_to_gguf writes DeciLM: every count as a per-layer array.
+    layers = range(spec.n_layer)
+    writer.add_feed_forward_length([spec.ffn(il) for il in layers])
+    writer.add_head_count([spec.heads(il) for il in layers])
+    writer.add_head_count_kv([spec.kv_heads(il) for il in layers])
+    writer.add_layer_norm_rms_eps(_RMS_EPS)
+    writer.add_rope_dimension_count(spec.head_size)
+    writer.add_rope_freq_base(spec.rope_freq_base)
 
 
 def _add_hybrid_hparams(writer: GGUFWriter, spec: ModelSpec) -> None:
@@ -656,6 +710,8 @@ def _tensor_plan(spec: ModelSpec, qtype: GGMLQuantizationType) -> Iterator[Tenso
         block = _ssm_block_plan
     elif arch in _HYBRID_ARCHES:
         block = _hybrid_block_plan
+    elif arch in _PER_LAYER_ARCHES:
+        block = _per_layer_block_plan
     elif arch in _MLA_ARCHES:
         block = _mla_block_plan
     else:
@@ -741,6 +797,25 @@ def _mla_block_plan(spec: ModelSpec, arch: MODEL_ARCH, bid: int, qtype: GGMLQuan
 def _ssm_block_plan(spec: ModelSpec, arch: MODEL_ARCH, bid: int, qtype: GGMLQuantizationType) -> Iterator[TensorPlan]:
     yield _tensor_name(arch, MODEL_TENSOR.ATTN_NORM, "weight", bid), (spec.n_embd,), GGMLQuantizationType.F32
     yield from _mamba2_mixer_plan(spec, arch, bid, qtype)
+
+
+def _per_layer_block_plan(spec: ModelSpec, arch: MODEL_ARCH, bid: int,
+                          qtype: GGMLQuantizationType) -> Iterator[TensorPlan]:
+    # Shapes from llama_model_deci::load_arch_tensors, reversed.
+    f32 = GGMLQuantizationType.F32
+    heads, kv, ff = spec.heads(bid), spec.kv_heads(bid), spec.ffn(bid)
+    if heads:
+        yield _tensor_name(arch, MODEL_TENSOR.ATTN_NORM, "weight", bid), (spec.n_embd,), f32
+    if heads and not kv:  # linear attention: one n_embd x n_embd projection
+        yield _tensor_name(arch, MODEL_TENSOR.ATTN_OUT, "weight", bid), (spec.n_embd, spec.n_embd), qtype
+    elif heads:
+        q_dim, kv_dim = heads * spec.head_size, kv * spec.head_size
+        for tensor, shape in ((MODEL_TENSOR.ATTN_Q, (q_dim, spec.n_embd)), (MODEL_TENSOR.ATTN_K, (kv_dim, spec.n_embd)),
+                              (MODEL_TENSOR.ATTN_V, (kv_dim, spec.n_embd)), (MODEL_TENSOR.ATTN_OUT, (spec.n_embd, q_dim))):
+            yield _tensor_name(arch, tensor, "weight", bid), shape, qtype
+    if ff:
+        yield _tensor_name(arch, MODEL_TENSOR.FFN_NORM, "weight", bid), (spec.n_embd,), f32
+        yield from _dense_ffn_plan(spec, arch, bid, qtype, ff)
 
 
 def _hybrid_block_plan(spec: ModelSpec, arch: MODEL_ARCH, bid: int, qtype: GGMLQuantizationType) -> Iterator[TensorPlan]:

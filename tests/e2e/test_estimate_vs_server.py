@@ -39,6 +39,10 @@ MODELS = {
     # MLA: the cache holds the compressed K only (kv_lora_rank + n_rot per cell); a dense first layer, then experts
     "deepseek2-mla": replace(BASE, arch="deepseek2", n_head_kv=1, n_ff=1536, head_dim=32, n_rot=16, kv_lora_rank=64,
                              n_dense_lead=1, n_expert=8, n_expert_used=2, n_ff_exp=64, n_shared_expert=1),
+    # per-layer heads and FFN widths (Llama-3.1-Nemotron): GQA 2 and 4, a linear-attention layer (no KV), an
+    # attention-free layer, a layer without FFN, MHA
+    "deci-per-layer": replace(BASE, arch="deci", n_layer=6, n_head=(8, 8, 8, 0, 8, 8), n_head_kv=(4, 2, 0, 0, 8, 1),
+                              n_ff=(768, 512, 0, 768, 1024, 768)),
     # hybrid: Mamba-2 layers (0 KV heads) between attention layers; state on the first, KV on the others
     "granitehybrid": replace(BASE, arch="granitehybrid", n_head_kv=(0, 4, 0, 4), ssm_d_conv=4, ssm_d_inner=512,
                              ssm_d_state=64, ssm_n_group=1, ssm_dt_rank=8),

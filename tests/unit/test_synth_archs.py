@@ -184,6 +184,19 @@ def test_granitehybrid_moe_writes_expert_width_as_ffn_length(tmp_path: Path) -> 
     assert "blk.3.ffn_up.weight" not in t
 
 
+def test_deci_writes_per_layer_arrays_and_skips_what_a_layer_lacks(tmp_path: Path) -> None:
+    spec = ModelSpec(arch="deci", n_embd=128, n_layer=4, n_head=(4, 4, 0, 4), n_head_kv=(2, 0, 0, 4),
+                     n_ff=(256, 0, 128, 256))
+    header = write(tmp_path, spec)
+    assert list(header.get("deci.attention.head_count").values) == [4, 4, 0, 4]
+    assert list(header.get("deci.feed_forward_length").values) == [256, 0, 128, 256]
+    t = shapes(header)
+    assert t["blk.0.attn_k.weight"] == (128, 64) and t["blk.3.attn_k.weight"] == (128, 128)
+    assert t["blk.1.attn_output.weight"] == (128, 128) and "blk.1.attn_q.weight" not in t  # linear attention
+    assert not any(name.startswith("blk.2.attn") for name in t)  # attention-free
+    assert "blk.1.ffn_up.weight" not in t and "blk.1.ffn_norm.weight" not in t
+
+
 @pytest.mark.parametrize(("key", "weight_type"), [
     ("granite-4.0-h-tiny", "Q4_0"), ("qwen3-8b", "Q4_0"), ("qwen3-30b-a3b", "Q4_K"), ("gemma3-4b", "Q4_0"), ("gemma3-27b", "Q8_0"),
     ("mamba2-2.7b", "Q4_0"), ("deepseek-v2-lite", "Q4_0"),
@@ -216,6 +229,10 @@ def test_new_realistic_specs_write_sparse_fast(tmp_path: Path, key: str, weight_
     (replace(GRANITE_H, n_ff_shexp=64), "needs n_expert"),
     (replace(GRANITE_H, n_head_kv=(0, -1, 0, 2)), ">= 0"),
     (replace(QWEN3, n_head_kv=(0, 2)), "must be > 0"),
+    (replace(QWEN3, n_head=(4, 4)), "per-layer n_head and n_ff only apply to deci"),
+    (ModelSpec(arch="deci", n_head=(0, 4), n_head_kv=(0, 2)), "layer 0 needs attention heads"),
+    (ModelSpec(arch="deci", n_head=(4, 4), n_head_kv=(2, 3)), "not a multiple of n_head_kv"),
+    (ModelSpec(arch="deci", n_head=(4, 4, 4), n_head_kv=2), "n_head has 3 entries"),
     (ModelSpec(ssm_d_inner=64), "ssm_"),
     (replace(QWEN3MOE, n_expert_used=0), "n_expert_used"),
     (replace(QWEN3MOE, n_expert_used=9), "exceeds n_expert"),
