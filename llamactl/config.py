@@ -16,7 +16,8 @@ from pathlib import Path
 from typing import Any
 
 from llamactl.errors import UsageError
-from llamactl.model.settings import FLASH_ATTN_MODES, KV_CACHE_TYPES, LLAMACTL_DEFAULT_CTX, MAX_LAYERS, ServerSettings
+from llamactl.model.settings import (FLASH_ATTN_MODES, KV_CACHE_TYPES, LLAMACTL_DEFAULT_CTX, MAX_LAYERS, ServerSettings,
+                                     parse_tensor_overrides)
 from llamactl.units import parse_duration, parse_size
 
 DEFAULT_PORT = 8080
@@ -76,7 +77,7 @@ _GLOBAL_KEYS = {"server_bin", "host", "port", "port_start", "max_instances", "id
                 "load_timeout", "max_queue", "max_body", "api_keys", "instance_api_keys", "adopt", "models_dir",
                 "gpu_util_threshold", "gpu_mem_threshold", "defaults", "models"}
 _SETTING_KEYS = {"ctx_size", "n_gpu_layers", "cache_type_k", "cache_type_v", "flash_attn", "parallel", "args",
-                 "kv_unified", "batch_size", "ubatch_size", "embedding", "n_cpu_moe"}
+                 "kv_unified", "batch_size", "ubatch_size", "embedding", "n_cpu_moe", "override_tensor"}
 _MODEL_KEYS = _SETTING_KEYS | {"path", "ttl", "max_gpus", "gpus", "aliases", "lora"}
 
 
@@ -168,6 +169,14 @@ def _settings(r: _Reader, table: dict[str, Any], where: str, base: ServerSetting
             updates["n_cpu_moe"] = value
         else:
             raise r.fail(f"{where}.n_cpu_moe", f"expected a number >= 0 or 'all', got {value!r}")
+    if "override_tensor" in table:
+        items = r.get(table, "override_tensor", f"{where}.override_tensor", list)
+        if not all(isinstance(i, str) for i in items):
+            raise r.fail(f"{where}.override_tensor", "expected a list of \"REGEX=BUFFER\" strings")
+        try:
+            updates["tensor_overrides"] = tuple(o for i in items for o in parse_tensor_overrides(i))
+        except UsageError as exc:
+            raise r.fail(f"{where}.override_tensor", str(exc)) from None
     for key in ("kv_unified", "embedding"):
         if key in table:
             updates[key] = r.get(table, key, f"{where}.{key}", bool)

@@ -17,7 +17,7 @@ from llamactl.errors import UsageError
 from llamactl.estimate import parse_tensor_split
 from llamactl.gpu import inventory
 from llamactl.model.memory import DEFAULT_GPU_OVERHEAD_BYTES
-from llamactl.model.settings import LLAMACTL_DEFAULT_CTX, MAX_LAYERS, ServerSettings
+from llamactl.model.settings import LLAMACTL_DEFAULT_CTX, MAX_LAYERS, ServerSettings, parse_tensor_overrides
 from llamactl.units import parse_size
 
 
@@ -46,13 +46,14 @@ def parse_ngl(text: Optional[str]) -> Optional[int]:
 
 def _server_settings(ctx_size, n_gpu_layers, tensor_split, cache_type_k, cache_type_v, flash_attn, parallel,
                      kv_unified, batch_size, ubatch_size, swa_full, no_kv_offload, no_mmap, no_repack,
-                     embedding, n_cpu_moe, cpu_moe, lora) -> ServerSettings:
+                     embedding, n_cpu_moe, cpu_moe, lora, override_tensor) -> ServerSettings:
     if n_cpu_moe is not None and n_cpu_moe < 0:
         raise UsageError(f"--n-cpu-moe must be >= 0, got {n_cpu_moe}")
     if cpu_moe:
         n_cpu_moe = MAX_LAYERS  # every layer's experts (resolve() clamps to the model's layers)
     return ServerSettings(
         n_cpu_moe=n_cpu_moe, lora=tuple(lora or ()),
+        tensor_overrides=tuple(o for value in override_tensor or () for o in parse_tensor_overrides(value)),
         ctx_size=ctx_size, n_gpu_layers=parse_ngl(n_gpu_layers), tensor_split=parse_tensor_split(tensor_split),
         cache_type_k=cache_type_k.lower(), cache_type_v=cache_type_v.lower(), flash_attn=flash_attn.lower(),
         parallel=parallel, kv_unified=kv_unified, batch_size=batch_size, ubatch_size=ubatch_size,
@@ -79,6 +80,7 @@ SERVER = OptionGroup("settings", (
     _opt("embedding", bool, typer.Option(False, "--embedding", "--embeddings", help="An embeddings server (llama-server --embedding).")),
     _opt("n_cpu_moe", Optional[int], typer.Option(None, "-ncmoe", "--n-cpu-moe", help="MoE: keep the experts of the first N layers on the CPU (plan picks N when unset).")),
     _opt("cpu_moe", bool, typer.Option(False, "-cmoe", "--cpu-moe", help="MoE: keep every layer's experts on the CPU.")),
+    _opt("override_tensor", Optional[list[str]], typer.Option(None, "-ot", "--override-tensor", metavar="REGEX=BUFFER,...", help="Tensors matching REGEX on BUFFER: CPU or CUDA<i> (repeatable).")),
     _opt("lora", Optional[list[str]], typer.Option(None, "--lora", metavar="FILE", help="LoRA adapter loaded with the model (repeatable).")),
 ), _server_settings)
 

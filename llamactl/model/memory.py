@@ -167,13 +167,24 @@ def _repackable(info: TensorInfo, types: frozenset[str]) -> bool:
 _EXPERT_TENSOR_RE = re.compile(r"\.ffn_(up|down|gate|gate_up)_(ch|)exps")
 
 
-def _tensor_device(info: TensorInfo, devices: tuple[str, ...], n_layer: int, n_cpu_moe: int = 0) -> str:
+def _override(name: str, resolved: Resolved) -> str | None:
+    """The device an -ot pattern (first match, in order, as llama.cpp) or --n-cpu-moe sends a tensor to."""
+    for pattern, target in resolved.tensor_overrides:
+        if re.search(pattern, name):
+            return "CPU" if target == "CPU" else f"GPU{target.removeprefix('CUDA')}"
+    layer = tensor_layer(name)
+    if layer is not None and layer < resolved.n_cpu_moe and _EXPERT_TENSOR_RE.search(name):
+        return "CPU"
+    return None
+
+
+def _tensor_device(info: TensorInfo, devices: tuple[str, ...], n_layer: int, resolved: Resolved | None = None) -> str:
     if info.name.startswith("token_embd"):
-        return "CPU"  # llama.cpp never offloads the input layer
+        return "CPU"  # llama.cpp never offloads the input layer (nor lets -ot move it)
+    if resolved is not None and (forced := _override(info.name, resolved)) is not None:
+        return forced
     layer = tensor_layer(info.name)
     if layer is not None:
-        if layer < n_cpu_moe and _EXPERT_TENSOR_RE.search(info.name):
-            return "CPU"
         return devices[min(layer, n_layer - 1)]
     if info.name.startswith(("output", "cls", "output_norm")):
         return devices[n_layer]
@@ -189,7 +200,7 @@ def _weights(params: ModelParams, resolved: Resolved, placement: Placement,
     ranges: dict[int, tuple[int, int]] = {}  # shard → mapped [first, last) of the CPU context
     repack_bytes = copy_bytes = adapter_bytes = 0
     for info in params.tensors:
-        dev = _tensor_device(info, devices, params.n_layer, resolved.n_cpu_moe)
+        dev = _tensor_device(info, devices, params.n_layer, resolved)
         if dev != "CPU":
             per_device[dev] = per_device.get(dev, 0) + pad(info.n_bytes, GPU_ALIGNMENT)
         elif _repackable(info, repack_types):
@@ -201,8 +212,7 @@ def _weights(params: ModelParams, resolved: Resolved, placement: Placement,
     # LoRA tensors are copies on their base tensor's device (never in a repack buffer: plain CPU there)
     for info in params.adapters:
         base = info.name.rpartition(".")[0]
-        dev = _tensor_device(TensorInfo(base, info.shape, info.ggml_type, 0, 0), devices, params.n_layer,
-                             resolved.n_cpu_moe)
+        dev = _tensor_device(TensorInfo(base, info.shape, info.ggml_type, 0, 0), devices, params.n_layer, resolved)
         if dev != "CPU":
             per_device[dev] = per_device.get(dev, 0) + pad(info.n_bytes, GPU_ALIGNMENT)
         else:
@@ -364,7 +374,8 @@ def _recurrent_graph_bytes(params: ModelParams, resolved: Resolved) -> int:
 
 def pipeline_parallel(resolved: Resolved, n_gpus: int, devices: tuple[str, ...]) -> bool:
     """llama_context's condition: several GPUs, every layer on them, split by layer, KV offloaded, no overrides."""
-    return n_gpus > 1 and "CPU" not in devices and resolved.kv_offload and not resolved.n_cpu_moe
+    return (n_gpus > 1 and "CPU" not in devices and resolved.kv_offload and not resolved.n_cpu_moe
+            and not resolved.tensor_overrides)
 
 
 def _host_compute(params: ModelParams, resolved: Resolved, graph: int, copies: int, layers_on_cpu: bool) -> int:
@@ -423,7 +434,8 @@ def estimate(params: ModelParams, resolved: Resolved, placement: Placement = Pla
     graph = compute_graph_bytes(params, resolved)
     layers_on_cpu = "CPU" in devices
     # some weights of the offloaded layers stay on the host: their GPUs compute as under partial offload
-    partial = placement.n_gpus > 0 and (layers_on_cpu or resolved.n_cpu_moe > 0)
+    overridden_to_host = any(target == "CPU" for _, target in resolved.tensor_overrides)
+    partial = placement.n_gpus > 0 and (layers_on_cpu or resolved.n_cpu_moe > 0 or overridden_to_host)
     copies = PIPELINE_COPIES if pipeline_parallel(resolved, placement.n_gpus, devices) else 1
     gpu_names = [f"GPU{i}" for i in range(placement.n_gpus)]
     rows = [DeviceMemory(
@@ -431,7 +443,8 @@ def estimate(params: ModelParams, resolved: Resolved, placement: Placement = Pla
         weights_bytes=weights.get("CPU", 0),
         kv_bytes=kv.get("CPU", 0),
         recurrent_bytes=state.get("CPU", 0),
-        compute_bytes=_host_compute(params, resolved, graph, copies, layers_on_cpu),
+        # tensors an -ot sends to the host are computed there: the whole graph, conservatively
+        compute_bytes=_host_compute(params, resolved, graph, copies, layers_on_cpu or overridden_to_host),
         # logits (reserved even by encoders) and, for an embeddings server, one embedding per slot
         output_bytes=F32 * (params.n_vocab + (params.n_embd if resolved.embedding else 0)) * resolved.n_seq_max,
         overhead_bytes=HOST_RUNTIME_BASE_BYTES + HOST_RUNTIME_PER_TOKEN_BYTES * params.n_vocab,

@@ -8,6 +8,7 @@ attention on or off), which is what both the estimate and the argv use.
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 
 from gguf.constants import GGML_QUANT_SIZES, GGMLQuantizationType
@@ -46,6 +47,8 @@ class ServerSettings:
     embedding: bool = False  # --embedding: an embeddings server
     n_cpu_moe: int | None = None  # --n-cpu-moe: experts of the first N layers stay on the CPU; None = unset
     lora: tuple[str, ...] = ()  # --lora adapter files, loaded with the model
+    # -ot PATTERN=BUFFER: (regex, buffer type) in llama.cpp's names: "CPU" or "CUDA<i>" (i-th visible GPU)
+    tensor_overrides: tuple[tuple[str, str], ...] = ()
 
 
 @dataclass(frozen=True)
@@ -71,6 +74,24 @@ class Resolved:
     embedding: bool
     n_cpu_moe: int = 0  # layers whose expert tensors stay on the host (only with GPU layers)
     lora: tuple[str, ...] = ()
+    tensor_overrides: tuple[tuple[str, str], ...] = ()  # as given: (regex, "CPU" | "CUDA<i>")
+
+
+def parse_tensor_overrides(value: str) -> list[tuple[str, str]]:
+    """llama-server's `-ot PATTERN=BUFFER[,PATTERN=BUFFER...]`, patterns checked as regular expressions."""
+    out = []
+    for item in value.split(","):
+        pattern, sep, target = item.partition("=")
+        if not sep or not pattern or not target:
+            raise UsageError(f"-ot/--override-tensor {item!r}: expected REGEX=BUFFER, e.g. 'ffn_.*_exps=CPU'")
+        if target != "CPU" and not (target.startswith("CUDA") and target[4:].isdigit()):
+            raise UsageError(f"-ot/--override-tensor {item!r}: buffer {target!r} is not modelled (use CPU or CUDA<i>)")
+        try:
+            re.compile(pattern)
+        except re.error as exc:
+            raise UsageError(f"-ot/--override-tensor {item!r}: bad regular expression ({exc})") from None
+        out.append((pattern, target))
+    return out
 
 
 def pad(value: int, to: int) -> int:
@@ -137,6 +158,12 @@ def resolve(settings: ServerSettings, model: ModelParams, n_gpus: int) -> Resolv
         ngl = 0
     if settings.n_cpu_moe is not None and settings.n_cpu_moe < 0:
         raise UsageError(f"--n-cpu-moe must be >= 0, got {settings.n_cpu_moe}")
+    for pattern, target in settings.tensor_overrides:
+        gpu = target.removeprefix("CUDA")
+        if target != "CPU" and not (gpu.isdigit() and int(gpu) < max(n_gpus, 0)):
+            where = f"{n_gpus} GPU(s)" if n_gpus else "no GPU"
+            raise UsageError(f"-ot {pattern}={target}: buffer type {target!r} does not exist with {where} "
+                             "(use CPU or CUDA0..CUDA<n-1>)")
     # experts matter only where layers would otherwise be on a GPU, and only for a MoE
     n_cpu_moe = min(settings.n_cpu_moe or 0, model.n_layer) if ngl and model.n_expert else 0
     return Resolved(
@@ -145,5 +172,5 @@ def resolve(settings: ServerSettings, model: ModelParams, n_gpus: int) -> Resolv
         n_gpu_layers=ngl, cache_type_k=settings.cache_type_k, cache_type_v=settings.cache_type_v,
         swa_full=settings.swa_full and model.n_swa > 0, kv_offload=settings.kv_offload,
         mmap=settings.mmap, repack=settings.repack, embedding=settings.embedding, n_cpu_moe=n_cpu_moe,
-        lora=settings.lora,
+        lora=settings.lora, tensor_overrides=settings.tensor_overrides,
     )

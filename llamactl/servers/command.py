@@ -85,6 +85,9 @@ def build_command(
     for adapter in resolved.lora:
         caps.require("--lora")
         argv += ["--lora", str(adapter)]
+    if resolved.tensor_overrides:  # before --n-cpu-moe: llama.cpp takes the first matching override
+        caps.require("--override-tensor")
+        argv += ["--override-tensor", ",".join(f"{p}={t}" for p, t in resolved.tensor_overrides)]
     if resolved.n_cpu_moe:
         caps.require("--n-cpu-moe")
         argv += ["--n-cpu-moe", str(resolved.n_cpu_moe)]
@@ -109,7 +112,6 @@ _MEMORY_FLAGS = {
     "--lora-scaled": "scaled LoRA adapters (give llamactl --lora)",
     "-sm": "split modes other than layer", "--split-mode": "split modes other than layer",
     "-mg": "a main GPU", "--main-gpu": "a main GPU",
-    "-ot": "tensor overrides", "--override-tensor": "tensor overrides",
     "--reranking": "reranking mode",
     "-dev": "device selection", "--device": "device selection",
     "-hf": "another model", "--hf-repo": "another model", "-hff": "another model", "--hf-file": "another model",
@@ -129,7 +131,7 @@ _OWN_FLAGS = {
     "-b", "--batch-size", "-ub", "--ubatch-size", "-kvu", "--kv-unified", "-no-kvu", "--no-kv-unified",
     "-ts", "--tensor-split", "-fit", "--fit", "--swa-full", "-nkvo", "--no-kv-offload", "-kvo", "--kv-offload",
     "-lm", "--load-mode", "-nr", "--no-repack", "--repack", "--embedding", "--embeddings",
-    "-ncmoe", "--n-cpu-moe", "-cmoe", "--cpu-moe", "--lora",
+    "-ncmoe", "--n-cpu-moe", "-cmoe", "--cpu-moe", "--lora", "-ot", "--override-tensor",
 }
 
 
@@ -150,4 +152,5 @@ def check_extra_args(extra: Sequence[str]) -> None:
 # What a current llama-server supports, assumed when planning without a binary at hand (CI fit checks).
 ASSUMED_FLAGS = frozenset(REQUIRED_FLAGS) | {"--kv-unified", "--no-kv-unified", "--fit", "--metrics", "--swa-full",
                                              "--no-kv-offload", "--load-mode", "--no-repack", "--tensor-split",
-                                             "--verbosity", "--model", "--n-cpu-moe", "--lora"}
+                                             "--verbosity", "--model", "--n-cpu-moe", "--lora",
+                                             "--override-tensor"}

@@ -60,6 +60,10 @@ CASES = {  # model, GPUs, settings, -ts
     "moe-pipeline": ("qwen3moe", 2, C4K, None),
     "moe-experts-on-cpu": ("qwen3moe", 1, replace(C4K, n_cpu_moe=2), None),
     "moe-experts-on-cpu-two-gpus": ("qwen3moe", 2, replace(C4K, n_cpu_moe=3), None),
+    # -ot: the FFN of two layers on the host, first match wins over --n-cpu-moe; no pipeline with overrides
+    "override-ffn-to-host": ("llama", 2, replace(C4K, tensor_overrides=((r"blk\.[12]\.ffn_(up|down)", "CPU"),)), None),
+    "override-then-experts": ("qwen3moe", 2, replace(C4K, n_cpu_moe=1, tensor_overrides=((r"blk\.3\.ffn_up_exps", "CPU"),)),
+                              None),
     "swa-pipeline": ("gemma3-swa", 2, C4K, None),
     "recurrent-pipeline": ("mamba2", 2, ServerSettings(ctx_size=4096, parallel=2), None),
     "recurrent-one-gpu": ("mamba2", 1, ServerSettings(ctx_size=4096, parallel=2), None),
@@ -154,7 +158,7 @@ def _compare_devices(server_binary, server_caps, rpc_endpoints, path, n_gpus, se
         assert ours >= logged * 0.95 - 0.05 * MiB, f"{where} compute under: ours {ours / MiB:.2f}, logged {logged / MiB:.2f}"
         holds_layers = ours_name == "CPU" or ours_name in est.layer_devices[:params.n_layer]
         first_gpu = ours_name == next((d for d in est.layer_devices if d != "CPU"), None)
-        partial = "CPU" in est.layer_devices or resolved.n_cpu_moe
+        partial = "CPU" in est.layer_devices or resolved.n_cpu_moe or resolved.tensor_overrides
         if not partial and (ours_name == "CPU" or first_gpu or not holds_layers):
             # the host's inputs, the first stage of a pipeline, a device with the output layer alone
             # (a GPU's own graph is calibrated on the CPU backend, where it is a little larger)

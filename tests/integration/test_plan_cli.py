@@ -140,3 +140,16 @@ def test_moe_plan_keeps_layers_on_gpu_and_moves_experts(qwen3moe: Path) -> None:
     assert refused.returncode == 2 and "--n-cpu-moe" in refused.stderr
     bad = run("estimate", str(qwen3moe), "--n-cpu-moe", "-1")
     assert bad.returncode == 2 and "--n-cpu-moe must be >= 0" in bad.stderr
+
+
+def test_tensor_overrides_reach_the_command_and_bad_ones_exit_2(llama8b: Path) -> None:
+    out = run("plan", str(llama8b), "--gpus", "24GiB", "-ot", r"blk\.(0|1)\.ffn_up=CPU", "--json")
+    assert out.returncode == 0, out.stderr  # fits as asked (an override the user gives is kept, as --n-cpu-moe)
+    data = json.loads(out.stdout)
+    argv = data["argv"]
+    assert argv[argv.index("--override-tensor") + 1] == r"blk\.(0|1)\.ffn_up=CPU"
+    host = next(d for d in data["devices"] if d["device"] == "CPU")
+    assert host["weights_bytes"] > 2 * 58 * 2**20  # two ffn_up matrices of Llama-3-8B Q4_0 (~56 MiB each) and token_embd
+    for bad, message in (("ffn_up", "expected REGEX=BUFFER"), ("ffn_up=CUDA3", "does not exist with 1 GPU")):
+        refused = run("plan", str(llama8b), "--gpus", "24GiB", "-ot", bad)
+        assert refused.returncode == 2 and message in refused.stderr and len(refused.stderr.strip().splitlines()) == 1

@@ -36,6 +36,7 @@ cache_type_k = "q8_0"
 flash_attn = true
 gpus = [0, 1]
 n_cpu_moe = 12
+override_tensor = ['blk\\.0\\.ffn_up=CPU,blk\\.1\\.ffn_up=CUDA1']
 lora = ["adapters/style.gguf", "/abs/other.gguf"]
 '''))
     assert (cfg.port, cfg.idle_ttl_s, cfg.api_keys) == (9000, 5400.0, ("k",))
@@ -45,6 +46,7 @@ lora = ["adapters/style.gguf", "/abs/other.gguf"]
     assert (chat.settings.ctx_size, chat.settings.cache_type_k, chat.settings.flash_attn) == (8192, "q8_0", "on")
     assert chat.args == ("--jinja",) and cfg.models["big"].settings.ctx_size == 8192
     assert chat.settings.lora == (str(tmp_path / "adapters" / "style.gguf"), "/abs/other.gguf")  # relative to the file
+    assert chat.settings.tensor_overrides == ((r"blk\.0\.ffn_up", "CPU"), (r"blk\.1\.ffn_up", "CUDA1"))
     assert chat.settings.n_cpu_moe == 12 and cfg.models["big"].settings.n_cpu_moe is None  # unset: plan decides
     assert cfg.lookup("gpt-4o-mini") is chat and cfg.lookup("models/a.gguf") is None
 
@@ -60,6 +62,7 @@ lora = ["adapters/style.gguf", "/abs/other.gguf"]
     ("gpu_mem_threshold = 2\n", "gpu_mem_threshold"),
     ("[models.m]\npath = \"m.gguf\"\nlora = \"a.gguf\"\n", "models.m.lora"),
     ("[defaults]\nlora = [\"a.gguf\"]\n", "defaults.lora: unknown key"),
+    ("[defaults]\noverride_tensor = [\"ffn=Metal\"]\n", "defaults.override_tensor: -ot/--override-tensor 'ffn=Metal'"),
     ("[models.m]\npath = \"m.gguf\"\nn_cpu_moe = -2\n", "config.toml:3: models.m.n_cpu_moe: expected a number >= 0 or 'all'"),
     ("this is = not toml [", "invalid TOML"),
     ("models_dir = \"nowhere\"\n", "is not a directory"),

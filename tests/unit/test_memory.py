@@ -204,3 +204,31 @@ def test_lora_tensors_land_with_their_base_layers(tmp_path) -> None:
     bigger = write_lora(tmp_path / "b.gguf", replace(spec, n_layer=6), rank=8)
     with pytest.raises(UnsupportedModelError, match=r"blk\.4\.attn_q\.weight is not in the model"):
         load_params(model, replace(plain, lora=(str(bigger),)))
+
+
+def test_tensor_overrides_move_matching_tensors(tmp_path) -> None:
+    from llamactl.errors import UsageError
+    from llamactl.model.settings import parse_tensor_overrides
+
+    params = _params(tmp_path, ModelSpec(n_vocab=512, n_embd=64, n_layer=4, n_head=4, n_head_kv=2, n_ff=128))
+    ffn = {il: sum(t.n_bytes for t in params.tensors if t.name.startswith(f"blk.{il}.ffn_") and len(t.shape) == 2)
+           for il in range(4)}
+    base = estimate(params, resolve(ServerSettings(ctx_size=1024), params, 2), Placement(n_gpus=2))
+    assert base.pipeline_copies == 4
+    moved = ServerSettings(ctx_size=1024, tensor_overrides=tuple(
+        parse_tensor_overrides(r"blk\.0\.ffn_(gate|up|down)=CPU,blk\.3\.ffn_.*=CUDA0")))
+    est = estimate(params, resolve(moved, params, 2), Placement(n_gpus=2))
+    assert est.pipeline_copies == 1  # llama.cpp turns the pipeline off with any override
+    gpu0 = est.device("GPU0").weights_bytes - base.device("GPU0").weights_bytes
+    gpu1 = est.device("GPU1").weights_bytes - base.device("GPU1").weights_bytes
+    layer3 = sum(t.n_bytes for t in params.tensors if t.name.startswith("blk.3.ffn_"))  # its ffn_norm too
+    assert (gpu0, gpu1) == (layer3 - ffn[0], -layer3)  # layer 0's FFN matrices to the host, all of layer 3's to GPU0
+    from llamactl.model.memory import compute_graph_bytes
+
+    # the host computes what it holds: the whole graph, conservatively (not just the graph inputs)
+    assert est.device("CPU").compute_bytes == compute_graph_bytes(params, est.resolved)
+    with pytest.raises(UsageError, match="'CUDA2' does not exist with 2 GPU"):
+        resolve(ServerSettings(tensor_overrides=(("ffn", "CUDA2"),)), params, 2)
+    for bad, message in (("ffn_up", "expected REGEX=BUFFER"), ("x=Metal", "not modelled"), ("(=CPU", "bad regular")):
+        with pytest.raises(UsageError, match=message):
+            parse_tensor_overrides(bad)
