@@ -57,6 +57,7 @@ def cases(realistic: bool) -> list[Case]:
                           n_dense_lead=1, n_expert=8, n_expert_used=2, n_ff_exp=64, n_shared_expert=1),
         "deci": dict(arch="deci", n_layer=6, n_head=(8, 8, 8, 0, 8, 8), n_head_kv=(4, 2, 0, 0, 8, 1),
                      n_ff=(768, 512, 0, 768, 1024, 768)),
+        "lfm2": dict(arch="lfm2", n_layer=6, n_head_kv=(0, 0, 4, 0, 4, 0), shortconv_l_cache=3, tied_output=True),
         "granitehybrid": dict(arch="granitehybrid", n_head_kv=(0, 4, 0, 4), ssm_d_conv=4, ssm_d_inner=512,
                               ssm_d_state=64, ssm_n_group=1, ssm_dt_rank=8, n_expert=8, n_expert_used=2,
                               n_ff_exp=256, n_ff_shexp=512),
@@ -83,7 +84,7 @@ def cases(realistic: bool) -> list[Case]:
         for key, wtype, arch in (("llama3-8b", "Q4_0", "llama"), ("qwen2.5-7b", "Q8_0", "qwen2"),
                                  ("qwen3-8b", "Q4_0", "qwen3"), ("gemma3-4b", "Q4_0", "gemma3"),
                                  ("qwen3-30b-a3b", "Q4_0", "qwen3moe"), ("deepseek-v2-lite", "Q4_0", "deepseek2"),
-                                 ("granite-4.0-h-tiny", "Q4_0", "granitehybrid")):
+                                 ("granite-4.0-h-tiny", "Q4_0", "granitehybrid"), ("lfm2-1.2b", "Q8_0", "lfm2")):
             if key in REALISTIC:
                 big = key in ("qwen3-30b-a3b", "deepseek-v2-lite")  # a repacked copy would not fit 24 GiB of RAM
                 out.append(Case(arch, f"{key} {wtype} -c 8192" + (" -nr" if big else ""),

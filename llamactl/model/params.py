@@ -21,7 +21,7 @@ _LAYER_RE = re.compile(r"^blk\.(\d+)\.")
 # Architectures whose memory this version models term by term and has checked against llama-server.
 MODELLED_ARCHS = frozenset({
     "llama", "qwen2", "qwen3", "qwen3moe", "gemma2", "gemma3", "mamba2", "bert", "deepseek2", "granite", "internlm2",
-    "granitehybrid", "deci",
+    "granitehybrid", "deci", "lfm2",
     "stablelm", "starcoder2", "olmo", "olmo2", "exaone", "smollm3",
 })
 
@@ -134,6 +134,15 @@ def _n_vocab(header: GGUFHeader, arch: str) -> int:
     raise UnsupportedModelError(f"{header.path}: cannot tell the vocabulary size (no tokenizer.ggml.tokens)")
 
 
+def _conv_state(header: GGUFHeader, arch: str, n_embd: int, d_conv: int, d_inner: int, n_group: int,
+                d_state: int) -> int:
+    """Conv state per sequence and layer, f32 elements (llama_hparams::n_embd_r)."""
+    l_cache = _int(header, f"{arch}.shortconv.l_cache", 0)
+    if l_cache:  # lfm2's short convolution keeps its last L - 1 inputs
+        return n_embd * (l_cache - 1)
+    return max(d_conv - 1, 0) * (d_inner + 2 * n_group * d_state)
+
+
 def _tensor_dim(header: GGUFHeader, suffix: str, dim: int) -> int:
     """ggml dimension `dim` of the first block tensor named *suffix, or 0."""
     for info in header.tensors:
@@ -244,7 +253,7 @@ def model_params(header: GGUFHeader) -> ModelParams:
         n_swa=n_swa,
         swa_layers=_swa_layers(header, arch, n_layer, n_swa),
         recurrent_layers=recurrent,
-        n_embd_r=max(d_conv - 1, 0) * (d_inner + 2 * n_group * d_state) if any(recurrent) else 0,
+        n_embd_r=_conv_state(header, arch, n_embd, d_conv, d_inner, n_group, d_state) if any(recurrent) else 0,
         n_embd_s=d_state * d_inner if any(recurrent) else 0,
         ssm_d_inner=d_inner, ssm_d_state=d_state, ssm_n_group=n_group,
         ssm_dt_rank=_int(header, f"{arch}.ssm.time_step_rank", 0),

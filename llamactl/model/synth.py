@@ -61,6 +61,7 @@ _ARCHES = {
     "deepseek2": MODEL_ARCH.DEEPSEEK2,
     "granitehybrid": MODEL_ARCH.GRANITE_HYBRID,
     "deci": MODEL_ARCH.DECI,
+    "lfm2": MODEL_ARCH.LFM2,
 }
 _BIASED_ARCHES = {MODEL_ARCH.QWEN2}  # q/k/v biases on a llama-style block
 # Per-head RMS norms on Q and K; these files always write key/value_length.
@@ -81,6 +82,9 @@ _HYBRID_ARCHES = {MODEL_ARCH.GRANITE_HYBRID}
 # Per-layer heads and FFN widths (Llama-3.1-Nemotron, src/models/deci.cpp): a layer with query heads
 # but no KV heads is a "linear attention" (attn_output only); no heads: attention-free; n_ff 0: no FFN.
 _PER_LAYER_ARCHES = {MODEL_ARCH.DECI}
+# LFM2 (src/models/lfm2.cpp): gated short-convolution layers (n_head_kv 0) between GQA attention layers
+# with QK norms; every layer has a dense SwiGLU FFN; the output norm is named token_embd_norm.
+_SHORTCONV_ARCHES = {MODEL_ARCH.LFM2}
 # llama.cpp's LLAMA_MAX_EXPERTS (src/llama-hparams.h).
 _MAX_EXPERTS = 1024
 _LAYER_NORM_EPS = 1e-12  # bert's LayerNorm epsilon
@@ -160,6 +164,9 @@ class ModelSpec:
       a "linear attention" layer (attn_output only), n_head 0 an
       attention-free layer, n_ff 0 a layer without FFN. Layer 0 must have
       heads (llama.cpp's head size is n_embd / n_head of layer 0).
+    - "lfm2": LFM2. n_head_kv is a per-layer tuple whose 0 entries mark
+      short-convolution layers (shortconv_l_cache, required: the conv width);
+      the others are attention layers with QK norms. head_dim must be None.
     """
 
     arch: str = "llama"  # see the class docstring
@@ -204,6 +211,8 @@ class ModelSpec:
     n_shared_expert: int = 0
     # granitehybrid only: the shared expert's FFN width beside a MoE (0 = none).
     n_ff_shexp: int = 0
+    # lfm2 only (required there): the short convolution's width (L_cache).
+    shortconv_l_cache: int = 0
 
     @property
     def head_size(self) -> int:
@@ -301,6 +310,7 @@ def _validate(spec: ModelSpec, qtype: GGMLQuantizationType) -> None:
     elif arch not in _SSM_ARCHES:
         _validate_attention(spec, arch)
     _validate_hybrid(spec, arch)
+    _validate_shortconv(spec, arch)
     _validate_swa(spec, arch)
     _validate_moe(spec, arch)
     _validate_mla(spec, arch)
@@ -319,7 +329,7 @@ def _validate_attention(spec: ModelSpec, arch: MODEL_ARCH) -> None:
     if arch in _ENCODER_ARCHES and spec.head_dim is not None:
         # bert's Q/K/V/O are n_embd x n_embd in llama.cpp.
         raise ValueError(f"{spec.arch} needs head_dim=None (head size n_embd // n_head)")
-    _validate_kv_heads(spec, allow_zero=arch in _HYBRID_ARCHES)
+    _validate_kv_heads(spec, allow_zero=arch in _HYBRID_ARCHES | _SHORTCONV_ARCHES)
 
 
 def _validate_per_layer(spec: ModelSpec) -> None:
@@ -339,6 +349,17 @@ def _validate_per_layer(spec: ModelSpec) -> None:
             raise ValueError(f"layer {il}: n_head {heads} is not a multiple of n_head_kv {kv}")
         if heads and not kv and heads * spec.head_size != spec.n_embd:
             raise ValueError(f"layer {il}: a linear-attention layer needs n_head x head size == n_embd")
+
+
+def _validate_shortconv(spec: ModelSpec, arch: MODEL_ARCH) -> None:
+    if arch not in _SHORTCONV_ARCHES:
+        if spec.shortconv_l_cache:
+            raise ValueError(f"shortconv_l_cache only applies to {_arch_list(_SHORTCONV_ARCHES)}")
+        return
+    if spec.shortconv_l_cache < 2:
+        raise ValueError(f"{spec.arch} needs shortconv_l_cache >= 2, got {spec.shortconv_l_cache}")
+    if spec.head_dim is not None:
+        raise ValueError(f"{spec.arch} needs head_dim=None (its Q and output projections are n_embd wide)")
 
 
 def _validate_hybrid(spec: ModelSpec, arch: MODEL_ARCH) -> None:
@@ -483,6 +504,9 @@ def _add_hparams(writer: GGUFWriter, spec: ModelSpec, qtype: GGMLQuantizationTyp
         _add_ssm_hparams(writer, spec)
     elif arch in _PER_LAYER_ARCHES:
         _add_per_layer_hparams(writer, spec)
+    elif arch in _SHORTCONV_ARCHES:
+        _add_decoder_hparams(writer, spec)
+        writer.add_shortconv_l_cache(spec.shortconv_l_cache)
     elif arch in _HYBRID_ARCHES:
         _add_hybrid_hparams(writer, spec)
     elif arch in _ENCODER_ARCHES:
@@ -494,7 +518,7 @@ def _add_hparams(writer: GGUFWriter, spec: ModelSpec, qtype: GGMLQuantizationTyp
     writer.add_vocab_size(spec.n_vocab)
     if arch in _MLA_ARCHES:
         _add_mla_extras(writer, spec)
-    elif arch not in _SSM_ARCHES | _ENCODER_ARCHES | _HYBRID_ARCHES | _PER_LAYER_ARCHES:
+    elif arch not in _SSM_ARCHES | _ENCODER_ARCHES | _HYBRID_ARCHES | _PER_LAYER_ARCHES | _SHORTCONV_ARCHES:
         _add_decoder_extras(writer, spec, arch)
     writer.add_file_type(_FILE_TYPES[qtype])
     if qtype not in _FLOAT_TYPES:
@@ -703,7 +727,9 @@ def _tensor_plan(spec: ModelSpec, qtype: GGMLQuantizationType) -> Iterator[Tenso
         return
     f32 = GGMLQuantizationType.F32
     yield _tensor_name(arch, MODEL_TENSOR.TOKEN_EMBD, "weight"), (spec.n_vocab, spec.n_embd), qtype
-    yield _tensor_name(arch, MODEL_TENSOR.OUTPUT_NORM, "weight"), (spec.n_embd,), f32
+    # lfm2's final norm is filed as token_embd_norm (llama.cpp's LLM_TENSOR_OUTPUT_NORM_LFM2)
+    norm = MODEL_TENSOR.TOKEN_EMBD_NORM if arch in _SHORTCONV_ARCHES else MODEL_TENSOR.OUTPUT_NORM
+    yield _tensor_name(arch, norm, "weight"), (spec.n_embd,), f32
     if not spec.tied_output:
         yield _tensor_name(arch, MODEL_TENSOR.OUTPUT, "weight"), (spec.n_vocab, spec.n_embd), qtype
     if arch in _SSM_ARCHES:
@@ -712,6 +738,8 @@ def _tensor_plan(spec: ModelSpec, qtype: GGMLQuantizationType) -> Iterator[Tenso
         block = _hybrid_block_plan
     elif arch in _PER_LAYER_ARCHES:
         block = _per_layer_block_plan
+    elif arch in _SHORTCONV_ARCHES:
+        block = _shortconv_block_plan
     elif arch in _MLA_ARCHES:
         block = _mla_block_plan
     else:
@@ -797,6 +825,26 @@ def _mla_block_plan(spec: ModelSpec, arch: MODEL_ARCH, bid: int, qtype: GGMLQuan
 def _ssm_block_plan(spec: ModelSpec, arch: MODEL_ARCH, bid: int, qtype: GGMLQuantizationType) -> Iterator[TensorPlan]:
     yield _tensor_name(arch, MODEL_TENSOR.ATTN_NORM, "weight", bid), (spec.n_embd,), GGMLQuantizationType.F32
     yield from _mamba2_mixer_plan(spec, arch, bid, qtype)
+
+
+def _shortconv_block_plan(spec: ModelSpec, arch: MODEL_ARCH, bid: int,
+                          qtype: GGMLQuantizationType) -> Iterator[TensorPlan]:
+    # Shapes from llama_model_lfm2::load_arch_tensors, reversed.
+    f32 = GGMLQuantizationType.F32
+    n_embd = spec.n_embd
+    yield _tensor_name(arch, MODEL_TENSOR.FFN_NORM, "weight", bid), (n_embd,), f32
+    yield from _dense_ffn_plan(spec, arch, bid, qtype, spec.n_ff)
+    yield _tensor_name(arch, MODEL_TENSOR.ATTN_NORM, "weight", bid), (n_embd,), f32
+    if spec.kv_heads(bid):
+        yield _tensor_name(arch, MODEL_TENSOR.ATTN_Q_NORM, "weight", bid), (spec.head_size,), f32
+        yield _tensor_name(arch, MODEL_TENSOR.ATTN_K_NORM, "weight", bid), (spec.head_size,), f32
+        for tensor, shape in _attention_matrices(spec, bid):
+            yield _tensor_name(arch, tensor, "weight", bid), shape, qtype
+        return
+    # the conv kernel stays F32, as llama.cpp's converter keeps 1D/2D norms and convs
+    yield _tensor_name(arch, MODEL_TENSOR.SHORTCONV_CONV, "weight", bid), (n_embd, spec.shortconv_l_cache), f32
+    yield _tensor_name(arch, MODEL_TENSOR.SHORTCONV_INPROJ, "weight", bid), (3 * n_embd, n_embd), qtype
+    yield _tensor_name(arch, MODEL_TENSOR.SHORTCONV_OUTPROJ, "weight", bid), (n_embd, n_embd), qtype
 
 
 def _per_layer_block_plan(spec: ModelSpec, arch: MODEL_ARCH, bid: int,
@@ -1055,6 +1103,13 @@ REALISTIC: dict[str, ModelSpec] = {
         n_expert=64, n_expert_used=6, n_ff_exp=512, n_ff_shexp=1024, n_ctx_train=131072, tied_output=True,
         ssm_d_conv=4, ssm_d_inner=3072, ssm_d_state=128, ssm_n_group=1, ssm_dt_rank=48,
         name="granite-4.0-h-tiny",
+    ),
+    # LiquidAI/LFM2-1.2B: 10 short-convolution layers (L_cache 3) and 6 GQA attention layers
+    # (2, 5, 8, 10, 12, 14), FFN 8192 as the GGUF states it, tied embeddings.
+    "lfm2-1.2b": ModelSpec(
+        arch="lfm2", n_vocab=65536, n_embd=2048, n_layer=16, n_head=32,
+        n_head_kv=tuple(8 if il in (2, 5, 8, 10, 12, 14) else 0 for il in range(16)), n_ff=8192,
+        shortconv_l_cache=3, n_ctx_train=128000, tied_output=True, rope_freq_base=1000000.0, name="lfm2-1.2b",
     ),
 }
 

@@ -43,6 +43,8 @@ MODELS = {
     # attention-free layer, a layer without FFN, MHA
     "deci-per-layer": replace(BASE, arch="deci", n_layer=6, n_head=(8, 8, 8, 0, 8, 8), n_head_kv=(4, 2, 0, 0, 8, 1),
                               n_ff=(768, 512, 0, 768, 1024, 768)),
+    # short-convolution layers (0 KV heads, a conv state per slot) between attention layers with QK norms
+    "lfm2": replace(BASE, arch="lfm2", n_layer=6, n_head_kv=(0, 0, 4, 0, 4, 0), shortconv_l_cache=3, tied_output=True),
     # hybrid: Mamba-2 layers (0 KV heads) between attention layers; state on the first, KV on the others
     "granitehybrid": replace(BASE, arch="granitehybrid", n_head_kv=(0, 4, 0, 4), ssm_d_conv=4, ssm_d_inner=512,
                              ssm_d_state=64, ssm_n_group=1, ssm_dt_rank=8),
@@ -147,6 +149,7 @@ def test_lora_for_another_model_is_refused(model_dir) -> None:
     ("deepseek-v2-lite", "Q4_0", ServerSettings(ctx_size=4096, repack=False)),  # MLA, 64 experts
     # hybrid: 36 Mamba-2 layers, 4 attention layers, 64 experts + a shared one
     ("granite-4.0-h-tiny", "Q4_0", ServerSettings(ctx_size=16384, parallel=2)),
+    ("lfm2-1.2b", "Q8_0", ServerSettings(ctx_size=32768)),  # 10 conv layers, 6 attention layers
 ])
 def test_realistic_shapes_match_logged_buffers(server_binary, server_caps, model_dir, key, weight_type, settings) -> None:
     path = _model(model_dir, f"{key}-{weight_type}", replace(REALISTIC[key], weight_type=weight_type), sparse=True)

@@ -197,8 +197,19 @@ def test_deci_writes_per_layer_arrays_and_skips_what_a_layer_lacks(tmp_path: Pat
     assert "blk.1.ffn_up.weight" not in t and "blk.1.ffn_norm.weight" not in t
 
 
+def test_lfm2_conv_and_attention_layers(tmp_path: Path) -> None:
+    spec = ModelSpec(arch="lfm2", n_embd=128, n_layer=3, n_head=4, n_head_kv=(0, 2, 0), n_ff=256, shortconv_l_cache=3)
+    header = write(tmp_path, spec)
+    assert header.get("lfm2.shortconv.l_cache") == 3
+    t = shapes(header)
+    assert t["blk.0.shortconv.conv.weight"] == (3, 128) and t["blk.0.shortconv.in_proj.weight"] == (128, 384)
+    assert t["blk.1.attn_q_norm.weight"] == (32,) and "blk.1.shortconv.conv.weight" not in t
+    assert "token_embd_norm.weight" in t and "output_norm.weight" not in t  # lfm2's final norm
+    assert all(f"blk.{il}.ffn_up.weight" in t for il in range(3))
+
+
 @pytest.mark.parametrize(("key", "weight_type"), [
-    ("granite-4.0-h-tiny", "Q4_0"), ("qwen3-8b", "Q4_0"), ("qwen3-30b-a3b", "Q4_K"), ("gemma3-4b", "Q4_0"), ("gemma3-27b", "Q8_0"),
+    ("lfm2-1.2b", "Q8_0"), ("granite-4.0-h-tiny", "Q4_0"), ("qwen3-8b", "Q4_0"), ("qwen3-30b-a3b", "Q4_K"), ("gemma3-4b", "Q4_0"), ("gemma3-27b", "Q8_0"),
     ("mamba2-2.7b", "Q4_0"), ("deepseek-v2-lite", "Q4_0"),
 ])
 def test_new_realistic_specs_write_sparse_fast(tmp_path: Path, key: str, weight_type: str) -> None:
@@ -230,6 +241,8 @@ def test_new_realistic_specs_write_sparse_fast(tmp_path: Path, key: str, weight_
     (replace(GRANITE_H, n_head_kv=(0, -1, 0, 2)), ">= 0"),
     (replace(QWEN3, n_head_kv=(0, 2)), "must be > 0"),
     (replace(QWEN3, n_head=(4, 4)), "per-layer n_head and n_ff only apply to deci"),
+    (ModelSpec(arch="lfm2", n_head_kv=(0, 2)), "shortconv_l_cache >= 2"),
+    (ModelSpec(shortconv_l_cache=3), "shortconv_l_cache only applies to lfm2"),
     (ModelSpec(arch="deci", n_head=(0, 4), n_head_kv=(0, 2)), "layer 0 needs attention heads"),
     (ModelSpec(arch="deci", n_head=(4, 4), n_head_kv=(2, 3)), "not a multiple of n_head_kv"),
     (ModelSpec(arch="deci", n_head=(4, 4, 4), n_head_kv=2), "n_head has 3 entries"),
