@@ -12,17 +12,14 @@ import typer
 from llamactl import render
 from llamactl.cli.common import load_config, state_store, wants_json
 from llamactl.cli.complete import model_names
-from llamactl.cli.options import INVENTORY, SERVER, InventoryOptions, with_options
-from llamactl.cli.plan import host_memory
+from llamactl.cli.options import INVENTORY, POLICY, SERVER, InventoryOptions, PolicyOptions, with_options
 from llamactl.errors import LlamactlError
-from llamactl.estimate import host_repack_types
 from llamactl.gpu import inventory
 from llamactl.model.settings import ServerSettings
-from llamactl.placement import DEFAULT_MARGIN_BYTES, Policy, Strategy
 from llamactl.servers import runner
 from llamactl.servers.launcher import DEFAULT_PORT_START, LaunchRequest, launch
 from llamactl.servers.probe import find_server, probe
-from llamactl.units import format_bytes, parse_duration, parse_size
+from llamactl.units import format_bytes, parse_duration
 
 
 def _progress(name: str) -> Callable[[float, str], None] | None:
@@ -36,7 +33,7 @@ def _progress(name: str) -> Callable[[float, str], None] | None:
     return show
 
 
-@with_options(SERVER, INVENTORY)
+@with_options(SERVER, INVENTORY, POLICY)
 def command(
     ctx: typer.Context,
     model: str = typer.Argument(..., metavar="MODEL", help="GGUF file, or a model name from the config.",
@@ -50,15 +47,12 @@ def command(
     timeout: str = typer.Option("300s", "--timeout", help="Readiness deadline, e.g. 90s, 5m."),
     no_wait: bool = typer.Option(False, "--no-wait", help="Return once started; do not wait for readiness."),
     dry_run: bool = typer.Option(False, "--dry-run", help="Print the plan's argv and env; start nothing."),
-    strategy: Strategy = typer.Option(Strategy.SPREAD, "--strategy", help="One GPU: spread or pack."),
-    max_gpus: Optional[int] = typer.Option(None, "--max-gpus", min=1, help="Split over at most this many GPUs."),
-    no_partial: bool = typer.Option(False, "--no-partial", help="Refuse partial offload."),
-    margin: str = typer.Option(f"{DEFAULT_MARGIN_BYTES // 2**20}MiB", "--margin", help="Headroom left free on each GPU."),
     grace: str = typer.Option("10s", "--grace", help="Grace between TERM and KILL when stopping."),
     json_output: bool = typer.Option(False, "--json", help="Machine-readable JSON."),
     *,
     settings: ServerSettings,
     inv: InventoryOptions,
+    placement: PolicyOptions,
 ) -> None:
     """Start llama-server for a model (planned like `plan`), wait until ready, record it.
 
@@ -71,9 +65,8 @@ def command(
         path, settings = configured.path, configured.settings
         extra = list(configured.args) + list(extra or [])
         name = name or configured.name
-    policy = Policy(strategy=strategy, max_gpus=max_gpus, allow_partial=not no_partial,
-                    margin_bytes=parse_size(margin, what="--margin"), gpu_overhead_bytes=inv.gpu_overhead_bytes,
-                    host_memory_bytes=host_memory(inv.inventory, None), cpu_repack_types=host_repack_types())
+    policy = (placement.policy(inv, configured.gpus, configured.max_gpus) if configured is not None
+              else placement.policy(inv))
     instance_name = name or path.name.removesuffix(".gguf").split("-00001-of-")[0]
     req = LaunchRequest(model=path, name=instance_name, settings=settings, policy=policy, port=port,
                         port_start=port_start, extra=tuple(extra or ()), timeout_s=parse_duration(timeout, what="--timeout"),

@@ -14,8 +14,10 @@ from typing import Any, Optional
 import typer
 
 from llamactl.errors import UsageError
-from llamactl.estimate import parse_tensor_split
+from llamactl.estimate import host_repack_types, parse_tensor_split
 from llamactl.gpu import inventory
+from llamactl.gpu.inventory import Inventory
+from llamactl.placement import DEFAULT_MARGIN_BYTES, DEFAULT_MEM_THRESHOLD, DEFAULT_UTIL_THRESHOLD, Policy, Strategy
 from llamactl.model.memory import DEFAULT_GPU_OVERHEAD_BYTES
 from llamactl.model.settings import LLAMACTL_DEFAULT_CTX, MAX_LAYERS, ServerSettings, parse_tensor_overrides
 from llamactl.units import parse_size
@@ -100,6 +102,75 @@ INVENTORY = OptionGroup("inv", (
     _opt("gpus_file", Optional[str], typer.Option(None, "--gpus-file", help="Inventory file as printed by `gpus --json`.")),
     _opt("gpu_overhead", str, typer.Option(f"{DEFAULT_GPU_OVERHEAD_BYTES // 2**20}MiB", "--gpu-overhead", help="Per-GPU CUDA context and pools.")),
 ), _inventory)
+
+
+@dataclass(frozen=True)
+class PolicyOptions:
+    """Placement flags as given; `policy()` checks them against the inventory."""
+
+    strategy: Strategy
+    max_gpus: Optional[int]
+    no_partial: bool
+    margin: str
+    util_threshold: int
+    mem_threshold: float
+    gpu_ids: Optional[str]
+    host_mem: Optional[str]
+
+    def policy(self, inv: InventoryOptions, allowed_gpus: tuple[int, ...] | None = None,
+               max_gpus: int | None = None) -> Policy:
+        """The placement Policy; a config model's `gpus` and `max_gpus` apply where the flags are not given."""
+        if not 0 < self.mem_threshold <= 1:
+            raise UsageError(f"--gpu-mem-threshold must be in (0, 1], got {self.mem_threshold}")
+        ids = _parse_ids(self.gpu_ids, inv.inventory)
+        return Policy(
+            strategy=self.strategy, max_gpus=self.max_gpus if self.max_gpus is not None else max_gpus,
+            allow_partial=not self.no_partial,
+            margin_bytes=parse_size(self.margin, what="--margin"), gpu_overhead_bytes=inv.gpu_overhead_bytes,
+            util_threshold=self.util_threshold, mem_threshold=self.mem_threshold,
+            allowed_gpus=ids if ids is not None else allowed_gpus,
+            host_memory_bytes=host_memory(inv.inventory, self.host_mem), cpu_repack_types=host_repack_types(),
+        )
+
+
+POLICY = OptionGroup("placement", (
+    _opt("strategy", Strategy, typer.Option(Strategy.SPREAD, "--strategy", help="One GPU: spread (most free) or pack (smallest that fits).")),
+    _opt("max_gpus", Optional[int], typer.Option(None, "--max-gpus", min=1, help="Split over at most this many GPUs.")),
+    _opt("no_partial", bool, typer.Option(False, "--no-partial", help="Refuse partial offload (GPU or CPU only).")),
+    _opt("margin", str, typer.Option(f"{DEFAULT_MARGIN_BYTES // 2**20}MiB", "--margin", help="Headroom left free on each GPU.")),
+    _opt("util_threshold", int, typer.Option(DEFAULT_UTIL_THRESHOLD, "--gpu-util-threshold", help="Skip GPUs at least this busy (%).")),
+    _opt("mem_threshold", float, typer.Option(DEFAULT_MEM_THRESHOLD, "--gpu-mem-threshold", help="Skip GPUs other programs use this fraction of.")),
+    _opt("gpu_ids", Optional[str], typer.Option(None, "--gpu-ids", help="Allow-list of GPU indices, e.g. 0,2.")),
+    _opt("host_mem", Optional[str], typer.Option(None, "--host-memory", help="RAM available for CPU layers (default: this machine's, for live GPUs).")),
+), PolicyOptions)
+
+
+def host_memory(inv: Inventory, given: str | None) -> int | None:
+    """RAM a CPU or partial plan may use: --host-memory, else this machine's available RAM when the
+    GPUs are live (a simulated inventory describes another machine, whose RAM is unknown)."""
+    if given is not None:
+        return parse_size(given, what="--host-memory")
+    if inv.source == "nvml":
+        import psutil
+
+        return int(psutil.virtual_memory().available)
+    return None
+
+
+def _parse_ids(text: str | None, inv: Inventory) -> tuple[int, ...] | None:
+    if text is None:
+        return None
+    try:
+        ids = tuple(int(part) for part in text.split(",") if part.strip())
+    except ValueError:
+        raise UsageError(f"--gpu-ids {text!r}: expected GPU indices separated by commas") from None
+    if not ids:
+        raise UsageError("--gpu-ids needs at least one GPU index")
+    known = {g.index for g in inv.gpus}
+    unknown = [i for i in ids if i not in known]
+    if unknown:
+        raise UsageError(f"--gpu-ids: no GPU {unknown[0]} in the inventory (GPUs: {sorted(known) or 'none'})")
+    return ids
 
 
 def with_options(*groups: OptionGroup) -> Callable[[Callable[..., Any]], Callable[..., Any]]:

@@ -13,17 +13,15 @@ import typer
 from llamactl import render
 from llamactl.cli.common import load_config, state_store, wants_json
 from llamactl.cli.estimate import print_devices, print_summary
-from llamactl.cli.options import INVENTORY, SERVER, InventoryOptions, with_options
-from llamactl.errors import ExitCode, LlamactlError, UsageError
-from llamactl.estimate import host_repack_types, load_params
-from llamactl.gpu.inventory import Inventory
+from llamactl.cli.options import INVENTORY, POLICY, SERVER, InventoryOptions, PolicyOptions, with_options
+from llamactl.errors import ExitCode, LlamactlError
+from llamactl.estimate import load_params
 from llamactl.model.params import ModelParams
 from llamactl.model.settings import ServerSettings
-from llamactl.placement import DEFAULT_MARGIN_BYTES, DEFAULT_MEM_THRESHOLD, DEFAULT_UTIL_THRESHOLD, Fit, Plan, Policy, Strategy, plan
+from llamactl.placement import Fit, Plan, plan
 from llamactl.servers.command import ASSUMED_FLAGS, ServerCommand, build_command, check_extra_args
 from llamactl.servers.launcher import cuda_devices, running_for_placement
 from llamactl.servers.probe import ServerCaps, find_server, probe
-from llamactl.units import parse_size
 
 DEFAULT_PORT = 8081
 _EXIT = {Fit.GPU: ExitCode.OK, Fit.PARTIAL: ExitCode.PARTIAL_FIT, Fit.CPU: ExitCode.PARTIAL_FIT, Fit.NONE: ExitCode.NO_FIT}
@@ -39,18 +37,6 @@ def server_caps(server_bin: str | None, configured: str | None = None) -> tuple[
             raise
         caps = ServerCaps("llama-server", "assumed", None, ASSUMED_FLAGS)
         return "llama-server", caps, f"{exc}; the command assumes a current llama-server"
-
-
-def host_memory(inv: Inventory, given: str | None) -> int | None:
-    """RAM a CPU or partial plan may use: --host-memory, else this machine's available RAM when the
-    GPUs are live (a simulated inventory describes another machine, whose RAM is unknown)."""
-    if given is not None:
-        return parse_size(given, what="--host-memory")
-    if inv.source == "nvml":
-        import psutil
-
-        return int(psutil.virtual_memory().available)
-    return None
 
 
 def decision(result: Plan, model: str) -> str:
@@ -100,39 +86,24 @@ def plan_json(result: Plan, cmd: ServerCommand | None) -> dict[str, object]:
     }
 
 
-@with_options(SERVER, INVENTORY)
+@with_options(SERVER, INVENTORY, POLICY)
 def command(
     ctx: typer.Context,
     model: str = typer.Argument(..., metavar="MODEL.gguf", help="GGUF file (any shard of a split model)."),
     extra: Optional[list[str]] = typer.Argument(None, metavar="[-- EXTRA...]", help="Extra llama-server arguments."),
-    strategy: Strategy = typer.Option(Strategy.SPREAD, "--strategy", help="One GPU: spread (most free) or pack (smallest that fits)."),
-    max_gpus: Optional[int] = typer.Option(None, "--max-gpus", min=1, help="Split over at most this many GPUs."),
-    no_partial: bool = typer.Option(False, "--no-partial", help="Refuse partial offload (GPU or CPU only)."),
-    margin: str = typer.Option(f"{DEFAULT_MARGIN_BYTES // 2**20}MiB", "--margin", help="Headroom left free on each GPU."),
-    util_threshold: int = typer.Option(DEFAULT_UTIL_THRESHOLD, "--gpu-util-threshold", help="Skip GPUs at least this busy (%)."),
-    mem_threshold: float = typer.Option(DEFAULT_MEM_THRESHOLD, "--gpu-mem-threshold", help="Skip GPUs other programs use this fraction of."),
-    gpu_ids: Optional[str] = typer.Option(None, "--gpu-ids", help="Allow-list of GPU indices, e.g. 0,2."),
-    host_mem: Optional[str] = typer.Option(None, "--host-memory", help="RAM available for CPU layers (default: this machine's, for live GPUs)."),
     port: int = typer.Option(DEFAULT_PORT, "--port", min=1, max=65535, help="Port for the llama-server command line."),
     server_bin: Optional[str] = typer.Option(None, "--server-bin", help="llama-server binary (else $LLAMA_SERVER, PATH)."),
     json_output: bool = typer.Option(False, "--json", help="Machine-readable JSON."),
     *,
     settings: ServerSettings,
     inv: InventoryOptions,
+    placement: PolicyOptions,
 ) -> None:
     """Choose GPUs, tensor split and layers; print the llama-server command. Exit 0 GPU, 3 partial/CPU, 4 no fit."""
     extra_args = list(extra or [])
     check_extra_args(extra_args)
-    if not 0 < mem_threshold <= 1:
-        raise UsageError(f"--gpu-mem-threshold must be in (0, 1], got {mem_threshold}")
-    allowed = _parse_ids(gpu_ids, inv.inventory)
+    policy = placement.policy(inv)
     params = load_params(model, settings)
-    policy = Policy(
-        strategy=strategy, max_gpus=max_gpus, allow_partial=not no_partial,
-        margin_bytes=parse_size(margin, what="--margin"), gpu_overhead_bytes=inv.gpu_overhead_bytes,
-        util_threshold=util_threshold, mem_threshold=mem_threshold, allowed_gpus=allowed,
-        host_memory_bytes=host_memory(inv.inventory, host_mem), cpu_repack_types=host_repack_types(),
-    )
     # llamactl's own instances are accounted exactly (and proposed for eviction), not as other programs' use
     running = running_for_placement(state_store(ctx).instances()) if inv.inventory.source == "nvml" else []
     result = plan(params, settings, inv.inventory.usable, policy, running)
@@ -166,22 +137,6 @@ def _print_human(result: Plan, cmd: ServerCommand | None, model: str, params: Mo
         print(f"\nto run fully on GPU, evict: {', '.join(result.evict)}")
     if cmd is not None:
         print(f"\ncommand:\n  {cmd.shell()}")
-
-
-def _parse_ids(text: str | None, inv: Inventory) -> tuple[int, ...] | None:
-    if text is None:
-        return None
-    try:
-        ids = tuple(int(part) for part in text.split(",") if part.strip())
-    except ValueError:
-        raise UsageError(f"--gpu-ids {text!r}: expected GPU indices separated by commas") from None
-    if not ids:
-        raise UsageError("--gpu-ids needs at least one GPU index")
-    known = {g.index for g in inv.gpus}
-    unknown = [i for i in ids if i not in known]
-    if unknown:
-        raise UsageError(f"--gpu-ids: no GPU {unknown[0]} in the inventory (GPUs: {sorted(known) or 'none'})")
-    return ids
 
 
 def register(app: typer.Typer) -> None:

@@ -153,3 +153,11 @@ def test_tensor_overrides_reach_the_command_and_bad_ones_exit_2(llama8b: Path) -
     for bad, message in (("ffn_up", "expected REGEX=BUFFER"), ("ffn_up=CUDA3", "does not exist with 1 GPU")):
         refused = run("plan", str(llama8b), "--gpus", "24GiB", "-ot", bad)
         assert refused.returncode == 2 and message in refused.stderr and len(refused.stderr.strip().splitlines()) == 1
+
+
+def test_launch_takes_the_same_placement_flags_as_plan(llama8b: Path) -> None:
+    out = run("launch", str(llama8b), "--gpus", "24GiB,16GiB", "--gpu-ids", "1", "--dry-run", "--json")
+    assert out.returncode == 0, out.stderr
+    assert json.loads(out.stdout)["env"]["CUDA_VISIBLE_DEVICES"] == "1"  # the allow-list, as plan honours it
+    bad = run("launch", str(llama8b), "--gpus", "24GiB", "--gpu-mem-threshold", "2", "--dry-run")
+    assert bad.returncode == 2 and "--gpu-mem-threshold must be in (0, 1]" in bad.stderr
