@@ -13,7 +13,6 @@ from llamactl import render
 from llamactl.cli.common import load_config, state_store, wants_json
 from llamactl.cli.complete import model_names
 from llamactl.cli.options import INVENTORY, POLICY, SERVER, InventoryOptions, PolicyOptions, with_options
-from llamactl.errors import LlamactlError
 from llamactl.gpu import inventory
 from llamactl.model.settings import ServerSettings
 from llamactl.servers import runner
@@ -75,16 +74,12 @@ def command(
     binary = find_server(server_bin, cfg.server_bin)
     caps = probe(binary)
     if dry_run:
-        from llamactl.servers.command import build_command, check_extra_args
-        from llamactl.servers.launcher import cuda_devices, plan_for
+        from llamactl.servers.command import check_extra_args
+        from llamactl.servers.launcher import command_for, plan_for
 
         check_extra_args(req.extra)
         the_plan = plan_for(req, inv.inventory, store.instances())
-        if the_plan.resolved is None:
-            raise LlamactlError(f"{path.name} does not fit: " + "; ".join(the_plan.reasons[-2:]))
-        cmd = build_command(binary, path, the_plan.resolved, caps, port=port or port_start,
-                            tensor_split=the_plan.tensor_split, cuda_devices=cuda_devices(the_plan.gpu_ids, inv.inventory),
-                            extra=req.extra)
+        cmd = command_for(req, the_plan, binary, caps, inv.inventory, port or port_start)
         if wants_json(ctx, json_output):
             render.emit_json({"name": instance_name, "argv": list(cmd.argv), "env": cmd.env, "evict": list(the_plan.evict)})
         else:

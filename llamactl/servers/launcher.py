@@ -125,6 +125,16 @@ def wait_memory_released(gpu_ids: Sequence[int], inv_fn: Callable[[], Inventory]
         time.sleep(0.25)
 
 
+def command_for(req: LaunchRequest, the_plan: Plan, binary: str | Path, caps: ServerCaps, inv: Inventory,
+                port: int) -> ServerCommand:
+    """The llama-server command a plan runs as (`launch` and `launch --dry-run` alike)."""
+    if the_plan.resolved is None:
+        raise NoFitError(f"{req.model.name} does not fit: " + "; ".join(the_plan.reasons[-2:]))
+    return build_command(binary, req.model, the_plan.resolved, caps, host=req.host, port=port,
+                         tensor_split=the_plan.tensor_split, cuda_devices=cuda_devices(the_plan.gpu_ids, inv),
+                         extra=req.extra)
+
+
 def launch(store: StateStore, req: LaunchRequest, binary: str, caps: ServerCaps, inventory_fn: Callable[[], Inventory],
            *, progress: Callable[[float, str], None] | None = None, grace_s: float = runner.DEFAULT_GRACE_S) -> Launched:
     """Plan, make room, start and (unless req.wait is False) wait until ready. Records every step."""
@@ -163,9 +173,7 @@ def launch(store: StateStore, req: LaunchRequest, binary: str, caps: ServerCaps,
         if req.port is not None and any(i.live and i.port == port for i in current.values()):
             raise UsageError(f"port {port} is already used by instance "
                              f"{next(i.name for i in current.values() if i.live and i.port == port)!r}")
-        cmd = build_command(binary, req.model, the_plan.resolved, caps, host=req.host, port=port,
-                            tensor_split=the_plan.tensor_split, cuda_devices=cuda_devices(the_plan.gpu_ids, inv),
-                            extra=req.extra)
+        cmd = command_for(req, the_plan, binary, caps, inv, port)
         env = {**cmd.env, INSTANCE_ENV: req.name, STATE_DIR_ENV: str(store.dir.resolve())}
         now = time.time()
         current[req.name] = Instance(

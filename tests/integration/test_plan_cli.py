@@ -161,3 +161,5 @@ def test_launch_takes_the_same_placement_flags_as_plan(llama8b: Path) -> None:
     assert json.loads(out.stdout)["env"]["CUDA_VISIBLE_DEVICES"] == "1"  # the allow-list, as plan honours it
     bad = run("launch", str(llama8b), "--gpus", "24GiB", "--gpu-mem-threshold", "2", "--dry-run")
     assert bad.returncode == 2 and "--gpu-mem-threshold must be in (0, 1]" in bad.stderr
+    none = run("launch", str(llama8b), "--gpus", "none", "--host-memory", "1GiB", "--dry-run")
+    assert none.returncode == 4 and "does not fit" in none.stderr  # the same exit code as plan's "none"
