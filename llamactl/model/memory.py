@@ -404,9 +404,13 @@ def _gpu_compute(params: ModelParams, resolved: Resolved, graph: int, copies: in
     # a device receives only the inputs its layers read (a stage of sliding-window layers: not the full mask)
     inputs = _input_bytes(params, resolved, layers)
     own -= _input_bytes(params, resolved) - inputs
-    per_copy = inputs + 4 * F32 * params.n_embd * resolved.n_ubatch
+    embd = F32 * params.n_embd * resolved.n_ubatch
     if all(params.recurrent_layers):  # fitted on RPC logs (mamba2): each stage also copies ~4 states per slot
-        per_copy += 4 * F32 * (params.n_embd_r + params.n_embd_s) * resolved.n_seq_max
+        per_copy = inputs + 4 * embd + 4 * F32 * (params.n_embd_r + params.n_embd_s) * resolved.n_seq_max
+    elif layers[0] == 0:  # the first stage also receives the token embeddings and their companions
+        per_copy = inputs + 4 * embd
+    else:  # a later stage: the residual stream from upstream (2 activations: llama-fit-params on Gemma-3-27B)
+        per_copy = inputs + 2 * embd
     # pipeline copies of those inputs and of the activations from upstream
     return own + (copies - 1) * per_copy
 

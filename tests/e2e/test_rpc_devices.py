@@ -217,11 +217,14 @@ def test_llama_fit_params_agrees_per_device(server_binary, rpc_endpoints, tmp_pa
                                    ("KV + state", dev.kv_bytes + dev.recurrent_bytes, int(context_mib))):
             assert abs(ours / MiB - theirs) <= max(1.0, 0.001 * theirs), f"{where} {what}: ours {ours / MiB:.1f}, theirs {theirs}"
         holds_output = est.layer_devices[params.n_layer] == f"GPU{i}"
+        # fit-params reserves n_ubatch outputs where llama-server reserves one per slot, so only stages
+        # without the output layer compare: the first closely, later ones never below llama.cpp's figure
         if i == 0 and not partial and not holds_output:
-            # fit-params reserves n_ubatch outputs where llama-server reserves one per slot, so only a
-            # stage without the output layer compares
             assert abs(dev.compute_bytes / MiB - int(compute_mib)) <= max(2.0, 0.05 * int(compute_mib)), \
                 f"{where} compute: ours {dev.compute_bytes / MiB:.1f}, theirs {compute_mib}"
+        elif not partial and not holds_output:
+            assert dev.compute_bytes / MiB >= int(compute_mib) - 1, \
+                f"{where} compute under: ours {dev.compute_bytes / MiB:.1f}, theirs {compute_mib}"
     host_compute, ours_host = int(rows[-1][3]), est.device("CPU").compute_bytes / MiB
     where = f"{case} host compute: ours {ours_host:.1f}, theirs {host_compute}"
     if partial:  # the host runs CPU layers or experts: never less than llama.cpp reckons
