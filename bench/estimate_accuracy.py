@@ -57,6 +57,8 @@ def cases(realistic: bool) -> list[Case]:
                           n_dense_lead=1, n_expert=8, n_expert_used=2, n_ff_exp=64, n_shared_expert=1),
         "deci": dict(arch="deci", n_layer=6, n_head=(8, 8, 8, 0, 8, 8), n_head_kv=(4, 2, 0, 0, 8, 1),
                      n_ff=(768, 512, 0, 768, 1024, 768)),
+        "qwen35": dict(arch="qwen35", head_dim=64, full_attention_interval=4, ssm_d_conv=4, ssm_d_state=32,
+                       ssm_n_group=2, ssm_dt_rank=4, ssm_d_inner=128),
         "lfm2": dict(arch="lfm2", n_layer=6, n_head_kv=(0, 0, 4, 0, 4, 0), shortconv_l_cache=3, tied_output=True),
         "granitehybrid": dict(arch="granitehybrid", n_head_kv=(0, 4, 0, 4), ssm_d_conv=4, ssm_d_inner=512,
                               ssm_d_state=64, ssm_n_group=1, ssm_dt_rank=8, n_expert=8, n_expert_used=2,

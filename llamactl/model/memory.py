@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from gguf.constants import GGML_QUANT_SIZES, GGMLQuantizationType
 
 from llamactl.model.gguf import TensorInfo
-from llamactl.model.params import MODELLED_ARCHS, ModelParams, tensor_layer
+from llamactl.model.params import DELTA_NET_ARCHS, MODELLED_ARCHS, ModelParams, tensor_layer
 from llamactl.model.settings import Resolved, pad
 from llamactl.units import MiB
 
@@ -61,6 +61,7 @@ COMPUTE_CALIBRATION = {
 }
 # Mamba-2 layers (a least-squares fit over 15 shapes × settings, worst ±7 %; bench/estimate_accuracy.py):
 # per token, f32: in_proj output, conv input (xBC), scan output, residual stream; plus the states.
+DELTA_NET_CALIBRATION = {"conv": 1.5, "value": 1.25, "embd": 4.1, "state": 4.0}
 MAMBA2_CALIBRATION = {"in_proj": 1.6, "xbc": 0.66, "inner": 0.9, "embd": 5.0, "state": 1.5, "fixed_bytes": 160 * 1024}
 
 
@@ -301,14 +302,21 @@ def compute_graph_bytes(params: ModelParams, resolved: Resolved) -> int:
         dense = act * ((3 if params.ffn_gated else 1) * max(params.n_ff) + cal["ffn_embd"] * params.n_embd)
         ffn = max(ffn, dense)
     attention = act * (q_width + kv_width + cal["attn_embd"] * params.n_embd)
+    if params.q_gated:  # the gate half of Q stays alive beside the attention
+        attention += act * n_head * params.n_embd_head_v
     if resolved.flash_attn:
         attention += act * n_head * params.n_embd_head_v  # the fused kernel's output
     else:
         # KQ scores (softmax runs in place), then KQV and its contiguous copy
         attention += F32 * n_kv * n_tokens * n_head + act * 2 * n_head * params.n_embd_head_v
     head = F32 * params.n_vocab * n_outputs + act * 2 * params.n_embd
-    # hybrids (granitehybrid & co.): their Mamba-2 layers are one more phase of the same graph
-    mixer = _mamba2_mixer_bytes(params, resolved) if any(params.recurrent_layers) else 0
+    # hybrids (granitehybrid & co.): their recurrent layers are one more phase of the same graph
+    if not any(params.recurrent_layers):
+        mixer = 0
+    elif params.arch in DELTA_NET_ARCHS:
+        mixer = _delta_net_mixer_bytes(params, resolved)
+    else:
+        mixer = _mamba2_mixer_bytes(params, resolved)
     return cal["fixed_bytes"] + mask + max(ffn, attention, head, mixer)
 
 
@@ -353,6 +361,19 @@ def _moe_ffn_bytes(params: ModelParams, resolved: Resolved) -> int:
     # the experts' down outputs reuse the freed gate+up block when they fit in it, else they stack on top
     return act * (3 * ff_used + (down if down > 2 * ff_used else 0) + cal["ffn_embd"] * params.n_embd
                   + cal["moe_router"] * params.n_expert)
+
+
+def _delta_net_mixer_bytes(params: ModelParams, resolved: Resolved) -> int:
+    """Live tensors of one gated delta-net layer (qwen35 & co.): per token its q/k/v (conv) and gate/output
+    (value) rows and the residual stream, plus copies of the per-head state. A least-squares fit over 9
+    generated shapes (head size 32-128, 2-4 key and 4-16 value heads, n_embd 256-512; worst -21 %/+9 %)."""
+    cal = DELTA_NET_CALIBRATION
+    act = F32 * pad(resolved.n_ubatch, resolved.n_seq_max)
+    key_dim = params.ssm_d_state * params.ssm_n_group
+    conv = 2 * key_dim + params.ssm_d_inner
+    state = F32 * params.ssm_d_state * params.ssm_d_inner * resolved.n_seq_max
+    return int(act * (cal["conv"] * conv + cal["value"] * params.ssm_d_inner + cal["embd"] * params.n_embd)
+               + cal["state"] * state)
 
 
 def _mamba2_mixer_bytes(params: ModelParams, resolved: Resolved) -> int:

@@ -21,7 +21,7 @@ _LAYER_RE = re.compile(r"^blk\.(\d+)\.")
 # Architectures whose memory this version models term by term and has checked against llama-server.
 MODELLED_ARCHS = frozenset({
     "llama", "qwen2", "qwen3", "qwen3moe", "gemma2", "gemma3", "mamba2", "bert", "deepseek2", "granite", "internlm2",
-    "granitehybrid", "deci", "lfm2",
+    "granitehybrid", "deci", "lfm2", "qwen35",
     "stablelm", "starcoder2", "olmo", "olmo2", "exaone", "smollm3",
 })
 
@@ -37,7 +37,9 @@ SWA_PATTERNS: dict[str, tuple[int, bool]] = {
 }
 SWA_DEFAULT_WINDOW = {"gemma2": 4096}
 RECURRENT_ARCHS = frozenset({"mamba", "mamba2", "rwkv6", "rwkv7", "arwkv7", "rwkv6qwen2"})
-HYBRID_ARCHS = frozenset({"jamba", "granitehybrid", "falcon-h1", "nemotron_h", "qwen3next", "lfm2", "plamo2"})
+HYBRID_ARCHS = frozenset({"jamba", "granitehybrid", "falcon-h1", "nemotron_h", "lfm2", "plamo2"})
+# gated delta-net hybrids: which layers are recurrent is a key (or an interval), not 0 KV heads
+DELTA_NET_ARCHS = frozenset({"qwen3next", "qwen35", "qwen35moe"})
 
 
 @dataclass(frozen=True)
@@ -73,6 +75,7 @@ class ModelParams:
     mla: bool  # multi-head latent attention (deepseek2 & co.): the cache holds the compressed K only
     ffn_gated: bool  # the FFN has a gate (SwiGLU/GeGLU) beside up
     ffn_dense: bool  # some layer has a dense FFN (all of a dense model's; a MoE's leading dense layers)
+    q_gated: bool  # attention's Q projection also yields an output gate (qwen3next/qwen35: twice as wide)
     n_params: int
     tied_output: bool
     tensors: tuple[TensorInfo, ...]
@@ -177,9 +180,17 @@ def _swa_layers(header: GGUFHeader, arch: str, n_layer: int, n_swa: int) -> tupl
     return tuple(il % n_pattern < n_pattern - 1 for il in range(n_layer))
 
 
-def _recurrent_layers(arch: str, n_head_kv: tuple[int, ...], n_layer: int) -> tuple[bool, ...]:
+def _recurrent_layers(header: GGUFHeader, arch: str, n_head_kv: tuple[int, ...], n_layer: int) -> tuple[bool, ...]:
     if arch in RECURRENT_ARCHS:
         return (True,) * n_layer
+    if arch in DELTA_NET_ARCHS:
+        # `attention.recurrent_layers` (one bool per layer), else every full_attention_interval-th
+        # layer is full attention (default 4), as llama.cpp's qwen3next/qwen35 loaders decide
+        marks = header.get(f"{arch}.attention.recurrent_layers")
+        if isinstance(marks, GGUFArray) and marks.values is not None and marks.length >= n_layer:
+            return tuple(bool(v) for v in marks.values[:n_layer])
+        interval = _int(header, f"{arch}.full_attention_interval", 4) or 4
+        return tuple((il + 1) % interval != 0 for il in range(n_layer))
     if arch in HYBRID_ARCHS:
         return tuple(kv == 0 for kv in n_head_kv)  # hybrids mark their recurrent layers with 0 KV heads
     return (False,) * n_layer
@@ -227,7 +238,7 @@ def model_params(header: GGUFHeader) -> ModelParams:
     names = {t.name for t in header.tensors}
     name = header.get("general.name")
     n_swa = _int(header, f"{arch}.attention.sliding_window", SWA_DEFAULT_WINDOW.get(arch, 0))
-    recurrent = _recurrent_layers(arch, n_head_kv, n_layer)
+    recurrent = _recurrent_layers(header, arch, n_head_kv, n_layer)
     d_conv = _int(header, f"{arch}.ssm.conv_kernel", 0)
     d_inner = _int(header, f"{arch}.ssm.inner_size", 0)
     d_state = _int(header, f"{arch}.ssm.state_size", 0)
@@ -262,6 +273,8 @@ def model_params(header: GGUFHeader) -> ModelParams:
         mla=bool(_int(header, f"{arch}.attention.key_length_mla", 0) and _int(header, f"{arch}.attention.value_length_mla", 0)),
         ffn_gated=any(t.name.startswith("blk.") and ".ffn_gate" in t.name for t in header.tensors),
         ffn_dense=any(t.name.startswith("blk.") and t.name.endswith(".ffn_up.weight") for t in header.tensors),
+        q_gated=any(t.name.endswith(".attn_q.weight") and len(t.shape) == 2 and n_head
+                    and t.shape[1] == 2 * max(n_head) * n_embd_head_k for t in header.tensors),
         n_params=sum(t.n_elements for t in header.tensors),
         tied_output="output.weight" not in names,
         tensors=header.tensors,

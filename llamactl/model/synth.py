@@ -62,6 +62,7 @@ _ARCHES = {
     "granitehybrid": MODEL_ARCH.GRANITE_HYBRID,
     "deci": MODEL_ARCH.DECI,
     "lfm2": MODEL_ARCH.LFM2,
+    "qwen35": MODEL_ARCH.QWEN35,
 }
 _BIASED_ARCHES = {MODEL_ARCH.QWEN2}  # q/k/v biases on a llama-style block
 # Per-head RMS norms on Q and K; these files always write key/value_length.
@@ -85,6 +86,11 @@ _PER_LAYER_ARCHES = {MODEL_ARCH.DECI}
 # LFM2 (src/models/lfm2.cpp): gated short-convolution layers (n_head_kv 0) between GQA attention layers
 # with QK norms; every layer has a dense SwiGLU FFN; the output norm is named token_embd_norm.
 _SHORTCONV_ARCHES = {MODEL_ARCH.LFM2}
+# Qwen3.5 (src/models/qwen35.cpp): gated delta-net ("linear attention") layers with every
+# full_attention_interval-th layer a gated full-attention layer (Q projection twice as wide: query and
+# gate, QK norms); post-attention norms; a dense SwiGLU FFN everywhere. Delta-net heads use the ssm_*
+# fields: ssm_d_state = head size, ssm_n_group = key heads, ssm_dt_rank = value heads.
+_DELTA_NET_ARCHES = {MODEL_ARCH.QWEN35}
 # llama.cpp's LLAMA_MAX_EXPERTS (src/llama-hparams.h).
 _MAX_EXPERTS = 1024
 _LAYER_NORM_EPS = 1e-12  # bert's LayerNorm epsilon
@@ -167,6 +173,11 @@ class ModelSpec:
     - "lfm2": LFM2. n_head_kv is a per-layer tuple whose 0 entries mark
       short-convolution layers (shortconv_l_cache, required: the conv width);
       the others are attention layers with QK norms. head_dim must be None.
+    - "qwen35": Qwen3.5 (dense). Layer il is full attention iff (il + 1) is
+      a multiple of full_attention_interval, else a gated delta-net layer
+      with ssm_n_group key heads and ssm_dt_rank value heads of ssm_d_state
+      each (ssm_d_inner must be ssm_d_state * ssm_dt_rank) and a causal conv
+      of width ssm_d_conv. head_dim is required (the attention head size).
     """
 
     arch: str = "llama"  # see the class docstring
@@ -213,6 +224,8 @@ class ModelSpec:
     n_ff_shexp: int = 0
     # lfm2 only (required there): the short convolution's width (L_cache).
     shortconv_l_cache: int = 0
+    # qwen35 only: every this many layers one is full attention (llama.cpp's default 4).
+    full_attention_interval: int = 0
 
     @property
     def head_size(self) -> int:
@@ -311,6 +324,7 @@ def _validate(spec: ModelSpec, qtype: GGMLQuantizationType) -> None:
         _validate_attention(spec, arch)
     _validate_hybrid(spec, arch)
     _validate_shortconv(spec, arch)
+    _validate_delta_net(spec, arch)
     _validate_swa(spec, arch)
     _validate_moe(spec, arch)
     _validate_mla(spec, arch)
@@ -349,6 +363,22 @@ def _validate_per_layer(spec: ModelSpec) -> None:
             raise ValueError(f"layer {il}: n_head {heads} is not a multiple of n_head_kv {kv}")
         if heads and not kv and heads * spec.head_size != spec.n_embd:
             raise ValueError(f"layer {il}: a linear-attention layer needs n_head x head size == n_embd")
+
+
+def _validate_delta_net(spec: ModelSpec, arch: MODEL_ARCH) -> None:
+    if arch not in _DELTA_NET_ARCHES:
+        if spec.full_attention_interval:
+            raise ValueError(f"full_attention_interval only applies to {_arch_list(_DELTA_NET_ARCHES)}")
+        return
+    if spec.full_attention_interval < 1:
+        raise ValueError(f"{spec.arch} needs full_attention_interval >= 1, got {spec.full_attention_interval}")
+    if spec.head_dim is None:
+        raise ValueError(f"{spec.arch} needs head_dim (the full-attention head size)")
+    if spec.ssm_d_inner != spec.ssm_d_state * spec.ssm_dt_rank:
+        raise ValueError(f"{spec.arch} needs ssm_d_inner == ssm_d_state * ssm_dt_rank "
+                         f"({spec.ssm_d_state * spec.ssm_dt_rank}), got {spec.ssm_d_inner}")
+    if spec.ssm_dt_rank % spec.ssm_n_group:
+        raise ValueError(f"ssm_dt_rank (value heads) {spec.ssm_dt_rank} is not a multiple of ssm_n_group (key heads)")
 
 
 def _validate_shortconv(spec: ModelSpec, arch: MODEL_ARCH) -> None:
@@ -426,9 +456,13 @@ def _validate_ssm(spec: ModelSpec, arch: MODEL_ARCH) -> None:
         "ssm_d_conv": spec.ssm_d_conv, "ssm_d_inner": spec.ssm_d_inner, "ssm_d_state": spec.ssm_d_state,
         "ssm_n_group": spec.ssm_n_group, "ssm_dt_rank": spec.ssm_dt_rank,
     }
-    if arch not in _SSM_ARCHES | _HYBRID_ARCHES:
+    if arch not in _SSM_ARCHES | _HYBRID_ARCHES | _DELTA_NET_ARCHES:
         if any(fields.values()):
-            raise ValueError(f"ssm_* fields only apply to {_arch_list(_SSM_ARCHES | _HYBRID_ARCHES)}")
+            raise ValueError(f"ssm_* fields only apply to {_arch_list(_SSM_ARCHES | _HYBRID_ARCHES | _DELTA_NET_ARCHES)}")
+        return
+    if arch in _DELTA_NET_ARCHES:
+        if min(fields.values()) <= 0:
+            raise ValueError(f"{spec.arch} needs every ssm_* field > 0, got {fields}")
         return
     if min(fields.values()) <= 0:
         raise ValueError(f"{spec.arch} needs every ssm_* field > 0, got {fields}")
@@ -507,6 +541,13 @@ def _add_hparams(writer: GGUFWriter, spec: ModelSpec, qtype: GGMLQuantizationTyp
     elif arch in _SHORTCONV_ARCHES:
         _add_decoder_hparams(writer, spec)
         writer.add_shortconv_l_cache(spec.shortconv_l_cache)
+    elif arch in _DELTA_NET_ARCHES:
+        _add_decoder_hparams(writer, spec)
+        writer.add_key_length(spec.head_size)
+        writer.add_value_length(spec.head_size)
+        writer.add_rope_dimension_sections([spec.head_size // 2, 0, 0, 0])
+        _add_ssm_sizes(writer, spec)
+        writer.add_full_attention_interval(spec.full_attention_interval)
     elif arch in _HYBRID_ARCHES:
         _add_hybrid_hparams(writer, spec)
     elif arch in _ENCODER_ARCHES:
@@ -518,7 +559,8 @@ def _add_hparams(writer: GGUFWriter, spec: ModelSpec, qtype: GGMLQuantizationTyp
     writer.add_vocab_size(spec.n_vocab)
     if arch in _MLA_ARCHES:
         _add_mla_extras(writer, spec)
-    elif arch not in _SSM_ARCHES | _ENCODER_ARCHES | _HYBRID_ARCHES | _PER_LAYER_ARCHES | _SHORTCONV_ARCHES:
+    elif arch not in (_SSM_ARCHES | _ENCODER_ARCHES | _HYBRID_ARCHES | _PER_LAYER_ARCHES | _SHORTCONV_ARCHES
+                      | _DELTA_NET_ARCHES):
         _add_decoder_extras(writer, spec, arch)
     writer.add_file_type(_FILE_TYPES[qtype])
     if qtype not in _FLOAT_TYPES:
@@ -740,6 +782,8 @@ def _tensor_plan(spec: ModelSpec, qtype: GGMLQuantizationType) -> Iterator[Tenso
         block = _per_layer_block_plan
     elif arch in _SHORTCONV_ARCHES:
         block = _shortconv_block_plan
+    elif arch in _DELTA_NET_ARCHES:
+        block = _delta_net_block_plan
     elif arch in _MLA_ARCHES:
         block = _mla_block_plan
     else:
@@ -825,6 +869,38 @@ def _mla_block_plan(spec: ModelSpec, arch: MODEL_ARCH, bid: int, qtype: GGMLQuan
 def _ssm_block_plan(spec: ModelSpec, arch: MODEL_ARCH, bid: int, qtype: GGMLQuantizationType) -> Iterator[TensorPlan]:
     yield _tensor_name(arch, MODEL_TENSOR.ATTN_NORM, "weight", bid), (spec.n_embd,), GGMLQuantizationType.F32
     yield from _mamba2_mixer_plan(spec, arch, bid, qtype)
+
+
+def _delta_net_block_plan(spec: ModelSpec, arch: MODEL_ARCH, bid: int,
+                          qtype: GGMLQuantizationType) -> Iterator[TensorPlan]:
+    # Shapes from llama_model_qwen35::load_arch_tensors, reversed.
+    f32 = GGMLQuantizationType.F32
+    n_embd, head = spec.n_embd, spec.head_size
+    yield _tensor_name(arch, MODEL_TENSOR.ATTN_NORM, "weight", bid), (n_embd,), f32
+    yield _tensor_name(arch, MODEL_TENSOR.ATTN_POST_NORM, "weight", bid), (n_embd,), f32
+    if (bid + 1) % spec.full_attention_interval == 0:  # gated full attention: Q and its gate in one matrix
+        kv_dim = spec.kv_heads(bid) * head
+        for tensor, shape in ((MODEL_TENSOR.ATTN_Q, (2 * spec.n_head * head, n_embd)),
+                              (MODEL_TENSOR.ATTN_K, (kv_dim, n_embd)), (MODEL_TENSOR.ATTN_V, (kv_dim, n_embd)),
+                              (MODEL_TENSOR.ATTN_OUT, (n_embd, spec.n_head * head))):
+            yield _tensor_name(arch, tensor, "weight", bid), shape, qtype
+        yield _tensor_name(arch, MODEL_TENSOR.ATTN_Q_NORM, "weight", bid), (head,), f32
+        yield _tensor_name(arch, MODEL_TENSOR.ATTN_K_NORM, "weight", bid), (head,), f32
+    else:
+        key_dim = spec.ssm_d_state * spec.ssm_n_group
+        value_dim = spec.ssm_d_inner
+        conv_dim = 2 * key_dim + value_dim
+        n_v_heads = spec.ssm_dt_rank
+        yield _tensor_name(arch, MODEL_TENSOR.ATTN_QKV, "weight", bid), (conv_dim, n_embd), qtype
+        yield _tensor_name(arch, MODEL_TENSOR.ATTN_GATE, "weight", bid), (value_dim, n_embd), qtype
+        yield _tensor_name(arch, MODEL_TENSOR.SSM_CONV1D, "weight", bid), (conv_dim, spec.ssm_d_conv), f32
+        yield _tensor_name(arch, MODEL_TENSOR.SSM_DT, "bias", bid), (n_v_heads,), f32
+        yield _tensor_name(arch, MODEL_TENSOR.SSM_A, None, bid), (n_v_heads,), f32
+        yield _tensor_name(arch, MODEL_TENSOR.SSM_BETA, "weight", bid), (n_v_heads, n_embd), qtype
+        yield _tensor_name(arch, MODEL_TENSOR.SSM_ALPHA, "weight", bid), (n_v_heads, n_embd), qtype
+        yield _tensor_name(arch, MODEL_TENSOR.SSM_NORM, "weight", bid), (spec.ssm_d_state,), f32
+        yield _tensor_name(arch, MODEL_TENSOR.SSM_OUT, "weight", bid), (n_embd, value_dim), qtype
+    yield from _dense_ffn_plan(spec, arch, bid, qtype, spec.n_ff)
 
 
 def _shortconv_block_plan(spec: ModelSpec, arch: MODEL_ARCH, bid: int,

@@ -43,6 +43,9 @@ MODELS = {
     # attention-free layer, a layer without FFN, MHA
     "deci-per-layer": replace(BASE, arch="deci", n_layer=6, n_head=(8, 8, 8, 0, 8, 8), n_head_kv=(4, 2, 0, 0, 8, 1),
                               n_ff=(768, 512, 0, 768, 1024, 768)),
+    # Qwen3.5: gated delta-net layers (conv + per-head state) and every 4th layer gated full attention
+    "qwen35-deltanet": replace(BASE, arch="qwen35", head_dim=64, full_attention_interval=4, ssm_d_conv=4, ssm_d_state=32,
+                               ssm_n_group=2, ssm_dt_rank=4, ssm_d_inner=128),
     # short-convolution layers (0 KV heads, a conv state per slot) between attention layers with QK norms
     "lfm2": replace(BASE, arch="lfm2", n_layer=6, n_head_kv=(0, 0, 4, 0, 4, 0), shortconv_l_cache=3, tied_output=True),
     # hybrid: Mamba-2 layers (0 KV heads) between attention layers; state on the first, KV on the others

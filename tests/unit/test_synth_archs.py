@@ -197,6 +197,22 @@ def test_deci_writes_per_layer_arrays_and_skips_what_a_layer_lacks(tmp_path: Pat
     assert "blk.1.ffn_up.weight" not in t and "blk.1.ffn_norm.weight" not in t
 
 
+def test_qwen35_delta_net_and_gated_attention_layers(tmp_path: Path) -> None:
+    from llamactl.model.params import model_params
+
+    spec = ModelSpec(arch="qwen35", n_embd=128, n_layer=4, n_head=4, n_head_kv=2, head_dim=32, n_ff=256,
+                     full_attention_interval=2, ssm_d_conv=4, ssm_d_state=16, ssm_n_group=2, ssm_dt_rank=4,
+                     ssm_d_inner=64)
+    header = write(tmp_path, spec)
+    t = shapes(header)
+    assert t["blk.1.attn_q.weight"] == (128, 2 * 4 * 32)  # query and its gate
+    assert t["blk.0.attn_qkv.weight"] == (128, 2 * 32 + 64) and t["blk.0.attn_gate.weight"] == (128, 64)
+    assert t["blk.0.ssm_conv1d.weight"] == (4, 2 * 32 + 64) and "blk.1.attn_qkv.weight" not in t
+    params = model_params(header)
+    assert params.recurrent_layers == (True, False, True, False) and params.q_gated
+    assert params.n_embd_r == 3 * (2 * 32 + 64) and params.n_embd_s == 16 * 64  # conv rows, per-head 16x16 states
+
+
 def test_lfm2_conv_and_attention_layers(tmp_path: Path) -> None:
     spec = ModelSpec(arch="lfm2", n_embd=128, n_layer=3, n_head=4, n_head_kv=(0, 2, 0), n_ff=256, shortconv_l_cache=3)
     header = write(tmp_path, spec)
@@ -242,6 +258,8 @@ def test_new_realistic_specs_write_sparse_fast(tmp_path: Path, key: str, weight_
     (replace(QWEN3, n_head_kv=(0, 2)), "must be > 0"),
     (replace(QWEN3, n_head=(4, 4)), "per-layer n_head and n_ff only apply to deci"),
     (ModelSpec(arch="lfm2", n_head_kv=(0, 2)), "shortconv_l_cache >= 2"),
+    (ModelSpec(arch="qwen35", head_dim=16, full_attention_interval=4, ssm_d_conv=4, ssm_d_state=16, ssm_n_group=2,
+               ssm_dt_rank=4, ssm_d_inner=48), "ssm_d_inner == ssm_d_state"),
     (ModelSpec(shortconv_l_cache=3), "shortconv_l_cache only applies to lfm2"),
     (ModelSpec(arch="deci", n_head=(0, 4), n_head_kv=(0, 2)), "layer 0 needs attention heads"),
     (ModelSpec(arch="deci", n_head=(4, 4), n_head_kv=(2, 3)), "not a multiple of n_head_kv"),
