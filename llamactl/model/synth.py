@@ -365,10 +365,17 @@ def _validate_per_layer(spec: ModelSpec) -> None:
             raise ValueError(f"layer {il}: a linear-attention layer needs n_head x head size == n_embd")
 
 
+def _applies(arch: MODEL_ARCH, arches: set[MODEL_ARCH], name: str, value: int) -> bool:
+    """Whether an architecture-specific field applies; set on another architecture it is an error."""
+    if arch in arches:
+        return True
+    if value:
+        raise ValueError(f"{name} only applies to {_arch_list(arches)}")
+    return False
+
+
 def _validate_delta_net(spec: ModelSpec, arch: MODEL_ARCH) -> None:
-    if arch not in _DELTA_NET_ARCHES:
-        if spec.full_attention_interval:
-            raise ValueError(f"full_attention_interval only applies to {_arch_list(_DELTA_NET_ARCHES)}")
+    if not _applies(arch, _DELTA_NET_ARCHES, "full_attention_interval", spec.full_attention_interval):
         return
     if spec.full_attention_interval < 1:
         raise ValueError(f"{spec.arch} needs full_attention_interval >= 1, got {spec.full_attention_interval}")
@@ -382,9 +389,7 @@ def _validate_delta_net(spec: ModelSpec, arch: MODEL_ARCH) -> None:
 
 
 def _validate_shortconv(spec: ModelSpec, arch: MODEL_ARCH) -> None:
-    if arch not in _SHORTCONV_ARCHES:
-        if spec.shortconv_l_cache:
-            raise ValueError(f"shortconv_l_cache only applies to {_arch_list(_SHORTCONV_ARCHES)}")
+    if not _applies(arch, _SHORTCONV_ARCHES, "shortconv_l_cache", spec.shortconv_l_cache):
         return
     if spec.shortconv_l_cache < 2:
         raise ValueError(f"{spec.arch} needs shortconv_l_cache >= 2, got {spec.shortconv_l_cache}")
