@@ -74,6 +74,7 @@ def result_json(result: EstimateResult) -> dict[str, object]:
             "adapter_bytes": est.host_weights.adapter_bytes,
         },
         "layers": _layer_summary(est.layer_devices),
+        "pipeline_copies": est.pipeline_copies,
         "approximate": list(est.approximate),
         "total_bytes": est.total_bytes,
     }
@@ -140,6 +141,8 @@ def print_devices(est: MemoryEstimate, capacity: dict[str, int] | None = None) -
         parts.append(f"{format_bytes(hw.adapter_bytes)} LoRA adapters")
     if parts:
         print(f"\nhost weights: {', '.join(parts)}")
+    if est.pipeline_copies > 1:
+        print(f"pipeline parallelism: llama.cpp keeps {est.pipeline_copies} copies of the graph inputs on each device")
     print(f"total: {format_bytes(est.total_bytes)}")
     for text in est.approximate:
         print(f"approximate: {text}")

@@ -50,6 +50,10 @@ def test_estimate_on_simulated_gpus(model: Path) -> None:
     assert data["settings"]["n_gpu_layers"] == 4
     assert data["layers"] == {"GPU0": 3, "GPU1": 1}  # -ts 3,1 over 3 layers + output
     assert all(d["overhead_bytes"] > 0 for d in data["devices"][1:])
+    assert data["pipeline_copies"] == 4  # every layer on two GPUs: llama.cpp pipelines
+    one = json.loads(run("estimate", str(model), "--gpus", "2x24GiB", "-ngl", "2", "--json").stdout)
+    assert one["pipeline_copies"] == 1  # a layer on the CPU: no pipeline
+    assert "pipeline parallelism: llama.cpp keeps 4 copies" in run("estimate", str(model), "--gpus", "2x24GiB").stdout
 
 
 def test_env_gpus_is_used(model: Path) -> None:
