@@ -358,9 +358,10 @@ def _moe_ffn_bytes(params: ModelParams, resolved: Resolved) -> int:
     act = F32 * pad(resolved.n_ubatch, resolved.n_seq_max)
     ff_used = params.n_ff_exp * params.n_expert_used
     down = params.n_embd * params.n_expert_used
-    # the experts' down outputs reuse the freed gate+up block when they fit in it, else they stack on top
+    # the experts' down outputs reuse the freed gate+up block when they fit in it, else they stack on top;
+    # a shared expert's activations stay alive beside them
     return act * (3 * ff_used + (down if down > 2 * ff_used else 0) + cal["ffn_embd"] * params.n_embd
-                  + cal["moe_router"] * params.n_expert)
+                  + cal["moe_router"] * params.n_expert + params.n_ff_shexp)
 
 
 def _delta_net_mixer_bytes(params: ModelParams, resolved: Resolved) -> int:

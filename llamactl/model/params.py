@@ -21,7 +21,7 @@ _LAYER_RE = re.compile(r"^blk\.(\d+)\.")
 # Architectures whose memory this version models term by term and has checked against llama-server.
 MODELLED_ARCHS = frozenset({
     "llama", "qwen2", "qwen3", "qwen3moe", "gemma2", "gemma3", "mamba2", "bert", "deepseek2", "granite", "internlm2",
-    "granitehybrid", "deci", "lfm2", "qwen35",
+    "granitehybrid", "deci", "lfm2", "qwen35", "qwen3next",
     "stablelm", "starcoder2", "olmo", "olmo2", "exaone", "smollm3",
 })
 

@@ -63,6 +63,7 @@ _ARCHES = {
     "deci": MODEL_ARCH.DECI,
     "lfm2": MODEL_ARCH.LFM2,
     "qwen35": MODEL_ARCH.QWEN35,
+    "qwen3next": MODEL_ARCH.QWEN3NEXT,
 }
 _BIASED_ARCHES = {MODEL_ARCH.QWEN2}  # q/k/v biases on a llama-style block
 # Per-head RMS norms on Q and K; these files always write key/value_length.
@@ -90,7 +91,9 @@ _SHORTCONV_ARCHES = {MODEL_ARCH.LFM2}
 # full_attention_interval-th layer a gated full-attention layer (Q projection twice as wide: query and
 # gate, QK norms); post-attention norms; a dense SwiGLU FFN everywhere. Delta-net heads use the ssm_*
 # fields: ssm_d_state = head size, ssm_n_group = key heads, ssm_dt_rank = value heads.
-_DELTA_NET_ARCHES = {MODEL_ARCH.QWEN35}
+_DELTA_NET_ARCHES = {MODEL_ARCH.QWEN35, MODEL_ARCH.QWEN3NEXT}
+# qwen3next: qwen35's layers with a MoE FFN (plus a gated shared expert) and a combined beta/alpha projection
+_SHARED_EXPERT_ARCHES = {MODEL_ARCH.GRANITE_HYBRID, MODEL_ARCH.QWEN3NEXT}
 # llama.cpp's LLAMA_MAX_EXPERTS (src/llama-hparams.h).
 _MAX_EXPERTS = 1024
 _LAYER_NORM_EPS = 1e-12  # bert's LayerNorm epsilon
@@ -178,6 +181,9 @@ class ModelSpec:
       with ssm_n_group key heads and ssm_dt_rank value heads of ssm_d_state
       each (ssm_d_inner must be ssm_d_state * ssm_dt_rank) and a causal conv
       of width ssm_d_conv. head_dim is required (the attention head size).
+    - "qwen3next": Qwen3-Next, qwen35's layers with a MoE FFN everywhere
+      (n_expert, n_expert_used, n_ff_exp required; n_ff_shexp > 0 adds the
+      gated shared expert) and ssm_ba instead of ssm_beta/ssm_alpha.
     """
 
     arch: str = "llama"  # see the class docstring
@@ -398,12 +404,12 @@ def _validate_shortconv(spec: ModelSpec, arch: MODEL_ARCH) -> None:
 
 
 def _validate_hybrid(spec: ModelSpec, arch: MODEL_ARCH) -> None:
-    if arch not in _HYBRID_ARCHES:
-        if spec.n_ff_shexp:
-            raise ValueError(f"n_ff_shexp only applies to {_arch_list(_HYBRID_ARCHES)}")
+    if not _applies(arch, _SHARED_EXPERT_ARCHES, "n_ff_shexp", spec.n_ff_shexp):
         return
     if spec.n_ff_shexp < 0 or (spec.n_ff_shexp and not spec.n_expert):
         raise ValueError("n_ff_shexp needs n_expert > 0 (a shared expert sits beside a MoE)")
+    if arch not in _HYBRID_ARCHES:
+        return
     if spec.ssm_d_inner != 2 * spec.n_embd:
         # GGML_ASSERT(2 * n_embd == d_inner) in llama_model_granite_hybrid::load_arch_tensors
         raise ValueError(f"{spec.arch} needs ssm_d_inner == 2 * n_embd ({2 * spec.n_embd}), got {spec.ssm_d_inner}")
@@ -418,12 +424,10 @@ def _validate_swa(spec: ModelSpec, arch: MODEL_ARCH) -> None:
 
 def _validate_moe(spec: ModelSpec, arch: MODEL_ARCH) -> None:
     fields = {"n_expert": spec.n_expert, "n_expert_used": spec.n_expert_used, "n_ff_exp": spec.n_ff_exp}
-    if arch not in _MOE_ARCHES | _MLA_ARCHES | _HYBRID_ARCHES:
+    allowed = _MOE_ARCHES | _MLA_ARCHES | _HYBRID_ARCHES | {MODEL_ARCH.QWEN3NEXT}
+    if arch not in allowed:
         if any(fields.values()):
-            raise ValueError(
-                f"{', '.join(fields)} only apply to "
-                f"{_arch_list(_MOE_ARCHES | _MLA_ARCHES | _HYBRID_ARCHES)}"
-            )
+            raise ValueError(f"{', '.join(fields)} only apply to {_arch_list(allowed)}")
         return
     if arch in _HYBRID_ARCHES and not any(fields.values()):
         return  # a dense hybrid
@@ -523,6 +527,10 @@ def _validate_rows(spec: ModelSpec, arch: MODEL_ARCH, qtype: GGMLQuantizationTyp
         rows = {spec.n_embd, spec.ssm_d_inner, spec.n_head * spec.head_size}
         rows |= {spec.n_ff_exp} if spec.n_expert else {spec.n_ff}
         rows |= {spec.n_ff_shexp} if spec.n_ff_shexp else set()
+    elif arch in _DELTA_NET_ARCHES:
+        rows = {spec.n_embd, spec.n_head * spec.head_size, spec.ssm_d_inner}
+        rows |= {spec.n_ff_exp} if spec.n_expert else {spec.n_ff}
+        rows |= {spec.n_ff_shexp} if spec.n_ff_shexp else set()
     else:
         rows = {spec.n_embd, spec.n_ff, spec.n_head * spec.head_size}
     for row in sorted(rows):
@@ -550,9 +558,16 @@ def _add_hparams(writer: GGUFWriter, spec: ModelSpec, qtype: GGMLQuantizationTyp
         _add_decoder_hparams(writer, spec)
         writer.add_key_length(spec.head_size)
         writer.add_value_length(spec.head_size)
-        writer.add_rope_dimension_sections([spec.head_size // 2, 0, 0, 0])
+        if arch == MODEL_ARCH.QWEN35:
+            writer.add_rope_dimension_sections([spec.head_size // 2, 0, 0, 0])
         _add_ssm_sizes(writer, spec)
         writer.add_full_attention_interval(spec.full_attention_interval)
+        if spec.n_expert:
+            writer.add_expert_count(spec.n_expert)
+            writer.add_expert_used_count(spec.n_expert_used)
+            writer.add_expert_feed_forward_length(spec.n_ff_exp)
+        if spec.n_ff_shexp:
+            writer.add_expert_shared_feed_forward_length(spec.n_ff_shexp)
     elif arch in _HYBRID_ARCHES:
         _add_hybrid_hparams(writer, spec)
     elif arch in _ENCODER_ARCHES:
@@ -901,11 +916,23 @@ def _delta_net_block_plan(spec: ModelSpec, arch: MODEL_ARCH, bid: int,
         yield _tensor_name(arch, MODEL_TENSOR.SSM_CONV1D, "weight", bid), (conv_dim, spec.ssm_d_conv), f32
         yield _tensor_name(arch, MODEL_TENSOR.SSM_DT, "bias", bid), (n_v_heads,), f32
         yield _tensor_name(arch, MODEL_TENSOR.SSM_A, None, bid), (n_v_heads,), f32
-        yield _tensor_name(arch, MODEL_TENSOR.SSM_BETA, "weight", bid), (n_v_heads, n_embd), qtype
-        yield _tensor_name(arch, MODEL_TENSOR.SSM_ALPHA, "weight", bid), (n_v_heads, n_embd), qtype
+        if arch == MODEL_ARCH.QWEN3NEXT:  # beta and alpha in one projection
+            yield _tensor_name(arch, MODEL_TENSOR.SSM_BETA_ALPHA, "weight", bid), (2 * n_v_heads, n_embd), qtype
+        else:
+            yield _tensor_name(arch, MODEL_TENSOR.SSM_BETA, "weight", bid), (n_v_heads, n_embd), qtype
+            yield _tensor_name(arch, MODEL_TENSOR.SSM_ALPHA, "weight", bid), (n_v_heads, n_embd), qtype
         yield _tensor_name(arch, MODEL_TENSOR.SSM_NORM, "weight", bid), (spec.ssm_d_state,), f32
         yield _tensor_name(arch, MODEL_TENSOR.SSM_OUT, "weight", bid), (n_embd, value_dim), qtype
-    yield from _dense_ffn_plan(spec, arch, bid, qtype, spec.n_ff)
+    if not spec.n_expert:
+        yield from _dense_ffn_plan(spec, arch, bid, qtype, spec.n_ff)
+        return
+    yield from _moe_ffn_plan(spec, arch, bid, qtype)
+    if spec.n_ff_shexp:  # the shared expert and its scalar gate
+        n_sh = spec.n_ff_shexp
+        yield _tensor_name(arch, MODEL_TENSOR.FFN_GATE_INP_SHEXP, "weight", bid), (n_embd,), f32
+        yield _tensor_name(arch, MODEL_TENSOR.FFN_GATE_SHEXP, "weight", bid), (n_sh, n_embd), qtype
+        yield _tensor_name(arch, MODEL_TENSOR.FFN_UP_SHEXP, "weight", bid), (n_sh, n_embd), qtype
+        yield _tensor_name(arch, MODEL_TENSOR.FFN_DOWN_SHEXP, "weight", bid), (n_embd, n_sh), qtype
 
 
 def _shortconv_block_plan(spec: ModelSpec, arch: MODEL_ARCH, bid: int,
@@ -1191,6 +1218,15 @@ REALISTIC: dict[str, ModelSpec] = {
         arch="lfm2", n_vocab=65536, n_embd=2048, n_layer=16, n_head=32,
         n_head_kv=tuple(8 if il in (2, 5, 8, 10, 12, 14) else 0 for il in range(16)), n_ff=8192,
         shortconv_l_cache=3, n_ctx_train=128000, tied_output=True, rope_freq_base=1000000.0, name="lfm2-1.2b",
+    ),
+    # Qwen/Qwen3-Next-80B-A3B: 48 layers, every 4th gated full attention (16 heads of 256, 2 KV heads),
+    # the others gated delta-net (16 key and 32 value heads of 128, conv 4); 512 experts of 512, 10 routed,
+    # plus a 512-wide shared expert.
+    "qwen3-next-80b-a3b": ModelSpec(
+        arch="qwen3next", n_vocab=151936, n_embd=2048, n_layer=48, n_head=16, n_head_kv=2, head_dim=256,
+        n_ff=5120, n_expert=512, n_expert_used=10, n_ff_exp=512, n_ff_shexp=512, full_attention_interval=4,
+        ssm_d_conv=4, ssm_d_state=128, ssm_n_group=16, ssm_dt_rank=32, ssm_d_inner=4096, n_ctx_train=262144,
+        rope_freq_base=10000000.0, name="qwen3-next-80b-a3b",
     ),
 }
 

@@ -46,6 +46,10 @@ MODELS = {
     # Qwen3.5: gated delta-net layers (conv + per-head state) and every 4th layer gated full attention
     "qwen35-deltanet": replace(BASE, arch="qwen35", head_dim=64, full_attention_interval=4, ssm_d_conv=4, ssm_d_state=32,
                                ssm_n_group=2, ssm_dt_rank=4, ssm_d_inner=128),
+    # Qwen3-Next: the same layers with experts and a gated shared expert everywhere
+    "qwen3next-moe": replace(BASE, arch="qwen3next", head_dim=64, full_attention_interval=4, ssm_d_conv=4,
+                             ssm_d_state=32, ssm_n_group=2, ssm_dt_rank=4, ssm_d_inner=128, n_expert=8, n_expert_used=2,
+                             n_ff_exp=256, n_ff_shexp=256),
     # short-convolution layers (0 KV heads, a conv state per slot) between attention layers with QK norms
     "lfm2": replace(BASE, arch="lfm2", n_layer=6, n_head_kv=(0, 0, 4, 0, 4, 0), shortconv_l_cache=3, tied_output=True),
     # hybrid: Mamba-2 layers (0 KV heads) between attention layers; state on the first, KV on the others

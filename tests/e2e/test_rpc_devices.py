@@ -178,6 +178,8 @@ FIT_CASES = {
     "deepseek-v2-lite-uneven": ("deepseek-v2-lite", "Q4_0", 2, ServerSettings(ctx_size=4096, parallel=1), (1.0, 3.0)),
     "granite-4.0-h-tiny": ("granite-4.0-h-tiny", "Q4_0", 2, ServerSettings(ctx_size=16384, parallel=1), None),
     "mamba2-2.7b": ("mamba2-2.7b", "Q8_0", 2, ServerSettings(ctx_size=8192, parallel=1), None),
+    # 80B: weights and state per device from llama.cpp's own estimator; too big to load here
+    "qwen3-next-80b-a3b": ("qwen3-next-80b-a3b", "Q4_K", 3, ServerSettings(ctx_size=32768, parallel=1), None),
 }
 
 

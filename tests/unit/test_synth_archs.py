@@ -225,7 +225,7 @@ def test_lfm2_conv_and_attention_layers(tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize(("key", "weight_type"), [
-    ("lfm2-1.2b", "Q8_0"), ("granite-4.0-h-tiny", "Q4_0"), ("qwen3-8b", "Q4_0"), ("qwen3-30b-a3b", "Q4_K"), ("gemma3-4b", "Q4_0"), ("gemma3-27b", "Q8_0"),
+    ("qwen3-next-80b-a3b", "Q4_K"), ("lfm2-1.2b", "Q8_0"), ("granite-4.0-h-tiny", "Q4_0"), ("qwen3-8b", "Q4_0"), ("qwen3-30b-a3b", "Q4_K"), ("gemma3-4b", "Q4_0"), ("gemma3-27b", "Q8_0"),
     ("mamba2-2.7b", "Q4_0"), ("deepseek-v2-lite", "Q4_0"),
 ])
 def test_new_realistic_specs_write_sparse_fast(tmp_path: Path, key: str, weight_type: str) -> None:
