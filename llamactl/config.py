@@ -77,7 +77,7 @@ _GLOBAL_KEYS = {"server_bin", "host", "port", "port_start", "max_instances", "id
                 "load_timeout", "max_queue", "max_body", "api_keys", "instance_api_keys", "adopt", "models_dir",
                 "gpu_util_threshold", "gpu_mem_threshold", "defaults", "models"}
 _SETTING_KEYS = {"ctx_size", "n_gpu_layers", "cache_type_k", "cache_type_v", "flash_attn", "parallel", "args",
-                 "kv_unified", "batch_size", "ubatch_size", "embedding", "n_cpu_moe", "override_tensor"}
+                 "kv_unified", "batch_size", "ubatch_size", "embedding", "reranking", "n_cpu_moe", "override_tensor"}
 _MODEL_KEYS = _SETTING_KEYS | {"path", "ttl", "max_gpus", "gpus", "aliases", "lora"}
 
 
@@ -177,7 +177,7 @@ def _settings(r: _Reader, table: dict[str, Any], where: str, base: ServerSetting
             updates["tensor_overrides"] = tuple(o for i in items for o in parse_tensor_overrides(i))
         except UsageError as exc:
             raise r.fail(f"{where}.override_tensor", str(exc)) from None
-    for key in ("kv_unified", "embedding"):
+    for key in ("kv_unified", "embedding", "reranking"):
         if key in table:
             updates[key] = r.get(table, key, f"{where}.{key}", bool)
     args = r.get(table, "args", f"{where}.args", list, None)

@@ -48,7 +48,7 @@ def parse_ngl(text: Optional[str]) -> Optional[int]:
 
 def _server_settings(ctx_size, n_gpu_layers, tensor_split, cache_type_k, cache_type_v, flash_attn, parallel,
                      kv_unified, batch_size, ubatch_size, swa_full, no_kv_offload, no_mmap, no_repack,
-                     embedding, n_cpu_moe, cpu_moe, lora, override_tensor) -> ServerSettings:
+                     embedding, reranking, n_cpu_moe, cpu_moe, lora, override_tensor) -> ServerSettings:
     if n_cpu_moe is not None and n_cpu_moe < 0:
         raise UsageError(f"--n-cpu-moe must be >= 0, got {n_cpu_moe}")
     if cpu_moe:
@@ -60,7 +60,7 @@ def _server_settings(ctx_size, n_gpu_layers, tensor_split, cache_type_k, cache_t
         cache_type_k=cache_type_k.lower(), cache_type_v=cache_type_v.lower(), flash_attn=flash_attn.lower(),
         parallel=parallel, kv_unified=kv_unified, batch_size=batch_size, ubatch_size=ubatch_size,
         swa_full=swa_full, kv_offload=not no_kv_offload, mmap=not no_mmap, repack=not no_repack,
-        embedding=embedding,
+        embedding=embedding, reranking=reranking,
     )
 
 
@@ -80,6 +80,7 @@ SERVER = OptionGroup("settings", (
     _opt("no_mmap", bool, typer.Option(False, "--no-mmap", help="Load weights into RAM (llama-server --load-mode none).")),
     _opt("no_repack", bool, typer.Option(False, "-nr", "--no-repack", help="No CPU_REPACK copies of quantized weights.")),
     _opt("embedding", bool, typer.Option(False, "--embedding", "--embeddings", help="An embeddings server (llama-server --embedding).")),
+    _opt("reranking", bool, typer.Option(False, "--reranking", "--rerank", help="A reranker (llama-server --reranking: /v1/rerank).")),
     _opt("n_cpu_moe", Optional[int], typer.Option(None, "-ncmoe", "--n-cpu-moe", help="MoE: keep the experts of the first N layers on the CPU (plan picks N when unset).")),
     _opt("cpu_moe", bool, typer.Option(False, "-cmoe", "--cpu-moe", help="MoE: keep every layer's experts on the CPU.")),
     _opt("override_tensor", Optional[list[str]], typer.Option(None, "-ot", "--override-tensor", metavar="REGEX=BUFFER,...", help="Tensors matching REGEX on BUFFER: CPU or CUDA<i> (repeatable).")),

@@ -45,6 +45,7 @@ class ServerSettings:
     mmap: bool = True  # --no-mmap = llama-server's `--load-mode none`
     repack: bool = True  # --no-repack turns CPU_REPACK off
     embedding: bool = False  # --embedding: an embeddings server
+    reranking: bool = False  # --reranking: a reranker (an embeddings server with rank pooling)
     n_cpu_moe: int | None = None  # --n-cpu-moe: experts of the first N layers stay on the CPU; None = unset
     lora: tuple[str, ...] = ()  # --lora adapter files, loaded with the model
     # -ot PATTERN=BUFFER: (regex, buffer type) in llama.cpp's names: "CPU" or "CUDA<i>" (i-th visible GPU)
@@ -72,6 +73,7 @@ class Resolved:
     mmap: bool
     repack: bool
     embedding: bool
+    reranking: bool = False
     n_cpu_moe: int = 0  # layers whose expert tensors stay on the host (only with GPU layers)
     lora: tuple[str, ...] = ()
     tensor_overrides: tuple[tuple[str, str], ...] = ()  # as given: (regex, "CPU" | "CUDA<i>")
@@ -130,7 +132,7 @@ def resolve(settings: ServerSettings, model: ModelParams, n_gpus: int) -> Resolv
             raise UsageError(f"-c {ctx_size} is too small for {n_seq_max} slots: each would get no cells")
         n_ctx = n_ctx_seq * n_seq_max
     batch = settings.batch_size
-    if settings.embedding:  # all of an input in one ubatch: the server caps the batch to the ubatch
+    if settings.embedding or settings.reranking:  # all of an input in one ubatch: the server caps the batch to the ubatch
         batch = min(batch, settings.ubatch_size)
     # llama.cpp takes min(n_ctx, n_batch) before padding the context (causal models only)
     n_batch = min(ctx_size, batch) if model.causal else batch
@@ -171,6 +173,7 @@ def resolve(settings: ServerSettings, model: ModelParams, n_gpus: int) -> Resolv
         kv_unified=unified, n_batch=n_batch, n_ubatch=n_ubatch, flash_attn=flash_attn,
         n_gpu_layers=ngl, cache_type_k=settings.cache_type_k, cache_type_v=settings.cache_type_v,
         swa_full=settings.swa_full and model.n_swa > 0, kv_offload=settings.kv_offload,
-        mmap=settings.mmap, repack=settings.repack, embedding=settings.embedding, n_cpu_moe=n_cpu_moe,
+        mmap=settings.mmap, repack=settings.repack, embedding=settings.embedding or settings.reranking,
+        reranking=settings.reranking, n_cpu_moe=n_cpu_moe,
         lora=settings.lora, tensor_overrides=settings.tensor_overrides,
     )

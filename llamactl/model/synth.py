@@ -232,6 +232,8 @@ class ModelSpec:
     shortconv_l_cache: int = 0
     # qwen35 only: every this many layers one is full attention (llama.cpp's default 4).
     full_attention_interval: int = 0
+    # bert only: a reranker's classification head with this many outputs (0 = an embedding model).
+    n_cls_out: int = 0
 
     @property
     def head_size(self) -> int:
@@ -331,6 +333,8 @@ def _validate(spec: ModelSpec, qtype: GGMLQuantizationType) -> None:
     _validate_hybrid(spec, arch)
     _validate_shortconv(spec, arch)
     _validate_delta_net(spec, arch)
+    if not _applies(arch, _ENCODER_ARCHES, "n_cls_out", spec.n_cls_out) and spec.n_cls_out < 0:
+        raise ValueError("n_cls_out must be >= 0")
     _validate_swa(spec, arch)
     _validate_moe(spec, arch)
     _validate_mla(spec, arch)
@@ -688,7 +692,11 @@ def _add_encoder_hparams(writer: GGUFWriter, spec: ModelSpec) -> None:
     _add_head_counts(writer, spec)
     writer.add_layer_norm_eps(_LAYER_NORM_EPS)
     writer.add_causal_attention(False)
-    writer.add_pooling_type(PoolingType.MEAN)
+    if spec.n_cls_out:  # a reranker: rank pooling, one score per label
+        writer.add_pooling_type(PoolingType.RANK)
+        writer.add_classifier_output_labels([f"label{i}" for i in range(spec.n_cls_out)])
+    else:
+        writer.add_pooling_type(PoolingType.MEAN)
 
 
 def _add_vocab(writer: GGUFWriter, spec: ModelSpec) -> None:
@@ -1043,6 +1051,10 @@ def _encoder_plan(spec: ModelSpec, arch: MODEL_ARCH, qtype: GGMLQuantizationType
         for tensor in (MODEL_TENSOR.ATTN_OUT_NORM, MODEL_TENSOR.LAYER_OUT_NORM):
             for suffix in ("weight", "bias"):
                 yield _tensor_name(arch, tensor, suffix, bid), (n_embd,), f32
+    if spec.n_cls_out:  # a cross-encoder's classification head (rerankers): dense + output projection
+        for tensor, rows in ((MODEL_TENSOR.CLS, n_embd), (MODEL_TENSOR.CLS_OUT, spec.n_cls_out)):
+            yield _tensor_name(arch, tensor, "weight"), (rows, n_embd), qtype if rows % GGML_QUANT_SIZES[qtype][0] == 0 else f32
+            yield _tensor_name(arch, tensor, "bias"), (rows,), f32
 
 
 LORA_TARGETS = ("attn_q", "attn_k", "attn_v", "attn_output", "ffn_gate", "ffn_up", "ffn_down")

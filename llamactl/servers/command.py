@@ -72,7 +72,10 @@ def build_command(
         argv.append("--metrics")
     if resolved.swa_full:
         argv.append("--swa-full")
-    if resolved.embedding:
+    if resolved.reranking:  # the server's /v1/rerank: embeddings with rank pooling
+        caps.require("--reranking")
+        argv.append("--reranking")
+    elif resolved.embedding:
         argv.append("--embedding")
     if not resolved.kv_offload:
         argv.append("--no-kv-offload")
@@ -112,7 +115,6 @@ _MEMORY_FLAGS = {
     "--lora-scaled": "scaled LoRA adapters (give llamactl --lora)",
     "-sm": "split modes other than layer", "--split-mode": "split modes other than layer",
     "-mg": "a main GPU", "--main-gpu": "a main GPU",
-    "--reranking": "reranking mode",
     "-dev": "device selection", "--device": "device selection",
     "-hf": "another model", "--hf-repo": "another model", "-hff": "another model", "--hf-file": "another model",
     "-mu": "another model", "--model-url": "another model", "-hfd": "draft models", "--hf-repo-draft": "draft models",
@@ -131,7 +133,7 @@ _OWN_FLAGS = {
     "-b", "--batch-size", "-ub", "--ubatch-size", "-kvu", "--kv-unified", "-no-kvu", "--no-kv-unified",
     "-ts", "--tensor-split", "-fit", "--fit", "--swa-full", "-nkvo", "--no-kv-offload", "-kvo", "--kv-offload",
     "-lm", "--load-mode", "-nr", "--no-repack", "--repack", "--embedding", "--embeddings",
-    "-ncmoe", "--n-cpu-moe", "-cmoe", "--cpu-moe", "--lora", "-ot", "--override-tensor",
+    "-ncmoe", "--n-cpu-moe", "-cmoe", "--cpu-moe", "--lora", "-ot", "--override-tensor", "--rerank", "--reranking",
 }
 
 
@@ -153,4 +155,4 @@ def check_extra_args(extra: Sequence[str]) -> None:
 ASSUMED_FLAGS = frozenset(REQUIRED_FLAGS) | {"--kv-unified", "--no-kv-unified", "--fit", "--metrics", "--swa-full",
                                              "--no-kv-offload", "--load-mode", "--no-repack", "--tensor-split",
                                              "--verbosity", "--model", "--n-cpu-moe", "--lora",
-                                             "--override-tensor"}
+                                             "--override-tensor", "--reranking"}

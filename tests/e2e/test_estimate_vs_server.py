@@ -246,3 +246,33 @@ def test_embedding_server_answers(server_binary, server_caps, tmp_path: Path) ->
 
     measure(list(cmd.argv), cmd.env, port, while_ready=ask)
     assert len(vectors[0]) == 256
+
+
+RERANKER = replace(BERT, n_cls_out=1)
+
+
+@pytest.mark.parametrize("settings", [
+    ServerSettings(ctx_size=2048, reranking=True),
+    ServerSettings(ctx_size=1024, reranking=True, flash_attn="off", parallel=2),
+])
+def test_reranker_matches_logged_buffers(server_binary, server_caps, model_dir, settings) -> None:
+    compare(server_binary, server_caps, _model(model_dir, "reranker", RERANKER), settings)
+
+
+def test_reranker_server_answers(server_binary, server_caps, tmp_path: Path) -> None:
+    path = write_model(tmp_path / "reranker.gguf", RERANKER)
+    params = model_params(read_header(path))
+    port = free_port()
+    cmd = build_command(server_binary, path, resolve(ServerSettings(ctx_size=512, reranking=True), params, 0),
+                        server_caps, port=port)
+    assert "--reranking" in cmd.argv and "--embedding" not in cmd.argv
+    results: list[list[dict]] = []
+
+    def ask(base: str) -> None:
+        reply = httpx.post(f"{base}/v1/rerank", json={"query": "hello", "documents": ["hello world", "goodbye"]},
+                           timeout=30)
+        results.append(reply.json()["results"])
+
+    measure(list(cmd.argv), cmd.env, port, while_ready=ask)
+    assert sorted(r["index"] for r in results[0]) == [0, 1]
+    assert all(isinstance(r["relevance_score"], float) for r in results[0])

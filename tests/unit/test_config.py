@@ -36,6 +36,7 @@ cache_type_k = "q8_0"
 flash_attn = true
 gpus = [0, 1]
 n_cpu_moe = 12
+reranking = true
 override_tensor = ['blk\\.0\\.ffn_up=CPU,blk\\.1\\.ffn_up=CUDA1']
 lora = ["adapters/style.gguf", "/abs/other.gguf"]
 '''))
@@ -47,7 +48,7 @@ lora = ["adapters/style.gguf", "/abs/other.gguf"]
     assert chat.args == ("--jinja",) and cfg.models["big"].settings.ctx_size == 8192
     assert chat.settings.lora == (str(tmp_path / "adapters" / "style.gguf"), "/abs/other.gguf")  # relative to the file
     assert chat.settings.tensor_overrides == ((r"blk\.0\.ffn_up", "CPU"), (r"blk\.1\.ffn_up", "CUDA1"))
-    assert chat.settings.n_cpu_moe == 12 and cfg.models["big"].settings.n_cpu_moe is None  # unset: plan decides
+    assert chat.settings.n_cpu_moe == 12 and chat.settings.reranking and cfg.models["big"].settings.n_cpu_moe is None  # unset: plan decides
     assert cfg.lookup("gpt-4o-mini") is chat and cfg.lookup("models/a.gguf") is None
 
 

@@ -117,7 +117,7 @@ def test_indices_need_pci_bus_order() -> None:
 @pytest.mark.parametrize(("extra", "message"), [
     (["--mmproj", "p.gguf"], "vision projectors"), (["-md", "d.gguf"], "draft models"), (["--lora=x"], "use llamactl.s own --lora"), (["--lora-scaled", "x", "1"], "scaled LoRA"),
     (["-sm", "row"], "split modes"), (["--n-cpu-moe", "4"], "use llamactl.s own --n-cpu-moe"),
-    (["-c", "8"], "set by llamactl"),
+    (["-c", "8"], "set by llamactl"), (["--reranking"], "use llamactl.s own --reranking"),
 ])
 def test_extra_args_that_change_memory_are_refused(extra, message) -> None:
     from llamactl.servers.command import check_extra_args

@@ -197,6 +197,14 @@ def test_deci_writes_per_layer_arrays_and_skips_what_a_layer_lacks(tmp_path: Pat
     assert "blk.1.ffn_up.weight" not in t and "blk.1.ffn_norm.weight" not in t
 
 
+def test_bert_reranker_has_a_classification_head(tmp_path: Path) -> None:
+    header = write(tmp_path, replace(BERT, n_cls_out=2))
+    t = shapes(header)
+    assert t["cls.weight"] == (128, 128) and t["cls.output.weight"] == (128, 2) and "cls.output.bias" in t
+    assert header.get("bert.pooling_type") == 4  # rank
+    assert header.get("bert.classifier.output_labels").length == 2  # llama.cpp counts them as n_cls_out
+
+
 def test_qwen35_delta_net_and_gated_attention_layers(tmp_path: Path) -> None:
     from llamactl.model.params import model_params
 
@@ -261,6 +269,7 @@ def test_new_realistic_specs_write_sparse_fast(tmp_path: Path, key: str, weight_
     (ModelSpec(arch="qwen35", head_dim=16, full_attention_interval=4, ssm_d_conv=4, ssm_d_state=16, ssm_n_group=2,
                ssm_dt_rank=4, ssm_d_inner=48), "ssm_d_inner == ssm_d_state"),
     (ModelSpec(shortconv_l_cache=3), "shortconv_l_cache only applies to lfm2"),
+    (ModelSpec(n_cls_out=1), "n_cls_out only applies to bert"),
     (ModelSpec(arch="deci", n_head=(0, 4), n_head_kv=(0, 2)), "layer 0 needs attention heads"),
     (ModelSpec(arch="deci", n_head=(4, 4), n_head_kv=(2, 3)), "not a multiple of n_head_kv"),
     (ModelSpec(arch="deci", n_head=(4, 4, 4), n_head_kv=2), "n_head has 3 entries"),
