@@ -231,23 +231,6 @@ def test_embedding_encoder_matches_logged_buffers(server_binary, server_caps, mo
     compare(server_binary, server_caps, _model(model_dir, "bert", BERT), settings)
 
 
-def test_embedding_server_answers(server_binary, server_caps, tmp_path: Path) -> None:
-    path = write_model(tmp_path / "bert.gguf", BERT)
-    params = model_params(read_header(path))
-    port = free_port()
-    cmd = build_command(server_binary, path, resolve(ServerSettings(ctx_size=512, embedding=True), params, 0),
-                        server_caps, port=port)
-    assert "--embedding" in cmd.argv
-    vectors: list[list[float]] = []
-
-    def ask(base: str) -> None:
-        reply = httpx.post(f"{base}/v1/embeddings", json={"input": "hello world"}, timeout=30)
-        vectors.append(reply.json()["data"][0]["embedding"])
-
-    measure(list(cmd.argv), cmd.env, port, while_ready=ask)
-    assert len(vectors[0]) == 256
-
-
 RERANKER = replace(BERT, n_cls_out=1)
 
 
@@ -259,20 +242,29 @@ def test_reranker_matches_logged_buffers(server_binary, server_caps, model_dir, 
     compare(server_binary, server_caps, _model(model_dir, "reranker", RERANKER), settings)
 
 
-def test_reranker_server_answers(server_binary, server_caps, tmp_path: Path) -> None:
-    path = write_model(tmp_path / "reranker.gguf", RERANKER)
+def _check_embeddings(reply: dict) -> None:
+    assert len(reply["data"][0]["embedding"]) == 256
+
+
+def _check_ranking(reply: dict) -> None:
+    assert sorted(r["index"] for r in reply["results"]) == [0, 1]
+    assert all(isinstance(r["relevance_score"], float) for r in reply["results"])
+
+
+@pytest.mark.parametrize(("spec", "settings", "flag", "endpoint", "payload", "check"), [
+    (BERT, ServerSettings(ctx_size=512, embedding=True), "--embedding", "/v1/embeddings",
+     {"input": "hello world"}, _check_embeddings),
+    (RERANKER, ServerSettings(ctx_size=512, reranking=True), "--reranking", "/v1/rerank",
+     {"query": "hello", "documents": ["hello world", "goodbye"]}, _check_ranking),
+], ids=["embeddings", "rerank"])
+def test_encoder_servers_answer(server_binary, server_caps, tmp_path: Path, spec, settings, flag, endpoint, payload,
+                                check) -> None:
+    path = write_model(tmp_path / "encoder.gguf", spec)
     params = model_params(read_header(path))
     port = free_port()
-    cmd = build_command(server_binary, path, resolve(ServerSettings(ctx_size=512, reranking=True), params, 0),
-                        server_caps, port=port)
-    assert "--reranking" in cmd.argv and "--embedding" not in cmd.argv
-    results: list[list[dict]] = []
-
-    def ask(base: str) -> None:
-        reply = httpx.post(f"{base}/v1/rerank", json={"query": "hello", "documents": ["hello world", "goodbye"]},
-                           timeout=30)
-        results.append(reply.json()["results"])
-
-    measure(list(cmd.argv), cmd.env, port, while_ready=ask)
-    assert sorted(r["index"] for r in results[0]) == [0, 1]
-    assert all(isinstance(r["relevance_score"], float) for r in results[0])
+    cmd = build_command(server_binary, path, resolve(settings, params, 0), server_caps, port=port)
+    assert {"--embedding", "--reranking"} & set(cmd.argv) == {flag}  # a reranker is not also an embeddings server
+    replies: list[dict] = []
+    measure(list(cmd.argv), cmd.env, port,
+            while_ready=lambda base: replies.append(httpx.post(f"{base}{endpoint}", json=payload, timeout=30).json()))
+    check(replies[0])
