@@ -31,6 +31,7 @@ sys.path.insert(0, str(ROOT))
 
 from llamactl.model.synth import ModelSpec, write_model  # noqa: E402
 from llamactl.servers.buffers import free_port  # noqa: E402
+from llamactl.servers.client import wait_healthy  # noqa: E402
 
 
 def cpu_s(proc: psutil.Process) -> float:
@@ -141,12 +142,8 @@ def main() -> int:
         try:
             import httpx
 
-            for _ in range(300):
-                try:
-                    if httpx.get(f"{base}/health", timeout=1).status_code == 200:
-                        break
-                except httpx.HTTPError:
-                    time.sleep(0.05)
+            if not wait_healthy(base, 15, alive=lambda: proxy.poll() is None):
+                raise SystemExit("llamactl proxy did not start")
             httpx.post(f"{base}/v1/chat/completions", json={"model": "hot", "messages": []}, timeout=30)
             hot_port = next(i["port"] for i in httpx.get(f"{base}/status").json()["instances"] if i["model"] == "hot")
             via, direct = f"{base}/v1/chat/completions", f"http://127.0.0.1:{hot_port}/v1/chat/completions"

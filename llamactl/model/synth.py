@@ -169,7 +169,7 @@ class ModelSpec:
       the HF converter does; n_ff is then unused) plus an optional shared
       expert of width n_ff_shexp.
     - "deci": Llama-3.1-Nemotron (DeciLM). n_head, n_head_kv and n_ff may each
-      be a per-layer tuple, written as arrays: n_head > 0 with n_head_kv 0 is
+      be a per-layer tuple, written as an array: n_head > 0 with n_head_kv 0 is
       a "linear attention" layer (attn_output only), n_head 0 an
       attention-free layer, n_ff 0 a layer without FFN. Layer 0 must have
       heads (llama.cpp's head size is n_embd / n_head of layer 0).
@@ -553,8 +553,8 @@ def _add_hparams(writer: GGUFWriter, spec: ModelSpec, qtype: GGMLQuantizationTyp
     writer.add_block_count(spec.n_layer)
     if arch in _SSM_ARCHES:
         _add_ssm_hparams(writer, spec)
-    elif arch in _PER_LAYER_ARCHES:
-        _add_per_layer_hparams(writer, spec)
+    elif arch in _PER_LAYER_ARCHES:  # per-layer tuples become arrays, as convert_hf_to_gguf writes DeciLM
+        _add_decoder_hparams(writer, spec)
     elif arch in _SHORTCONV_ARCHES:
         _add_decoder_hparams(writer, spec)
         writer.add_shortconv_l_cache(spec.shortconv_l_cache)
@@ -592,10 +592,10 @@ def _add_hparams(writer: GGUFWriter, spec: ModelSpec, qtype: GGMLQuantizationTyp
 
 
 def _add_head_counts(writer: GGUFWriter, spec: ModelSpec) -> None:
-    writer.add_feed_forward_length(spec.n_ff)
-    writer.add_head_count(spec.n_head)
-    n_head_kv = spec.n_head_kv
-    writer.add_head_count_kv(n_head_kv if isinstance(n_head_kv, int) else list(n_head_kv))
+    # a per-layer tuple is written as an array (llama.cpp reads either: get_key_or_arr)
+    writer.add_feed_forward_length(spec.n_ff if isinstance(spec.n_ff, int) else list(spec.n_ff))
+    writer.add_head_count(spec.n_head if isinstance(spec.n_head, int) else list(spec.n_head))
+    writer.add_head_count_kv(spec.n_head_kv if isinstance(spec.n_head_kv, int) else list(spec.n_head_kv))
 
 
 def _add_decoder_hparams(writer: GGUFWriter, spec: ModelSpec) -> None:
@@ -650,17 +650,6 @@ def _add_ssm_hparams(writer: GGUFWriter, spec: ModelSpec) -> None:
     writer.add_head_count(0)
     writer.add_layer_norm_rms_eps(_RMS_EPS)
     _add_ssm_sizes(writer, spec)
-
-
-def _add_per_layer_hparams(writer: GGUFWriter, spec: ModelSpec) -> None:
-    # As convert_hf_to_gguf writes DeciLM: every count as a per-layer array.
-    layers = range(spec.n_layer)
-    writer.add_feed_forward_length([spec.ffn(il) for il in layers])
-    writer.add_head_count([spec.heads(il) for il in layers])
-    writer.add_head_count_kv([spec.kv_heads(il) for il in layers])
-    writer.add_layer_norm_rms_eps(_RMS_EPS)
-    writer.add_rope_dimension_count(spec.head_size)
-    writer.add_rope_freq_base(spec.rope_freq_base)
 
 
 def _add_hybrid_hparams(writer: GGUFWriter, spec: ModelSpec) -> None:

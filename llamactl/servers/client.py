@@ -8,7 +8,8 @@ from __future__ import annotations
 
 import json
 import re
-from collections.abc import Iterator, Sequence
+import time
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
@@ -87,6 +88,21 @@ def session(timeout_s: float = DEFAULT_TIMEOUT_S) -> httpx.Client:
 def health_status(base_url: str, timeout_s: float = 1.0) -> int | None:
     with httpx.Client(timeout=timeout_s) as http:
         return health(http, base_url)
+
+
+def wait_healthy(base_url: str, timeout_s: float, *, alive: Callable[[], bool] | None = None,
+                 interval_s: float = 0.05) -> bool:
+    """Poll /health until it answers 200 (True), or until the deadline or `alive()` says the process is gone
+    (False). For servers without /props identity, e.g. the proxy (llama-server children: runner.wait_ready)."""
+    deadline = time.monotonic() + timeout_s
+    with httpx.Client(timeout=1.0) as http:
+        while time.monotonic() < deadline:
+            if health(http, base_url) == 200:
+                return True
+            if alive is not None and not alive():
+                return False
+            time.sleep(interval_s)
+    return False
 
 
 def chat_stream(base_url: str, model: str, prompt: str, max_tokens: int, timeout_s: float = 120.0) -> Iterator[str]:

@@ -19,6 +19,7 @@ from llamactl.model.params import model_params
 from llamactl.model.settings import ServerSettings, resolve
 from llamactl.model.synth import REALISTIC, ModelSpec, demo_spec, write_lora, write_model
 from llamactl.servers.buffers import free_port, measure
+from llamactl.servers.client import wait_healthy
 from llamactl.servers.command import build_command
 from llamactl.units import MiB
 
@@ -173,15 +174,9 @@ def test_generated_models_generate_text(server_binary, server_caps, model_dir, m
     proc = subprocess.Popen(list(cmd.argv), stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT,
                             env={**__import__("os").environ, **cmd.env})
     try:
+        assert wait_healthy(f"http://127.0.0.1:{port}", 30, alive=lambda: proc.poll() is None, interval_s=0.01), \
+            "llama-server exited or did not load"
         with httpx.Client(timeout=30) as client:
-            for _ in range(3000):
-                try:
-                    if client.get(f"http://127.0.0.1:{port}/health").status_code == 200:
-                        break
-                except httpx.TransportError:
-                    pass
-                assert proc.poll() is None, "llama-server exited while loading"
-                __import__("time").sleep(0.01)
             reply = client.post(f"http://127.0.0.1:{port}/completion", json={"prompt": "hello", "n_predict": 8})
             assert reply.status_code == 200
             assert reply.json()["tokens_predicted"] == 8

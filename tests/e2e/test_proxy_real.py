@@ -6,7 +6,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import httpx
@@ -15,6 +14,7 @@ import pytest
 
 from llamactl.model.synth import ModelSpec, demo_spec, write_model
 from llamactl.servers.buffers import free_port
+from llamactl.servers.client import wait_healthy
 
 
 @pytest.fixture(scope="module")
@@ -33,12 +33,7 @@ def proxy(server_binary: Path, tmp_path_factory: pytest.TempPathFactory):
     proc = subprocess.Popen([sys.executable, "-m", "llamactl", "--config", str(tmp / "config.toml"), "proxy"],
                             env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     url = f"http://127.0.0.1:{port}"
-    for _ in range(200):
-        try:
-            if httpx.get(f"{url}/health", timeout=1).status_code == 200:
-                break
-        except httpx.HTTPError:
-            time.sleep(0.1)
+    assert wait_healthy(url, 20, alive=lambda: proc.poll() is None), "llamactl proxy did not start"
     yield url, env
     proc.send_signal(signal.SIGTERM)
     assert proc.wait(timeout=60) == 0

@@ -17,6 +17,7 @@ import pytest
 
 from llamactl.model.synth import ModelSpec, write_model
 from llamactl.servers.buffers import free_port
+from llamactl.servers.client import wait_healthy
 from tests.fakes.procs import tagged_instances
 
 FAKE = Path(__file__).resolve().parents[1] / "fakes" / "fake_llama_server.py"
@@ -54,15 +55,8 @@ class Proxy:
         self.log = open(tmp / "proxy.log", "w+")
         self.proc = subprocess.Popen(argv, env=self.env, stdout=self.log, stderr=subprocess.STDOUT)
         self.url = f"http://127.0.0.1:{self.port}"
-        deadline = time.monotonic() + 20
-        while time.monotonic() < deadline:
-            assert self.proc.poll() is None, self.logs()
-            try:
-                if httpx.get(f"{self.url}/health", timeout=1).status_code == 200:
-                    return
-            except httpx.HTTPError:
-                time.sleep(0.1)
-        raise AssertionError("proxy did not start: " + self.logs())
+        if not wait_healthy(self.url, 20, alive=lambda: self.proc.poll() is None, interval_s=0.1):
+            raise AssertionError("proxy did not start: " + self.logs())
 
     def logs(self) -> str:
         self.log.seek(0)
