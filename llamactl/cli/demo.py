@@ -121,7 +121,7 @@ def _through_the_proxy(model: Path, binary: Path, ctx_size: int) -> None:
                   f"  curl -s {base}/v1/chat/completions -H 'Content-Type: application/json' "
                   "-d '{\"model\": \"demo\", \"messages\": [{\"role\": \"user\", \"content\": \"hi\"}]}'")
         finally:
-            runner.stop(proxy.pid, proxy.create_time, grace_s=30.0, child=proxy.proc)
+            runner.stop_child(proxy.proc, grace_s=30.0)
 
 
 def register(app: typer.Typer) -> None:

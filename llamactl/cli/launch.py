@@ -18,6 +18,7 @@ from llamactl.model.settings import ServerSettings
 from llamactl.servers import runner
 from llamactl.servers.launcher import DEFAULT_PORT_START, LaunchRequest, launch
 from llamactl.servers.probe import find_server, probe
+from llamactl.servers.state import check_name, name_for
 from llamactl.units import format_bytes, parse_duration
 
 
@@ -66,7 +67,7 @@ def command(
         name = name or configured.name
     policy = (placement.policy(inv, configured.gpus, configured.max_gpus) if configured is not None
               else placement.policy(inv))
-    instance_name = name or path.name.removesuffix(".gguf").split("-00001-of-")[0]
+    instance_name = check_name(name) if name is not None else name_for(path)
     req = LaunchRequest(model=path, name=instance_name, settings=settings, policy=policy, port=port,
                         port_start=port_start, extra=tuple(extra or ()), timeout_s=parse_duration(timeout, what="--timeout"),
                         wait=not no_wait, replace_existing=replace_existing)
@@ -103,7 +104,7 @@ def command(
     if wants_json(ctx, json_output):
         render.emit_json({"name": inst.name, "status": inst.status.value, "pid": inst.pid, "port": inst.port,
                           "url": f"http://{inst.host}:{inst.port}", "gpu_ids": list(inst.gpu_ids), "fit": done.plan.fit.value,
-                          "ready_s": done.ready_s, "evicted": list(done.evicted), "log_path": inst.log_path})
+                          "ready_s": done.ready_s, "evicted": list(done.evicted), "log_path": str(store.log_path(inst.name))})
         return
     for gone in done.evicted:
         render.note(f"evicted {gone} to make room")

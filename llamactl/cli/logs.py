@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import sys
 import time
-from pathlib import Path
 
 import typer
 
@@ -12,6 +11,7 @@ from llamactl.cli.common import state_store
 from llamactl.cli.complete import instance_names
 from llamactl.errors import UsageError
 from llamactl.servers.runner import tail
+from llamactl.servers.state import check_name
 
 
 def command(
@@ -22,8 +22,7 @@ def command(
 ) -> None:
     """Print an instance's log."""
     store = state_store(ctx)
-    inst = store.instances().get(name)
-    path = Path(inst.log_path) if inst and inst.log_path else store.logs_dir / f"{name}.log"
+    path = store.log_path(check_name(name, "instance name"))  # derived from the name, never read from the state
     if not path.exists():
         raise UsageError(f"no log for {name!r} (looked in {path})")
     out = sys.stdout

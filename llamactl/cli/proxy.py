@@ -89,14 +89,38 @@ def command(
     inventory_fn = (lambda: inventory.resolve(None, None)) if inv.source == "nvml" else (lambda: inv)
     if inv.note:
         logging.getLogger("llamactl.proxy").info(inv.note)
+    sock = _listen(cfg.host, cfg.port)
     pool = Pool(cfg, state_store(ctx), str(binary), caps, inventory_fn, repack_types=host_repack_types(),
                 gpu_overhead_bytes=parse_size(gpu_overhead, what="--gpu-overhead") if gpu_overhead else None)
     reload_fn = (lambda: config_mod.load(cfg.source, required=True)) if cfg.source else None
     app = build_app(pool, inventory_fn, keep_instances=keep_instances, log_json=log_format == "json", reload_fn=reload_fn)
     logging.getLogger("llamactl.proxy").info(
         "proxy on http://%s:%d for %d models (%s)", cfg.host, cfg.port, len(cfg.models), ", ".join(sorted(cfg.models)) or "none")
-    web.run_app(app, host=cfg.host, port=cfg.port, shutdown_timeout=parse_duration(grace, what="--grace"),
+    web.run_app(app, sock=sock, shutdown_timeout=parse_duration(grace, what="--grace"),
                 print=None, access_log=None, handler_cancellation=True)
+
+
+def _listen(host: str, port: int) -> "socket.socket":
+    """Bind before the app starts: a port in use is one line, and a second proxy never adopts (and then,
+    exiting, stops) the instances of the one that holds the port."""
+    import socket
+
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    except socket.gaierror as exc:
+        raise UsageError(f"cannot listen on {host}: {exc.strerror}") from None
+    family, kind, proto, _, addr = infos[0]
+    sock = socket.socket(family, kind, proto)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind(addr)
+        sock.listen(1024)
+    except OSError as exc:
+        sock.close()
+        raise UsageError(f"cannot listen on {host}:{port}: {exc.strerror or exc} (another proxy?); "
+                         "choose another --port") from None
+    sock.setblocking(False)
+    return sock
 
 
 def register(app: typer.Typer) -> None:

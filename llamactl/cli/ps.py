@@ -102,7 +102,7 @@ def command(
             "last_used": i.last_used, "started_by": i.started_by,
             "estimated_bytes": sum(i.estimated_bytes.values()) or None, "actual_bytes": actual_bytes(i, gpu_use),
             "slots_busy": s.slots_busy if s else None, "slots_total": s.slots_total if s else None,
-            "tokens_per_s": s.tokens_per_s if s else None, "log_path": i.log_path,
+            "tokens_per_s": s.tokens_per_s if s else None, "log_path": str(store.log_path(i.name)),
         } for i, s in rows])
         return
     if not rows:

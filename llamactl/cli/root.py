@@ -102,10 +102,46 @@ def _optional_values(argv: list[str]) -> list[str]:
     return out
 
 
+HOISTED = ("--config", "--state-dir")  # global options users also write after the subcommand
+ROOT_VALUED = HOISTED
+
+
+def hoist_globals(argv: list[str]) -> list[str]:
+    """`llamactl proxy --config F` means `llamactl --config F proxy` (as llama-swap's `--config`): move the
+    global options given after the subcommand's name before it, up to a literal `--`."""
+    names = {c.name for c in app.registered_commands}
+    i = 0
+    while i < len(argv) and argv[i] not in names:
+        if argv[i] == "--":
+            return argv
+        i += 2 if argv[i] in ROOT_VALUED else 1
+    if i >= len(argv):
+        return argv
+    before, command, rest = argv[:i], argv[i], argv[i + 1:]
+    moved: list[str] = []
+    kept: list[str] = []
+    j = 0
+    while j < len(rest):
+        arg = rest[j]
+        if arg == "--":
+            kept += rest[j:]
+            break
+        if arg in HOISTED and j + 1 < len(rest):
+            moved += rest[j:j + 2]
+            j += 2
+            continue
+        if arg.split("=", 1)[0] in HOISTED and "=" in arg:
+            moved.append(arg)
+        else:
+            kept.append(arg)
+        j += 1
+    return before + moved + [command] + kept
+
+
 def main() -> None:
     """Console entry point: run the app, map errors to one line and an exit code."""
     try:
-        code = app(args=_optional_values(sys.argv[1:]), prog_name="llamactl", standalone_mode=False)
+        code = app(args=_optional_values(hoist_globals(sys.argv[1:])), prog_name="llamactl", standalone_mode=False)
         sys.exit(code if isinstance(code, int) else 0)
     except typer.Exit as exc:
         sys.exit(exc.exit_code)

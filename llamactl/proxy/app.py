@@ -186,6 +186,9 @@ def build_app(pool: Pool, inventory_fn: Callable[[], Inventory], *, keep_instanc
         connector = aiohttp.TCPConnector(limit=0, force_close=False)
         timeout = aiohttp.ClientTimeout(total=None, sock_connect=10)
         app[SESSION_KEY] = aiohttp.ClientSession(connector=connector, timeout=timeout, auto_decompress=False)
+        adopted = await pool.adopt_all()
+        if adopted:
+            log.info("adopted running instances: %s", ", ".join(adopted))
         poller = asyncio.create_task(_poll_forever(pool, app, inventory_fn))
         loop = asyncio.get_running_loop()
         if reload_fn is not None:

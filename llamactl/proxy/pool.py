@@ -23,9 +23,9 @@ from llamactl.errors import (LlamactlError, LoadTimeoutError, ModelUnavailableEr
                              UnknownModelError, UpstreamError)
 from llamactl.gpu.inventory import Inventory
 from llamactl.placement import Policy
-from llamactl.servers import launcher, runner
+from llamactl.servers import launcher, procs, runner
 from llamactl.servers.probe import ServerCaps
-from llamactl.servers.state import Instance, StateStore, Status, process_matches
+from llamactl.servers.state import Instance, StateStore, Status
 
 log = logging.getLogger("llamactl.proxy")
 
@@ -114,12 +114,19 @@ class Pool:
 
     async def mark_dead(self, slot: Slot, why: str) -> None:
         """The upstream went away mid-request: forget it, so the next request relaunches."""
-        if slot.instance is not None and not await asyncio.to_thread(process_matches, slot.instance.pid, slot.instance.create_time):
+        if slot.instance is not None and not await asyncio.to_thread(self._alive, slot.instance):
             log.warning("%s: instance died (%s); the next request relaunches it", slot.model.name, why)
             slot.phase, slot.instance = Phase.STOPPED, None
             self._changed()
 
     # --- lifecycle (owner-only) -----------------------------------------------------------------
+
+    def _alive(self, inst: Instance) -> bool:
+        """Still the process we recorded; a child of ours that exited is reaped (no <defunct> left)."""
+        ours = procs.check(inst.claim(self.store.dir)).ownership is procs.Ownership.OURS
+        if not ours:
+            procs.reap(inst.pid)
+        return ours
 
     def _changed(self) -> None:
         if self.on_change is not None:
@@ -156,26 +163,47 @@ class Pool:
         policy = Policy(max_gpus=m.max_gpus, allowed_gpus=m.gpus, util_threshold=self.config.gpu_util_threshold,
                         mem_threshold=self.config.gpu_mem_threshold, cpu_repack_types=self.repack_types,
                         **({"gpu_overhead_bytes": self.gpu_overhead_bytes} if self.gpu_overhead_bytes is not None else {}))
-        extra = m.args
         if self.config.instance_api_keys:
             slot.api_key = secrets.token_urlsafe(24)
-            extra = (*extra, "--api-key", slot.api_key)
         return launcher.LaunchRequest(model=m.path, name=m.name, settings=m.settings, policy=policy,
-                                      port_start=self.config.port_start, extra=extra,
+                                      port_start=self.config.port_start, extra=m.args,
+                                      api_key=slot.api_key if self.config.instance_api_keys else None,
                                       timeout_s=self.config.load_timeout_s, started_by="proxy",
                                       replace_existing=True, protected=protected)
 
-    async def _adopt_running(self, slot: Slot) -> bool:
-        """Route to a live instance of this model's name (started by hand, or by an earlier proxy)."""
-        instances = await asyncio.to_thread(self.store.instances)
+    async def _adopt_running(self, slot: Slot, instances: dict[str, Instance] | None = None) -> bool:
+        """Route to a live instance of this model's name (started by hand, or by an earlier proxy).
+
+        One an earlier proxy started is ours again: it counts against max_instances, gets its TTL and is
+        stopped at shutdown. Its API key (instance_api_keys) is read back from its environment.
+        """
+        if instances is None:
+            instances = await asyncio.to_thread(self.store.instances)
         inst = instances.get(slot.model.name)
         if inst is None or inst.status not in (Status.READY, Status.BUSY) or inst.pid is None:
             return False
+        env = await asyncio.to_thread(procs.environ_of, inst.claim(self.store.dir))
+        if env is None:
+            return False
+        slot.api_key = env.get(runner.API_KEY_ENV) or None
         slot.instance, slot.phase = inst, Phase.READY
         slot.ours = inst.started_by == "proxy"
-        slot.last_used = max(inst.last_used, time.time())
+        # idle time counts from the instance's last recorded use (the poller keeps it current), so a TTL
+        # that ran out while no proxy watched stops it at the next poll
+        slot.last_used = inst.last_used or time.time()
         log.info("%s: routing to running instance (pid %s, started by %s)", slot.model.name, inst.pid, inst.started_by)
         return True
+
+    async def adopt_all(self) -> list[str]:
+        """At start-up: take over every running instance of a configured model (after a crash or a restart)."""
+        instances = await asyncio.to_thread(self.store.instances)
+        adopted = []
+        for name, slot in self.slots.items():
+            if slot.phase is Phase.STOPPED and slot.task is None and await self._adopt_running(slot, instances):
+                adopted.append(name)
+        if adopted:
+            self._changed()
+        return adopted
 
     async def _make_room(self, slot: Slot) -> None:
         """Honour max_instances and the planner's eviction proposals, evicting only idle instances."""
@@ -249,7 +277,7 @@ class Pool:
             if slot.phase is not Phase.READY or slot.instance is None:
                 continue
             inst = slot.instance
-            if not await asyncio.to_thread(process_matches, inst.pid, inst.create_time):
+            if not await asyncio.to_thread(self._alive, inst):
                 log.warning("%s: instance (pid %s) is gone", slot.model.name, inst.pid)
                 slot.phase, slot.instance = Phase.STOPPED, None
                 self._changed()

@@ -92,7 +92,7 @@ def measure(argv: list[str], env: dict[str, str], port: int, *, timeout_s: float
             if while_ready is not None:
                 while_ready(f"http://127.0.0.1:{port}")
         finally:
-            runner.stop(child.pid, child.create_time, grace_s=5.0, child=child.proc)
+            runner.stop_child(child.proc, grace_s=5.0)
         text = log_path.read_text(errors="replace")
     return Measurement(parse_buffer_log(text), text, ready_s, rss_bytes)
 

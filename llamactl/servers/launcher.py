@@ -7,22 +7,25 @@ state file's lock; slow work (spawning, readiness, stopping) happens outside it.
 
 from __future__ import annotations
 
+import logging
 import socket
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
-from llamactl.errors import NoFitError, UsageError
+from llamactl.errors import ExitCode, LlamactlError, NoFitError, UsageError
 from llamactl.gpu.inventory import Inventory
 from llamactl.estimate import load_params
 from llamactl.model.gguf import read_header
 from llamactl.model.settings import ServerSettings
 from llamactl.placement import Fit, Plan, Policy, RunningInstance, plan
-from llamactl.servers import runner
+from llamactl.servers import procs, runner
 from llamactl.servers.command import ServerCommand, build_command, check_extra_args
 from llamactl.servers.probe import ServerCaps
-from llamactl.servers.state import INSTANCE_ENV, STATE_DIR_ENV, Instance, StateStore, Status
+from llamactl.servers.state import INSTANCE_ENV, STATE_DIR_ENV, Instance, StateError, StateStore, Status, check_name
+
+log = logging.getLogger(__name__)
 
 DEFAULT_PORT_START = 8081
 PORT_SEARCH = 1000
@@ -45,6 +48,7 @@ class LaunchRequest:
     started_by: str = "cli"
     protected: frozenset[str] = frozenset()  # instances that must not be evicted (requests in flight, not ours)
     may_evict: bool = True  # act on the plan's eviction proposal
+    api_key: str | None = None  # reaches llama-server as LLAMA_API_KEY, never on argv
 
 
 @dataclass(frozen=True)
@@ -96,19 +100,46 @@ def plan_for(req: LaunchRequest, inv: Inventory, instances: dict[str, Instance])
 
 
 def stop_instances(store: StateStore, names: Sequence[str], *, grace_s: float = runner.DEFAULT_GRACE_S) -> list[str]:
-    """Stop the named instances (TERM → KILL) and drop them from the state; returns those that were running."""
+    """Stop the named instances (TERM → KILL) and drop them from the state; returns those that were running.
+
+    Only a process that is provably ours is signalled (procs.stop checks pid, create time and env tag at
+    the moment of each signal); an entry whose pid runs anything else is dropped with a warning.
+    """
     with store.edit() as instances:
         targets = {n: instances[n] for n in names if n in instances}
         for name, inst in targets.items():
             if inst.live:
                 instances[name] = replace(inst, status=Status.STOPPING)
-    stopped = [name for name, inst in targets.items() if inst.live and runner.stop(inst.pid, inst.create_time, grace_s=grace_s)]
+    stopped = []
+    for name, inst in targets.items():
+        if not inst.live or inst.pid is None:
+            continue
+        verdict = procs.stop(inst.claim(store.dir), grace_s)
+        if verdict.ownership is procs.Ownership.OURS:
+            stopped.append(name)
+        elif verdict.ownership is procs.Ownership.FOREIGN:
+            log.warning("instance %r: %s; not ours, left alone and dropped from the state", name, verdict.reason)
     with store.edit() as instances:
         for name, inst in targets.items():
             current = instances.get(name)
             if current is not None and current.pid == inst.pid:
                 del instances[name]
     return stopped
+
+
+def split_secrets(extra: Sequence[str]) -> tuple[tuple[str, ...], str | None]:
+    """`--api-key K` taken out of extra args (it would be readable by every user in /proc/PID/cmdline)."""
+    out: list[str] = []
+    key = None
+    it = iter(extra)
+    for arg in it:
+        if arg == "--api-key":
+            key = next(it, None)
+        elif arg.startswith("--api-key="):
+            key = arg.split("=", 1)[1]
+        else:
+            out.append(arg)
+    return tuple(out), key
 
 
 def wait_memory_released(gpu_ids: Sequence[int], inv_fn: Callable[[], Inventory], before: Inventory,
@@ -137,7 +168,15 @@ def command_for(req: LaunchRequest, the_plan: Plan, binary: str | Path, caps: Se
 
 def launch(store: StateStore, req: LaunchRequest, binary: str, caps: ServerCaps, inventory_fn: Callable[[], Inventory],
            *, progress: Callable[[float, str], None] | None = None, grace_s: float = runner.DEFAULT_GRACE_S) -> Launched:
-    """Plan, make room, start and (unless req.wait is False) wait until ready. Records every step."""
+    """Plan, make room, start and (unless req.wait is False) wait until ready. Records every step.
+
+    No llama-server runs without an entry: if recording fails after the spawn, or the wait is interrupted
+    (Ctrl-C), the process just started is stopped before the error goes on.
+    """
+    check_name(req.name)
+    extra, extra_key = split_secrets(req.extra)
+    api_key = req.api_key or extra_key
+    req = replace(req, extra=extra)
     check_extra_args(req.extra)
     read_header(req.model)  # a file that is not a valid GGUF fails before anything starts
     instances = store.instances()
@@ -165,36 +204,62 @@ def launch(store: StateStore, req: LaunchRequest, binary: str, caps: ServerCaps,
         raise NoFitError(f"{req.model.name} does not fit: " + "; ".join(the_plan.reasons[-2:]))
 
     log_path = store.log_path(req.name)
-    with store.edit() as current:
-        live = current.get(req.name)
-        if live is not None and live.live:
-            raise UsageError(f"an instance named {req.name!r} was started meanwhile (pid {live.pid})")
-        port = req.port if req.port is not None else pick_port(current, req.port_start, req.host)
-        if req.port is not None and any(i.live and i.port == port for i in current.values()):
-            raise UsageError(f"port {port} is already used by instance "
-                             f"{next(i.name for i in current.values() if i.live and i.port == port)!r}")
-        cmd = command_for(req, the_plan, binary, caps, inv, port)
-        env = {**cmd.env, INSTANCE_ENV: req.name, STATE_DIR_ENV: str(store.dir.resolve())}
-        now = time.time()
-        current[req.name] = Instance(
-            name=req.name, model=str(req.model), port=port, argv=cmd.argv, env=cmd.env, gpu_ids=the_plan.gpu_ids,
-            estimated_bytes={d.device: d.total_bytes for d in the_plan.estimate.devices},
-            started_at=now, last_used=now, log_path=str(log_path), started_by=req.started_by,
-            status=Status.STARTING, host=req.host,
-        )
-        child = runner.spawn(list(cmd.argv), env, log_path)
-        current[req.name] = replace(current[req.name], pid=child.pid, create_time=child.create_time)
+    child: runner.Child | None = None
+    try:
+        with store.edit() as current:
+            live = current.get(req.name)
+            if live is not None and live.live:
+                raise UsageError(f"an instance named {req.name!r} was started meanwhile (pid {live.pid})")
+            port = req.port if req.port is not None else pick_port(current, req.port_start, req.host)
+            if req.port is not None:
+                holder = next((i.name for i in current.values() if i.live and i.port == port), None)
+                if holder is not None:
+                    raise UsageError(f"port {port} is already used by instance {holder!r}")
+                if not _port_free(req.host, port):
+                    raise UsageError(f"port {port} is already in use on {req.host} by another program")
+            cmd = command_for(req, the_plan, binary, caps, inv, port)
+            env = {**cmd.env, INSTANCE_ENV: req.name, STATE_DIR_ENV: str(store.dir.resolve())}
+            if api_key:
+                env[runner.API_KEY_ENV] = api_key
+            now = time.time()
+            child = runner.spawn(list(cmd.argv), env, log_path, shared=store.shared)
+            if child.create_time is None:  # gone before we could see it: exited at once
+                code = child.proc.wait()
+                raise runner.LaunchError(f"llama-server exited with code {code} at once", runner.tail(log_path))
+            current[req.name] = Instance(
+                name=req.name, model=str(req.model), port=port, pid=child.pid, create_time=child.create_time,
+                argv=cmd.argv, env=cmd.env, gpu_ids=the_plan.gpu_ids,
+                estimated_bytes={d.device: d.total_bytes for d in the_plan.estimate.devices},
+                started_at=now, last_used=now, started_by=req.started_by, status=Status.STARTING, host=req.host,
+            )
+    except BaseException as exc:
+        if child is not None:  # started but not recorded: stop it, so nothing runs unseen
+            runner.stop_child(child.proc, grace_s=min(grace_s, 5.0))
+            if isinstance(exc, (StateError, OSError)):
+                raise StateError(f"{exc}; the llama-server just started was stopped") from None
+        raise
     if not req.wait:
-        return Launched(store.instances()[req.name], the_plan, cmd, None, evicted)
+        return Launched(store.instances().get(req.name, current[req.name]), the_plan, cmd, None, evicted)
     try:
         ready_s = runner.wait_ready(child, port, str(req.model), req.timeout_s, host=req.host, progress=progress)
-    except runner.LaunchError:
-        runner.stop(child.pid, child.create_time, grace_s=min(grace_s, 5.0), child=child.proc)
+    except (runner.LaunchError, KeyboardInterrupt) as exc:
+        runner.stop_child(child.proc, grace_s=min(grace_s, 5.0))
         with store.edit() as current:
             if req.name in current and current[req.name].pid == child.pid:
-                current[req.name] = replace(current[req.name], status=Status.FAILED)
+                if isinstance(exc, KeyboardInterrupt):
+                    del current[req.name]
+                else:
+                    current[req.name] = replace(current[req.name], status=Status.FAILED)
+        if isinstance(exc, KeyboardInterrupt):
+            raise LaunchInterrupted(f"interrupted: stopped {req.name} (pid {child.pid}) before it was ready") from None
         raise
     with store.edit() as current:
         inst = replace(current[req.name], status=Status.READY, last_used=time.time())
         current[req.name] = inst
     return Launched(inst, the_plan, cmd, ready_s, evicted)
+
+
+class LaunchInterrupted(LlamactlError):
+    """Ctrl-C while waiting for readiness: what was started has been stopped."""
+
+    exit_code = ExitCode.INTERRUPTED

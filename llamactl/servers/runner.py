@@ -20,11 +20,14 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from llamactl.errors import LlamactlError
-from llamactl.servers import client
-from llamactl.servers.state import create_time_of, process_matches
+from llamactl.servers import client, procs
 
 POLL_INTERVAL_S = 0.1
 DEFAULT_GRACE_S = 10.0
+SECRET_FLAGS = ("--api-key",)  # their values go to the environment (LLAMA_API_KEY), never argv or a log
+API_KEY_ENV = "LLAMA_API_KEY"  # llama.cpp common/arg.cpp: --api-key ... set_env("LLAMA_API_KEY")
+LOG_MODE = 0o600
+LOG_DIR_MODE = 0o700
 
 
 class LaunchError(LlamactlError):
@@ -43,18 +46,50 @@ class Child:
     log_path: Path
 
 
-def spawn(argv: list[str], env_overrides: dict[str, str], log_path: Path) -> Child:
-    """Start `argv` in a new session, stdout/stderr appended to `log_path` (LLAMA_ARG_* left out of its env)."""
-    log_path.parent.mkdir(parents=True, exist_ok=True)
-    with open(log_path, "ab") as log_file:
-        log_file.write(f"==> {time.strftime('%Y-%m-%d %H:%M:%S')} llamactl starts: {' '.join(argv)}\n".encode())
-        log_file.flush()
+def open_log(log_path: Path, *, shared: bool = False) -> int:
+    """An append-only fd on `log_path`, never through a planted symlink: 0600 in a 0700 dir (0660 in 0770
+    when the state dir is shared by a group)."""
+    file_mode, dir_mode = (0o660, 0o770) if shared else (LOG_MODE, LOG_DIR_MODE)
+    try:
+        if not log_path.parent.is_dir():
+            log_path.parent.mkdir(mode=dir_mode, parents=True, exist_ok=True)
+            os.chmod(log_path.parent, dir_mode | (0o2000 if shared else 0))  # past the umask
+        fd = os.open(log_path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, file_mode)
+    except OSError as exc:
+        raise LaunchError(f"cannot open the log {log_path}: {exc.strerror or exc}") from None
+    if shared:
         try:
-            proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=log_file, stderr=subprocess.STDOUT,
+            os.fchmod(fd, file_mode)
+        except OSError:
+            pass
+    return fd
+
+
+def redact(argv: list[str] | tuple[str, ...]) -> list[str]:
+    """argv with every secret flag's value replaced by '***' (for logs and messages)."""
+    out = list(argv)
+    for i, arg in enumerate(out):
+        if arg in SECRET_FLAGS and i + 1 < len(out):
+            out[i + 1] = "***"
+        for flag in SECRET_FLAGS:
+            if arg.startswith(flag + "="):
+                out[i] = flag + "=***"
+    return out
+
+
+def spawn(argv: list[str], env_overrides: dict[str, str], log_path: Path, *, shared: bool = False) -> Child:
+    """Start `argv` in a new session, stdout/stderr appended to `log_path` (LLAMA_ARG_* left out of its env)."""
+    fd = open_log(log_path, shared=shared)
+    try:
+        os.write(fd, f"==> {time.strftime('%Y-%m-%d %H:%M:%S')} llamactl starts: {' '.join(redact(argv))}\n".encode())
+        try:
+            proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=fd, stderr=subprocess.STDOUT,
                                     env=child_env(env_overrides), start_new_session=True, close_fds=True)
         except OSError as exc:
             raise LaunchError(f"cannot start {argv[0]}: {exc.strerror or exc}") from None
-    return Child(proc, proc.pid, create_time_of(proc.pid), log_path)
+    finally:
+        os.close(fd)
+    return Child(proc, proc.pid, procs.create_time_of(proc.pid), log_path)
 
 
 def run_capture(argv: list[str], *, timeout_s: float, env: dict[str, str] | None = None) -> tuple[int, str, str]:
@@ -78,8 +113,8 @@ def run_lines(argv: list[str], *, env: dict[str, str] | None = None) -> Iterator
 
 
 def child_env(overrides: dict[str, str]) -> dict[str, str]:
-    """Our environment minus llama-server's LLAMA_ARG_* settings (they would override what we planned)."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith("LLAMA_ARG_")}
+    """Our environment minus llama-server's LLAMA_ARG_* settings and key (they would override what we planned)."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("LLAMA_ARG_") and k != API_KEY_ENV}
     env.update(overrides)
     return env
 
@@ -128,47 +163,28 @@ def wait_ready(child: Child, port: int, model_arg: str, timeout_s: float, *, hos
             time.sleep(min(POLL_INTERVAL_S, 0.005 + elapsed / 20))
 
 
-def stop(pid: int | None, create_time: float | None, *, grace_s: float = DEFAULT_GRACE_S,
-         child: subprocess.Popen[bytes] | None = None) -> bool:
-    """TERM the process group, KILL it after `grace_s`; True if it was running. Reaps our own child."""
-    if not process_matches(pid, create_time):
-        if child is not None:
-            child.poll()
-        return False
-    assert pid is not None
-    _signal_group(pid, signal.SIGTERM)
-    deadline = time.monotonic() + grace_s
-    while time.monotonic() < deadline:
-        if child is not None and child.poll() is not None:
-            break
-        if not process_matches(pid, create_time):
-            break
-        time.sleep(0.05)
-    else:
-        _signal_group(pid, signal.SIGKILL)
-        kill_deadline = time.monotonic() + 5.0
-        while time.monotonic() < kill_deadline and process_matches(pid, create_time):
-            if child is not None and child.poll() is not None:
-                break
-            time.sleep(0.05)
-    if child is not None:
+def stop_child(proc: subprocess.Popen[bytes], *, grace_s: float = DEFAULT_GRACE_S) -> None:
+    """Stop a process this very process spawned (TERM, KILL after `grace_s`) and reap it.
+
+    Ours by construction: we hold its Popen, so its pid cannot have been reused before it is reaped. Its
+    group is signalled only when it leads one of its own (start_new_session), never ours.
+    """
+    if proc.poll() is not None:
+        return
+    leads = procs.leads_own_group(proc.pid)
+    for sig, wait_s in ((signal.SIGTERM, grace_s), (signal.SIGKILL, procs.KILL_WAIT_S)):
         try:
-            child.wait(timeout=5)
+            if leads:
+                os.killpg(proc.pid, sig)
+            else:
+                proc.send_signal(sig)
+        except ProcessLookupError:
+            pass
+        try:
+            proc.wait(timeout=wait_s)
+            return
         except subprocess.TimeoutExpired:
-            pass
-    return True
-
-
-def _signal_group(pid: int, sig: signal.Signals) -> None:
-    try:
-        os.killpg(pid, sig)  # started with start_new_session: its pgid is its pid
-    except ProcessLookupError:
-        pass
-    except PermissionError:
-        try:
-            os.kill(pid, sig)
-        except OSError:
-            pass
+            continue
 
 
 def is_terminal() -> bool:

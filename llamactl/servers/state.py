@@ -4,17 +4,26 @@ One JSON file (`state.json` in the state dir) with a lock file beside it. Every
 change takes the lock, reads, modifies, writes a temp file, fsyncs and
 `os.replace`s it, so a reader (or a CLI killed mid-write) never sees half a
 file. Reads are tolerant: a corrupt or unknown-version file is moved aside with
-a warning. Every read reconciles with the live processes: a pid that is gone,
-or reused by another process (create time differs), makes the instance `dead`;
-a llama-server carrying our env tag that was never recorded is adopted.
+a warning. The file is input: every entry is validated on load (a bad one is
+dropped, the original copied aside, with a warning) and no path is read from it.
+Reconciling with the live processes: a pid that is gone, or reused (create time
+differs), makes the instance `dead`; a pid that runs a process without our env
+tag drops the entry (procs.check); a llama-server carrying our tag that was
+never recorded is adopted.
 """
 
 from __future__ import annotations
 
 import fcntl
+import ipaddress
 import json
 import logging
+import math
 import os
+import re
+import shutil
+import stat
+import tempfile
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -25,16 +34,21 @@ from typing import TypedDict
 
 import psutil
 
-from llamactl.errors import LlamactlError
+from llamactl.errors import LlamactlError, UsageError
+from llamactl.servers import procs
+from llamactl.servers.procs import INSTANCE_ENV, STATE_DIR_ENV, Claim, Ownership
 
 log = logging.getLogger(__name__)
 
 SCHEMA_VERSION = 1
 STATE_NAME = "state.json"
 LOCK_NAME = "state.lock"
-INSTANCE_ENV = "LLAMACTL_INSTANCE"  # every child carries its instance name ...
-STATE_DIR_ENV = "LLAMACTL_STATE_DIR"  # ... and the state dir that records it
 UNSPAWNED_GRACE_S = 120.0  # a reservation with no pid older than this was abandoned
+MAX_STATE_BYTES = 16 * 1024 * 1024  # far above any real state file; a bigger one is not ours
+NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
+STARTED_BY = ("cli", "proxy", "adopted")
+
+__all__ = ["INSTANCE_ENV", "STATE_DIR_ENV", "Instance", "StateStore", "Status", "check_name", "valid_name"]
 
 
 class Status(str, Enum):
@@ -51,6 +65,25 @@ class Status(str, Enum):
 LIVE = frozenset({Status.STARTING, Status.READY, Status.BUSY, Status.STOPPING})
 
 
+def valid_name(name: object) -> bool:
+    """Instance names become file names (logs/NAME.log) and env tags: letters, digits, '.', '_', '-'."""
+    return isinstance(name, str) and NAME_RE.fullmatch(name) is not None
+
+
+def check_name(name: str, what: str = "--name") -> str:
+    if not valid_name(name):
+        raise UsageError(f"{what} {name!r} is not a valid instance name: use letters, digits, '.', '_' and '-' "
+                         f"(starting with a letter or digit, at most 128 characters)")
+    return name
+
+
+def name_for(model: Path) -> str:
+    """The default instance name of a model file: its stem (split files once), made a valid name."""
+    stem = model.name.removesuffix(".gguf").split("-00001-of-")[0]
+    name = re.sub(r"[^A-Za-z0-9._-]+", "-", stem).lstrip("._-")[:128]
+    return name or "model"
+
+
 class InstanceJSON(TypedDict, total=False):
     name: str
     model: str
@@ -64,7 +97,6 @@ class InstanceJSON(TypedDict, total=False):
     estimated_bytes: dict[str, int]
     started_at: float
     last_used: float
-    log_path: str
     started_by: str
     status: str
     activity: int
@@ -83,7 +115,6 @@ class Instance:
     estimated_bytes: dict[str, int] = field(default_factory=dict)  # "CPU", "GPU0"… (GPUk = gpu_ids[k])
     started_at: float = 0.0
     last_used: float = 0.0
-    log_path: str = ""
     started_by: str = "cli"  # cli, proxy, adopted
     status: Status = Status.STARTING
     activity: int = 0  # llama-server's token counters at the last poll: a change means it was used
@@ -97,6 +128,10 @@ class Instance:
         """Estimated bytes per NVML GPU index."""
         return {gpu: self.estimated_bytes.get(f"GPU{k}", 0) for k, gpu in enumerate(self.gpu_ids)}
 
+    def claim(self, state_dir: Path) -> Claim:
+        """What this entry says about its process, to be checked before anything signals it."""
+        return Claim(self.pid, self.create_time, self.name, str(state_dir.resolve()))
+
     def to_json(self) -> InstanceJSON:
         data = asdict(self)
         data["status"] = self.status.value
@@ -105,41 +140,72 @@ class Instance:
         return InstanceJSON(**data)  # type: ignore[typeddict-item]
 
     @classmethod
-    def from_json(cls, data: InstanceJSON) -> Instance:
+    def from_json(cls, key: str, data: object) -> Instance:
+        """A validated entry; ValueError naming the first bad field. The file is input: trust nothing in it."""
+        if not isinstance(data, dict):
+            raise ValueError("not an object")
+        if not valid_name(key) or data.get("name") != key:
+            raise ValueError("name is not a valid instance name equal to its key")
+        pid = data.get("pid")
+        create_time = data.get("create_time")
+        status = data.get("status", "starting")
+        if status not in {s.value for s in Status}:
+            raise ValueError(f"unknown status {status!r}")
+        if pid is None:
+            if create_time is not None:
+                raise ValueError("create_time without a pid")
+        elif not (_is_int(pid) and pid > 1):
+            raise ValueError(f"pid {pid!r} is not an integer > 1")
+        elif not procs.plausible_create_time(create_time):
+            raise ValueError(f"create_time {create_time!r} is not a finite time")
+        port = data.get("port")
+        if not (_is_int(port) and 0 < port < 65536):
+            raise ValueError(f"port {port!r} out of range")
+        host = data.get("host", "127.0.0.1")
+        try:
+            ipaddress.ip_address(host if host != "localhost" else "127.0.0.1")
+        except (ValueError, TypeError):
+            raise ValueError(f"host {host!r} is not an IP address") from None
+        started_by = data.get("started_by", "cli")
+        if started_by not in STARTED_BY:
+            raise ValueError(f"started_by {started_by!r} unknown")
+        argv, env = data.get("argv", []), data.get("env", {})
+        if not (isinstance(argv, list) and all(isinstance(a, str) for a in argv)):
+            raise ValueError("argv is not a list of strings")
+        if not (isinstance(env, dict) and all(isinstance(k, str) and isinstance(v, str) for k, v in env.items())):
+            raise ValueError("env is not a mapping of strings")
+        gpu_ids = data.get("gpu_ids", [])
+        if not (isinstance(gpu_ids, list) and all(_is_int(g) and 0 <= g < 4096 for g in gpu_ids)):
+            raise ValueError("gpu_ids is not a list of GPU indices")
+        est = data.get("estimated_bytes", {})
+        if not (isinstance(est, dict) and all(isinstance(k, str) and _is_int(v) and 0 <= v < 2**62 for k, v in est.items())):
+            raise ValueError("estimated_bytes is not a mapping of byte counts")
+        times = {k: data.get(k, 0.0) for k in ("started_at", "last_used")}
+        for k, v in times.items():
+            if not (isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) and v >= 0):
+                raise ValueError(f"{k} {v!r} is not a finite time")
+        activity = data.get("activity", 0)
+        if not (_is_int(activity) and activity >= 0):
+            raise ValueError(f"activity {activity!r} is not a count")
+        model = data.get("model", "")
+        if not isinstance(model, str):
+            raise ValueError("model is not a string")
+        if pid is None and status not in ("starting", "dead", "failed"):
+            raise ValueError(f"status {status!r} without a pid")
         return cls(
-            name=str(data["name"]), model=str(data.get("model", "")), port=int(data["port"]),
-            pid=data.get("pid"), create_time=data.get("create_time"), argv=tuple(data.get("argv", ())),
-            env=dict(data.get("env", {})), gpu_ids=tuple(int(g) for g in data.get("gpu_ids", ())),
-            estimated_bytes={str(k): int(v) for k, v in data.get("estimated_bytes", {}).items()},
-            started_at=float(data.get("started_at", 0.0)), last_used=float(data.get("last_used", 0.0)),
-            log_path=str(data.get("log_path", "")), started_by=str(data.get("started_by", "cli")),
-            status=Status(data.get("status", "starting")), activity=int(data.get("activity", 0)),
-            host=str(data.get("host", "127.0.0.1")),
+            name=key, model=model, port=port, pid=pid, create_time=None if pid is None else float(create_time),
+            argv=tuple(argv), env=dict(env), gpu_ids=tuple(gpu_ids), estimated_bytes=dict(est),
+            started_at=float(times["started_at"]), last_used=float(times["last_used"]), started_by=started_by,
+            status=Status(status), activity=activity, host=host,
         )
+
+
+def _is_int(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
 
 
 class StateError(LlamactlError):
     """The state dir cannot be used (permissions, not a directory)."""
-
-
-def process_matches(pid: int | None, create_time: float | None) -> bool:
-    """True when `pid` runs and is the very process we started (a reused pid has another create time)."""
-    if pid is None:
-        return False
-    try:
-        proc = psutil.Process(pid)
-        if proc.status() == psutil.STATUS_ZOMBIE:
-            return False
-        return create_time is None or abs(proc.create_time() - create_time) < 0.05
-    except (psutil.NoSuchProcess, psutil.AccessDenied):
-        return False
-
-
-def create_time_of(pid: int) -> float | None:
-    try:
-        return psutil.Process(pid).create_time()
-    except (psutil.NoSuchProcess, psutil.AccessDenied):
-        return None
 
 
 def _flag_value(argv: tuple[str, ...], *names: str) -> str | None:
@@ -153,64 +219,145 @@ def _flag_value(argv: tuple[str, ...], *names: str) -> str | None:
 
 
 class StateStore:
-    """The state file of one state dir."""
+    """The state file of one state dir.
+
+    Files follow the dir: a private dir (the default, created 0700) gets 0600 files; a dir the user made
+    group-writable (`install -d -m 2770 -g GROUP DIR`) gets 0660 files of the dir's group, so every
+    member can lock and rewrite them, root's cron job included.
+    """
 
     def __init__(self, directory: Path) -> None:
         self.dir = directory
         self.path = directory / STATE_NAME
         self.lock_path = directory / LOCK_NAME
         self.logs_dir = directory / "logs"
+        self._dropped = False  # the last read dropped bad entries: the next edit writes the file back
+
+    def _ensure_dir(self) -> os.stat_result:
+        try:
+            if not self.dir.exists():
+                self.dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+            st = os.stat(self.dir)
+        except OSError as exc:
+            raise StateError(f"cannot use state dir {self.dir}: {exc.strerror or exc}") from None
+        if not stat.S_ISDIR(st.st_mode):
+            raise StateError(f"cannot use state dir {self.dir}: not a directory")
+        return st
+
+    @property
+    def shared(self) -> bool:
+        """A group-writable state dir: several users share its instances."""
+        try:
+            return bool(os.stat(self.dir).st_mode & stat.S_IWGRP)
+        except OSError:
+            return False
+
+    @property
+    def file_mode(self) -> int:
+        return 0o660 if self.shared else 0o600
+
+    def _share(self, fd: int, dir_st: os.stat_result) -> None:
+        """Give a file we created the dir's group and the shared mode (umask would strip group write)."""
+        if not dir_st.st_mode & stat.S_IWGRP:
+            return
+        try:
+            os.fchown(fd, -1, dir_st.st_gid)
+            os.fchmod(fd, 0o660)
+        except OSError:
+            pass
 
     @contextmanager
     def _locked(self) -> Iterator[None]:
+        dir_st = self._ensure_dir()
         try:
-            self.dir.mkdir(parents=True, exist_ok=True)
-            fd = os.open(self.lock_path, os.O_RDWR | os.O_CREAT, 0o644)
+            fd = os.open(self.lock_path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, self.file_mode)
         except OSError as exc:
-            raise StateError(f"cannot use state dir {self.dir}: {exc.strerror or exc}") from None
+            raise StateError(f"cannot use state dir {self.dir}: {self.lock_path.name}: {exc.strerror or exc}") from None
         try:
+            self._share(fd, dir_st)
             fcntl.flock(fd, fcntl.LOCK_EX)
             yield
         finally:
             os.close(fd)  # closing releases the flock
 
     def _read(self) -> dict[str, Instance]:
+        """The recorded instances, each validated; bad entries dropped and the file copied aside, with a warning."""
         try:
-            text = self.path.read_text()
+            fd = os.open(self.path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
         except FileNotFoundError:
             return {}
         except OSError as exc:
             raise StateError(f"cannot read {self.path}: {exc.strerror or exc}") from None
+        with os.fdopen(fd, "rb") as fh:
+            if not stat.S_ISREG(os.fstat(fh.fileno()).st_mode):
+                raise StateError(f"cannot read {self.path}: not a regular file")
+            raw = fh.read(MAX_STATE_BYTES + 1)
         try:
-            data = json.loads(text)
-        except ValueError:
-            data = None
+            if len(raw) > MAX_STATE_BYTES:
+                raise ValueError(f"larger than {MAX_STATE_BYTES // 2**20} MiB")
+            data = json.loads(raw.decode("utf-8"))  # NaN/Infinity parse; the entry holding one is dropped
+        except (ValueError, RecursionError) as exc:
+            self._set_aside(f"unreadable ({_short(exc)})", move=True)
+            return {}
         version = data.get("version") if isinstance(data, dict) else None
-        if isinstance(version, int) and not isinstance(version, bool) and version > SCHEMA_VERSION:
+        if _is_int(version) and version > SCHEMA_VERSION:
             raise StateError(f"{self.path} was written by a newer llamactl (schema {version}, this one reads "
                              f"{SCHEMA_VERSION}); upgrade llamactl or use another --state-dir")
-        try:
-            if not isinstance(data, dict) or version != SCHEMA_VERSION:
-                raise ValueError(f"unknown schema version {version!r}" if isinstance(data, dict) else "not JSON")
-            entries = data.get("instances", {})
-            if not isinstance(entries, dict):
-                raise ValueError("'instances' is not an object")
-            return {name: Instance.from_json(entry) for name, entry in entries.items()}
-        except (ValueError, KeyError, TypeError, AttributeError) as exc:
-            aside = self.path.with_name(f"{STATE_NAME}.bad-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}")
-            os.replace(self.path, aside)
-            log.warning("state file %s was unreadable (%s); moved aside to %s", self.path, exc, aside.name)
+        entries = data.get("instances", {}) if isinstance(data, dict) else None
+        if version != SCHEMA_VERSION or not isinstance(entries, dict):
+            why = f"unknown schema version {version!r}" if isinstance(data, dict) else "not a JSON object"
+            self._set_aside(why if version != SCHEMA_VERSION else "'instances' is not an object", move=True)
             return {}
+        good: dict[str, Instance] = {}
+        bad: list[str] = []
+        for key, entry in entries.items():
+            try:
+                good[key] = Instance.from_json(key, entry)
+            except ValueError as exc:
+                bad.append(f"{_printable(key)}: {exc}")
+        if bad:
+            self._dropped = True
+            self._set_aside("bad entries dropped: " + "; ".join(bad[:5]) + (f" (+{len(bad) - 5} more)" if len(bad) > 5 else ""),
+                            move=False)
+        return good
+
+    def _set_aside(self, why: str, *, move: bool) -> None:
+        aside = self.path.with_name(f"{STATE_NAME}.bad-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}")
+        try:
+            if move:
+                os.replace(self.path, aside)
+            else:
+                shutil.copyfile(self.path, aside, follow_symlinks=False)
+                os.chmod(aside, 0o600)
+        except OSError as exc:
+            log.warning("state file %s: %s; could not keep a copy (%s)", self.path, why, exc.strerror or exc)
+            return
+        log.warning("state file %s: %s; %s moved aside to %s", self.path, _short(why, 400),
+                    "the file" if move else "the original", aside.name)
 
     def _write(self, instances: dict[str, Instance]) -> None:
         payload = {"version": SCHEMA_VERSION, "instances": {n: i.to_json() for n, i in sorted(instances.items())}}
-        tmp = self.path.with_name(f".{STATE_NAME}.{os.getpid()}.tmp")
-        # 0600: argv may carry an instance's --api-key
-        with os.fdopen(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600), "w") as fh:
-            json.dump(payload, fh, indent=1)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, self.path)
+        dir_st = os.stat(self.dir)
+        for stale in self.dir.glob(f".{STATE_NAME}.*.tmp"):  # a writer killed mid-write (we hold the lock)
+            try:
+                stale.unlink()
+            except OSError:
+                pass
+        # mkstemp: O_EXCL | O_NOFOLLOW with a random name, 0600; nothing planted in the dir can redirect it
+        fd, tmp = tempfile.mkstemp(prefix=f".{STATE_NAME}.", suffix=".tmp", dir=self.dir)
+        try:
+            self._share(fd, dir_st)
+            with os.fdopen(fd, "w") as fh:
+                json.dump(payload, fh, indent=1)
+                fh.flush()
+                os.fsync(fh.fileno())
+            os.replace(tmp, self.path)
+        except BaseException:
+            try:
+                os.unlink(tmp)
+            except OSError:
+                pass
+            raise
         dir_fd = os.open(self.dir, os.O_RDONLY)
         try:
             os.fsync(dir_fd)
@@ -221,11 +368,15 @@ class StateStore:
     def edit(self) -> Iterator[dict[str, Instance]]:
         """Lock, read and reconcile, let the caller change the mapping, write it back atomically."""
         with self._locked():
+            self._dropped = False
             before = self._read()
             instances = reconcile(before, self.dir)
             yield instances
-            if instances != before:
-                self._write(instances)
+            if instances != before or self._dropped:
+                try:
+                    self._write(instances)
+                except OSError as exc:
+                    raise StateError(f"cannot write {self.path}: {exc.strerror or exc}") from None
 
     def instances(self) -> dict[str, Instance]:
         """A reconciled snapshot (dead marked, untracked children adopted), persisted."""
@@ -233,12 +384,22 @@ class StateStore:
             return dict(instances)
 
     def log_path(self, name: str) -> Path:
-        self.logs_dir.mkdir(parents=True, exist_ok=True)
-        return self.logs_dir / f"{name}.log"
+        """Always derived from a validated name, inside the state dir; never read from the file."""
+        return self.logs_dir / f"{check_name(name)}.log"
+
+
+def _printable(text: str, limit: int = 60) -> str:
+    return repr(text[:limit])
+
+
+def _short(exc: object, limit: int = 160) -> str:
+    text = str(exc).replace("\n", " ")
+    return text if len(text) <= limit else text[: limit - 1] + "…"
 
 
 def reconcile(instances: dict[str, Instance], state_dir: Path, now: float | None = None) -> dict[str, Instance]:
-    """Mark instances whose process is gone or reused `dead`; adopt tagged children never recorded."""
+    """Mark instances whose process is gone `dead`; drop entries whose pid runs something not ours;
+    adopt tagged children never recorded."""
     now = time.time() if now is None else now
     out: dict[str, Instance] = {}
     for name, inst in instances.items():
@@ -247,10 +408,14 @@ def reconcile(instances: dict[str, Instance], state_dir: Path, now: float | None
         elif inst.pid is None:
             stale = now - inst.started_at > UNSPAWNED_GRACE_S
             out[name] = replace(inst, status=Status.DEAD) if stale else inst
-        elif not process_matches(inst.pid, inst.create_time):
-            out[name] = replace(inst, status=Status.DEAD)
         else:
-            out[name] = inst
+            verdict = procs.check(inst.claim(state_dir))
+            if verdict.ownership is Ownership.OURS:
+                out[name] = inst
+            elif verdict.ownership is Ownership.GONE:
+                out[name] = replace(inst, status=Status.DEAD)
+            else:
+                log.warning("state entry %r dropped: %s (not ours, left alone)", name, verdict.reason)
     for proc in _tagged_processes(state_dir):
         name = proc["name"]
         known = out.get(name)
@@ -261,10 +426,11 @@ def reconcile(instances: dict[str, Instance], state_dir: Path, now: float | None
         argv = tuple(proc["argv"])
         port = _flag_value(argv, "--port")
         out[name] = Instance(
-            name=name, model=_flag_value(argv, "--model", "-m") or "", port=int(port) if port and port.isdigit() else 0,
+            name=name, model=_flag_value(argv, "--model", "-m") or "",
+            port=int(port) if port and port.isdigit() and 0 < int(port) < 65536 else 8080,
             pid=proc["pid"], create_time=proc["create_time"], argv=argv,
             started_at=proc["create_time"], last_used=proc["create_time"],
-            log_path=known.log_path if known else "", started_by="adopted" if known is None else known.started_by,
+            started_by="adopted" if known is None else known.started_by,
             status=Status.READY if known is None else (Status.STARTING if known.status is Status.STARTING else Status.READY),
             env=known.env if known else {}, gpu_ids=known.gpu_ids if known else (),
             estimated_bytes=known.estimated_bytes if known else {},
@@ -273,16 +439,16 @@ def reconcile(instances: dict[str, Instance], state_dir: Path, now: float | None
 
 
 def _tagged_processes(state_dir: Path) -> list[dict]:
-    """Processes whose environment names an instance of this state dir."""
+    """Processes whose environment names a valid instance of this state dir (never pid 1 or ourselves)."""
     wanted = str(state_dir.resolve())
     found = []
     for proc in psutil.process_iter(["pid", "create_time", "status"]):
         try:
-            if proc.info["status"] == psutil.STATUS_ZOMBIE:
+            if proc.info["status"] == psutil.STATUS_ZOMBIE or not procs.plausible_pid(proc.pid):
                 continue
             env = proc.environ()
             name = env.get(INSTANCE_ENV)
-            if not name or env.get(STATE_DIR_ENV) != wanted:
+            if not valid_name(name) or env.get(STATE_DIR_ENV) != wanted:
                 continue
             found.append({"pid": proc.pid, "name": name, "create_time": proc.info["create_time"], "argv": proc.cmdline()})
         except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):

@@ -8,6 +8,7 @@ Accepts llama-server's argv (unknown flags ignored) plus switches:
   --fake-model NAME        report this model_path in /props (default: the --model value)
   --fake-chunk-delay S     pause S seconds between streamed chunks
   --fake-crash-mid-stream K  exit(3) after streaming K chunks
+An API key (--api-key or LLAMA_API_KEY, as llama-server) makes POSTs need `Authorization: Bearer KEY`.
 `--version` and `--help` print what llamactl's probe expects.
 """
 
@@ -23,7 +24,7 @@ FLAGS = ["-m", "--model", "--host", "--port", "-c", "--ctx-size", "-ngl", "--n-g
          "-np", "--parallel", "-ctk", "--cache-type-k", "-ctv", "--cache-type-v", "-b", "--batch-size", "-ub",
          "--ubatch-size", "-kvu", "--kv-unified", "-no-kvu", "--no-kv-unified", "-fit", "--fit", "--metrics",
          "-ts", "--tensor-split", "--swa-full", "-nkvo", "--no-kv-offload", "-lm", "--load-mode", "-nr",
-         "--no-repack", "-lv", "--verbosity"]
+         "--no-repack", "-lv", "--verbosity", "--api-key"]
 
 
 def arg(argv, name, default=None):
@@ -53,6 +54,7 @@ def main() -> None:
     port = int(arg(argv, "--port", "8080"))
     model = arg(argv, "--fake-model") or arg(argv, "--model", "")
     ready_at = time.monotonic() + float(arg(argv, "--fake-ready-after", "0"))
+    api_key = arg(argv, "--api-key") or os.environ.get("LLAMA_API_KEY")
     counters = {"prompt": 0, "predicted": 0, "busy": 0}
     lock = threading.Lock()
 
@@ -89,6 +91,8 @@ def main() -> None:
         def do_POST(self):
             length = int(self.headers.get("Content-Length", 0))
             body = json.loads(self.rfile.read(length) or b"{}")
+            if api_key and self.headers.get("Authorization") != f"Bearer {api_key}":
+                return self.reply(401, {"error": {"message": "Invalid API Key", "code": 401}})
             n = int(body.get("n_predict", body.get("max_tokens", 4)))
             with lock:
                 counters["prompt"] += 3

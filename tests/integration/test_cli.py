@@ -120,7 +120,9 @@ def test_gpus_watch_refreshes_as_json_lines() -> None:
     import time
 
     proc = subprocess.Popen([sys.executable, "-m", "llamactl", "gpus", "--gpus", "24GiB", "--watch", "0.2", "--json"],
-                            stdout=subprocess.PIPE, text=True, env=os.environ)
+                            stdout=subprocess.PIPE, text=True, env=os.environ,
+                            # a background test run (`cmd &`) inherits SIGINT ignored: restore it for the child
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     time.sleep(2.0)
     proc.send_signal(signal.SIGINT)
     out, _ = proc.communicate(timeout=10)

@@ -49,12 +49,16 @@ class Proxy:
         self.config.write_text("\n".join(lines) + "\n")
         self.env = {**os.environ, "LLAMACTL_STATE_DIR": str(self.state), "LLAMACTL_GPUS": "none",
                     "LLAMACTL_CACHE_DIR": str(tmp / "cache"), "LLAMA_SERVER": str(wrapper)}
-        argv = [sys.executable, "-m", "llamactl", "--config", str(self.config), "proxy", "--grace", "5s"]
+        self.argv = [sys.executable, "-m", "llamactl", "--config", str(self.config), "proxy", "--grace", "5s"]
         if keep:
-            argv.append("--keep-instances")
+            self.argv.append("--keep-instances")
         self.log = open(tmp / "proxy.log", "w+")
-        self.proc = subprocess.Popen(argv, env=self.env, stdout=self.log, stderr=subprocess.STDOUT)
         self.url = f"http://127.0.0.1:{self.port}"
+        self.start()
+
+    def start(self) -> None:
+        """(Re)start the proxy on the same config and state dir."""
+        self.proc = subprocess.Popen(self.argv, env=self.env, stdout=self.log, stderr=subprocess.STDOUT)
         if not wait_healthy(self.url, 20, alive=lambda: self.proc.poll() is None, interval_s=0.1):
             raise AssertionError("proxy did not start: " + self.logs())
 
@@ -281,9 +285,79 @@ def test_hand_started_instance_is_routed_to_not_evicted(make_proxy, tmp_path: Pa
 
 def test_instance_api_keys_stay_private(make_proxy) -> None:
     proxy = make_proxy({"alpha": []}, "instance_api_keys = true")
+    assert proxy.post("alpha").status_code == 200  # the proxy sends the key the instance was given
+    (inst,) = proxy.instances()
+    pid, port = inst["pid"], inst["port"]
+    key = psutil.Process(pid).environ()["LLAMA_API_KEY"]  # llama-server reads --api-key from LLAMA_API_KEY
+    assert len(key) >= 24
+    # the instance really demands it: without the key a direct request is refused
+    assert httpx.post(f"http://127.0.0.1:{port}/v1/chat/completions", json={"messages": []}).status_code == 401
+    # never on argv (readable by every user in /proc), in ps output, in a log, or in the state file
+    assert key not in open(f"/proc/{pid}/cmdline", "rb").read().decode()
+    assert key not in subprocess.run(["ps", "-eo", "args"], capture_output=True, text=True).stdout
+    log_dir = proxy.state / "logs"
+    assert key not in (log_dir / "alpha.log").read_text() and key not in proxy.logs()
+    assert key not in (proxy.state / "state.json").read_text()
+    assert log_dir.stat().st_mode & 0o777 == 0o700 and (log_dir / "alpha.log").stat().st_mode & 0o777 == 0o600
+    assert (proxy.state / "state.json").stat().st_mode & 0o777 == 0o600
+
+
+def test_a_ttl_stop_leaves_no_defunct_child(make_proxy) -> None:
+    proxy = make_proxy({"alpha": []}, 'idle_ttl = "1s"')
     assert proxy.post("alpha").status_code == 200
-    state = proxy.state / "state.json"
-    assert state.stat().st_mode & 0o777 == 0o600  # the keys are in argv, so only the owner may read it
-    argv = json.loads(state.read_text())["instances"]["alpha"]["argv"]
-    key = argv[argv.index("--api-key") + 1]
-    assert len(key) >= 24 and key not in proxy.logs()
+    (inst,) = proxy.instances()
+    pid = inst["pid"]
+    assert wait_for(lambda: proxy.instances()[0]["state"] == "stopped", 15)
+
+    def reaped() -> bool:
+        try:
+            return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE and psutil.Process(pid).ppid() != proxy.proc.pid
+        except psutil.NoSuchProcess:
+            return True
+
+    assert wait_for(reaped, 5), "the stopped llama-server is left <defunct> under the proxy"
+
+
+def test_a_restarted_proxy_adopts_what_the_killed_one_started(make_proxy) -> None:
+    """kill -9 the proxy: the next one routes to, counts, expires and stops the instances it finds."""
+    proxy = make_proxy({"alpha": [], "beta": []}, "max_instances = 1\ninstance_api_keys = true")
+    assert proxy.post("alpha").status_code == 200
+    alpha_pid = proxy.instances()[0]["pid"]
+    assert proxy.stop(signal.SIGKILL) == -signal.SIGKILL
+    assert psutil.pid_exists(alpha_pid)  # the instance outlives the proxy
+    proxy.start()
+    seen = {i["model"]: i for i in proxy.instances()}
+    assert seen["alpha"]["state"] == "ready" and seen["alpha"]["pid"] == alpha_pid and seen["alpha"]["started_by_proxy"]
+    models = {m["id"]: m["status"] for m in httpx.get(f"{proxy.url}/v1/models").json()["data"]}
+    assert models == {"alpha": "ready", "beta": "stopped"}
+    assert proxy.post("alpha").status_code == 200  # routed with the key read back from the instance
+    assert proxy.metric("llamactl_launches", model="alpha", result="ok") == 0
+    assert proxy.post("beta").status_code == 200  # max_instances = 1: the adopted alpha counts and is evicted
+    assert wait_for(lambda: not psutil.pid_exists(alpha_pid) or psutil.Process(alpha_pid).status() == psutil.STATUS_ZOMBIE)
+    beta_pid = {i["model"]: i for i in proxy.instances()}["beta"]["pid"]
+    assert proxy.stop(signal.SIGKILL) == -signal.SIGKILL
+    proxy.start()
+    assert proxy.stop() == 0  # SIGTERM: the adopted beta is stopped like the proxy's own
+    assert wait_for(lambda: not psutil.pid_exists(beta_pid) or psutil.Process(beta_pid).status() == psutil.STATUS_ZOMBIE)
+    assert not proxy.tagged()
+
+
+def test_an_adopted_instance_gets_its_ttl(make_proxy) -> None:
+    proxy = make_proxy({"alpha": []}, 'idle_ttl = "2s"')
+    assert proxy.post("alpha").status_code == 200
+    pid = proxy.instances()[0]["pid"]
+    proxy.stop(signal.SIGKILL)
+    proxy.start()
+    assert proxy.instances()[0]["pid"] == pid
+    assert wait_for(lambda: not proxy.tagged(), 15), "the adopted instance outlived its TTL"
+
+
+def test_a_second_proxy_on_a_busy_port_is_one_line_and_touches_nothing(make_proxy) -> None:
+    proxy = make_proxy({"alpha": []})
+    assert proxy.post("alpha").status_code == 200
+    pid = proxy.instances()[0]["pid"]
+    out = subprocess.run(proxy.argv, env=proxy.env, capture_output=True, text=True, timeout=60)
+    assert out.returncode == 2
+    assert out.stderr.strip().splitlines()[-1].startswith(f"llamactl: error: cannot listen on 127.0.0.1:{proxy.port}: ")
+    assert "internal error" not in out.stderr
+    assert psutil.pid_exists(pid) and proxy.post("alpha").status_code == 200  # the first proxy's instance runs on
