@@ -16,9 +16,11 @@ from pathlib import Path
 from typing import Any
 
 from llamactl.errors import UsageError
-from llamactl.model.settings import (FLASH_ATTN_MODES, KV_CACHE_TYPES, LLAMACTL_DEFAULT_CTX, MAX_LAYERS, ServerSettings,
-                                     parse_tensor_overrides)
+from llamactl.model.settings import (FLASH_ATTN_MODES, KV_CACHE_TYPES, MAX_LAYERS, ServerSettings,
+                                     parse_tensor_overrides, parse_tensor_split)
+from llamactl.placement import PlacementSpec, Strategy
 from llamactl.units import parse_duration, parse_size
+from llamactl.servers.names import name_for, valid_name
 
 DEFAULT_PORT = 8080
 DEFAULT_PORT_START = 8081
@@ -33,8 +35,7 @@ class ModelConfig:
     settings: ServerSettings
     args: tuple[str, ...] = ()
     ttl_s: float | None = None
-    max_gpus: int | None = None
-    gpus: tuple[int, ...] | None = None
+    placement: PlacementSpec = PlacementSpec()
     aliases: tuple[str, ...] = ()
 
 
@@ -54,10 +55,12 @@ class Config:
     api_keys: tuple[str, ...] = ()
     instance_api_keys: bool = False
     adopt: bool = False
-    gpu_util_threshold: int = 50
-    gpu_mem_threshold: float = 0.5
     models_dir: Path | None = None
     models: dict[str, ModelConfig] = field(default_factory=dict)
+    # what a model path that is not configured runs with: [defaults] over llamactl's own
+    defaults: ServerSettings = ServerSettings()
+    default_args: tuple[str, ...] = ()
+    placement: PlacementSpec = PlacementSpec()  # the machine's keys and [defaults]' placement keys
 
     def lookup(self, name: str) -> ModelConfig | None:
         """A model by its name or one of its aliases (never a path: clients do not pick files)."""
@@ -75,10 +78,14 @@ class ConfigError(UsageError):
 
 _GLOBAL_KEYS = {"server_bin", "host", "port", "port_start", "max_instances", "idle_ttl", "poll_interval",
                 "load_timeout", "max_queue", "max_body", "api_keys", "instance_api_keys", "adopt", "models_dir",
-                "gpu_util_threshold", "gpu_mem_threshold", "defaults", "models"}
+                "gpu_util_threshold", "gpu_mem_threshold", "gpu_overhead", "host_memory", "defaults", "models"}
+# every llama-server setting `estimate` takes (its flag's long name, without a leading "no_" where the
+# setting is on by default: kv_offload, repack; no_mmap as llama-server's --no-mmap), and placement
 _SETTING_KEYS = {"ctx_size", "n_gpu_layers", "cache_type_k", "cache_type_v", "flash_attn", "parallel", "args",
-                 "kv_unified", "batch_size", "ubatch_size", "embedding", "reranking", "n_cpu_moe", "override_tensor"}
-_MODEL_KEYS = _SETTING_KEYS | {"path", "ttl", "max_gpus", "gpus", "aliases", "lora"}
+                 "kv_unified", "batch_size", "ubatch_size", "embedding", "reranking", "n_cpu_moe", "override_tensor",
+                 "swa_full", "no_mmap", "kv_offload", "repack", "tensor_split",
+                 "strategy", "max_gpus", "gpus", "no_partial", "margin"}
+_MODEL_KEYS = _SETTING_KEYS | {"path", "ttl", "aliases", "lora"}
 
 
 class _Reader:
@@ -131,6 +138,43 @@ class _Reader:
             raise self.fail(full, str(exc)) from None
 
 
+def _placement(r: _Reader, table: dict[str, Any], where: str, base: PlacementSpec) -> PlacementSpec:
+    updates: dict[str, Any] = {}
+    if "strategy" in table:
+        value = r.get(table, "strategy", f"{where}.strategy", str)
+        if value not in {s.value for s in Strategy}:
+            raise r.fail(f"{where}.strategy", f"expected spread or pack, got {value!r}")
+        updates["strategy"] = Strategy(value)
+    if "max_gpus" in table:
+        value = r.get(table, "max_gpus", f"{where}.max_gpus", int)
+        if not 1 <= value <= 1024:
+            raise r.fail(f"{where}.max_gpus", f"must be in 1..1024, got {value}")
+        updates["max_gpus"] = value
+    if "gpus" in table:
+        gpus = r.get(table, "gpus", f"{where}.gpus", list)
+        if not gpus or not all(isinstance(g, int) and not isinstance(g, bool) and 0 <= g < 1024 for g in gpus):
+            raise r.fail(f"{where}.gpus", "expected a non-empty list of GPU indices")
+        updates["allowed_gpus"] = tuple(gpus)
+    if "no_partial" in table:
+        updates["allow_partial"] = not r.get(table, "no_partial", f"{where}.no_partial", bool)
+    if "margin" in table:
+        updates["margin_bytes"] = _size(r, table, "margin", f"{where}.margin")
+    return replace(base, **updates)
+
+
+def _size(r: _Reader, table: dict[str, Any], key: str, full: str, limit: int = 2**50) -> int:
+    value = table[key]
+    try:
+        if isinstance(value, bool) or not isinstance(value, (int, str)):
+            raise UsageError(f"expected a size like \"512MiB\" or a number of bytes, got {value!r}")
+        size = value if isinstance(value, int) else parse_size(value, what=full)
+    except UsageError as exc:
+        raise r.fail(full, str(exc)) from None
+    if not 0 <= size <= limit:
+        raise r.fail(full, f"out of range: {value!r}")
+    return size
+
+
 def _settings(r: _Reader, table: dict[str, Any], where: str, base: ServerSettings) -> tuple[ServerSettings, tuple[str, ...]]:
     updates: dict[str, Any] = {}
     if "ctx_size" in table:
@@ -177,12 +221,31 @@ def _settings(r: _Reader, table: dict[str, Any], where: str, base: ServerSetting
             updates["tensor_overrides"] = tuple(o for i in items for o in parse_tensor_overrides(i))
         except UsageError as exc:
             raise r.fail(f"{where}.override_tensor", str(exc)) from None
-    for key in ("kv_unified", "embedding", "reranking"):
+    for key in ("kv_unified", "embedding", "reranking", "swa_full", "kv_offload", "repack"):
         if key in table:
             updates[key] = r.get(table, key, f"{where}.{key}", bool)
+    if "no_mmap" in table:
+        updates["mmap"] = not r.get(table, "no_mmap", f"{where}.no_mmap", bool)
+    if "tensor_split" in table:
+        value = table["tensor_split"]
+        text = ",".join(str(v) for v in value) if isinstance(value, list) else value
+        if not isinstance(text, str) or (isinstance(value, list) and not all(
+                isinstance(v, (int, float)) and not isinstance(v, bool) for v in value)):
+            raise r.fail(f"{where}.tensor_split", f"expected a list of shares like [3, 1], got {value!r}")
+        try:
+            updates["tensor_split"] = parse_tensor_split(text)
+        except UsageError as exc:
+            raise r.fail(f"{where}.tensor_split", str(exc)) from None
     args = r.get(table, "args", f"{where}.args", list, None)
     if args is not None and not all(isinstance(a, str) for a in args):
         raise r.fail(f"{where}.args", "expected a list of strings")
+    if args:
+        from llamactl.servers.command import check_extra_args
+
+        try:
+            check_extra_args(args, config=True)
+        except UsageError as exc:
+            raise r.fail(f"{where}.args", str(exc)) from None
     return replace(base, **updates), tuple(args or ())
 
 
@@ -222,7 +285,8 @@ def _from_seed_json(data: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-def _scan_models_dir(directory: Path, base: ServerSettings, args: tuple[str, ...]) -> dict[str, ModelConfig]:
+def _scan_models_dir(directory: Path, base: ServerSettings, args: tuple[str, ...],
+                     placement: PlacementSpec) -> dict[str, ModelConfig]:
     found: dict[str, ModelConfig] = {}
     for path in sorted(directory.glob("*.gguf")):
         stem = path.name[: -len(".gguf")]
@@ -231,7 +295,8 @@ def _scan_models_dir(directory: Path, base: ServerSettings, args: tuple[str, ...
             if split[1] != "00001":
                 continue  # a split model counts once, by its first shard
             stem = stem[: split.start()]
-        found[stem] = ModelConfig(name=stem, path=path, settings=base, args=args)
+        name = name_for(Path(stem + ".gguf"))  # a valid instance name, whatever the file is called
+        found[name] = ModelConfig(name=name, path=path, settings=base, args=args, placement=placement)
     return found
 
 
@@ -261,17 +326,27 @@ def load(path: Path | None, *, required: bool = False) -> Config:
     for key, kind in (("server_bin", str), ("host", str), ("adopt", bool), ("instance_api_keys", bool)):
         if key in data:
             cfg[key] = r.get(data, key, key, kind)
-    for key in ("port", "port_start", "max_instances", "max_queue", "gpu_util_threshold"):
+    for key in ("port", "port_start", "max_instances", "max_queue"):
         if key in data:
             value = r.get(data, key, key, int)
             if value < (0 if key == "max_queue" else 1) or (key.startswith("port") and value > 65535):
                 raise r.fail(key, f"out of range: {value}")
             cfg[key] = value
+    machine: dict[str, Any] = {}
+    if "gpu_util_threshold" in data:
+        value = r.get(data, "gpu_util_threshold", "gpu_util_threshold", int)
+        if not 0 <= value <= 100:
+            raise r.fail("gpu_util_threshold", f"must be in 0..100 (%), got {value}")
+        machine["util_threshold"] = value
     if "gpu_mem_threshold" in data:
         value = r.get(data, "gpu_mem_threshold", "gpu_mem_threshold", (int, float))
         if not 0 < value <= 1:
             raise r.fail("gpu_mem_threshold", f"must be in (0, 1], got {value}")
-        cfg["gpu_mem_threshold"] = float(value)
+        machine["mem_threshold"] = float(value)
+    if "gpu_overhead" in data:
+        machine["gpu_overhead_bytes"] = _size(r, data, "gpu_overhead", "gpu_overhead", limit=2**40)
+    if "host_memory" in data:
+        machine["host_memory_bytes"] = _size(r, data, "host_memory", "host_memory")
     cfg["idle_ttl_s"] = r.duration(data, "idle_ttl", "idle_ttl")
     for key, attr in (("poll_interval", "poll_interval_s"), ("load_timeout", "load_timeout_s")):
         if key in data:
@@ -291,7 +366,9 @@ def load(path: Path | None, *, required: bool = False) -> Config:
         cfg["api_keys"] = tuple(keys)
     defaults_table = r.get(data, "defaults", "defaults", dict, {})
     _check_keys(r, defaults_table, _SETTING_KEYS, "defaults")
-    base, base_args = _settings(r, defaults_table, "defaults", ServerSettings(ctx_size=LLAMACTL_DEFAULT_CTX))
+    base, base_args = _settings(r, defaults_table, "defaults", ServerSettings())
+    base_placement = _placement(r, defaults_table, "defaults", replace(PlacementSpec(), **machine))
+    cfg.update(defaults=base, default_args=base_args, placement=base_placement)
     models: dict[str, ModelConfig] = {}
     if "models_dir" in data:
         directory = Path(r.get(data, "models_dir", "models_dir", str)).expanduser()
@@ -300,13 +377,17 @@ def load(path: Path | None, *, required: bool = False) -> Config:
         if not directory.is_dir():
             raise r.fail("models_dir", f"{directory} is not a directory")
         cfg["models_dir"] = directory
-        models.update(_scan_models_dir(directory, base, base_args))
+        models.update(_scan_models_dir(directory, base, base_args, base_placement))
     for name, table in r.get(data, "models", "models", dict, {}).items():
         where = f"models.{name}"
         if not isinstance(table, dict):
             raise r.fail(where, "expected a table")
+        if not valid_name(name):
+            raise r.fail(where, "a model name is an instance name: letters, digits, '.', '_' and '-' (starting with "
+                                "a letter or digit, at most 128); give other spellings as aliases")
         _check_keys(r, table, _MODEL_KEYS, where)
         settings, args = _settings(r, table, where, base)
+        placement = _placement(r, table, where, base_placement)
         if "path" in table:
             model_path = Path(r.get(table, "path", f"{where}.path", str)).expanduser()
             if not model_path.is_absolute():
@@ -322,14 +403,11 @@ def load(path: Path | None, *, required: bool = False) -> Config:
             settings = replace(settings, lora=tuple(
                 str(p if p.is_absolute() else path.parent / p) for p in (Path(a).expanduser() for a in lora)))
         aliases = r.get(table, "aliases", f"{where}.aliases", list, [])
-        gpus = r.get(table, "gpus", f"{where}.gpus", list, None)
-        if gpus is not None and not all(isinstance(g, int) and not isinstance(g, bool) and g >= 0 for g in gpus):
-            raise r.fail(f"{where}.gpus", "expected a list of GPU indices")
-        max_gpus = r.get(table, "max_gpus", f"{where}.max_gpus", int, None)
+        if not all(isinstance(a, str) and a and len(a) <= 256 for a in aliases):
+            raise r.fail(f"{where}.aliases", "expected a list of non-empty names")
         models[name] = ModelConfig(
             name=name, path=model_path, settings=settings, args=args if "args" in table else base_args,
-            ttl_s=r.duration(table, "ttl", f"{where}.ttl"), max_gpus=max_gpus,
-            gpus=tuple(gpus) if gpus is not None else None, aliases=tuple(str(a) for a in aliases),
+            ttl_s=r.duration(table, "ttl", f"{where}.ttl"), placement=placement, aliases=tuple(aliases),
         )
     seen: dict[str, str] = {}
     for model in models.values():

@@ -7,7 +7,6 @@ estimated is what will run.
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, replace
 from functools import lru_cache
 from pathlib import Path
@@ -17,7 +16,7 @@ from llamactl.gpu.inventory import Inventory
 from llamactl.model.gguf import read_header
 from llamactl.model.memory import REPACK_TYPES_BY_FEATURE, MemoryEstimate, Placement, estimate
 from llamactl.model.params import ModelParams, lora_tensors, model_params
-from llamactl.model.settings import ServerSettings, resolve
+from llamactl.model.settings import ServerSettings, parse_tensor_split, resolve  # noqa: F401  (re-exported)
 
 
 @dataclass(frozen=True)
@@ -26,21 +25,6 @@ class EstimateResult:
     params: ModelParams
     estimate: MemoryEstimate
     tensor_split: tuple[float, ...]
-
-
-def parse_tensor_split(text: str | None) -> tuple[float, ...] | None:
-    """`-ts 3,1` (llama.cpp also takes `/`); a colon is refused: llama-server parses `50:50` as one value."""
-    if text is None:
-        return None
-    if ":" in text:
-        raise UsageError(f"-ts/--tensor-split {text!r}: separate shares with commas (3,1); llama-server reads '50:50' as one number")
-    try:
-        shares = tuple(float(part) for part in text.replace("/", ",").split(",") if part.strip())
-    except ValueError:
-        raise UsageError(f"-ts/--tensor-split {text!r}: expected numbers separated by commas") from None
-    if not shares or any(not math.isfinite(s) or s < 0 for s in shares) or sum(shares) <= 0:
-        raise UsageError(f"-ts/--tensor-split {text!r}: shares must be >= 0 and not all zero")
-    return shares
 
 
 @lru_cache(maxsize=1)
@@ -81,15 +65,12 @@ def load_params(path: str | Path, settings: ServerSettings) -> ModelParams:
     return replace(params, adapters=adapters)
 
 
-def estimate_files(paths: list[str], settings: ServerSettings, inv: Inventory, *,
-                   gpu_overhead_bytes: int, repack_types: frozenset[str]) -> list[EstimateResult]:
-    results = []
+def estimate_model(path: str | Path, settings: ServerSettings, inv: Inventory, *, gpu_overhead_bytes: int,
+                   repack_types: frozenset[str]) -> EstimateResult:
     n_gpus = len(inv.usable)
     split = split_for(inv, settings.tensor_split) if n_gpus else ()
     placement = Placement(n_gpus=n_gpus, tensor_split=split, gpu_overhead_bytes=gpu_overhead_bytes,
                           cpu_repack_types=repack_types)
-    for path in paths:
-        params = load_params(path, settings)
-        resolved = resolve(settings, params, n_gpus)
-        results.append(EstimateResult(Path(path), params, estimate(params, resolved, placement), split))
-    return results
+    params = load_params(path, settings)
+    resolved = resolve(settings, params, n_gpus)
+    return EstimateResult(Path(path), params, estimate(params, resolved, placement), split)

@@ -56,6 +56,40 @@ class Policy:
 
 
 @dataclass(frozen=True)
+class PlacementSpec:
+    """A model's placement choices before the inventory is known; `policy()` completes them for one.
+
+    The config's keys and the command line's flags both land here (resolve.py), each default once: Policy's.
+    """
+
+    strategy: Strategy = Policy.strategy
+    max_gpus: int | None = Policy.max_gpus
+    allow_partial: bool = Policy.allow_partial
+    margin_bytes: int = Policy.margin_bytes
+    gpu_overhead_bytes: int = Policy.gpu_overhead_bytes
+    util_threshold: int = Policy.util_threshold
+    mem_threshold: float = Policy.mem_threshold
+    allowed_gpus: tuple[int, ...] | None = Policy.allowed_gpus
+    host_memory_bytes: int | None = None  # None: this machine's available RAM when the GPUs are live
+
+    def policy(self, gpu_indices: frozenset[int], live_host_memory_bytes: int | None,
+               cpu_repack_types: frozenset[str] = frozenset()) -> Policy:
+        """The Policy on an inventory with these GPU indices (`gpus` checked against them)."""
+        from llamactl.errors import UsageError
+
+        if self.allowed_gpus is not None:
+            unknown = [i for i in self.allowed_gpus if i not in gpu_indices]
+            if unknown:
+                raise UsageError(f"no GPU {unknown[0]} in the inventory (GPUs: {sorted(gpu_indices) or 'none'}); "
+                                 "check --gpu-ids or the model's gpus")
+        host = self.host_memory_bytes if self.host_memory_bytes is not None else live_host_memory_bytes
+        return Policy(strategy=self.strategy, max_gpus=self.max_gpus, allow_partial=self.allow_partial,
+                      margin_bytes=self.margin_bytes, gpu_overhead_bytes=self.gpu_overhead_bytes,
+                      util_threshold=self.util_threshold, mem_threshold=self.mem_threshold,
+                      allowed_gpus=self.allowed_gpus, host_memory_bytes=host, cpu_repack_types=cpu_repack_types)
+
+
+@dataclass(frozen=True)
 class RunningInstance:
     """A llamactl instance as placement sees it: what it holds where, and whether it may go."""
 

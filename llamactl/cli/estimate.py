@@ -7,9 +7,11 @@ from pathlib import Path
 import typer
 
 from llamactl import render
-from llamactl.cli.common import wants_json
-from llamactl.cli.options import INVENTORY, SERVER, InventoryOptions, with_options
-from llamactl.estimate import EstimateResult, estimate_files, host_repack_types
+from llamactl.cli.common import load_config, wants_json
+from llamactl.cli.complete import model_names
+from llamactl.cli.options import INVENTORY, SERVER, InventoryOptions, SettingsFlags, with_options
+from llamactl.estimate import EstimateResult, estimate_model, host_repack_types
+from llamactl.resolve import Overrides, resolve
 from llamactl.model.memory import MemoryEstimate
 from llamactl.model.params import ModelParams
 from llamactl.model.settings import Resolved, ServerSettings
@@ -151,15 +153,22 @@ def print_devices(est: MemoryEstimate, capacity: dict[str, int] | None = None) -
 @with_options(SERVER, INVENTORY)
 def command(
     ctx: typer.Context,
-    models: list[str] = typer.Argument(..., metavar="MODEL.gguf...", help="GGUF files (any shard of a split model)."),
+    models: list[str] = typer.Argument(..., metavar="MODEL...", autocompletion=model_names,
+                                       help="GGUF files (any shard of a split model) or model names from the config."),
     json_output: bool = typer.Option(False, "--json", help="Machine-readable JSON."),
     *,
-    settings: ServerSettings,
+    settings: SettingsFlags,
     inv: InventoryOptions,
 ) -> None:
-    """Predict a model's memory per device from its GGUF header and llama-server flags."""
-    results = estimate_files(models, settings, inv.inventory, gpu_overhead_bytes=inv.gpu_overhead_bytes,
-                             repack_types=host_repack_types())
+    """Predict a model's memory per device from its GGUF header and llama-server flags.
+
+    A configured model name runs with its config settings; the flags given here override them.
+    """
+    cfg = load_config(ctx)
+    given = Overrides(settings=settings.given, placement=inv.given)
+    specs = [resolve(cfg, model, given) for model in models]
+    results = [estimate_model(spec.path, spec.settings, inv.inventory, gpu_overhead_bytes=spec.placement.gpu_overhead_bytes,
+                              repack_types=host_repack_types()) for spec in specs]
     if wants_json(ctx, json_output):
         payload = [result_json(r) for r in results]
         render.emit_json(payload[0] if len(payload) == 1 else payload)

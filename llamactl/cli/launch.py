@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import sys
 from collections.abc import Callable
-from pathlib import Path
 from typing import Optional
 
 import typer
@@ -12,13 +11,13 @@ import typer
 from llamactl import render
 from llamactl.cli.common import load_config, state_store, wants_json
 from llamactl.cli.complete import model_names
-from llamactl.cli.options import INVENTORY, POLICY, SERVER, InventoryOptions, PolicyOptions, with_options
+from llamactl.cli.options import INVENTORY, POLICY, SERVER, InventoryOptions, SettingsFlags, with_options
+from llamactl.config import DEFAULT_PORT_START
 from llamactl.gpu import inventory
-from llamactl.model.settings import ServerSettings
 from llamactl.servers import runner
-from llamactl.servers.launcher import DEFAULT_PORT_START, LaunchRequest, launch
+from llamactl.resolve import Overrides, policy_for, resolve
+from llamactl.servers.launcher import launch, request_for
 from llamactl.servers.probe import find_server, probe
-from llamactl.servers.state import check_name, name_for
 from llamactl.units import format_bytes, parse_duration
 
 
@@ -39,10 +38,11 @@ def command(
     model: str = typer.Argument(..., metavar="MODEL", help="GGUF file, or a model name from the config.",
                                 autocompletion=model_names),
     extra: Optional[list[str]] = typer.Argument(None, metavar="[-- EXTRA...]", help="Extra llama-server arguments."),
-    name: Optional[str] = typer.Option(None, "--name", help="Instance name (default: the file stem)."),
+    name: Optional[str] = typer.Option(None, "--name", help="Instance name (default: the config's name, else the file stem)."),
     replace_existing: bool = typer.Option(False, "--replace", help="Stop a live instance of that name first."),
     port: Optional[int] = typer.Option(None, "--port", min=1, max=65535, help="Port (default: first free from --port-start)."),
-    port_start: int = typer.Option(DEFAULT_PORT_START, "--port-start", min=1, max=65535, help="Where the port search starts."),
+    port_start: Optional[int] = typer.Option(None, "--port-start", min=1, max=65535,
+                                             help=f"Where the port search starts (default: the config's port_start, else {DEFAULT_PORT_START})."),
     server_bin: Optional[str] = typer.Option(None, "--server-bin", help="llama-server binary (else $LLAMA_SERVER, PATH)."),
     timeout: str = typer.Option("300s", "--timeout", help="Readiness deadline, e.g. 90s, 5m."),
     no_wait: bool = typer.Option(False, "--no-wait", help="Return once started; do not wait for readiness."),
@@ -50,37 +50,36 @@ def command(
     grace: str = typer.Option("10s", "--grace", help="Grace between TERM and KILL when stopping."),
     json_output: bool = typer.Option(False, "--json", help="Machine-readable JSON."),
     *,
-    settings: ServerSettings,
+    settings: SettingsFlags,
     inv: InventoryOptions,
-    placement: PolicyOptions,
+    placement: dict,
 ) -> None:
     """Start llama-server for a model (planned like `plan`), wait until ready, record it.
 
-    MODEL is a GGUF path, or a model name or alias from the config (then its path, settings and args are used).
+    MODEL is a GGUF path, or a model name or alias from the config (its settings, placement, args and the
+    config's port_start apply; the flags given here override them).
     """
     cfg = load_config(ctx)
-    path = Path(model)
-    configured = cfg.lookup(model) if not path.exists() else None
-    if configured is not None:
-        path, settings = configured.path, configured.settings
-        extra = list(configured.args) + list(extra or [])
-        name = name or configured.name
-    policy = (placement.policy(inv, configured.gpus, configured.max_gpus) if configured is not None
-              else placement.policy(inv))
-    instance_name = check_name(name) if name is not None else name_for(path)
-    req = LaunchRequest(model=path, name=instance_name, settings=settings, policy=policy, port=port,
-                        port_start=port_start, extra=tuple(extra or ()), timeout_s=parse_duration(timeout, what="--timeout"),
-                        wait=not no_wait, replace_existing=replace_existing)
+    from llamactl.servers.launcher import split_secrets
+
+    extra_args, api_key = split_secrets(extra or [])
+    from llamactl.servers.command import check_extra_args
+
+    check_extra_args(extra_args)
+    spec = resolve(cfg, model, Overrides(settings=settings.given, placement={**inv.given, **placement},
+                                         port_start=port_start, extra_args=extra_args, name=name))
+    instance_name = spec.name
+    req = request_for(spec, policy_for(spec, inv.inventory), port=port,
+                      timeout_s=parse_duration(timeout, what="--timeout"), wait=not no_wait,
+                      replace_existing=replace_existing, api_key=api_key)
     store = state_store(ctx)
     binary = find_server(server_bin, cfg.server_bin)
     caps = probe(binary)
     if dry_run:
-        from llamactl.servers.command import check_extra_args
         from llamactl.servers.launcher import command_for, plan_for
 
-        check_extra_args(req.extra)
         the_plan = plan_for(req, inv.inventory, store.instances())
-        cmd = command_for(req, the_plan, binary, caps, inv.inventory, port or port_start)
+        cmd = command_for(req, the_plan, binary, caps, inv.inventory, port or spec.port_start)
         if wants_json(ctx, json_output):
             render.emit_json({"name": instance_name, "argv": list(cmd.argv), "env": cmd.env, "evict": list(the_plan.evict)})
         else:

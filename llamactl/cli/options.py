@@ -2,11 +2,14 @@
 
 `with_options(...)` adds a group's parameters to a Typer command's signature and
 hands the command one frozen value per group, so `estimate`, `plan` and
-`launch` take the same flags with the same meaning.
+`launch` take the same flags with the same meaning. Each value also says which
+flags were given on the command line (`given`): those, and only those, override
+the config in resolve.py.
 """
 
 import functools
 import inspect
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Optional
@@ -14,10 +17,9 @@ from typing import Any, Optional
 import typer
 
 from llamactl.errors import UsageError
-from llamactl.estimate import host_repack_types, parse_tensor_split
+from llamactl.model.settings import parse_tensor_split
 from llamactl.gpu import inventory
-from llamactl.gpu.inventory import Inventory
-from llamactl.placement import DEFAULT_MARGIN_BYTES, DEFAULT_MEM_THRESHOLD, DEFAULT_UTIL_THRESHOLD, Policy, Strategy
+from llamactl.placement import DEFAULT_MARGIN_BYTES, DEFAULT_MEM_THRESHOLD, DEFAULT_UTIL_THRESHOLD, Strategy
 from llamactl.model.memory import DEFAULT_GPU_OVERHEAD_BYTES
 from llamactl.model.settings import LLAMACTL_DEFAULT_CTX, MAX_LAYERS, ServerSettings, parse_tensor_overrides
 from llamactl.units import parse_size
@@ -46,14 +48,28 @@ def parse_ngl(text: Optional[str]) -> Optional[int]:
     return value
 
 
+@dataclass(frozen=True)
+class SettingsFlags:
+    """llama-server flags: all of them (defaults filled in), and the ServerSettings fields given."""
+
+    settings: ServerSettings
+    given: dict[str, Any]
+
+
+# option name → the ServerSettings field it sets
+_SETTING_FIELD = {"no_kv_offload": "kv_offload", "no_mmap": "mmap", "no_repack": "repack", "cpu_moe": "n_cpu_moe",
+                  "override_tensor": "tensor_overrides"}
+
+
 def _server_settings(ctx_size, n_gpu_layers, tensor_split, cache_type_k, cache_type_v, flash_attn, parallel,
                      kv_unified, batch_size, ubatch_size, swa_full, no_kv_offload, no_mmap, no_repack,
-                     embedding, reranking, n_cpu_moe, cpu_moe, lora, override_tensor) -> ServerSettings:
+                     embedding, reranking, n_cpu_moe, cpu_moe, lora, override_tensor,
+                     given: frozenset[str] = frozenset()) -> SettingsFlags:
     if n_cpu_moe is not None and n_cpu_moe < 0:
         raise UsageError(f"--n-cpu-moe must be >= 0, got {n_cpu_moe}")
     if cpu_moe:
         n_cpu_moe = MAX_LAYERS  # every layer's experts (resolve() clamps to the model's layers)
-    return ServerSettings(
+    settings = ServerSettings(
         n_cpu_moe=n_cpu_moe, lora=tuple(lora or ()),
         tensor_overrides=tuple(o for value in override_tensor or () for o in parse_tensor_overrides(value)),
         ctx_size=ctx_size, n_gpu_layers=parse_ngl(n_gpu_layers), tensor_split=parse_tensor_split(tensor_split),
@@ -62,6 +78,10 @@ def _server_settings(ctx_size, n_gpu_layers, tensor_split, cache_type_k, cache_t
         swa_full=swa_full, kv_offload=not no_kv_offload, mmap=not no_mmap, repack=not no_repack,
         embedding=embedding, reranking=reranking,
     )
+    if "cpu_moe" in given and not cpu_moe:
+        given = given - {"cpu_moe"}
+    fields_given = {_SETTING_FIELD.get(name, name) for name in given}
+    return SettingsFlags(settings, {f: getattr(settings, f) for f in fields_given})
 
 
 SERVER = OptionGroup("settings", (
@@ -92,10 +112,13 @@ SERVER = OptionGroup("settings", (
 class InventoryOptions:
     inventory: inventory.Inventory
     gpu_overhead_bytes: int
+    given: dict[str, Any]  # PlacementSpec fields given (gpu_overhead_bytes)
 
 
-def _inventory(gpus, gpus_file, gpu_overhead) -> InventoryOptions:
-    return InventoryOptions(inventory.resolve(gpus, gpus_file), parse_size(gpu_overhead, what="--gpu-overhead"))
+def _inventory(gpus, gpus_file, gpu_overhead, given: frozenset[str] = frozenset()) -> InventoryOptions:
+    overhead = parse_size(gpu_overhead, what="--gpu-overhead")
+    return InventoryOptions(inventory.resolve(gpus, gpus_file), overhead,
+                            {"gpu_overhead_bytes": overhead} if "gpu_overhead" in given else {})
 
 
 INVENTORY = OptionGroup("inv", (
@@ -105,33 +128,22 @@ INVENTORY = OptionGroup("inv", (
 ), _inventory)
 
 
-@dataclass(frozen=True)
-class PolicyOptions:
-    """Placement flags as given; `policy()` checks them against the inventory."""
-
-    strategy: Strategy
-    max_gpus: Optional[int]
-    no_partial: bool
-    margin: str
-    util_threshold: int
-    mem_threshold: float
-    gpu_ids: Optional[str]
-    host_mem: Optional[str]
-
-    def policy(self, inv: InventoryOptions, allowed_gpus: tuple[int, ...] | None = None,
-               max_gpus: int | None = None) -> Policy:
-        """The placement Policy; a config model's `gpus` and `max_gpus` apply where the flags are not given."""
-        if not 0 < self.mem_threshold <= 1:
-            raise UsageError(f"--gpu-mem-threshold must be in (0, 1], got {self.mem_threshold}")
-        ids = _parse_ids(self.gpu_ids, inv.inventory)
-        return Policy(
-            strategy=self.strategy, max_gpus=self.max_gpus if self.max_gpus is not None else max_gpus,
-            allow_partial=not self.no_partial,
-            margin_bytes=parse_size(self.margin, what="--margin"), gpu_overhead_bytes=inv.gpu_overhead_bytes,
-            util_threshold=self.util_threshold, mem_threshold=self.mem_threshold,
-            allowed_gpus=ids if ids is not None else allowed_gpus,
-            host_memory_bytes=host_memory(inv.inventory, self.host_mem), cpu_repack_types=host_repack_types(),
-        )
+def _policy(strategy, max_gpus, no_partial, margin, util_threshold, mem_threshold, gpu_ids, host_mem,
+            given: frozenset[str] = frozenset()) -> dict[str, Any]:
+    """The PlacementSpec fields given on the command line, checked."""
+    if not (math.isfinite(mem_threshold) and 0 < mem_threshold <= 1):
+        raise UsageError(f"--gpu-mem-threshold must be in (0, 1], got {mem_threshold}")
+    if not 0 <= util_threshold <= 100:
+        raise UsageError(f"--gpu-util-threshold must be in 0..100 (%), got {util_threshold}")
+    values = {
+        "strategy": ("strategy", strategy), "max_gpus": ("max_gpus", max_gpus),
+        "no_partial": ("allow_partial", not no_partial),
+        "margin": ("margin_bytes", parse_size(margin, what="--margin")),
+        "util_threshold": ("util_threshold", util_threshold), "mem_threshold": ("mem_threshold", mem_threshold),
+        "gpu_ids": ("allowed_gpus", _parse_ids(gpu_ids)),
+        "host_mem": ("host_memory_bytes", parse_size(host_mem, what="--host-memory") if host_mem is not None else None),
+    }
+    return dict(values[name] for name in given if name in values)
 
 
 POLICY = OptionGroup("placement", (
@@ -143,35 +155,24 @@ POLICY = OptionGroup("placement", (
     _opt("mem_threshold", float, typer.Option(DEFAULT_MEM_THRESHOLD, "--gpu-mem-threshold", help="Skip GPUs other programs use this fraction of.")),
     _opt("gpu_ids", Optional[str], typer.Option(None, "--gpu-ids", help="Allow-list of GPU indices, e.g. 0,2.")),
     _opt("host_mem", Optional[str], typer.Option(None, "--host-memory", help="RAM available for CPU layers (default: this machine's, for live GPUs).")),
-), PolicyOptions)
+), _policy)
 
 
-def host_memory(inv: Inventory, given: str | None) -> int | None:
-    """RAM a CPU or partial plan may use: --host-memory, else this machine's available RAM when the
-    GPUs are live (a simulated inventory describes another machine, whose RAM is unknown)."""
-    if given is not None:
-        return parse_size(given, what="--host-memory")
-    if inv.source == "nvml":
-        import psutil
-
-        return int(psutil.virtual_memory().available)
-    return None
-
-
-def _parse_ids(text: str | None, inv: Inventory) -> tuple[int, ...] | None:
+def _parse_ids(text: str | None) -> tuple[int, ...] | None:
     if text is None:
         return None
     try:
         ids = tuple(int(part) for part in text.split(",") if part.strip())
     except ValueError:
         raise UsageError(f"--gpu-ids {text!r}: expected GPU indices separated by commas") from None
-    if not ids:
-        raise UsageError("--gpu-ids needs at least one GPU index")
-    known = {g.index for g in inv.gpus}
-    unknown = [i for i in ids if i not in known]
-    if unknown:
-        raise UsageError(f"--gpu-ids: no GPU {unknown[0]} in the inventory (GPUs: {sorted(known) or 'none'})")
+    if not ids or any(i < 0 for i in ids):
+        raise UsageError(f"--gpu-ids {text!r}: expected GPU indices (>= 0) separated by commas")
     return ids
+
+
+def _given(ctx: typer.Context, name: str) -> bool:
+    source = ctx.get_parameter_source(name)
+    return source is not None and source.name != "DEFAULT"  # COMMANDLINE or ENVIRONMENT
 
 
 def with_options(*groups: OptionGroup) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
@@ -184,9 +185,11 @@ def with_options(*groups: OptionGroup) -> Callable[[Callable[..., Any]], Callabl
 
         @functools.wraps(fn)
         def wrapper(**kwargs: Any) -> Any:
+            ctx = kwargs.get("ctx")  # every such command takes the (click) context: it knows each value's source
             for group in groups:
                 values = {p.name: kwargs.pop(p.name) for p in group.params}
-                kwargs[group.name] = group.build(**values)
+                given = frozenset(name for name in values if ctx is not None and _given(ctx, name))
+                kwargs[group.name] = group.build(given=given, **values)
             return fn(**kwargs)
 
         wrapper.__signature__ = sig.replace(parameters=own + added)  # type: ignore[attr-defined]

@@ -13,17 +13,17 @@ import typer
 from llamactl import render
 from llamactl.cli.common import load_config, state_store, wants_json
 from llamactl.cli.estimate import print_devices, print_summary
-from llamactl.cli.options import INVENTORY, POLICY, SERVER, InventoryOptions, PolicyOptions, with_options
+from llamactl.cli.complete import model_names
+from llamactl.cli.options import INVENTORY, POLICY, SERVER, InventoryOptions, SettingsFlags, with_options
 from llamactl.errors import ExitCode, LlamactlError
 from llamactl.estimate import load_params
 from llamactl.model.params import ModelParams
-from llamactl.model.settings import ServerSettings
 from llamactl.placement import Fit, Plan, plan
 from llamactl.servers.command import ASSUMED_FLAGS, ServerCommand, build_command, check_extra_args
 from llamactl.servers.launcher import cuda_devices, running_for_placement
+from llamactl.resolve import Overrides, policy_for, resolve
 from llamactl.servers.probe import ServerCaps, find_server, probe
 
-DEFAULT_PORT = 8081
 _EXIT = {Fit.GPU: ExitCode.OK, Fit.PARTIAL: ExitCode.PARTIAL_FIT, Fit.CPU: ExitCode.PARTIAL_FIT, Fit.NONE: ExitCode.NO_FIT}
 
 
@@ -89,35 +89,43 @@ def plan_json(result: Plan, cmd: ServerCommand | None) -> dict[str, object]:
 @with_options(SERVER, INVENTORY, POLICY)
 def command(
     ctx: typer.Context,
-    model: str = typer.Argument(..., metavar="MODEL.gguf", help="GGUF file (any shard of a split model)."),
+    model: str = typer.Argument(..., metavar="MODEL", autocompletion=model_names,
+                                help="GGUF file (any shard of a split model), or a model name from the config."),
     extra: Optional[list[str]] = typer.Argument(None, metavar="[-- EXTRA...]", help="Extra llama-server arguments."),
-    port: int = typer.Option(DEFAULT_PORT, "--port", min=1, max=65535, help="Port for the llama-server command line."),
+    port: Optional[int] = typer.Option(None, "--port", min=1, max=65535,
+                                       help="Port for the llama-server command line (default: the config's port_start)."),
     server_bin: Optional[str] = typer.Option(None, "--server-bin", help="llama-server binary (else $LLAMA_SERVER, PATH)."),
     json_output: bool = typer.Option(False, "--json", help="Machine-readable JSON."),
     *,
-    settings: ServerSettings,
+    settings: SettingsFlags,
     inv: InventoryOptions,
-    placement: PolicyOptions,
+    placement: dict,
 ) -> None:
-    """Choose GPUs, tensor split and layers; print the llama-server command. Exit 0 GPU, 3 partial/CPU, 4 no fit."""
-    extra_args = list(extra or [])
-    check_extra_args(extra_args)
-    policy = placement.policy(inv)
-    params = load_params(model, settings)
+    """Choose GPUs, tensor split and layers; print the llama-server command. Exit 0 GPU, 3 partial/CPU, 4 no fit.
+
+    A configured model name plans with its config settings and placement; the flags given here override them.
+    """
+    cfg = load_config(ctx)
+    check_extra_args(list(extra or []))
+    spec = resolve(cfg, model, Overrides(settings=settings.given, placement={**inv.given, **placement},
+                                         extra_args=tuple(extra or ())))
+    policy = policy_for(spec, inv.inventory)
+    params = load_params(spec.path, spec.settings)
     # llamactl's own instances are accounted exactly (and proposed for eviction), not as other programs' use
     running = running_for_placement(state_store(ctx).instances()) if inv.inventory.source == "nvml" else []
-    result = plan(params, settings, inv.inventory.usable, policy, running)
+    result = plan(params, spec.settings, inv.inventory.usable, policy, running)
     cmd = None
     note = inv.inventory.note
     if result.resolved is not None:
-        binary, caps, binary_note = server_caps(server_bin, load_config(ctx).server_bin)
+        binary, caps, binary_note = server_caps(server_bin, cfg.server_bin)
         note = "; ".join(n for n in (note, binary_note) if n) or None
-        cmd = build_command(binary, model, result.resolved, caps, port=port, tensor_split=result.tensor_split,
-                            cuda_devices=cuda_devices(result.gpu_ids, inv.inventory), extra=extra_args)
+        cmd = build_command(binary, spec.path, result.resolved, caps, port=port or spec.port_start,
+                            tensor_split=result.tensor_split, cuda_devices=cuda_devices(result.gpu_ids, inv.inventory),
+                            extra=spec.args)
     if wants_json(ctx, json_output):
         render.emit_json(plan_json(result, cmd))
     else:
-        _print_human(result, cmd, model, params, note)
+        _print_human(result, cmd, str(spec.path), params, note)
     raise typer.Exit(int(_EXIT[result.fit]))
 
 

@@ -14,15 +14,18 @@ from llamactl.cli.common import load_config, state_store, wants_json
 from llamactl.errors import UsageError
 from llamactl.estimate import host_repack_types
 from llamactl.gpu import inventory
-from llamactl.model.gguf import read_header
+from llamactl.estimate import load_params
+from llamactl.model.settings import resolve as resolve_settings
+from llamactl.resolve import resolve
 from llamactl.units import format_duration, parse_duration, parse_size
 
 
 def _check(cfg: config_mod.Config, as_json: bool) -> None:
     rows, problems, out = [], [], []
     for name, model in sorted(cfg.models.items()):
-        try:
-            read_header(model.path)
+        try:  # what a launch checks before it starts anything: the header, LoRA files, settings vs the model
+            spec = resolve(cfg, name)
+            resolve_settings(spec.settings, load_params(spec.path, spec.settings), 0)
             ok = "ok"
         except UsageError as exc:
             ok = "error"

@@ -8,6 +8,7 @@ attention on or off), which is what both the estimate and the argv use.
 
 from __future__ import annotations
 
+import math
 import re
 from dataclasses import dataclass
 
@@ -177,3 +178,18 @@ def resolve(settings: ServerSettings, model: ModelParams, n_gpus: int) -> Resolv
         reranking=settings.reranking, n_cpu_moe=n_cpu_moe,
         lora=settings.lora, tensor_overrides=settings.tensor_overrides,
     )
+
+
+def parse_tensor_split(text: str | None) -> tuple[float, ...] | None:
+    """`-ts 3,1` (llama.cpp also takes `/`); a colon is refused: llama-server parses `50:50` as one value."""
+    if text is None:
+        return None
+    if ":" in text:
+        raise UsageError(f"-ts/--tensor-split {text!r}: separate shares with commas (3,1); llama-server reads '50:50' as one number")
+    try:
+        shares = tuple(float(part) for part in text.replace("/", ",").split(",") if part.strip())
+    except ValueError:
+        raise UsageError(f"-ts/--tensor-split {text!r}: expected numbers separated by commas") from None
+    if not shares or len(shares) > 1024 or any(not math.isfinite(s) or s < 0 or s > 1e12 for s in shares) or sum(shares) <= 0:
+        raise UsageError(f"-ts/--tensor-split {text!r}: shares must be >= 0 and not all zero")
+    return shares

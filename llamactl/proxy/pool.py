@@ -22,7 +22,7 @@ from llamactl.config import Config, ModelConfig
 from llamactl.errors import (LlamactlError, LoadTimeoutError, ModelUnavailableError, NoFitError, QueueFullError,
                              UnknownModelError, UpstreamError)
 from llamactl.gpu.inventory import Inventory
-from llamactl.placement import Policy
+from llamactl.resolve import Overrides, policy_for, resolve
 from llamactl.servers import launcher, procs, runner
 from llamactl.servers.probe import ServerCaps
 from llamactl.servers.state import Instance, StateStore, Status
@@ -158,18 +158,17 @@ class Pool:
             log.info("%s: stopped (%s)", slot.model.name, reason)
             self._changed()
 
-    def _request(self, slot: Slot, protected: frozenset[str]) -> launcher.LaunchRequest:
-        m = slot.model
-        policy = Policy(max_gpus=m.max_gpus, allowed_gpus=m.gpus, util_threshold=self.config.gpu_util_threshold,
-                        mem_threshold=self.config.gpu_mem_threshold, cpu_repack_types=self.repack_types,
-                        **({"gpu_overhead_bytes": self.gpu_overhead_bytes} if self.gpu_overhead_bytes is not None else {}))
+    def _request(self, slot: Slot, protected: frozenset[str], inv: Inventory) -> launcher.LaunchRequest:
+        """The launch of this slot's model, resolved as every door resolves it (resolve.py)."""
+        overrides = Overrides(placement={"gpu_overhead_bytes": self.gpu_overhead_bytes}
+                              if self.gpu_overhead_bytes is not None else {})
+        spec = resolve(self.config, slot.model.name, overrides)
         if self.config.instance_api_keys:
             slot.api_key = secrets.token_urlsafe(24)
-        return launcher.LaunchRequest(model=m.path, name=m.name, settings=m.settings, policy=policy,
-                                      port_start=self.config.port_start, extra=m.args,
-                                      api_key=slot.api_key if self.config.instance_api_keys else None,
-                                      timeout_s=self.config.load_timeout_s, started_by="proxy",
-                                      replace_existing=True, protected=protected)
+        return launcher.request_for(spec, policy_for(spec, inv, self.repack_types),
+                                    api_key=slot.api_key if self.config.instance_api_keys else None,
+                                    timeout_s=self.config.load_timeout_s, started_by="proxy",
+                                    replace_existing=True, protected=protected)
 
     async def _adopt_running(self, slot: Slot, instances: dict[str, Instance] | None = None) -> bool:
         """Route to a live instance of this model's name (started by hand, or by an earlier proxy).
@@ -216,9 +215,9 @@ class Pool:
                     raise ModelUnavailableError(f"max_instances ({limit}) reached and every instance is busy")
                 await self._stop(victims[0], "max_instances")
                 running.remove(victims[0])
-        req = self._request(slot, self._protected({slot.model.name}))
         instances = await asyncio.to_thread(self.store.instances)
         inv = await asyncio.to_thread(self.inventory_fn)
+        req = self._request(slot, self._protected({slot.model.name}), inv)
         proposal = await asyncio.to_thread(launcher.plan_for, req, inv, instances)
         for name in proposal.evict:
             other = self.slots.get(name)
@@ -238,7 +237,8 @@ class Pool:
                 return
             await self._make_room(slot)
             # room was made above, under the proxy's rules; the launch itself evicts nothing more
-            req = replace(self._request(slot, self._protected({name})), may_evict=False)
+            inv = await asyncio.to_thread(self.inventory_fn)
+            req = replace(self._request(slot, self._protected({name}), inv), may_evict=False)
             done = await asyncio.to_thread(launcher.launch, self.store, req, self.binary, self.caps,
                                            self.inventory_fn, grace_s=self.grace_s)
             slot.instance, slot.phase, slot.ours = done.instance, Phase.READY, True

@@ -124,21 +124,31 @@ _MEMORY_FLAGS = {
     "--override-kv": "metadata overrides", "--pooling": "embedding mode", "--control-vector": "control vectors",
     "--control-vector-scaled": "control vectors", "--no-host": "host buffer placement", "-cram": "the prompt cache",
     "--cache-ram": "the prompt cache", "--kv-unified-per-slot": "slot sizes", "-sps": "slot sizes",
+    "--mlock": "weights locked in RAM",
 }
 # llama-server's presets (--fim-qwen-7b-spec, --gpt-oss-20b-default, ...) pick models and drafts
 _PRESET_PREFIXES = ("--fim-", "--gpt-oss-", "--embd-", "--vision-")
-_OWN_FLAGS = {
-    "-m", "--model", "--host", "--port", "-c", "--ctx-size", "-ngl", "--gpu-layers", "--n-gpu-layers",
-    "-fa", "--flash-attn", "-np", "--parallel", "-ctk", "--cache-type-k", "-ctv", "--cache-type-v",
-    "-b", "--batch-size", "-ub", "--ubatch-size", "-kvu", "--kv-unified", "-no-kvu", "--no-kv-unified",
-    "-ts", "--tensor-split", "-fit", "--fit", "--swa-full", "-nkvo", "--no-kv-offload", "-kvo", "--kv-offload",
-    "-lm", "--load-mode", "-nr", "--no-repack", "--repack", "--embedding", "--embeddings",
-    "-ncmoe", "--n-cpu-moe", "-cmoe", "--cpu-moe", "--lora", "-ot", "--override-tensor", "--rerank", "--reranking",
+# flags llamactl sets itself: (its own option, the config key) to use instead
+_OWN = {
+    ("-m", "--model"): ("MODEL", "path"), ("--host",): ("--host", "host"), ("--port",): ("--port", "port_start"),
+    ("-c", "--ctx-size"): ("-c", "ctx_size"), ("-ngl", "--gpu-layers", "--n-gpu-layers"): ("-ngl", "n_gpu_layers"),
+    ("-fa", "--flash-attn"): ("-fa", "flash_attn"), ("-np", "--parallel"): ("-np", "parallel"),
+    ("-ctk", "--cache-type-k"): ("-ctk", "cache_type_k"), ("-ctv", "--cache-type-v"): ("-ctv", "cache_type_v"),
+    ("-b", "--batch-size"): ("-b", "batch_size"), ("-ub", "--ubatch-size"): ("-ub", "ubatch_size"),
+    ("-kvu", "--kv-unified", "-no-kvu", "--no-kv-unified"): ("-kvu/-no-kvu", "kv_unified"),
+    ("-ts", "--tensor-split"): ("-ts", "tensor_split"), ("-fit", "--fit"): ("plan (llamactl places the model)", "gpus, max_gpus"),
+    ("--swa-full",): ("--swa-full", "swa_full"), ("-nkvo", "--no-kv-offload", "-kvo", "--kv-offload"): ("-nkvo", "kv_offload"),
+    ("-lm", "--load-mode", "--no-mmap", "--mmap"): ("--no-mmap", "no_mmap"), ("-nr", "--no-repack", "--repack"): ("-nr", "repack"),
+    ("--embedding", "--embeddings"): ("--embedding", "embedding"), ("--rerank", "--reranking"): ("--reranking", "reranking"),
+    ("-ncmoe", "--n-cpu-moe", "-cmoe", "--cpu-moe"): ("--n-cpu-moe", "n_cpu_moe"), ("--lora",): ("--lora", "lora"),
+    ("-ot", "--override-tensor"): ("-ot", "override_tensor"),
 }
+_OWN_FLAGS = {flag: use for flags, use in _OWN.items() for flag in flags}
 
 
-def check_extra_args(extra: Sequence[str]) -> None:
-    """Refuse extra arguments that would make the estimate wrong, naming the flag and what to use."""
+def check_extra_args(extra: Sequence[str], *, config: bool = False) -> None:
+    """Refuse extra arguments that would make the estimate wrong, naming the flag and what to use instead
+    (the option on the command line; the key in a config's `args`)."""
     for arg in extra:
         flag = arg.split("=", 1)[0]
         if flag.startswith(_PRESET_PREFIXES):
@@ -148,7 +158,10 @@ def check_extra_args(extra: Sequence[str]) -> None:
             raise UsageError(f"extra argument {flag} ({_MEMORY_FLAGS[flag]}) changes memory in a way llamactl does "
                              "not model yet; remove it or run llama-server by hand")
         if flag in _OWN_FLAGS:
-            raise UsageError(f"extra argument {flag} is set by llamactl; use llamactl's own {flag} option instead")
+            option, key = _OWN_FLAGS[flag]
+            if config:
+                raise UsageError(f"{flag} is set by llamactl; use the config key {key} instead")
+            raise UsageError(f"extra argument {flag} is set by llamactl; use llamactl's own {option} instead")
 
 
 # What a current llama-server supports, assumed when planning without a binary at hand (CI fit checks).

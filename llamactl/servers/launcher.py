@@ -13,7 +13,9 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
+from typing import TYPE_CHECKING
 
+from llamactl.config import DEFAULT_PORT_START
 from llamactl.errors import ExitCode, LlamactlError, NoFitError, UsageError
 from llamactl.gpu.inventory import Inventory
 from llamactl.estimate import load_params
@@ -23,11 +25,12 @@ from llamactl.placement import Fit, Plan, Policy, RunningInstance, plan
 from llamactl.servers import procs, runner
 from llamactl.servers.command import ServerCommand, build_command, check_extra_args
 from llamactl.servers.probe import ServerCaps
+if TYPE_CHECKING:
+    from llamactl.resolve import ModelSpec
 from llamactl.servers.state import INSTANCE_ENV, STATE_DIR_ENV, Instance, StateError, StateStore, Status, check_name
 
 log = logging.getLogger(__name__)
 
-DEFAULT_PORT_START = 8081
 PORT_SEARCH = 1000
 MEMORY_RELEASE_TIMEOUT_S = 10.0
 
@@ -39,7 +42,7 @@ class LaunchRequest:
     settings: ServerSettings
     policy: Policy
     port: int | None = None
-    port_start: int = DEFAULT_PORT_START
+    port_start: int = DEFAULT_PORT_START  # the built-in; a ModelSpec carries the configured one
     host: str = "127.0.0.1"
     extra: tuple[str, ...] = ()
     timeout_s: float = 300.0
@@ -49,6 +52,12 @@ class LaunchRequest:
     protected: frozenset[str] = frozenset()  # instances that must not be evicted (requests in flight, not ours)
     may_evict: bool = True  # act on the plan's eviction proposal
     api_key: str | None = None  # reaches llama-server as LLAMA_API_KEY, never on argv
+
+
+def request_for(spec: "ModelSpec", policy: Policy, **kw: object) -> LaunchRequest:
+    """The launch of a resolved model (resolve.py): its path, name, settings, args and port range."""
+    return LaunchRequest(model=spec.path, name=spec.name, settings=spec.settings, policy=policy,
+                         port_start=spec.port_start, extra=spec.args, **kw)  # type: ignore[arg-type]
 
 
 @dataclass(frozen=True)

@@ -20,7 +20,6 @@ import json
 import logging
 import math
 import os
-import re
 import shutil
 import stat
 import tempfile
@@ -34,8 +33,9 @@ from typing import TypedDict
 
 import psutil
 
-from llamactl.errors import LlamactlError, UsageError
+from llamactl.errors import LlamactlError
 from llamactl.servers import procs
+from llamactl.servers.names import check_name, name_for, valid_name
 from llamactl.servers.procs import INSTANCE_ENV, STATE_DIR_ENV, Claim, Ownership
 
 log = logging.getLogger(__name__)
@@ -45,10 +45,9 @@ STATE_NAME = "state.json"
 LOCK_NAME = "state.lock"
 UNSPAWNED_GRACE_S = 120.0  # a reservation with no pid older than this was abandoned
 MAX_STATE_BYTES = 16 * 1024 * 1024  # far above any real state file; a bigger one is not ours
-NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
 STARTED_BY = ("cli", "proxy", "adopted")
 
-__all__ = ["INSTANCE_ENV", "STATE_DIR_ENV", "Instance", "StateStore", "Status", "check_name", "valid_name"]
+__all__ = ["INSTANCE_ENV", "STATE_DIR_ENV", "Instance", "StateStore", "Status", "check_name", "name_for", "valid_name"]
 
 
 class Status(str, Enum):
@@ -63,25 +62,6 @@ class Status(str, Enum):
 
 
 LIVE = frozenset({Status.STARTING, Status.READY, Status.BUSY, Status.STOPPING})
-
-
-def valid_name(name: object) -> bool:
-    """Instance names become file names (logs/NAME.log) and env tags: letters, digits, '.', '_', '-'."""
-    return isinstance(name, str) and NAME_RE.fullmatch(name) is not None
-
-
-def check_name(name: str, what: str = "--name") -> str:
-    if not valid_name(name):
-        raise UsageError(f"{what} {name!r} is not a valid instance name: use letters, digits, '.', '_' and '-' "
-                         f"(starting with a letter or digit, at most 128 characters)")
-    return name
-
-
-def name_for(model: Path) -> str:
-    """The default instance name of a model file: its stem (split files once), made a valid name."""
-    stem = model.name.removesuffix(".gguf").split("-00001-of-")[0]
-    name = re.sub(r"[^A-Za-z0-9._-]+", "-", stem).lstrip("._-")[:128]
-    return name or "model"
 
 
 class InstanceJSON(TypedDict, total=False):

@@ -43,7 +43,7 @@ lora = ["adapters/style.gguf", "/abs/other.gguf"]
     assert (cfg.port, cfg.idle_ttl_s, cfg.api_keys) == (9000, 5400.0, ("k",))
     assert sorted(cfg.models) == ["a", "big", "chat"]  # split files count once
     chat = cfg.models["chat"]
-    assert chat.path == tmp_path / "models" / "a.gguf" and chat.ttl_s == 120.0 and chat.gpus == (0, 1)
+    assert chat.path == tmp_path / "models" / "a.gguf" and chat.ttl_s == 120.0 and chat.placement.allowed_gpus == (0, 1)
     assert (chat.settings.ctx_size, chat.settings.cache_type_k, chat.settings.flash_attn) == (8192, "q8_0", "on")
     assert chat.args == ("--jinja",) and cfg.models["big"].settings.ctx_size == 8192
     assert chat.settings.lora == (str(tmp_path / "adapters" / "style.gguf"), "/abs/other.gguf")  # relative to the file
@@ -66,6 +66,17 @@ lora = ["adapters/style.gguf", "/abs/other.gguf"]
     ("[defaults]\noverride_tensor = [\"ffn=Metal\"]\n", "defaults.override_tensor: -ot/--override-tensor 'ffn=Metal'"),
     ("[models.m]\npath = \"m.gguf\"\nn_cpu_moe = -2\n", "config.toml:3: models.m.n_cpu_moe: expected a number >= 0 or 'all'"),
     ("this is = not toml [", "invalid TOML"),
+    ("[models.\"a/b\"]\npath = \"m.gguf\"\n", "models.a/b: a model name is an instance name"),
+    ("[defaults]\nargs = [\"--port\", \"9\"]\n", "defaults.args: --port is set by llamactl; use the config key port_start"),
+    ("[defaults]\nargs = [\"-c\", \"9\"]\n", "defaults.args: -c is set by llamactl; use the config key ctx_size"),
+    ("[defaults]\nargs = [\"--no-mmap\"]\n", "use the config key no_mmap"),
+    ("[defaults]\nargs = [\"--mlock\"]\n", "--mlock (weights locked in RAM) changes memory"),
+    ("[defaults]\ntensor_split = [1, \"x\"]\n", "defaults.tensor_split: expected a list of shares"),
+    ("[defaults]\ntensor_split = [0, 0]\n", "defaults.tensor_split"),
+    ("[defaults]\nstrategy = \"random\"\n", "defaults.strategy: expected spread or pack"),
+    ("[defaults]\nmargin = \"lots\"\n", "defaults.margin"),
+    ("gpu_util_threshold = 101\n", "gpu_util_threshold: must be in 0..100"),
+    ("gpu_overhead = -1\n", "gpu_overhead: out of range"),
     ("models_dir = \"nowhere\"\n", "is not a directory"),
 ])
 def test_bad_keys_name_the_key_and_line(tmp_path: Path, text: str, message: str) -> None:
@@ -80,7 +91,7 @@ def test_seed_json(tmp_path: Path) -> None:
             "gpu_util_threshold": 50, "gpu_mem_threshold": 0.5, "ctx_size": 2048, "cache_type_bits": 8, "gpu_layers": -1}
     cfg = load(write(tmp_path, json.dumps(seed), "config.json"))
     model = cfg.models["llama-7b"]
-    assert (cfg.max_instances, cfg.port_start, model.max_gpus) == (4, 8080, 2)
+    assert (cfg.max_instances, cfg.port_start, model.placement.max_gpus) == (4, 8080, 2)
     assert (model.settings.ctx_size, model.settings.cache_type_k, model.settings.cache_type_v) == (2048, "q8_0", "q8_0")
     assert model.settings.flash_attn == "on" and model.settings.n_gpu_layers is None
 
@@ -89,3 +100,30 @@ def test_missing_files(tmp_path: Path) -> None:
     assert load(tmp_path / "none.toml").models == {}
     with pytest.raises(ConfigError, match="no such config file"):
         load(tmp_path / "none.toml", required=True)
+
+
+def test_every_estimate_setting_is_a_config_key(tmp_path: Path) -> None:
+    """`estimate`'s flags and the config's keys say the same things (issue: swa_full, no_mmap, ... refused)."""
+    cfg = load(write(tmp_path, '''
+gpu_overhead = "300MiB"
+host_memory = "64GiB"
+gpu_util_threshold = 30
+[defaults]
+swa_full = true
+no_mmap = true
+kv_offload = false
+repack = false
+tensor_split = [3, 1]
+strategy = "pack"
+margin = "1GiB"
+no_partial = true
+[models.m]
+path = "m.gguf"
+max_gpus = 1
+kv_offload = true
+'''))
+    s, p = cfg.models["m"].settings, cfg.models["m"].placement
+    assert (s.swa_full, s.mmap, s.kv_offload, s.repack, s.tensor_split) == (True, False, True, False, (3.0, 1.0))
+    assert (p.strategy.value, p.margin_bytes, p.allow_partial, p.max_gpus) == ("pack", 2**30, False, 1)
+    assert (p.gpu_overhead_bytes, p.host_memory_bytes, p.util_threshold) == (300 * 2**20, 64 * 2**30, 30)
+    assert cfg.defaults.kv_offload is False and cfg.placement.max_gpus is None  # [defaults] vs the model's own

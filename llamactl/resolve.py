@@ -1,0 +1,96 @@
+"""One resolver: (config, model name or path, command-line overrides) → what to run. Every door uses it.
+
+`estimate`, `plan`, `launch` and the proxy all turn what they were given into a
+ModelSpec here, so a configured model means the same thing everywhere.
+Precedence, field by field: the command line > `[models.NAME]` > `[defaults]`
+(and the config's machine keys) > llamactl's built-in default, each defined once
+(ServerSettings, Policy via PlacementSpec, config.DEFAULT_PORT_START).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, fields, replace
+from pathlib import Path
+from typing import Any
+
+from llamactl.config import Config, ModelConfig
+from llamactl.errors import UsageError
+from llamactl.gpu.inventory import Inventory
+from llamactl.model.settings import ServerSettings
+from llamactl.placement import PlacementSpec, Policy
+from llamactl.servers.names import check_name, name_for
+
+
+@dataclass(frozen=True)
+class Overrides:
+    """What the command line gave, and only that: anything absent here comes from the config."""
+
+    settings: dict[str, Any] = field(default_factory=dict)  # ServerSettings field → value
+    placement: dict[str, Any] = field(default_factory=dict)  # PlacementSpec field → value
+    port_start: int | None = None
+    extra_args: tuple[str, ...] = ()
+    name: str | None = None
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """A model ready to plan and run: where it is, how llama-server runs it, where it may go."""
+
+    name: str  # the instance name
+    path: Path
+    settings: ServerSettings
+    placement: PlacementSpec
+    args: tuple[str, ...] = ()
+    port_start: int = 8081
+    ttl_s: float | None = None
+    aliases: tuple[str, ...] = ()
+    configured: bool = False  # from the config (by name or alias), not a bare path
+
+
+def _apply(base: Any, updates: dict[str, Any]) -> Any:
+    unknown = set(updates) - {f.name for f in fields(base)}
+    if unknown:
+        raise ValueError(f"not a field of {type(base).__name__}: {sorted(unknown)}")
+    return replace(base, **updates) if updates else base
+
+
+def resolve(cfg: Config, model: str | Path, given: Overrides = Overrides()) -> ModelSpec:
+    """The ModelSpec for `model`: an existing file is a path (the config's [defaults] apply to it), else
+    a configured name or alias; anything else is a usage error naming both."""
+    path = Path(model)
+    configured: ModelConfig | None = None
+    if not path.exists():
+        configured = cfg.lookup(str(model))
+        if configured is None:
+            known = ", ".join(sorted(cfg.models)) or "none configured"
+            where = f" in {cfg.source}" if cfg.source else ""
+            raise UsageError(f"{model}: no such file, and no model of that name{where} (configured: {known})")
+    if configured is not None:
+        settings, placement, args = configured.settings, configured.placement, configured.args
+        name, path, ttl_s, aliases = configured.name, configured.path, configured.ttl_s, configured.aliases
+    else:
+        settings, placement, args = cfg.defaults, cfg.placement, cfg.default_args
+        name, ttl_s, aliases = name_for(path), None, ()
+    return ModelSpec(
+        name=check_name(given.name) if given.name is not None else name,
+        path=path,
+        settings=_apply(settings, given.settings),
+        placement=_apply(placement, given.placement),
+        args=(*args, *given.extra_args),
+        port_start=given.port_start if given.port_start is not None else cfg.port_start,
+        ttl_s=ttl_s, aliases=aliases, configured=configured is not None,
+    )
+
+
+def policy_for(spec: ModelSpec, inv: Inventory, cpu_repack_types: frozenset[str] | None = None) -> Policy:
+    """The spec's placement on this inventory: `gpus` checked against it; host RAM read when its GPUs are live
+    (a simulated inventory describes another machine, whose RAM is unknown unless host_memory says)."""
+    from llamactl.estimate import host_repack_types
+
+    live_host = None
+    if inv.source == "nvml":
+        import psutil
+
+        live_host = int(psutil.virtual_memory().available)
+    return spec.placement.policy(frozenset(g.index for g in inv.gpus), live_host,
+                                 host_repack_types() if cpu_repack_types is None else cpu_repack_types)
