@@ -59,6 +59,42 @@ class NotBuiltError(LlamactlError):
     exit_code = ExitCode.FAILURE
 
 
+class LaunchError(LlamactlError):
+    """llama-server did not become ready; carries the log's tail. The subclass says why (the proxy and the
+    exit code go by the type, never by the message)."""
+
+    def __init__(self, message: str, log_tail: str = "") -> None:
+        super().__init__(message)
+        self.log_tail = log_tail
+
+
+class ExitedEarly(LaunchError):
+    """llama-server exited before it was ready (a bad flag, a bad file, a port taken meanwhile...)."""
+
+
+class OutOfMemoryAtLoad(ExitedEarly):
+    """llama-server exited while allocating its buffers: the plan asked for more than the device had."""
+
+    exit_code = ExitCode.NO_FIT
+
+
+class NotReadyInTime(LaunchError):
+    """llama-server still ran, but missed its readiness deadline (it was stopped)."""
+
+
+# what llama.cpp logs when a buffer cannot be allocated (ggml-backend, CUDA, the host)
+OOM_MARKERS = ("out of memory", "failed to allocate", "unable to allocate", "cudamalloc failed",
+               "failed to create context", "cannot allocate memory")
+
+
+def exited_early(message: str, log_tail: str) -> ExitedEarly:
+    """The right ExitedEarly for a log tail: out of memory when llama.cpp said so."""
+    lowered = log_tail.lower()
+    if any(marker in lowered for marker in OOM_MARKERS):
+        return OutOfMemoryAtLoad(message + " (out of memory while loading)", log_tail)
+    return ExitedEarly(message, log_tail)
+
+
 class ProxyError(LlamactlError):
     """An error the proxy answers with OpenAI's envelope: {"error": {"message", "type", "code"}}."""
 

@@ -21,7 +21,7 @@ def instance_names(ctx: typer.Context, incomplete: str) -> list[str]:
 
         state_dir = _root_params(ctx).get("state_dir")
         store = StateStore(paths.state_dir(state_dir if isinstance(state_dir, str) else None))
-        return sorted(n for n in store.instances() if n.startswith(incomplete))
+        return sorted(n for n in store.snapshot() if n.startswith(incomplete))
     except Exception:
         return []
 

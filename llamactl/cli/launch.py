@@ -78,7 +78,7 @@ def command(
     if dry_run:
         from llamactl.servers.launcher import command_for, plan_for
 
-        the_plan = plan_for(req, inv.inventory, store.instances())
+        the_plan = plan_for(req, inv.inventory, store.snapshot())
         cmd = command_for(req, the_plan, binary, caps, inv.inventory, port or spec.port_start)
         if wants_json(ctx, json_output):
             render.emit_json({"name": instance_name, "argv": list(cmd.argv), "env": cmd.env, "evict": list(the_plan.evict)})

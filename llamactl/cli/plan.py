@@ -112,7 +112,7 @@ def command(
     policy = policy_for(spec, inv.inventory)
     params = load_params(spec.path, spec.settings)
     # llamactl's own instances are accounted exactly (and proposed for eviction), not as other programs' use
-    running = running_for_placement(state_store(ctx).instances()) if inv.inventory.source == "nvml" else []
+    running = running_for_placement(state_store(ctx).snapshot()) if inv.inventory.source == "nvml" else []
     result = plan(params, spec.settings, inv.inventory.usable, policy, running)
     cmd = None
     note = inv.inventory.note

@@ -19,8 +19,8 @@ from dataclasses import dataclass, field, replace
 from enum import Enum
 
 from llamactl.config import Config, ModelConfig
-from llamactl.errors import (LlamactlError, LoadTimeoutError, ModelUnavailableError, NoFitError, QueueFullError,
-                             UnknownModelError, UpstreamError)
+from llamactl.errors import (LaunchError, LlamactlError, LoadTimeoutError, ModelUnavailableError, NoFitError,
+                             NotReadyInTime, OutOfMemoryAtLoad, QueueFullError, UnknownModelError, UpstreamError)
 from llamactl.gpu.inventory import Inventory
 from llamactl.resolve import Overrides, policy_for, resolve
 from llamactl.servers import launcher, procs, runner
@@ -245,11 +245,17 @@ class Pool:
             slot.last_used = time.time()
             self._count(name, "ok")
             log.info("%s: ready on port %s in %.1f s", name, done.instance.port, time.monotonic() - started)
-        except runner.LaunchError as exc:
+        except NotReadyInTime as exc:
+            slot.phase, slot.instance = Phase.STOPPED, None
+            self._count(name, "timeout")
+            raise LoadTimeoutError(f"{name}: {exc}") from None
+        except OutOfMemoryAtLoad as exc:
+            slot.phase, slot.instance = Phase.STOPPED, None
+            self._count(name, "oom")
+            raise ModelUnavailableError(f"{name}: {exc}") from None
+        except LaunchError as exc:
             slot.phase, slot.instance = Phase.STOPPED, None
             self._count(name, "failed")
-            if "not ready after" in str(exc):
-                raise LoadTimeoutError(f"{name}: {exc}") from None
             raise UpstreamError(f"{name}: {exc}") from None
         except NoFitError as exc:
             slot.phase, slot.instance = Phase.STOPPED, None

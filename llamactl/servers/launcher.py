@@ -234,7 +234,7 @@ def launch(store: StateStore, req: LaunchRequest, binary: str, caps: ServerCaps,
             child = runner.spawn(list(cmd.argv), env, log_path, shared=store.shared)
             if child.create_time is None:  # gone before we could see it: exited at once
                 code = child.proc.wait()
-                raise runner.LaunchError(f"llama-server exited with code {code} at once", runner.tail(log_path))
+                raise runner.exited_early(f"llama-server exited with code {code} at once", runner.tail(log_path))
             current[req.name] = Instance(
                 name=req.name, model=str(req.model), port=port, pid=child.pid, create_time=child.create_time,
                 argv=cmd.argv, env=cmd.env, gpu_ids=the_plan.gpu_ids,

@@ -19,7 +19,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from llamactl.errors import LlamactlError
+from llamactl.errors import ExitedEarly, LaunchError, NotReadyInTime, exited_early  # noqa: F401  (re-exported)
 from llamactl.servers import client, procs
 
 POLL_INTERVAL_S = 0.1
@@ -28,14 +28,6 @@ SECRET_FLAGS = ("--api-key",)  # their values go to the environment (LLAMA_API_K
 API_KEY_ENV = "LLAMA_API_KEY"  # llama.cpp common/arg.cpp: --api-key ... set_env("LLAMA_API_KEY")
 LOG_MODE = 0o600
 LOG_DIR_MODE = 0o700
-
-
-class LaunchError(LlamactlError):
-    """llama-server exited or missed its readiness deadline; carries the log's tail."""
-
-    def __init__(self, message: str, log_tail: str = "") -> None:
-        super().__init__(message)
-        self.log_tail = log_tail
 
 
 @dataclass
@@ -151,12 +143,12 @@ def wait_ready(child: Child, port: int, model_arg: str, timeout_s: float, *, hos
             elapsed = time.monotonic() - start
             code = child.proc.poll()
             if code is not None:
-                raise LaunchError(f"llama-server exited with code {code} after {elapsed:.1f} s", tail(child.log_path))
+                raise exited_early(f"llama-server exited with code {code} after {elapsed:.1f} s", tail(child.log_path))
             if client.health(http, base) == 200 and client.model_path(http, base) in (model_arg, None):
                 if child.proc.poll() is None:
                     return elapsed
             if elapsed > timeout_s:
-                raise LaunchError(f"llama-server was not ready after {timeout_s:g} s", tail(child.log_path))
+                raise NotReadyInTime(f"llama-server was not ready after {timeout_s:g} s", tail(child.log_path))
             if progress is not None:
                 progress(elapsed, _phase(child.log_path))
             # poll fast at first (small models are ready in tens of ms), then settle

@@ -260,8 +260,9 @@ class StateStore:
         finally:
             os.close(fd)  # closing releases the flock
 
-    def _read(self) -> dict[str, Instance]:
-        """The recorded instances, each validated; bad entries dropped and the file copied aside, with a warning."""
+    def _read(self, *, keep_aside: bool = True) -> dict[str, Instance]:
+        """The recorded instances, each validated; bad entries dropped and the file copied aside, with a warning
+        (`keep_aside=False`, for lock-free readers: skipped quietly, left for the next writer to handle)."""
         try:
             fd = os.open(self.path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
         except FileNotFoundError:
@@ -277,7 +278,8 @@ class StateStore:
                 raise ValueError(f"larger than {MAX_STATE_BYTES // 2**20} MiB")
             data = json.loads(raw.decode("utf-8"))  # NaN/Infinity parse; the entry holding one is dropped
         except (ValueError, RecursionError) as exc:
-            self._set_aside(f"unreadable ({_short(exc)})", move=True)
+            if keep_aside:
+                self._set_aside(f"unreadable ({_short(exc)})", move=True)
             return {}
         version = data.get("version") if isinstance(data, dict) else None
         if _is_int(version) and version > SCHEMA_VERSION:
@@ -286,7 +288,8 @@ class StateStore:
         entries = data.get("instances", {}) if isinstance(data, dict) else None
         if version != SCHEMA_VERSION or not isinstance(entries, dict):
             why = f"unknown schema version {version!r}" if isinstance(data, dict) else "not a JSON object"
-            self._set_aside(why if version != SCHEMA_VERSION else "'instances' is not an object", move=True)
+            if keep_aside:
+                self._set_aside(why if version != SCHEMA_VERSION else "'instances' is not an object", move=True)
             return {}
         good: dict[str, Instance] = {}
         bad: list[str] = []
@@ -295,7 +298,7 @@ class StateStore:
                 good[key] = Instance.from_json(key, entry)
             except ValueError as exc:
                 bad.append(f"{_printable(key)}: {exc}")
-        if bad:
+        if bad and keep_aside:
             self._dropped = True
             self._set_aside("bad entries dropped: " + "; ".join(bad[:5]) + (f" (+{len(bad) - 5} more)" if len(bad) > 5 else ""),
                             move=False)
@@ -359,9 +362,22 @@ class StateStore:
                     raise StateError(f"cannot write {self.path}: {exc.strerror or exc}") from None
 
     def instances(self) -> dict[str, Instance]:
-        """A reconciled snapshot (dead marked, untracked children adopted), persisted."""
+        """A reconciled view (dead marked, foreign entries dropped, untracked children adopted), persisted.
+
+        For the commands that act on instances (ps, evict, launch, the proxy); it takes the lock and scans
+        every process's environment for untracked children, so a view that only looks uses snapshot()."""
         with self.edit() as instances:
             return dict(instances)
+
+    def snapshot(self) -> dict[str, Instance]:
+        """The state as it is, without the lock (the file is replaced atomically, so a reader never sees half
+        of it): entries validated, each recorded process checked (gone → dead; not ours → left out), nothing
+        adopted and nothing written. For plan's accounting and shell completion."""
+        try:
+            recorded = self._read(keep_aside=False)
+        except StateError:
+            return {}
+        return reconcile(recorded, self.dir, adopt=False, quiet=True)
 
     def log_path(self, name: str) -> Path:
         """Always derived from a validated name, inside the state dir; never read from the file."""
@@ -377,7 +393,8 @@ def _short(exc: object, limit: int = 160) -> str:
     return text if len(text) <= limit else text[: limit - 1] + "…"
 
 
-def reconcile(instances: dict[str, Instance], state_dir: Path, now: float | None = None) -> dict[str, Instance]:
+def reconcile(instances: dict[str, Instance], state_dir: Path, now: float | None = None, *,
+              adopt: bool = True, quiet: bool = False) -> dict[str, Instance]:
     """Mark instances whose process is gone `dead`; drop entries whose pid runs something not ours;
     adopt tagged children never recorded."""
     now = time.time() if now is None else now
@@ -394,9 +411,9 @@ def reconcile(instances: dict[str, Instance], state_dir: Path, now: float | None
                 out[name] = inst
             elif verdict.ownership is Ownership.GONE:
                 out[name] = replace(inst, status=Status.DEAD)
-            else:
+            elif not quiet:
                 log.warning("state entry %r dropped: %s (not ours, left alone)", name, verdict.reason)
-    for proc in _tagged_processes(state_dir):
+    for proc in _tagged_processes(state_dir) if adopt else ():
         name = proc["name"]
         known = out.get(name)
         if known is not None and known.pid == proc["pid"]:

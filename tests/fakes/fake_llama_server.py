@@ -8,6 +8,7 @@ Accepts llama-server's argv (unknown flags ignored) plus switches:
   --fake-model NAME        report this model_path in /props (default: the --model value)
   --fake-chunk-delay S     pause S seconds between streamed chunks
   --fake-crash-mid-stream K  exit(3) after streaming K chunks
+  --fake-oom               log a CUDA allocation failure as llama.cpp does, exit 1 before listening
 An API key (--api-key or LLAMA_API_KEY, as llama-server) makes POSTs need `Authorization: Bearer KEY`.
 `--version` and `--help` print what llamactl's probe expects.
 """
@@ -49,6 +50,10 @@ def main() -> None:
     if "--fake-exit-at-once" in argv:
         print("fake: failing at once", flush=True)
         sys.exit(int(arg(argv, "--fake-exit-at-once")))
+    if "--fake-oom" in argv:
+        print("ggml_backend_cuda_buffer_type_alloc_buffer: allocating 9216.00 MiB on device 0: cudaMalloc failed: "
+              "out of memory\nllama_model_load: error loading model: unable to allocate CUDA0 buffer", flush=True)
+        sys.exit(1)
     if "--fake-ignore-sigterm" in argv:
         signal.signal(signal.SIGTERM, lambda *_: print("fake: ignoring SIGTERM", flush=True))
     port = int(arg(argv, "--port", "8080"))

@@ -90,6 +90,13 @@ def test_slow_readiness_misses_the_deadline(env: Env) -> None:
     assert not env.tagged()
 
 
+def test_out_of_memory_at_load_is_the_no_fit_exit_code(env: Env) -> None:
+    out = env.launch("huge", "--fake-oom")
+    assert out.returncode == 4, out.stderr
+    assert "out of memory while loading" in out.stderr and "cudaMalloc failed" in out.stderr  # and the log's tail
+    assert not env.tagged()
+
+
 def test_exit_at_once_fails_fast_not_at_the_deadline(env: Env) -> None:
     start = time.monotonic()
     out = env.launch("broken", "--fake-exit-at-once", "7", args=("--timeout", "120s"))

@@ -155,15 +155,20 @@ def test_queue_full_is_429_with_retry_after(make_proxy) -> None:
     assert limited.headers["Retry-After"] and limited.json()["error"]["code"] == "queue_full"
 
 
-def test_load_timeout_is_504_and_exit_is_502(make_proxy) -> None:
-    proxy = make_proxy({"stuck": ["--fake-ready-after", "60"], "broken": ["--fake-exit-at-once", "9"]},
-                       'load_timeout = "1s"')
+def test_load_failures_map_by_type_timeout_504_exit_502_oom_503(make_proxy) -> None:
+    proxy = make_proxy({"stuck": ["--fake-ready-after", "60"], "broken": ["--fake-exit-at-once", "9"],
+                        "huge": ["--fake-oom"]}, 'load_timeout = "1s"')
     start = time.monotonic()
     stuck = proxy.post("stuck")
     assert stuck.status_code == 504 and stuck.json()["error"]["code"] == "load_timeout"
     broken = proxy.post("broken")
     assert broken.status_code == 502 and "exited with code 9" in broken.json()["error"]["message"]
+    huge = proxy.post("huge")  # out of memory at load: the model is unavailable, not the upstream broken
+    assert huge.status_code == 503 and huge.json()["error"]["code"] == "model_unavailable"
+    assert "out of memory while loading" in huge.json()["error"]["message"]
     assert time.monotonic() - start < 20
+    for model, result in (("stuck", "timeout"), ("broken", "failed"), ("huge", "oom")):
+        assert proxy.metric("llamactl_launches", model=model, result=result) == 1, model
     assert not proxy.tagged()
 
 
