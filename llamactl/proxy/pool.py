@@ -1,11 +1,14 @@
 """The proxy's instances: one Slot per configured model, owned and changed here only.
 
-A Slot's lifecycle is a closed set (stopped → starting → ready → stopping).
-Requests call `acquire()` — never read the phase and then act on it — which
-returns a ready slot with the request counted in flight, starting the model
-first if needed: concurrent requests for a model that is starting wait on that
-one launch (single flight), up to `max_queue` of them. Launching, stopping and
-state-file work run in threads; the event loop never blocks on them.
+What to do is decided by scheduler.py (pure, table-tested); this module is its
+effects: start (adopt or launch), stop, wait. A Slot's lifecycle is scheduler.Phase
+(stopped → starting → ready → stopping). Requests call `acquire()` — never read
+the phase and then act on it — which returns a ready slot with the request
+counted in flight, starting the model first if needed: concurrent requests for a
+model that is starting wait on that one launch (single flight), up to `max_queue`
+of them; a request for a model that is stopping waits for the stop, then starts
+it. Launching, stopping and state-file work run in threads; the event loop never
+blocks on them.
 """
 
 from __future__ import annotations
@@ -16,7 +19,6 @@ import secrets
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
-from enum import Enum
 
 from llamactl.config import Config, ModelConfig
 from llamactl.errors import (LaunchError, LlamactlError, LoadTimeoutError, ModelUnavailableError, NoFitError,
@@ -26,15 +28,12 @@ from llamactl.resolve import Overrides, policy_for, resolve
 from llamactl.servers import launcher, procs, runner
 from llamactl.servers.probe import ServerCaps
 from llamactl.servers.state import Instance, StateStore, Status
+from llamactl import scheduler
+from llamactl.scheduler import Phase
+
+__all__ = ["Phase", "Pool", "PoolStats", "Slot"]
 
 log = logging.getLogger("llamactl.proxy")
-
-
-class Phase(str, Enum):
-    STOPPED = "stopped"
-    STARTING = "starting"
-    READY = "ready"
-    STOPPING = "stopping"
 
 
 @dataclass
@@ -47,7 +46,7 @@ class Slot:
     last_used: float = 0.0
     ours: bool = False  # started by this proxy (stopped at shutdown unless --keep-instances)
     api_key: str | None = None
-    task: asyncio.Future[None] | None = None  # the launch or stop in progress
+    task: asyncio.Future[None] | None = None  # the start or stop in progress (what a Wait waits for)
 
     @property
     def base_url(self) -> str:
@@ -61,6 +60,16 @@ class PoolStats:
 
     launches: dict[tuple[str, str], int] = field(default_factory=dict)  # (model, result) → count
     evictions: dict[str, int] = field(default_factory=dict)  # reason → count
+
+
+# a failed start: (the launches metric's result, the proxy error it becomes; None = as it is)
+_LAUNCH_FAILURES: dict[type[BaseException], tuple[str, type[LlamactlError] | None]] = {
+    NotReadyInTime: ("timeout", LoadTimeoutError),
+    OutOfMemoryAtLoad: ("oom", ModelUnavailableError),
+    LaunchError: ("failed", UpstreamError),
+    NoFitError: ("no_fit", ModelUnavailableError),
+    LlamactlError: ("failed", None),
+}
 
 
 class Pool:
@@ -89,19 +98,21 @@ class Pool:
             raise UnknownModelError(f"model {requested!r} not found; known models: {known}")
         slot = self.slots[model.name]
         while True:
-            if slot.phase is Phase.READY and slot.instance is not None:
+            if slot.phase in (Phase.STARTING, Phase.STOPPING) and (slot.task is None or slot.task.done()):
+                slot.phase = Phase.STOPPED  # a finished task left its phase behind: nothing is in progress
+            decision = scheduler.decide(model.name, self.seats(), self._limits())
+            if isinstance(decision, scheduler.Use) and slot.instance is not None:
                 slot.in_flight += 1
                 slot.last_used = time.time()
                 return slot
-            if slot.task is None or slot.task.done():
-                if slot.phase is Phase.STOPPED:
-                    slot.task = asyncio.ensure_future(self._start(slot))
-                else:  # a finished task left a phase behind: treat as stopped
-                    slot.phase = Phase.STOPPED
-                    continue
-            if slot.waiting >= self.config.max_queue:
-                raise QueueFullError(f"{model.name}: {slot.waiting} requests already wait for it to load",
-                                     retry_after_s=max(1, int(self.config.poll_interval_s)))
+            if isinstance(decision, scheduler.Refuse):
+                if decision.kind == "queue_full":
+                    raise QueueFullError(decision.reason, retry_after_s=max(1, int(self.config.poll_interval_s)))
+                raise ModelUnavailableError(decision.reason)
+            if isinstance(decision, scheduler.Start):
+                slot.phase = Phase.STARTING  # now, so the next request waits on this start (single flight)
+                slot.task = asyncio.ensure_future(self._start(slot, decision.stop))
+            assert slot.task is not None
             slot.waiting += 1
             try:
                 await asyncio.shield(slot.task)
@@ -132,27 +143,27 @@ class Pool:
         if self.on_change is not None:
             self.on_change()
 
-    def _protected(self, also: frozenset[str] | set[str] = frozenset()) -> frozenset[str]:
-        """Instances a launch may not evict: requests in flight or queued, and hand-started ones unless adopted."""
-        names = {s.model.name for s in self.slots.values() if s.in_flight or s.waiting or s.phase is Phase.STARTING}
-        if not self.config.adopt:
-            names |= {s.model.name for s in self.slots.values() if s.instance is not None and not s.ours}
-        return frozenset(names | also)
+    def seats(self) -> dict[str, scheduler.Seat]:
+        """The slots as the scheduler sees them (ours = may be stopped to make room)."""
+        return {name: scheduler.Seat(name, s.phase, s.in_flight, s.waiting, s.last_used,
+                                     ours=s.ours or self.config.adopt) for name, s in self.slots.items()}
 
-    def _evictable(self, slot: Slot) -> bool:
-        return (slot.phase is Phase.READY and slot.in_flight == 0 and slot.waiting == 0
-                and (slot.ours or self.config.adopt))
+    def _limits(self) -> scheduler.Limits:
+        return scheduler.Limits(max_instances=self.config.max_instances, max_queue=self.config.max_queue)
 
     async def _stop(self, slot: Slot, reason: str) -> None:
         if slot.instance is None:
             slot.phase = Phase.STOPPED
             return
         slot.phase = Phase.STOPPING
+        done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        slot.task = done  # a request for this model waits for the stop, then starts it again
         self._changed()
         name = slot.instance.name
         try:
             await asyncio.to_thread(launcher.stop_instances, self.store, [name], grace_s=self.grace_s)
         finally:
+            done.set_result(None)
             slot.phase, slot.instance, slot.ours = Phase.STOPPED, None, False
             self.stats.evictions[reason] = self.stats.evictions.get(reason, 0) + 1
             log.info("%s: stopped (%s)", slot.model.name, reason)
@@ -204,30 +215,25 @@ class Pool:
             self._changed()
         return adopted
 
-    async def _make_room(self, slot: Slot) -> None:
-        """Honour max_instances and the planner's eviction proposals, evicting only idle instances."""
-        limit = self.config.max_instances
-        if limit is not None:
-            running = [s for s in self.slots.values() if s.phase in (Phase.READY, Phase.STARTING) and s is not slot]
-            while len(running) >= limit:
-                victims = sorted((s for s in running if self._evictable(s)), key=lambda s: s.last_used)
-                if not victims:
-                    raise ModelUnavailableError(f"max_instances ({limit}) reached and every instance is busy")
-                await self._stop(victims[0], "max_instances")
-                running.remove(victims[0])
+    async def _make_room(self, slot: Slot, stop: tuple[str, ...]) -> None:
+        """Stop what the scheduler chose for max_instances, then what the planner needs for memory."""
+        for name in stop:
+            other = self.slots.get(name)
+            if other is not None and scheduler.memory_victims((name,), self.seats(), adopt=False):
+                await self._stop(other, "max_instances")  # still idle: a request may have come meanwhile
         instances = await asyncio.to_thread(self.store.instances)
         inv = await asyncio.to_thread(self.inventory_fn)
-        req = self._request(slot, self._protected({slot.model.name}), inv)
+        req = self._request(slot, scheduler.protected(self.seats()) | {slot.model.name}, inv)
         proposal = await asyncio.to_thread(launcher.plan_for, req, inv, instances)
-        for name in proposal.evict:
+        for name in scheduler.memory_victims(proposal.evict, self.seats(), adopt=self.config.adopt):
             other = self.slots.get(name)
-            if other is not None and self._evictable(other):
+            if other is not None:
                 await self._stop(other, "memory")
-            elif other is None and self.config.adopt:
+            else:  # an instance of no configured model (adopt = true)
                 await asyncio.to_thread(launcher.stop_instances, self.store, [name], grace_s=self.grace_s)
                 self.stats.evictions["memory"] = self.stats.evictions.get("memory", 0) + 1
 
-    async def _start(self, slot: Slot) -> None:
+    async def _start(self, slot: Slot, stop: tuple[str, ...] = ()) -> None:
         name = slot.model.name
         slot.phase = Phase.STARTING
         self._changed()
@@ -235,38 +241,24 @@ class Pool:
         try:
             if await self._adopt_running(slot):
                 return
-            await self._make_room(slot)
+            await self._make_room(slot, stop)
             # room was made above, under the proxy's rules; the launch itself evicts nothing more
             inv = await asyncio.to_thread(self.inventory_fn)
-            req = replace(self._request(slot, self._protected({name}), inv), may_evict=False)
+            req = replace(self._request(slot, scheduler.protected(self.seats()) | {name}, inv), may_evict=False)
             done = await asyncio.to_thread(launcher.launch, self.store, req, self.binary, self.caps,
                                            self.inventory_fn, grace_s=self.grace_s)
             slot.instance, slot.phase, slot.ours = done.instance, Phase.READY, True
             slot.last_used = time.time()
             self._count(name, "ok")
             log.info("%s: ready on port %s in %.1f s", name, done.instance.port, time.monotonic() - started)
-        except NotReadyInTime as exc:
+        except BaseException as exc:
             slot.phase, slot.instance = Phase.STOPPED, None
-            self._count(name, "timeout")
-            raise LoadTimeoutError(f"{name}: {exc}") from None
-        except OutOfMemoryAtLoad as exc:
-            slot.phase, slot.instance = Phase.STOPPED, None
-            self._count(name, "oom")
-            raise ModelUnavailableError(f"{name}: {exc}") from None
-        except LaunchError as exc:
-            slot.phase, slot.instance = Phase.STOPPED, None
-            self._count(name, "failed")
-            raise UpstreamError(f"{name}: {exc}") from None
-        except NoFitError as exc:
-            slot.phase, slot.instance = Phase.STOPPED, None
-            self._count(name, "no_fit")
-            raise ModelUnavailableError(str(exc)) from None
-        except LlamactlError:
-            slot.phase, slot.instance = Phase.STOPPED, None
-            self._count(name, "failed")
-            raise
-        except BaseException:
-            slot.phase, slot.instance = Phase.STOPPED, None
+            for kind, (result, answer) in _LAUNCH_FAILURES.items():
+                if isinstance(exc, kind):
+                    self._count(name, result)
+                    if answer is not None:  # the OpenAI-shaped error comes from the failure's type
+                        raise answer(f"{name}: {exc}") from None
+                    break
             raise
         finally:
             self._changed()
@@ -288,9 +280,11 @@ class Pool:
                 slot.phase, slot.instance = Phase.STOPPED, None
                 self._changed()
                 continue
-            ttl = slot.model.ttl_s if slot.model.ttl_s is not None else self.config.idle_ttl_s
-            if ttl is not None and self._evictable(slot) and now - slot.last_used > ttl:
-                await self._stop(slot, "ttl")
+        ttls = {name: s.model.ttl_s if s.model.ttl_s is not None else self.config.idle_ttl_s
+                for name, s in self.slots.items()}
+        for name in scheduler.expired(self.seats(), ttls, now):
+            if self.slots[name].instance is not None:
+                await self._stop(self.slots[name], "ttl")
         for name in [n for n, s in self.slots.items() if n not in self.config.models and s.phase is Phase.STOPPED]:
             del self.slots[name]  # removed from the config by a reload, and now stopped
         await asyncio.to_thread(self._write_activity)
