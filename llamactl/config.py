@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from llamactl.errors import UsageError
-from llamactl.model.settings import (FLASH_ATTN_MODES, KV_CACHE_TYPES, MAX_LAYERS, ServerSettings,
+from llamactl.model.settings import (FLASH_ATTN_MODES, KV_CACHE_TYPES, MAX_CTX, MAX_LAYERS, MAX_SEQ, ServerSettings,
                                      parse_tensor_overrides, parse_tensor_split)
 from llamactl.placement import PlacementSpec, Strategy
 from llamactl.units import parse_duration, parse_size
@@ -129,11 +129,14 @@ class _Reader:
         return value
 
     def duration(self, table: dict[str, Any], key: str, full: str) -> float | None:
+        """A duration key: "30m", "1h30m", or a number of seconds; "none"/"off"/0 = unset. Finite and >= 0."""
         if key not in table or table[key] in (None, "none", "off", 0):
             return None
         value = table[key]
+        if isinstance(value, bool) or not isinstance(value, (int, float, str)):
+            raise self.fail(full, f"expected a duration like \"30m\", got {value!r}")
         try:
-            return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else parse_duration(str(value), what=full)
+            return parse_duration(repr(float(value)) if not isinstance(value, str) else value, what=full)
         except UsageError as exc:
             raise self.fail(full, str(exc)) from None
 
@@ -178,7 +181,10 @@ def _size(r: _Reader, table: dict[str, Any], key: str, full: str, limit: int = 2
 def _settings(r: _Reader, table: dict[str, Any], where: str, base: ServerSettings) -> tuple[ServerSettings, tuple[str, ...]]:
     updates: dict[str, Any] = {}
     if "ctx_size" in table:
-        updates["ctx_size"] = r.get(table, "ctx_size", f"{where}.ctx_size", int)
+        value = r.get(table, "ctx_size", f"{where}.ctx_size", int)
+        if not 0 <= value <= MAX_CTX:
+            raise r.fail(f"{where}.ctx_size", f"out of range: {value} (0 = the model's trained context, at most {MAX_CTX})")
+        updates["ctx_size"] = value
     if "n_gpu_layers" in table:
         value = table["n_gpu_layers"]
         if value in ("all", "auto", -1):
@@ -199,11 +205,11 @@ def _settings(r: _Reader, table: dict[str, Any], where: str, base: ServerSetting
         if value not in FLASH_ATTN_MODES:
             raise r.fail(f"{where}.flash_attn", f"expected on, off or auto, got {table['flash_attn']!r}")
         updates["flash_attn"] = value
-    for key in ("parallel", "batch_size", "ubatch_size"):
+    for key, high in (("parallel", MAX_SEQ), ("batch_size", 2**20), ("ubatch_size", 2**20)):
         if key in table:
             value = r.get(table, key, f"{where}.{key}", int)
-            if value < 1:
-                raise r.fail(f"{where}.{key}", "must be >= 1")
+            if not 1 <= value <= high:
+                raise r.fail(f"{where}.{key}", f"must be in 1..{high}, got {value}")
             updates[key] = value
     if "n_cpu_moe" in table:
         value = table["n_cpu_moe"]
@@ -260,11 +266,12 @@ def _from_seed_json(data: dict[str, Any]) -> dict[str, Any]:
     """Map the seed spec's config.json keys onto ours."""
     out: dict[str, Any] = {k: v for k, v in data.items() if k in _GLOBAL_KEYS - {"models", "defaults"}}
     pool = data.get("server_pool", {})
-    if isinstance(pool, dict):
-        if "size" in pool:
-            out["max_instances"] = pool["size"]
-        if "port_start" in pool:
-            out["port_start"] = pool["port_start"]
+    if not isinstance(pool, dict):
+        raise ConfigError(f"server_pool: expected an object, got {pool!r}")
+    if "size" in pool:
+        out["max_instances"] = pool["size"]
+    if "port_start" in pool:
+        out["port_start"] = pool["port_start"]
     defaults: dict[str, Any] = {}
     if "ctx_size" in data:
         defaults["ctx_size"] = data["ctx_size"]
@@ -279,9 +286,13 @@ def _from_seed_json(data: dict[str, Any]) -> dict[str, Any]:
             defaults["flash_attn"] = "on"  # a quantized V cache needs flash attention
     out["defaults"] = defaults
     out["models"] = {}
-    for name, model in (data.get("models") or {}).items():
-        if isinstance(model, dict):
-            out["models"][name] = {k: v for k, v in model.items() if k in _MODEL_KEYS}
+    models = data.get("models") or {}
+    if not isinstance(models, dict):
+        raise ConfigError(f"models: expected an object of models, got {type(models).__name__}")
+    for name, model in models.items():
+        if not isinstance(model, dict):
+            raise ConfigError(f"models.{name}: expected an object, got {model!r}")
+        out["models"][name] = {k: v for k, v in model.items() if k in _MODEL_KEYS}
     return out
 
 
@@ -326,11 +337,12 @@ def load(path: Path | None, *, required: bool = False) -> Config:
     for key, kind in (("server_bin", str), ("host", str), ("adopt", bool), ("instance_api_keys", bool)):
         if key in data:
             cfg[key] = r.get(data, key, key, kind)
-    for key in ("port", "port_start", "max_instances", "max_queue"):
+    for key, low, high in (("port", 1, 65535), ("port_start", 1, 65535), ("max_instances", 1, 1024),
+                           ("max_queue", 0, 100_000)):
         if key in data:
             value = r.get(data, key, key, int)
-            if value < (0 if key == "max_queue" else 1) or (key.startswith("port") and value > 65535):
-                raise r.fail(key, f"out of range: {value}")
+            if not low <= value <= high:
+                raise r.fail(key, f"out of range: {value} (allowed: {low}..{high})")
             cfg[key] = value
     machine: dict[str, Any] = {}
     if "gpu_util_threshold" in data:
@@ -348,21 +360,29 @@ def load(path: Path | None, *, required: bool = False) -> Config:
     if "host_memory" in data:
         machine["host_memory_bytes"] = _size(r, data, "host_memory", "host_memory")
     cfg["idle_ttl_s"] = r.duration(data, "idle_ttl", "idle_ttl")
-    for key, attr in (("poll_interval", "poll_interval_s"), ("load_timeout", "load_timeout_s")):
+    for key, attr, least in (("poll_interval", "poll_interval_s", 0.1), ("load_timeout", "load_timeout_s", 1.0)):
         if key in data:
             value = r.duration(data, key, key)
             if not value:
                 raise r.fail(key, "must be a positive duration")
+            if value < least:
+                raise r.fail(key, f"must be at least {least:g} s, got {value:g} s")
             cfg[attr] = value
     if "max_body" in data:
+        if isinstance(data["max_body"], bool) or not isinstance(data["max_body"], (int, str)):
+            raise r.fail("max_body", f"expected a size like \"64MiB\", got {data['max_body']!r}")
         try:
-            cfg["max_body_bytes"] = parse_size(str(data["max_body"]), what="max_body")
+            size = parse_size(str(data["max_body"]), what="max_body")
         except UsageError as exc:
             raise r.fail("max_body", str(exc)) from None
+        if not 1024 <= size <= 16 * 2**30:
+            raise r.fail("max_body", f"must be between 1KiB and 16GiB, got {data['max_body']!r}")
+        cfg["max_body_bytes"] = size
     keys = r.get(data, "api_keys", "api_keys", list, None)
     if keys is not None:
-        if not all(isinstance(k, str) and k for k in keys):
-            raise r.fail("api_keys", "expected a list of non-empty strings")
+        if not all(isinstance(k, str) and k and k.isprintable() and not any(c.isspace() for c in k) and len(k) <= 4096
+                   for k in keys):
+            raise r.fail("api_keys", "expected a list of non-empty keys without spaces or control characters")
         cfg["api_keys"] = tuple(keys)
     defaults_table = r.get(data, "defaults", "defaults", dict, {})
     _check_keys(r, defaults_table, _SETTING_KEYS, "defaults")

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import math
 import re
 
 from llamactl.errors import UsageError
+
+MAX_DURATION_S = 1e9  # ~31 years: anything longer is a typo, and inf/nan are not durations
 
 KiB = 1024
 MiB = 1024**2
@@ -77,8 +80,8 @@ def parse_duration(text: str, *, what: str = "duration") -> float:
     except ValueError:
         pass
     else:
-        if value < 0:
-            raise UsageError(f"invalid {what} {text!r}: must not be negative")
+        if not math.isfinite(value) or value < 0 or value > MAX_DURATION_S:
+            raise UsageError(f"invalid {what} {text!r}: expected a finite, non-negative number of seconds")
         return value
     pos, total = 0, 0.0
     for match in _DURATION_RE.finditer(stripped):
@@ -88,6 +91,8 @@ def parse_duration(text: str, *, what: str = "duration") -> float:
         pos = match.end()
     if pos == 0 or stripped[pos:].strip():
         raise UsageError(f"invalid {what} {text!r}: expected e.g. 30s, 10m, 1h30m, 2d")
+    if total > MAX_DURATION_S:
+        raise UsageError(f"invalid {what} {text!r}: longer than {MAX_DURATION_S:g} s")
     return total
 
 

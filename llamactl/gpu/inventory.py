@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import stat
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -91,15 +92,26 @@ def _int_field(entry: dict[str, object], key: str, where: str, *, optional: bool
     return value
 
 
+MAX_GPUS_FILE_BYTES = 4 * 2**20  # `gpus --json` of 1024 GPUs is a few hundred KiB
+
+
 def load_gpus_file(path: str | os.PathLike[str]) -> Inventory:
     """Read an inventory in the schema `llamactl gpus --json` prints."""
     file = Path(path)
     try:
-        data = json.loads(file.read_text())
+        # O_NONBLOCK: a FIFO opens without waiting for a writer, and is then refused as not a regular file
+        fd = os.open(file, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+        with os.fdopen(fd, "rb") as fh:
+            if not stat.S_ISREG(os.fstat(fh.fileno()).st_mode):
+                raise UsageError(f"{file}: not a regular file (a GPU inventory is a JSON file)")
+            raw = fh.read(MAX_GPUS_FILE_BYTES + 1)
+        if len(raw) > MAX_GPUS_FILE_BYTES:
+            raise UsageError(f"{file}: larger than {MAX_GPUS_FILE_BYTES // 2**20} MiB; not a GPU inventory")
+        data = json.loads(raw.decode("utf-8"))
     except FileNotFoundError:
         raise UsageError(f"{file}: no such GPU inventory file") from None
-    except (OSError, UnicodeDecodeError) as exc:
-        raise UsageError(f"{file}: cannot read GPU inventory: {exc}") from None
+    except (OSError, UnicodeDecodeError, RecursionError) as exc:
+        raise UsageError(f"{file}: cannot read GPU inventory: {getattr(exc, 'strerror', None) or exc}") from None
     except json.JSONDecodeError as exc:
         raise UsageError(f"{file}: not valid JSON (line {exc.lineno}): {exc.msg}") from None
     if isinstance(data, dict) and "gpus" in data:

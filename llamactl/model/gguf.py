@@ -31,6 +31,13 @@ DEFAULT_ALIGNMENT = 32
 GGML_MAX_DIMS = 4
 MAX_ARRAY_NESTING = 2  # an array of arrays is legal GGUF; deeper is hostile
 EAGER_ARRAY_LIMIT = 4096  # numeric arrays up to this length are read with the header (per-layer values)
+# Limits far above any real model, so that a hostile header costs bounded time and memory whatever it
+# claims (real files: ~50 metadata keys, < 5,000 tensors, vocabularies up to ~262k tokens, ~500k merges)
+MAX_METADATA = 65_536
+MAX_TENSORS = 65_536  # per file
+MAX_STRING_ARRAY = 2**21  # items in one array of strings (skipped one by one)
+MAX_NESTED_ARRAY = 65_536  # items in one array of arrays
+MAX_HEADER_VALUES = 2**21  # Python objects the header may create: eager array values and nested arrays
 
 
 class ValueType(IntEnum):
@@ -126,6 +133,12 @@ class _Cursor:
         self.size = len(buf)
         self.pos = 0
         self.path = path
+        self.budget = MAX_HEADER_VALUES  # eager values and nested arrays left to create
+
+    def spend(self, n_values: int, what: str) -> None:
+        self.budget -= n_values
+        if self.budget < 0:
+            raise self.fail(f"{what}: the header holds more than {MAX_HEADER_VALUES} array values; not a real model")
 
     def fail(self, what: str) -> GGUFError:
         return GGUFError(f"{self.path}: {what}")
@@ -198,40 +211,67 @@ def _read_array(cur: _Cursor, key: str, depth: int) -> GGUFArray:
     if length > remaining // min_item:
         raise cur.fail(f"array {key} claims {length} items, more than the {remaining} bytes left can hold")
     if item_type == ValueType.STRING:
+        if length > MAX_STRING_ARRAY:
+            raise cur.fail(f"array {key} has {length} strings (at most {MAX_STRING_ARRAY}); not a real model")
         cur.skip_strings(length, f"array {key}")
         return GGUFArray(item_type, length, start, cur.path)
     if item_type == ValueType.ARRAY:
+        if length > MAX_NESTED_ARRAY:
+            raise cur.fail(f"array {key} has {length} arrays (at most {MAX_NESTED_ARRAY}); not a real model")
+        cur.spend(length, f"array {key}")
         items = tuple(_read_array(cur, key, depth + 1) for _ in range(length))
         return GGUFArray(item_type, length, start, cur.path, items if length <= EAGER_ARRAY_LIMIT else None)
     n_bytes = length * min_item
     cur.need(n_bytes, f"array {key}")
     values = None
     if length <= EAGER_ARRAY_LIMIT:
+        cur.spend(length, f"array {key}")
         values = struct.unpack_from(f"<{length}{_SCALAR_FORMATS[item_type]}", cur.buf, cur.pos)
     cur.pos += n_bytes
     return GGUFArray(item_type, length, start, cur.path, values)
 
 
+_SHAPES = {n: struct.Struct(f"<{n}QIQ") for n in range(1, GGML_MAX_DIMS + 1)}  # shape, type, offset
+_MAX_DIM = 2**40  # elements along one dimension; beyond, the byte count of any tensor overflows reality
+
+
 def _read_tensor_info(cur: _Cursor, index: int) -> TensorInfo:
-    name = cur.string(f"tensor {index} name")
-    n_dims = cur.u32(f"tensor {name!r} dimension count")
-    if not 1 <= n_dims <= GGML_MAX_DIMS:
+    # the hot loop of a header with many tensors: plain unpacks, messages built only on failure
+    buf, pos, size = cur.buf, cur.pos, cur.size
+    if pos + 8 > size:
+        raise cur.fail(f"truncated: tensor {index} name at offset {pos}")
+    (length,) = _U64.unpack_from(buf, pos)
+    pos += 8
+    if length > size - pos - 4:
+        raise cur.fail(f"truncated: tensor {index} name at offset {pos} needs {length} bytes")
+    try:
+        name = buf[pos:pos + length].decode("utf-8")
+    except UnicodeDecodeError:
+        raise cur.fail(f"tensor {index} name is not valid UTF-8 at offset {pos}") from None
+    pos += length
+    (n_dims,) = _U32.unpack_from(buf, pos)
+    pos += 4
+    layout = _SHAPES.get(n_dims)
+    if layout is None:
         raise cur.fail(f"tensor {name!r} has {n_dims} dimensions (1..{GGML_MAX_DIMS} allowed)")
-    shape = tuple(cur.u64(f"tensor {name!r} shape") for _ in range(n_dims))
-    raw_type = cur.u32(f"tensor {name!r} type")
+    if pos + layout.size > size:
+        raise cur.fail(f"truncated: tensor {name!r} shape, type and offset at offset {pos}")
+    *shape, raw_type, offset = layout.unpack_from(buf, pos)
+    cur.pos = pos + layout.size
     try:
         ggml_type = GGMLQuantizationType(raw_type)
     except ValueError:
         raise cur.fail(f"tensor {name!r} has unknown ggml type {raw_type}") from None
-    offset = cur.u64(f"tensor {name!r} offset")
     block_size, type_size = GGML_QUANT_SIZES[ggml_type]
     n_elements = 1
     for dim in shape:
+        if dim >= _MAX_DIM:
+            raise cur.fail(f"tensor {name!r} has a dimension of {dim} elements; not a real model")
         n_elements *= dim
     if shape[0] % block_size:
         raise cur.fail(f"tensor {name!r}: first dimension {shape[0]} is not a multiple of {ggml_type.name}'s block of {block_size}")
     n_bytes = n_elements // block_size * type_size
-    return TensorInfo(name, shape, ggml_type, offset, n_bytes)
+    return TensorInfo(name, tuple(shape), ggml_type, offset, n_bytes)
 
 
 def _read_one(path: Path, shard: int) -> tuple[int, int, dict[str, Value], list[TensorInfo], int]:
@@ -277,6 +317,10 @@ def _parse(cur: _Cursor, shard: int) -> tuple[int, int, dict[str, Value], list[T
         raise cur.fail(f"header claims {n_kv} metadata entries, more than the file can hold")
     if n_tensors > remaining // 32:
         raise cur.fail(f"header claims {n_tensors} tensors, more than the file can hold")
+    if n_kv > MAX_METADATA:
+        raise cur.fail(f"header claims {n_kv} metadata entries (at most {MAX_METADATA}); not a real model")
+    if n_tensors > MAX_TENSORS:
+        raise cur.fail(f"header claims {n_tensors} tensors (at most {MAX_TENSORS} per file); not a real model")
     metadata: dict[str, Value] = {}
     for index in range(n_kv):
         key = cur.string(f"metadata key {index}")

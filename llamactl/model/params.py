@@ -219,6 +219,33 @@ def lora_tensors(adapter: GGUFHeader, model: ModelParams) -> tuple[TensorInfo, .
     return adapter.tensors
 
 
+# no real model comes near these; past them a header is hostile or corrupt, and its estimate would be
+# 0 B or hundreds of TiB rather than an error
+_MAX_EMBD = 2**20
+_MAX_HEADS = 2**16
+_MAX_HEAD_DIM = 2**16
+
+
+def _check_plausible(header: GGUFHeader, arch: str, n_layer: int, n_embd: int, n_head: tuple[int, ...],
+                     n_head_kv: tuple[int, ...], head_k: int, head_v: int, recurrent: tuple[bool, ...]) -> None:
+    def refuse(what: str) -> UnsupportedModelError:
+        return UnsupportedModelError(f"{header.path}: {what}; not a real model (a corrupt or hostile header?)")
+
+    if not 0 < n_embd <= _MAX_EMBD:
+        raise refuse(f"{arch}.embedding_length is {n_embd}")
+    if any(h > _MAX_HEADS for h in (*n_head, *n_head_kv)):
+        raise refuse(f"{arch}.attention.head_count(_kv) above {_MAX_HEADS}")
+    if head_k > _MAX_HEAD_DIM or head_v > _MAX_HEAD_DIM:
+        raise refuse(f"an attention head of {max(head_k, head_v)} dimensions")
+    attention = [i for i in range(n_layer) if not recurrent[i] and n_head[i] > 0]
+    if not attention and not any(recurrent):
+        raise refuse(f"{arch}.attention.head_count is 0 on every layer, and no layer is recurrent")
+    if attention and all(n_head_kv[i] == 0 for i in attention):
+        raise refuse(f"{arch}.attention.head_count_kv is 0 although layers have attention heads")
+    if attention and (head_k == 0 or head_v == 0):
+        raise refuse("attention heads of 0 dimensions")
+
+
 def model_params(header: GGUFHeader) -> ModelParams:
     """Hyperparameters as llama.cpp derives them from the header."""
     arch = header.architecture
@@ -243,6 +270,7 @@ def model_params(header: GGUFHeader) -> ModelParams:
     d_inner = _int(header, f"{arch}.ssm.inner_size", 0)
     d_state = _int(header, f"{arch}.ssm.state_size", 0)
     n_group = _int(header, f"{arch}.ssm.group_count", 0)
+    _check_plausible(header, arch, n_layer, n_embd, n_head, n_head_kv, n_embd_head_k, n_embd_head_v, recurrent)
     return ModelParams(
         arch=arch,
         name=name if isinstance(name, str) else None,

@@ -77,12 +77,38 @@ lora = ["adapters/style.gguf", "/abs/other.gguf"]
     ("[defaults]\nmargin = \"lots\"\n", "defaults.margin"),
     ("gpu_util_threshold = 101\n", "gpu_util_threshold: must be in 0..100"),
     ("gpu_overhead = -1\n", "gpu_overhead: out of range"),
+    # every number bounded and finite (a negative poll spins a CPU, nan stops the poller, 0 lifts the cap)
+    ("poll_interval = -1\n", "poll_interval"),
+    ("poll_interval = nan\n", "poll_interval"),
+    ("poll_interval = \"0.001s\"\n", "poll_interval: must be at least 0.1 s"),
+    ("load_timeout = inf\n", "load_timeout"),
+    ("load_timeout = \"nan\"\n", "load_timeout"),
+    ("idle_ttl = -5\n", "idle_ttl"),
+    ("[models.m]\npath = \"m.gguf\"\nttl = nan\n", "models.m.ttl"),
+    ("max_body = 0\n", "max_body: must be between 1KiB and 16GiB"),
+    ("max_body = \"1TiB\"\n", "max_body: must be between 1KiB and 16GiB"),
+    ("max_queue = 10000000\n", "max_queue: out of range"),
+    ("max_instances = 100000\n", "max_instances: out of range"),
+    ("api_keys = [\"  \"]\n", "api_keys: expected a list of non-empty keys"),
+    ("api_keys = [\"a b\"]\n", "api_keys: expected a list of non-empty keys"),
+    ("[defaults]\nctx_size = -1\n", "defaults.ctx_size"),
+    ("[defaults]\nctx_size = 100000000000\n", "defaults.ctx_size"),
+    ("[defaults]\nbatch_size = 100000000000\n", "defaults.batch_size"),
+    ("[defaults]\nmax_gpus = 0\n", "defaults.max_gpus"),
     ("models_dir = \"nowhere\"\n", "is not a directory"),
 ])
 def test_bad_keys_name_the_key_and_line(tmp_path: Path, text: str, message: str) -> None:
     with pytest.raises(ConfigError) as info:
         load(write(tmp_path, text))
     assert message in str(info.value) and "\n" not in str(info.value)
+
+
+@pytest.mark.parametrize("data", [[1, 2], {"models": [1]}, {"server_pool": 5}, {"models": {"m": 5}},
+                                  {"port": "x"}, {"cache_type_bits": "8"}, {"models": {"m": {"path": 5}}}])
+def test_seed_json_of_the_wrong_shape_is_a_usage_error(tmp_path: Path, data) -> None:
+    with pytest.raises(ConfigError) as info:
+        load(write(tmp_path, json.dumps(data), "config.json"))
+    assert "\n" not in str(info.value)
 
 
 def test_seed_json(tmp_path: Path) -> None:

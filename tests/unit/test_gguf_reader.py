@@ -86,7 +86,7 @@ def _hostile() -> list[tuple[str, bytes, str]]:
         ("misaligned offset", GGUFBytes(tensors=[tensor_info("t", (8,), 0, 4)], data_bytes=64).build(), "not aligned"),
         ("duplicate tensor", GGUFBytes(tensors=[tensor_info("t", (8,), 0, 0), tensor_info("t", (8,), 0, 32)], data_bytes=64).build(), "duplicate tensor name"),
         ("bad alignment", GGUFBytes(kvs=[kv_u32("general.alignment", 24)]).build(), "not a power of two"),
-        ("huge dims overflow", GGUFBytes(tensors=[tensor_info("t", (2**62, 2**62), 0, 0)], data_bytes=32).build(), "truncated"),
+        ("huge dims overflow", GGUFBytes(tensors=[tensor_info("t", (2**62, 2**62), 0, 0)], data_bytes=32).build(), "not a real model"),
     ]
     return cases
 
