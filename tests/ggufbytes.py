@@ -84,7 +84,6 @@ def hostile_files(directory, scale: float = 1.0) -> dict[str, object]:
     def header(n_tensors: int, n_kv: int) -> bytes:
         return b"GGUF" + struct.pack("<IQQ", 3, n_tensors, n_kv)
 
-    empty_kv = s("") + struct.pack("<IB", UINT8, 0)  # 13 bytes: the smallest metadata entry
     for name, count in (("empty-strings-100MB", int(12_500_000 * scale)), ("empty-strings-at-limit", 2**21)):
         emit(name, header(0, 1) + s("a") + struct.pack("<IIQ", ARRAY, STRING, count) + s("") * count)
     for name, count in (("metadata-2.8M", int(2_800_000 * scale)), ("metadata-at-limit", 65_536)):

@@ -14,7 +14,7 @@ from llamactl.estimate import EstimateResult, estimate_model, host_repack_types
 from llamactl.resolve import Overrides, resolve
 from llamactl.model.memory import MemoryEstimate
 from llamactl.model.params import ModelParams
-from llamactl.model.settings import Resolved, ServerSettings
+from llamactl.model.settings import Resolved
 from llamactl.units import format_bytes, format_count
 
 

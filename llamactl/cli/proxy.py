@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import socket
 import sys
 from typing import Optional
 
@@ -103,11 +104,9 @@ def command(
                 print=None, access_log=None, handler_cancellation=True)
 
 
-def _listen(host: str, port: int) -> "socket.socket":
+def _listen(host: str, port: int) -> socket.socket:
     """Bind before the app starts: a port in use is one line, and a second proxy never adopts (and then,
     exiting, stops) the instances of the one that holds the port."""
-    import socket
-
     try:
         infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
     except socket.gaierror as exc:

@@ -19,11 +19,13 @@ import secrets
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
+from typing import Protocol
 
 from llamactl.config import Config, ModelConfig
 from llamactl.errors import (LaunchError, LlamactlError, LoadTimeoutError, ModelUnavailableError, NoFitError,
                              NotReadyInTime, OutOfMemoryAtLoad, QueueFullError, UnknownModelError, UpstreamError)
 from llamactl.gpu.inventory import Inventory
+from llamactl.placement import Plan
 from llamactl.resolve import Overrides, policy_for, resolve
 from llamactl.servers import launcher, procs, runner
 from llamactl.servers.probe import ServerCaps
@@ -72,18 +74,74 @@ _LAUNCH_FAILURES: dict[type[BaseException], tuple[str, type[LlamactlError] | Non
 }
 
 
+class Effects(Protocol):
+    """Everything the pool does to the world, behind one small interface (blocking calls: the pool runs
+    them in threads). ProcessEffects is the real one; tests drive the pool with a fake."""
+
+    def instances(self) -> dict[str, Instance]: ...  # the state, reconciled
+    def inventory(self) -> Inventory: ...
+    def plan(self, req: launcher.LaunchRequest, inv: Inventory, instances: dict[str, Instance]) -> Plan: ...
+    def launch(self, req: launcher.LaunchRequest) -> Instance: ...  # spawn, wait until ready, record
+    def stop(self, name: str) -> None: ...  # TERM → KILL, reap, drop from the state
+    def alive(self, inst: Instance) -> bool: ...  # still the process recorded
+    def environ(self, inst: Instance) -> dict[str, str] | None: ...  # its environment, if ours
+    def record_activity(self, updates: dict[str, tuple[int | None, Status, float]]) -> None: ...
+
+
+class ProcessEffects:
+    """The real effects: llama-server processes, the state file, the inventory."""
+
+    def __init__(self, store: StateStore, binary: str, caps: ServerCaps, inventory_fn: Callable[[], Inventory],
+                 grace_s: float = runner.DEFAULT_GRACE_S) -> None:
+        self.store, self.binary, self.caps, self.inventory_fn, self.grace_s = store, binary, caps, inventory_fn, grace_s
+
+    def instances(self) -> dict[str, Instance]:
+        return self.store.instances()
+
+    def inventory(self) -> Inventory:
+        return self.inventory_fn()
+
+    def plan(self, req: launcher.LaunchRequest, inv: Inventory, instances: dict[str, Instance]) -> Plan:
+        return launcher.plan_for(req, inv, instances)
+
+    def launch(self, req: launcher.LaunchRequest) -> Instance:
+        return launcher.launch(self.store, req, self.binary, self.caps, self.inventory_fn, grace_s=self.grace_s).instance
+
+    def stop(self, name: str) -> None:
+        launcher.stop_instances(self.store, [name], grace_s=self.grace_s)
+
+    def alive(self, inst: Instance) -> bool:
+        """Still the process we recorded; a child of ours that exited is reaped (no <defunct> left)."""
+        ours = procs.check(inst.claim(self.store.dir)).ownership is procs.Ownership.OURS
+        if not ours:
+            procs.reap(inst.pid)
+        return ours
+
+    def environ(self, inst: Instance) -> dict[str, str] | None:
+        return procs.environ_of(inst.claim(self.store.dir))
+
+    def record_activity(self, updates: dict[str, tuple[int | None, Status, float]]) -> None:
+        """Write busy/ready and last use back to the state (one edit), for `ps` in another shell."""
+        with self.store.edit() as instances:
+            for name, (pid, status, last_used) in updates.items():
+                inst = instances.get(name)
+                if inst is None or inst.pid != pid or inst.status not in (Status.READY, Status.BUSY):
+                    continue
+                last = max(inst.last_used, last_used)
+                if (inst.status, inst.last_used) != (status, last):
+                    instances[name] = replace(inst, status=status, last_used=last)
+
+
 class Pool:
     def __init__(self, config: Config, store: StateStore, binary: str, caps: ServerCaps,
                  inventory_fn: Callable[[], Inventory], *, repack_types: frozenset[str] = frozenset(),
-                 gpu_overhead_bytes: int | None = None, grace_s: float = runner.DEFAULT_GRACE_S) -> None:
+                 gpu_overhead_bytes: int | None = None, grace_s: float = runner.DEFAULT_GRACE_S,
+                 effects: Effects | None = None) -> None:
         self.config = config
         self.store = store
-        self.binary = binary
-        self.caps = caps
-        self.inventory_fn = inventory_fn
         self.repack_types = repack_types
         self.gpu_overhead_bytes = gpu_overhead_bytes
-        self.grace_s = grace_s
+        self.effects: Effects = effects or ProcessEffects(store, binary, caps, inventory_fn, grace_s)
         self.slots: dict[str, Slot] = {name: Slot(model) for name, model in config.models.items()}
         self.stats = PoolStats()
         self.on_change: Callable[[], None] | None = None
@@ -125,19 +183,12 @@ class Pool:
 
     async def mark_dead(self, slot: Slot, why: str) -> None:
         """The upstream went away mid-request: forget it, so the next request relaunches."""
-        if slot.instance is not None and not await asyncio.to_thread(self._alive, slot.instance):
+        if slot.instance is not None and not await asyncio.to_thread(self.effects.alive, slot.instance):
             log.warning("%s: instance died (%s); the next request relaunches it", slot.model.name, why)
             slot.phase, slot.instance = Phase.STOPPED, None
             self._changed()
 
     # --- lifecycle (owner-only) -----------------------------------------------------------------
-
-    def _alive(self, inst: Instance) -> bool:
-        """Still the process we recorded; a child of ours that exited is reaped (no <defunct> left)."""
-        ours = procs.check(inst.claim(self.store.dir)).ownership is procs.Ownership.OURS
-        if not ours:
-            procs.reap(inst.pid)
-        return ours
 
     def _changed(self) -> None:
         if self.on_change is not None:
@@ -161,7 +212,7 @@ class Pool:
         self._changed()
         name = slot.instance.name
         try:
-            await asyncio.to_thread(launcher.stop_instances, self.store, [name], grace_s=self.grace_s)
+            await asyncio.to_thread(self.effects.stop, name)
         finally:
             done.set_result(None)
             slot.phase, slot.instance, slot.ours = Phase.STOPPED, None, False
@@ -188,11 +239,11 @@ class Pool:
         stopped at shutdown. Its API key (instance_api_keys) is read back from its environment.
         """
         if instances is None:
-            instances = await asyncio.to_thread(self.store.instances)
+            instances = await asyncio.to_thread(self.effects.instances)
         inst = instances.get(slot.model.name)
         if inst is None or inst.status not in (Status.READY, Status.BUSY) or inst.pid is None:
             return False
-        env = await asyncio.to_thread(procs.environ_of, inst.claim(self.store.dir))
+        env = await asyncio.to_thread(self.effects.environ, inst)
         if env is None:
             return False
         slot.api_key = env.get(runner.API_KEY_ENV) or None
@@ -206,7 +257,7 @@ class Pool:
 
     async def adopt_all(self) -> list[str]:
         """At start-up: take over every running instance of a configured model (after a crash or a restart)."""
-        instances = await asyncio.to_thread(self.store.instances)
+        instances = await asyncio.to_thread(self.effects.instances)
         adopted = []
         for name, slot in self.slots.items():
             if slot.phase is Phase.STOPPED and slot.task is None and await self._adopt_running(slot, instances):
@@ -221,16 +272,16 @@ class Pool:
             other = self.slots.get(name)
             if other is not None and scheduler.memory_victims((name,), self.seats(), adopt=False):
                 await self._stop(other, "max_instances")  # still idle: a request may have come meanwhile
-        instances = await asyncio.to_thread(self.store.instances)
-        inv = await asyncio.to_thread(self.inventory_fn)
+        instances = await asyncio.to_thread(self.effects.instances)
+        inv = await asyncio.to_thread(self.effects.inventory)
         req = self._request(slot, scheduler.protected(self.seats()) | {slot.model.name}, inv)
-        proposal = await asyncio.to_thread(launcher.plan_for, req, inv, instances)
+        proposal = await asyncio.to_thread(self.effects.plan, req, inv, instances)
         for name in scheduler.memory_victims(proposal.evict, self.seats(), adopt=self.config.adopt):
             other = self.slots.get(name)
             if other is not None:
                 await self._stop(other, "memory")
             else:  # an instance of no configured model (adopt = true)
-                await asyncio.to_thread(launcher.stop_instances, self.store, [name], grace_s=self.grace_s)
+                await asyncio.to_thread(self.effects.stop, name)
                 self.stats.evictions["memory"] = self.stats.evictions.get("memory", 0) + 1
 
     async def _start(self, slot: Slot, stop: tuple[str, ...] = ()) -> None:
@@ -243,14 +294,13 @@ class Pool:
                 return
             await self._make_room(slot, stop)
             # room was made above, under the proxy's rules; the launch itself evicts nothing more
-            inv = await asyncio.to_thread(self.inventory_fn)
+            inv = await asyncio.to_thread(self.effects.inventory)
             req = replace(self._request(slot, scheduler.protected(self.seats()) | {name}, inv), may_evict=False)
-            done = await asyncio.to_thread(launcher.launch, self.store, req, self.binary, self.caps,
-                                           self.inventory_fn, grace_s=self.grace_s)
-            slot.instance, slot.phase, slot.ours = done.instance, Phase.READY, True
+            instance = await asyncio.to_thread(self.effects.launch, req)
+            slot.instance, slot.phase, slot.ours = instance, Phase.READY, True
             slot.last_used = time.time()
             self._count(name, "ok")
-            log.info("%s: ready on port %s in %.1f s", name, done.instance.port, time.monotonic() - started)
+            log.info("%s: ready on port %s in %.1f s", name, instance.port, time.monotonic() - started)
         except BaseException as exc:
             slot.phase, slot.instance = Phase.STOPPED, None
             for kind, (result, answer) in _LAUNCH_FAILURES.items():
@@ -275,7 +325,7 @@ class Pool:
             if slot.phase is not Phase.READY or slot.instance is None:
                 continue
             inst = slot.instance
-            if not await asyncio.to_thread(self._alive, inst):
+            if not await asyncio.to_thread(self.effects.alive, inst):
                 log.warning("%s: instance (pid %s) is gone", slot.model.name, inst.pid)
                 slot.phase, slot.instance = Phase.STOPPED, None
                 self._changed()
@@ -287,21 +337,10 @@ class Pool:
                 await self._stop(self.slots[name], "ttl")
         for name in [n for n, s in self.slots.items() if n not in self.config.models and s.phase is Phase.STOPPED]:
             del self.slots[name]  # removed from the config by a reload, and now stopped
-        await asyncio.to_thread(self._write_activity)
-
-    def _write_activity(self) -> None:
-        updates = {s.instance.name: s for s in self.slots.values() if s.instance is not None and s.phase is Phase.READY}
-        if not updates:
-            return
-        with self.store.edit() as instances:
-            for name, slot in updates.items():
-                inst = instances.get(name)
-                if inst is None or inst.pid != slot.instance.pid:  # type: ignore[union-attr]
-                    continue
-                status = Status.BUSY if slot.in_flight else Status.READY
-                last = max(inst.last_used, slot.last_used)
-                if (inst.status, inst.last_used) != (status, last) and inst.status in (Status.READY, Status.BUSY):
-                    instances[name] = replace(inst, status=status, last_used=last)
+        updates = {s.instance.name: (s.instance.pid, Status.BUSY if s.in_flight else Status.READY, s.last_used)
+                   for s in self.slots.values() if s.instance is not None and s.phase is Phase.READY}
+        if updates:
+            await asyncio.to_thread(self.effects.record_activity, updates)
 
     async def shutdown(self, keep_instances: bool) -> None:
         """Stop what this proxy started (unless kept); hand-started instances are never touched."""

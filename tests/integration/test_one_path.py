@@ -21,38 +21,38 @@ def configured(env: Env, tmp_path: Path):  # noqa: F811
 
 
 def test_plan_estimate_and_launch_take_a_configured_name(configured) -> None:
-    env, cfg, port_start = configured
-    out = env.run("--config", str(cfg), "plan", "small", "--json")
+    e, cfg, port_start = configured
+    out = e.run("--config", str(cfg), "plan", "small", "--json")
     assert out.returncode == 3, out.stderr  # CPU only: the fit-check exit code, not "no such file"
     argv = json.loads(out.stdout)["argv"]
     assert argv[argv.index("--ctx-size") + 1] == "768" and argv[argv.index("--port") + 1] == str(port_start)
-    out = env.run("--config", str(cfg), "estimate", "tiny", "--json")
+    out = e.run("--config", str(cfg), "estimate", "tiny", "--json")
     assert out.returncode == 0 and json.loads(out.stdout)["settings"]["ctx_size"] == 768, out.stderr
     # the command line wins where given
-    out = env.run("--config", str(cfg), "estimate", "tiny", "-c", "256", "--json")
+    out = e.run("--config", str(cfg), "estimate", "tiny", "-c", "256", "--json")
     assert json.loads(out.stdout)["settings"]["ctx_size"] == 256
-    out = env.run("--config", str(cfg), "launch", "small", "--json")
+    out = e.run("--config", str(cfg), "launch", "small", "--json")
     assert out.returncode == 0, out.stderr
     launched = json.loads(out.stdout)
     assert launched["name"] == "tiny" and launched["port"] == port_start  # the config's port_start, not 8081
-    (inst,) = env.ps()
+    (inst,) = e.ps()
     assert inst["name"] == "tiny"
-    assert env.run("evict", "tiny").returncode == 0
+    assert e.run("evict", "tiny").returncode == 0
 
 
 @pytest.mark.parametrize("where", ["before", "after"])
 def test_config_and_state_dir_go_before_or_after_the_subcommand(configured, where: str, tmp_path: Path) -> None:
-    env, cfg, _ = configured
+    e, cfg, _ = configured
     opts = ["--config", str(cfg), "--state-dir", str(tmp_path / "elsewhere")]
     args = [*opts, "proxy", "--check", "--json"] if where == "before" else ["proxy", "--check", "--json", *opts]
-    out = env.run(*args)
+    out = e.run(*args)
     assert out.returncode == 0, out.stderr
     assert [m["name"] for m in json.loads(out.stdout)["models"]] == ["tiny"]
     args = [*opts, "ps", "--json"] if where == "before" else ["ps", "--json", *opts]
-    assert env.run(*args).returncode == 0 and (tmp_path / "elsewhere").is_dir()
+    assert e.run(*args).returncode == 0 and (tmp_path / "elsewhere").is_dir()
 
 
 def test_a_bare_path_gets_the_config_defaults(configured) -> None:
-    env, cfg, _ = configured
-    out = env.run("--config", str(cfg), "estimate", str(env.model), "--json")
+    e, cfg, _ = configured
+    out = e.run("--config", str(cfg), "estimate", str(e.model), "--json")
     assert json.loads(out.stdout)["settings"]["ctx_size"] == 1024

@@ -1,0 +1,179 @@
+"""The proxy's pool driven with fake effects: single flight, stop-then-start, max_instances, typed failures,
+TTLs — no processes, no HTTP. Every effect is recorded in order."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from pathlib import Path
+
+import pytest
+
+from llamactl.config import Config, ModelConfig
+from llamactl.errors import LoadTimeoutError, ModelUnavailableError, NotReadyInTime, OutOfMemoryAtLoad, QueueFullError
+from llamactl.gpu.inventory import Inventory
+from llamactl.model.settings import ServerSettings
+from llamactl.placement import Fit, Plan
+from llamactl.proxy.pool import Phase, Pool
+from llamactl.servers.state import Instance, StateStore, Status
+
+pytestmark = pytest.mark.timeout(20)
+
+
+class FakeEffects:
+    def __init__(self) -> None:
+        self.calls: list[tuple[str, str]] = []
+        self.gate: dict[str, threading.Event] = {}  # hold a launch or a stop until set
+        self.fail: dict[str, BaseException] = {}
+        self.evict: tuple[str, ...] = ()
+        self.running: dict[str, Instance] = {}
+
+    def _wait(self, key: str) -> None:
+        if key in self.gate:
+            assert self.gate[key].wait(10)
+
+    def instances(self):
+        return dict(self.running)
+
+    def inventory(self):
+        return Inventory(gpus=(), source="simulated")
+
+    def plan(self, req, inv, instances):
+        return Plan(fit=Fit.CPU, gpu_ids=(), tensor_split=None, resolved=None, estimate=None, capacities=(),
+                    evict=self.evict)
+
+    def launch(self, req):
+        self.calls.append(("launch", req.name))
+        self._wait(f"launch {req.name}")
+        if req.name in self.fail:
+            raise self.fail[req.name]
+        inst = Instance(name=req.name, model=str(req.model), port=9000 + len(self.calls), pid=4242,
+                        create_time=1.0, status=Status.READY)
+        self.running[req.name] = inst
+        return inst
+
+    def stop(self, name):
+        self.calls.append(("stop", name))
+        self._wait(f"stop {name}")
+        self.running.pop(name, None)
+
+    def alive(self, inst):
+        return inst.name in self.running
+
+    def environ(self, inst):
+        return {}
+
+    def record_activity(self, updates):
+        self.calls.append(("record", ",".join(sorted(updates))))
+
+
+def make_pool(tmp_path: Path, fake: FakeEffects, names=("a", "b", "c"), **config) -> Pool:
+    models = {n: ModelConfig(name=n, path=tmp_path / f"{n}.gguf", settings=ServerSettings()) for n in names}
+    for n in names:
+        (tmp_path / f"{n}.gguf").write_bytes(b"")
+    cfg = Config(models=models, **config)
+    return Pool(cfg, StateStore(tmp_path / "state"), "llama-server", None, fake.inventory, effects=fake)  # type: ignore[arg-type]
+
+
+def test_concurrent_requests_share_one_launch(tmp_path: Path) -> None:
+    fake = FakeEffects()
+    fake.gate["launch a"] = threading.Event()
+    pool = make_pool(tmp_path, fake)
+
+    async def go():
+        waiters = [asyncio.ensure_future(pool.acquire("a")) for _ in range(5)]
+        await asyncio.sleep(0.05)
+        assert pool.slots["a"].phase is Phase.STARTING and pool.slots["a"].waiting == 5
+        fake.gate["launch a"].set()
+        slots = await asyncio.gather(*waiters)
+        assert all(s is pool.slots["a"] for s in slots) and pool.slots["a"].in_flight == 5
+
+    asyncio.run(go())
+    assert fake.calls == [("launch", "a")]
+
+
+def test_a_request_for_a_stopping_model_waits_for_the_stop_then_starts(tmp_path: Path) -> None:
+    fake = FakeEffects()
+    pool = make_pool(tmp_path, fake, idle_ttl_s=0.0)
+
+    async def go():
+        pool.release(await pool.acquire("a"))
+        fake.gate["stop a"] = threading.Event()
+        poll = asyncio.ensure_future(pool.poll_once())  # the TTL stops a: held mid-stop
+        await asyncio.sleep(0.05)
+        assert pool.slots["a"].phase is Phase.STOPPING
+        request = asyncio.ensure_future(pool.acquire("a"))
+        await asyncio.sleep(0.05)
+        assert fake.calls == [("launch", "a"), ("stop", "a")]  # no second launch while the stop runs
+        fake.gate["stop a"].set()
+        await poll
+        assert (await request) is pool.slots["a"]
+
+    asyncio.run(go())
+    assert [c for c in fake.calls if c[0] != "record"] == [("launch", "a"), ("stop", "a"), ("launch", "a")]
+
+
+def test_max_instances_stops_the_least_recently_used_idle_one_first(tmp_path: Path) -> None:
+    fake = FakeEffects()
+    pool = make_pool(tmp_path, fake, max_instances=2)
+
+    async def go():
+        pool.release(await pool.acquire("a"))
+        busy = await pool.acquire("b")  # b keeps a request in flight
+        await pool.acquire("c")
+        assert pool.slots["a"].phase is Phase.STOPPED and busy.phase is Phase.READY
+        with pytest.raises(ModelUnavailableError, match="max_instances"):
+            await pool.acquire("a")  # b and c both busy now
+
+    asyncio.run(go())
+    assert fake.calls == [("launch", "a"), ("launch", "b"), ("stop", "a"), ("launch", "c")]
+
+
+def test_memory_evictions_come_from_the_plan_and_spare_busy_instances(tmp_path: Path) -> None:
+    fake = FakeEffects()
+    pool = make_pool(tmp_path, fake)
+
+    async def go():
+        pool.release(await pool.acquire("a"))
+        await pool.acquire("b")  # in flight
+        fake.evict = ("a", "b")  # the planner wants both gone for c
+        await pool.acquire("c")
+
+    asyncio.run(go())
+    assert fake.calls == [("launch", "a"), ("launch", "b"), ("stop", "a"), ("launch", "c")]
+
+
+@pytest.mark.parametrize(("failure", "error", "result"), [
+    (NotReadyInTime("not ready after 1 s"), LoadTimeoutError, "timeout"),
+    (OutOfMemoryAtLoad("exited (out of memory while loading)"), ModelUnavailableError, "oom"),
+])
+def test_launch_failures_map_by_type(tmp_path: Path, failure, error, result) -> None:
+    fake = FakeEffects()
+    fake.fail["a"] = failure
+    pool = make_pool(tmp_path, fake)
+
+    async def go():
+        with pytest.raises(error):
+            await pool.acquire("a")
+        assert pool.slots["a"].phase is Phase.STOPPED
+        del fake.fail["a"]
+        assert (await pool.acquire("a")).phase is Phase.READY  # the next request tries again
+
+    asyncio.run(go())
+    assert pool.stats.launches == {("a", result): 1, ("a", "ok"): 1}
+
+
+def test_the_queue_is_bounded(tmp_path: Path) -> None:
+    fake = FakeEffects()
+    fake.gate["launch a"] = threading.Event()
+    pool = make_pool(tmp_path, fake, max_queue=2)
+
+    async def go():
+        waiters = [asyncio.ensure_future(pool.acquire("a")) for _ in range(2)]
+        await asyncio.sleep(0.05)
+        with pytest.raises(QueueFullError):
+            await pool.acquire("a")
+        fake.gate["launch a"].set()
+        await asyncio.gather(*waiters)
+
+    asyncio.run(go())
