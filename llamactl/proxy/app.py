@@ -8,6 +8,7 @@ started are stopped unless --keep-instances.
 from __future__ import annotations
 
 import asyncio
+import hmac
 import json
 import logging
 import signal
@@ -65,6 +66,13 @@ class Metrics:
                 self.gpu_used.labels(str(gpu.index)).set(gpu.memory_used_bytes)
 
 
+def _authorized(header: str, keys: tuple[str, ...]) -> bool:
+    """`Authorization: Bearer KEY`, the scheme in any case (RFC 9110), compared in constant time."""
+    scheme, _, token = header.strip().partition(" ")
+    token = token.strip().encode()
+    return scheme.lower() == "bearer" and any(hmac.compare_digest(token, key.encode()) for key in keys)
+
+
 def error_response(exc: ProxyError | LlamactlError, status: int | None = None) -> web.Response:
     if isinstance(exc, ProxyError):
         status, kind, code = exc.http_status, exc.kind, exc.code
@@ -88,16 +96,17 @@ def build_app(pool: Pool, inventory_fn: Callable[[], Inventory], *, keep_instanc
         request["model"] = "-"
         try:
             keys = pool.config.api_keys
-            if keys and request.path != "/health":
-                given = request.headers.get("Authorization", "")
-                if not given.startswith("Bearer ") or given[7:] not in keys:
-                    raise AuthError("missing or invalid API key (Authorization: Bearer ...)")
+            if keys and request.path != "/health" and not _authorized(request.headers.get("Authorization", ""), keys):
+                raise AuthError("missing or invalid API key (Authorization: Bearer ...)")
             response = await handler(request)
         except ProxyError as exc:
             response = error_response(exc)
         except web.HTTPException as exc:
             if exc.status == 413:
                 response = error_response(LlamactlError(f"request body too large (limit {config.max_body_bytes} bytes)"), 413)
+            elif exc.status in (404, 405):  # OpenAI-shaped, and logged like every other request
+                what = "no such route" if exc.status == 404 else f"method {request.method} not allowed"
+                response = error_response(LlamactlError(f"{what}: {request.method} {request.path[:200]}"), exc.status)
             else:
                 raise
         except LlamactlError as exc:
@@ -112,10 +121,12 @@ def build_app(pool: Pool, inventory_fn: Callable[[], Inventory], *, keep_instanc
 
     async def model_request(request: web.Request) -> web.StreamResponse:
         body = await request.read()
-        try:
-            payload = json.loads(body or b"{}")
+        try:  # a large body is parsed off the event loop: /health and streams go on meanwhile
+            payload = await asyncio.to_thread(json.loads, body) if len(body) > 2**20 else json.loads(body or b"{}")
         except ValueError:
             raise LlamactlError("request body is not valid JSON") from None
+        except RecursionError:
+            raise LlamactlError("request body is nested too deeply") from None
         requested = payload.get("model") if isinstance(payload, dict) else None
         if not isinstance(requested, str) or not requested:
             raise LlamactlError("request body needs a \"model\" naming a configured model")

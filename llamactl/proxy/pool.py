@@ -22,7 +22,7 @@ from dataclasses import dataclass, field, replace
 from typing import Protocol
 
 from llamactl.config import Config, ModelConfig
-from llamactl.errors import (LaunchError, LlamactlError, LoadTimeoutError, ModelUnavailableError, NoFitError,
+from llamactl.errors import (GGUFError, LaunchError, LlamactlError, LoadTimeoutError, ModelUnavailableError, NoFitError,
                              NotReadyInTime, OutOfMemoryAtLoad, QueueFullError, UnknownModelError, UpstreamError)
 from llamactl.gpu.inventory import Inventory
 from llamactl.placement import Plan
@@ -301,6 +301,11 @@ class Pool:
             slot.last_used = time.time()
             self._count(name, "ok")
             log.info("%s: ready on port %s in %.1f s", name, instance.port, time.monotonic() - started)
+        except GGUFError as exc:  # the file went missing or bad since the config was read: no paths to clients
+            slot.phase, slot.instance = Phase.STOPPED, None
+            self._count(name, "failed")
+            log.error("%s: %s", name, exc)
+            raise ModelUnavailableError(f"{name}: its model file is missing or unreadable (details in the proxy's log)") from None
         except BaseException as exc:
             slot.phase, slot.instance = Phase.STOPPED, None
             for kind, (result, answer) in _LAUNCH_FAILURES.items():

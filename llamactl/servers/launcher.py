@@ -19,7 +19,7 @@ from llamactl.config import DEFAULT_PORT_START
 from llamactl.errors import ExitCode, LlamactlError, NoFitError, UsageError
 from llamactl.gpu.inventory import Inventory
 from llamactl.estimate import load_params
-from llamactl.model.gguf import read_header
+from llamactl.model.params import ModelParams
 from llamactl.model.settings import ServerSettings
 from llamactl.placement import Fit, Plan, Policy, RunningInstance, plan
 from llamactl.servers import procs, runner
@@ -102,8 +102,9 @@ def pick_port(instances: dict[str, Instance], start: int, host: str) -> int:
     raise UsageError(f"no free port in {start}..{start + PORT_SEARCH - 1}")
 
 
-def plan_for(req: LaunchRequest, inv: Inventory, instances: dict[str, Instance]) -> Plan:
-    params = load_params(req.model, req.settings)
+def plan_for(req: LaunchRequest, inv: Inventory, instances: dict[str, Instance],
+             params: ModelParams | None = None) -> Plan:
+    params = params if params is not None else load_params(req.model, req.settings)
     others = {n: i for n, i in instances.items() if n != req.name or not req.replace_existing}
     return plan(params, req.settings, inv.usable, req.policy, running_for_placement(others, req.protected))
 
@@ -187,7 +188,7 @@ def launch(store: StateStore, req: LaunchRequest, binary: str, caps: ServerCaps,
     api_key = req.api_key or extra_key
     req = replace(req, extra=extra)
     check_extra_args(req.extra)
-    read_header(req.model)  # a file that is not a valid GGUF fails before anything starts
+    params = load_params(req.model, req.settings)  # the header, read once: a bad file fails before anything starts
     instances = store.instances()
     existing = instances.get(req.name)
     if existing is not None and existing.live:
@@ -195,9 +196,9 @@ def launch(store: StateStore, req: LaunchRequest, binary: str, caps: ServerCaps,
             raise UsageError(f"an instance named {req.name!r} is already {existing.status.value} "
                              f"(pid {existing.pid}, port {existing.port}); use --replace or another --name")
         stop_instances(store, [req.name], grace_s=grace_s)
-        instances = store.instances()
+        instances = store.snapshot()  # liveness is enough now: adoption ran in the read above
     inv = inventory_fn()
-    the_plan = plan_for(req, inv, instances)
+    the_plan = plan_for(req, inv, instances, params)
     evicted: tuple[str, ...] = ()
     if the_plan.evict and req.may_evict:
         freed: dict[int, int] = {}
@@ -206,9 +207,9 @@ def launch(store: StateStore, req: LaunchRequest, binary: str, caps: ServerCaps,
                 freed[gpu] = freed.get(gpu, 0) + used
         evicted = tuple(stop_instances(store, the_plan.evict, grace_s=grace_s))
         wait_memory_released(list(freed), inventory_fn, inv, freed)
-        instances = store.instances()
+        instances = store.snapshot()
         inv = inventory_fn()
-        the_plan = plan_for(req, inv, instances)
+        the_plan = plan_for(req, inv, instances, params)
     if the_plan.fit is Fit.NONE or the_plan.resolved is None or the_plan.estimate is None:
         raise NoFitError(f"{req.model.name} does not fit: " + "; ".join(the_plan.reasons[-2:]))
 

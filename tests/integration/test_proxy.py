@@ -366,3 +366,39 @@ def test_a_second_proxy_on_a_busy_port_is_one_line_and_touches_nothing(make_prox
     assert out.stderr.strip().splitlines()[-1].startswith(f"llamactl: error: cannot listen on 127.0.0.1:{proxy.port}: ")
     assert "internal error" not in out.stderr
     assert psutil.pid_exists(pid) and proxy.post("alpha").status_code == 200  # the first proxy's instance runs on
+
+
+def test_bearer_scheme_is_case_insensitive_and_keys_are_checked(make_proxy) -> None:
+    proxy = make_proxy({"alpha": []}, 'api_keys = ["s3cret"]')
+    url = f"{proxy.url}/v1/models"
+    for header in ("Bearer s3cret", "bearer s3cret", "BEARER  s3cret"):
+        assert httpx.get(url, headers={"Authorization": header}).status_code == 200, header
+    for header in ("Bearer wrong", "Basic s3cret", "s3cret", ""):
+        reply = httpx.get(url, headers={"Authorization": header})
+        assert reply.status_code == 401 and reply.json()["error"]["code"] == "invalid_api_key", header
+
+
+def test_unknown_routes_are_openai_shaped_and_logged(make_proxy) -> None:
+    proxy = make_proxy({"alpha": []})
+    reply = httpx.get(f"{proxy.url}/v1/nothing-here")
+    assert reply.status_code == 404 and reply.json()["error"]["type"] == "invalid_request_error"
+    assert httpx.delete(f"{proxy.url}/v1/models").status_code == 405
+    assert wait_for(lambda: "GET /v1/nothing-here model=- status=404" in proxy.logs())
+
+
+def test_deeply_nested_json_is_a_400_not_a_500(make_proxy) -> None:
+    proxy = make_proxy({"alpha": []})
+    body = b'{"model": "alpha", "x": ' + b"[" * 100_000 + b"]" * 100_000 + b"}"
+    reply = httpx.post(f"{proxy.url}/v1/chat/completions", content=body, headers={"Content-Type": "application/json"})
+    assert reply.status_code == 400 and "nested too deeply" in reply.json()["error"]["message"]
+    assert httpx.get(f"{proxy.url}/health").status_code == 200
+
+
+def test_a_missing_model_file_is_a_503_naming_the_model_not_the_path(make_proxy) -> None:
+    proxy = make_proxy({"alpha": []})
+    (proxy.tmp / "tiny.gguf").unlink()  # gone after the config was read
+    reply = proxy.post("alpha")
+    assert reply.status_code == 503 and reply.json()["error"]["code"] == "model_unavailable"
+    message = reply.json()["error"]["message"]
+    assert message.startswith("alpha: ") and str(proxy.tmp) not in message
+    assert str(proxy.tmp / "tiny.gguf") in proxy.logs()  # the operator sees the path
