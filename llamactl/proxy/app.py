@@ -132,17 +132,22 @@ def build_app(pool: Pool, inventory_fn: Callable[[], Inventory], *, keep_instanc
             raise LlamactlError("request body needs a \"model\" naming a configured model")
         request["model"] = requested
         started = time.monotonic()
-        slot = await pool.acquire(requested)
-        name = slot.model.name
-        try:
-            response, outcome = await forward.relay(request, app[SESSION_KEY], slot.base_url + request.path, body,
-                                                    slot.api_key, started)
-        except UpstreamError:
-            await pool.mark_dead(slot, "unreachable")
-            metrics.requests.labels(name, "502").inc()
-            raise
-        finally:
-            pool.release(slot)
+        for attempt in range(2):
+            slot = await pool.acquire(requested)
+            name = slot.model.name
+            try:
+                response, outcome = await forward.relay(request, app[SESSION_KEY], slot.base_url + request.path, body,
+                                                        slot.api_key, started)
+                break
+            except UpstreamError:
+                # nothing was sent yet: an instance that is gone (evicted from another shell, crashed) is
+                # forgotten and this request starts it again, once
+                if await pool.mark_dead(slot, "unreachable") and attempt == 0:
+                    continue
+                metrics.requests.labels(name, "502").inc()
+                raise
+            finally:
+                pool.release(slot)
         if outcome.upstream_died:
             await pool.mark_dead(slot, "died mid-stream")
         metrics.requests.labels(name, str(outcome.status)).inc()

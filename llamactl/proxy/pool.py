@@ -181,12 +181,15 @@ class Pool:
         slot.in_flight -= 1
         slot.last_used = time.time()
 
-    async def mark_dead(self, slot: Slot, why: str) -> None:
-        """The upstream went away mid-request: forget it, so the next request relaunches."""
+    async def mark_dead(self, slot: Slot, why: str) -> bool:
+        """The upstream failed a request: if its process is gone, forget it (True) so the next request
+        relaunches; if it still runs, keep it (False)."""
         if slot.instance is not None and not await asyncio.to_thread(self.effects.alive, slot.instance):
-            log.warning("%s: instance died (%s); the next request relaunches it", slot.model.name, why)
+            log.warning("%s: instance is gone (%s); the next request relaunches it", slot.model.name, why)
             slot.phase, slot.instance = Phase.STOPPED, None
             self._changed()
+            return True
+        return slot.instance is None
 
     # --- lifecycle (owner-only) -----------------------------------------------------------------
 

@@ -50,6 +50,7 @@ def build_command(
     cuda_devices: Sequence[str] = (),
     verbose_buffers: bool = False,
     extra: Sequence[str] = (),
+    alias: str | None = None,
 ) -> ServerCommand:
     caps.require(*REQUIRED_FLAGS)
     argv = [
@@ -96,6 +97,8 @@ def build_command(
         argv += ["--n-cpu-moe", str(resolved.n_cpu_moe)]
     if tensor_split and len(tensor_split) > 1:
         argv += ["--tensor-split", ",".join(_fmt_share(s) for s in tensor_split)]
+    if alias and caps.supports("--alias"):
+        argv += ["--alias", alias]  # responses name the model as clients asked for it, not by its file path
     if verbose_buffers:
         argv += ["--verbosity", "4"]  # buffer sizes are logged at trace level only
     argv += list(extra)
@@ -142,6 +145,7 @@ _OWN = {
     ("--embedding", "--embeddings"): ("--embedding", "embedding"), ("--rerank", "--reranking"): ("--reranking", "reranking"),
     ("-ncmoe", "--n-cpu-moe", "-cmoe", "--cpu-moe"): ("--n-cpu-moe", "n_cpu_moe"), ("--lora",): ("--lora", "lora"),
     ("-ot", "--override-tensor"): ("-ot", "override_tensor"),
+    ("-a", "--alias"): ("--name (the instance name is the alias)", "the [models.NAME] name"),
 }
 _OWN_FLAGS = {flag: use for flags, use in _OWN.items() for flag in flags}
 

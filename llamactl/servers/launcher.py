@@ -173,7 +173,7 @@ def command_for(req: LaunchRequest, the_plan: Plan, binary: str | Path, caps: Se
         raise NoFitError(f"{req.model.name} does not fit: " + "; ".join(the_plan.reasons[-2:]))
     return build_command(binary, req.model, the_plan.resolved, caps, host=req.host, port=port,
                          tensor_split=the_plan.tensor_split, cuda_devices=cuda_devices(the_plan.gpu_ids, inv),
-                         extra=req.extra)
+                         extra=req.extra, alias=req.name)
 
 
 def launch(store: StateStore, req: LaunchRequest, binary: str, caps: ServerCaps, inventory_fn: Callable[[], Inventory],

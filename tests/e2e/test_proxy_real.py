@@ -56,6 +56,7 @@ def test_chat_plain_and_streamed(proxy) -> None:
     c = client(url)
     reply = c.chat.completions.create(model="gpt-4o-mini", messages=[{"role": "user", "content": "hi"}], max_tokens=8)
     assert reply.choices[0].message.content is not None and reply.usage.completion_tokens == 8
+    assert reply.model == "demo"  # the configured name (llama-server's --alias), not the file's path
     pieces = [chunk.choices[0].delta.content or "" for chunk in
               c.chat.completions.create(model="small", messages=[{"role": "user", "content": "hi"}], max_tokens=8,
                                         stream=True) if chunk.choices]

@@ -25,7 +25,7 @@ FLAGS = ["-m", "--model", "--host", "--port", "-c", "--ctx-size", "-ngl", "--n-g
          "-np", "--parallel", "-ctk", "--cache-type-k", "-ctv", "--cache-type-v", "-b", "--batch-size", "-ub",
          "--ubatch-size", "-kvu", "--kv-unified", "-no-kvu", "--no-kv-unified", "-fit", "--fit", "--metrics",
          "-ts", "--tensor-split", "--swa-full", "-nkvo", "--no-kv-offload", "-lm", "--load-mode", "-nr",
-         "--no-repack", "-lv", "--verbosity", "--api-key"]
+         "--no-repack", "-lv", "--verbosity", "--api-key", "--alias"]
 
 
 def arg(argv, name, default=None):

@@ -33,7 +33,8 @@ def wait_for(check, timeout_s: float = 5.0) -> bool:
 
 
 class Proxy:
-    def __init__(self, tmp: Path, models: dict[str, list[str]], extra_config: str = "", *, keep: bool = False) -> None:
+    def __init__(self, tmp: Path, models: dict[str, list[str]], extra_config: str = "", *, keep: bool = False,
+                 poll: str = "0.3s") -> None:
         self.tmp = tmp
         self.state = tmp / "state"
         wrapper = tmp / "llama-server"
@@ -41,7 +42,7 @@ class Proxy:
         wrapper.chmod(0o755)
         model = write_model(tmp / "tiny.gguf", ModelSpec(n_vocab=300))
         self.port = free_port()
-        lines = [f"port = {self.port}", f"port_start = {free_port()}", 'poll_interval = "0.3s"', extra_config,
+        lines = [f"port = {self.port}", f"port_start = {free_port()}", f'poll_interval = "{poll}"', extra_config,
                  "[defaults]", "ctx_size = 256"]
         for name, args in models.items():
             lines += [f"[models.{name}]", f'path = "{model}"', f"args = {json.dumps(args)}"]
@@ -96,9 +97,9 @@ class Proxy:
 def make_proxy(tmp_path: Path):
     started: list[Proxy] = []
 
-    def make(models: dict[str, list[str]], extra: str = "", keep: bool = False) -> Proxy:
+    def make(models: dict[str, list[str]], extra: str = "", keep: bool = False, poll: str = "0.3s") -> Proxy:
         (tmp_path / f"p{len(started)}").mkdir()
-        proxy = Proxy(tmp_path / f"p{len(started)}", models, extra, keep=keep)
+        proxy = Proxy(tmp_path / f"p{len(started)}", models, extra, keep=keep, poll=poll)
         started.append(proxy)
         return proxy
 
@@ -402,3 +403,14 @@ def test_a_missing_model_file_is_a_503_naming_the_model_not_the_path(make_proxy)
     message = reply.json()["error"]["message"]
     assert message.startswith("alpha: ") and str(proxy.tmp) not in message
     assert str(proxy.tmp / "tiny.gguf") in proxy.logs()  # the operator sees the path
+
+
+def test_an_instance_evicted_from_another_shell_is_relaunched_not_a_502(make_proxy) -> None:
+    proxy = make_proxy({"alpha": []}, poll="1h")  # the poller would notice too: keep it out of the way
+    assert proxy.post("alpha").status_code == 200
+    out = subprocess.run([sys.executable, "-m", "llamactl", "evict", "alpha"], env=proxy.env, capture_output=True,
+                         text=True)
+    assert out.returncode == 0 and "stopped alpha" in out.stdout
+    reply = proxy.post("alpha")
+    assert reply.status_code == 200, reply.text
+    assert proxy.metric("llamactl_launches", model="alpha", result="ok") == 2
