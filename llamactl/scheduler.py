@@ -5,7 +5,7 @@ No I/O, no clocks, no asyncio: `decide()` takes values and returns a Decision, a
 on the decision through its effects (launch, stop, wait); the table-driven tests
 in tests/unit/test_scheduler.py drive every row without a process.
 
-One lifecycle, `Phase`: stopped → starting → ready → stopping → stopped. A request
+One lifecycle (lifecycle.Status; a seat uses its SLOT phases): stopped → starting → ready → stopping → stopped. A request
 for a model that is stopping waits for the stop, then starts it again: a read of
 the phase never gates a mutation elsewhere.
 """
@@ -14,14 +14,8 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
-from enum import Enum
 
-
-class Phase(str, Enum):
-    STOPPED = "stopped"
-    STARTING = "starting"
-    READY = "ready"
-    STOPPING = "stopping"
+from llamactl.lifecycle import Status
 
 
 @dataclass(frozen=True)
@@ -29,7 +23,7 @@ class Seat:
     """One model's instance as the scheduler sees it."""
 
     model: str
-    phase: Phase = Phase.STOPPED
+    phase: Status = Status.STOPPED  # one of lifecycle.SLOT
     in_flight: int = 0  # requests being served
     waiting: int = 0  # requests waiting for a start or stop in progress
     last_used: float = 0.0
@@ -37,11 +31,11 @@ class Seat:
 
     @property
     def running(self) -> bool:
-        return self.phase in (Phase.STARTING, Phase.READY)
+        return self.phase in (Status.STARTING, Status.READY)
 
     @property
     def evictable(self) -> bool:
-        return self.phase is Phase.READY and self.ours and self.in_flight == 0 and self.waiting == 0
+        return self.phase is Status.READY and self.ours and self.in_flight == 0 and self.waiting == 0
 
 
 @dataclass(frozen=True)
@@ -84,11 +78,11 @@ Decision = Use | Wait | Start | Refuse
 def decide(model: str, seats: Mapping[str, Seat], limits: Limits) -> Decision:
     """What a request for `model` (a configured name) does next."""
     seat = seats.get(model, Seat(model))
-    if seat.phase is Phase.READY:
+    if seat.phase is Status.READY:
         return Use(model)
     if seat.waiting >= limits.max_queue:
         return Refuse("queue_full", f"{model}: {seat.waiting} requests already wait for it to load")
-    if seat.phase in (Phase.STARTING, Phase.STOPPING):
+    if seat.phase in (Status.STARTING, Status.STOPPING):
         return Wait(model)
     victims: tuple[str, ...] = ()
     if limits.max_instances is not None:
@@ -116,7 +110,7 @@ def memory_victims(proposal: Iterable[str], seats: Mapping[str, Seat], *, adopt:
 def protected(seats: Mapping[str, Seat]) -> frozenset[str]:
     """Instances a plan may not propose to evict: requests in flight or queued, starting, or not ours."""
     return frozenset(s.model for s in seats.values()
-                     if s.in_flight or s.waiting or s.phase is Phase.STARTING or (s.phase is not Phase.STOPPED and not s.ours))
+                     if s.in_flight or s.waiting or s.phase is Status.STARTING or (s.phase is not Status.STOPPED and not s.ours))
 
 
 def expired(seats: Mapping[str, Seat], ttl_s: Mapping[str, float | None], now: float) -> tuple[str, ...]:

@@ -24,7 +24,8 @@ from llamactl.config import Config
 from llamactl.errors import AuthError, LlamactlError, ProxyError, UpstreamError
 from llamactl.gpu.inventory import Inventory
 from llamactl.proxy import forward
-from llamactl.proxy.pool import Phase, Pool
+from llamactl.lifecycle import SLOT
+from llamactl.proxy.pool import Pool
 
 log = logging.getLogger("llamactl.proxy")
 access = logging.getLogger("llamactl.access")
@@ -53,7 +54,7 @@ class Metrics:
         self.gpu_used = Gauge("llamactl_gpu_memory_used_bytes", "GPU memory used", ["gpu"], registry=r)
 
     def refresh(self, pool: Pool, inventory: Inventory | None) -> None:
-        for phase in Phase:
+        for phase in SLOT:
             self.instances.labels(phase.value).set(sum(1 for s in pool.slots.values() if s.phase is phase))
         for name, slot in pool.slots.items():
             self.queue.labels(name).set(slot.waiting)

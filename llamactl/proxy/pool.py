@@ -1,7 +1,7 @@
 """The proxy's instances: one Slot per configured model, owned and changed here only.
 
 What to do is decided by scheduler.py (pure, table-tested); this module is its
-effects: start (adopt or launch), stop, wait. A Slot's lifecycle is scheduler.Phase
+effects: start (adopt or launch), stop, wait. A Slot's lifecycle is scheduler.Status
 (stopped → starting → ready → stopping). Requests call `acquire()` — never read
 the phase and then act on it — which returns a ready slot with the request
 counted in flight, starting the model first if needed: concurrent requests for a
@@ -31,9 +31,8 @@ from llamactl.servers import launcher, procs, runner
 from llamactl.servers.probe import ServerCaps
 from llamactl.servers.state import Instance, StateStore, Status
 from llamactl import scheduler
-from llamactl.scheduler import Phase
 
-__all__ = ["Phase", "Pool", "PoolStats", "Slot"]
+__all__ = ["Pool", "PoolStats", "Slot"]
 
 log = logging.getLogger("llamactl.proxy")
 
@@ -41,7 +40,7 @@ log = logging.getLogger("llamactl.proxy")
 @dataclass
 class Slot:
     model: ModelConfig
-    phase: Phase = Phase.STOPPED
+    phase: Status = Status.STOPPED
     instance: Instance | None = None
     in_flight: int = 0
     waiting: int = 0
@@ -156,8 +155,8 @@ class Pool:
             raise UnknownModelError(f"model {requested!r} not found; known models: {known}")
         slot = self.slots[model.name]
         while True:
-            if slot.phase in (Phase.STARTING, Phase.STOPPING) and (slot.task is None or slot.task.done()):
-                slot.phase = Phase.STOPPED  # a finished task left its phase behind: nothing is in progress
+            if slot.phase in (Status.STARTING, Status.STOPPING) and (slot.task is None or slot.task.done()):
+                slot.phase = Status.STOPPED  # a finished task left its phase behind: nothing is in progress
             decision = scheduler.decide(model.name, self.seats(), self._limits())
             if isinstance(decision, scheduler.Use) and slot.instance is not None:
                 slot.in_flight += 1
@@ -168,7 +167,7 @@ class Pool:
                     raise QueueFullError(decision.reason, retry_after_s=max(1, int(self.config.poll_interval_s)))
                 raise ModelUnavailableError(decision.reason)
             if isinstance(decision, scheduler.Start):
-                slot.phase = Phase.STARTING  # now, so the next request waits on this start (single flight)
+                slot.phase = Status.STARTING  # now, so the next request waits on this start (single flight)
                 slot.task = asyncio.ensure_future(self._start(slot, decision.stop))
             assert slot.task is not None
             slot.waiting += 1
@@ -186,7 +185,7 @@ class Pool:
         relaunches; if it still runs, keep it (False)."""
         if slot.instance is not None and not await asyncio.to_thread(self.effects.alive, slot.instance):
             log.warning("%s: instance is gone (%s); the next request relaunches it", slot.model.name, why)
-            slot.phase, slot.instance = Phase.STOPPED, None
+            slot.phase, slot.instance = Status.STOPPED, None
             self._changed()
             return True
         return slot.instance is None
@@ -207,9 +206,9 @@ class Pool:
 
     async def _stop(self, slot: Slot, reason: str) -> None:
         if slot.instance is None:
-            slot.phase = Phase.STOPPED
+            slot.phase = Status.STOPPED
             return
-        slot.phase = Phase.STOPPING
+        slot.phase = Status.STOPPING
         done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         slot.task = done  # a request for this model waits for the stop, then starts it again
         self._changed()
@@ -218,7 +217,7 @@ class Pool:
             await asyncio.to_thread(self.effects.stop, name)
         finally:
             done.set_result(None)
-            slot.phase, slot.instance, slot.ours = Phase.STOPPED, None, False
+            slot.phase, slot.instance, slot.ours = Status.STOPPED, None, False
             self.stats.evictions[reason] = self.stats.evictions.get(reason, 0) + 1
             log.info("%s: stopped (%s)", slot.model.name, reason)
             self._changed()
@@ -250,7 +249,7 @@ class Pool:
         if env is None:
             return False
         slot.api_key = env.get(runner.API_KEY_ENV) or None
-        slot.instance, slot.phase = inst, Phase.READY
+        slot.instance, slot.phase = inst, Status.READY
         slot.ours = inst.started_by == "proxy"
         # idle time counts from the instance's last recorded use (the poller keeps it current), so a TTL
         # that ran out while no proxy watched stops it at the next poll
@@ -263,7 +262,7 @@ class Pool:
         instances = await asyncio.to_thread(self.effects.instances)
         adopted = []
         for name, slot in self.slots.items():
-            if slot.phase is Phase.STOPPED and slot.task is None and await self._adopt_running(slot, instances):
+            if slot.phase is Status.STOPPED and slot.task is None and await self._adopt_running(slot, instances):
                 adopted.append(name)
         if adopted:
             self._changed()
@@ -289,7 +288,7 @@ class Pool:
 
     async def _start(self, slot: Slot, stop: tuple[str, ...] = ()) -> None:
         name = slot.model.name
-        slot.phase = Phase.STARTING
+        slot.phase = Status.STARTING
         self._changed()
         started = time.monotonic()
         try:
@@ -300,17 +299,17 @@ class Pool:
             inv = await asyncio.to_thread(self.effects.inventory)
             req = replace(self._request(slot, scheduler.protected(self.seats()) | {name}, inv), may_evict=False)
             instance = await asyncio.to_thread(self.effects.launch, req)
-            slot.instance, slot.phase, slot.ours = instance, Phase.READY, True
+            slot.instance, slot.phase, slot.ours = instance, Status.READY, True
             slot.last_used = time.time()
             self._count(name, "ok")
             log.info("%s: ready on port %s in %.1f s", name, instance.port, time.monotonic() - started)
         except GGUFError as exc:  # the file went missing or bad since the config was read: no paths to clients
-            slot.phase, slot.instance = Phase.STOPPED, None
+            slot.phase, slot.instance = Status.STOPPED, None
             self._count(name, "failed")
             log.error("%s: %s", name, exc)
             raise ModelUnavailableError(f"{name}: its model file is missing or unreadable (details in the proxy's log)") from None
         except BaseException as exc:
-            slot.phase, slot.instance = Phase.STOPPED, None
+            slot.phase, slot.instance = Status.STOPPED, None
             for kind, (result, answer) in _LAUNCH_FAILURES.items():
                 if isinstance(exc, kind):
                     self._count(name, result)
@@ -330,12 +329,12 @@ class Pool:
         """Liveness, idle TTLs, and last_used/busy written back to the state file (one edit per poll)."""
         now = time.time()
         for slot in list(self.slots.values()):
-            if slot.phase is not Phase.READY or slot.instance is None:
+            if slot.phase is not Status.READY or slot.instance is None:
                 continue
             inst = slot.instance
             if not await asyncio.to_thread(self.effects.alive, inst):
                 log.warning("%s: instance (pid %s) is gone", slot.model.name, inst.pid)
-                slot.phase, slot.instance = Phase.STOPPED, None
+                slot.phase, slot.instance = Status.STOPPED, None
                 self._changed()
                 continue
         ttls = {name: s.model.ttl_s if s.model.ttl_s is not None else self.config.idle_ttl_s
@@ -343,10 +342,10 @@ class Pool:
         for name in scheduler.expired(self.seats(), ttls, now):
             if self.slots[name].instance is not None:
                 await self._stop(self.slots[name], "ttl")
-        for name in [n for n, s in self.slots.items() if n not in self.config.models and s.phase is Phase.STOPPED]:
+        for name in [n for n, s in self.slots.items() if n not in self.config.models and s.phase is Status.STOPPED]:
             del self.slots[name]  # removed from the config by a reload, and now stopped
         updates = {s.instance.name: (s.instance.pid, Status.BUSY if s.in_flight else Status.READY, s.last_used)
-                   for s in self.slots.values() if s.instance is not None and s.phase is Phase.READY}
+                   for s in self.slots.values() if s.instance is not None and s.phase is Status.READY}
         if updates:
             await asyncio.to_thread(self.effects.record_activity, updates)
 
@@ -367,7 +366,7 @@ class Pool:
                 self.slots[name] = Slot(model)
         for name in [n for n in self.slots if n not in config.models]:
             slot = self.slots[name]
-            if slot.instance is None and slot.phase is Phase.STOPPED:
+            if slot.instance is None and slot.phase is Status.STOPPED:
                 del self.slots[name]
             else:
                 slot.model = replace(slot.model, ttl_s=0.0)  # evicted by the poller once idle

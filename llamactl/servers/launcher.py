@@ -22,6 +22,7 @@ from llamactl.estimate import load_params
 from llamactl.model.params import ModelParams
 from llamactl.model.settings import ServerSettings
 from llamactl.placement import Fit, Plan, Policy, RunningInstance, plan
+from llamactl import scheduler
 from llamactl.servers import procs, runner
 from llamactl.servers.command import ServerCommand, build_command, check_extra_args
 from llamactl.servers.probe import ServerCaps
@@ -74,6 +75,14 @@ def running_for_placement(instances: dict[str, Instance], protected: frozenset[s
                             idle=i.status is Status.READY and i.name not in protected,
                             starting=i.status is Status.STARTING, pids=(i.pid,) if i.pid else ())
             for i in instances.values() if i.live]
+
+
+def seats_of(instances: dict[str, Instance], protected: frozenset[str] = frozenset()) -> dict[str, scheduler.Seat]:
+    """The state's live instances as the scheduler sees them: busy or protected ones have a request in flight."""
+    phase = {Status.STARTING: Status.STARTING, Status.READY: Status.READY, Status.BUSY: Status.READY,
+             Status.STOPPING: Status.STOPPING}
+    return {n: scheduler.Seat(n, phase[i.status], in_flight=int(i.status is Status.BUSY or n in protected),
+                              last_used=i.last_used) for n, i in instances.items() if i.live}
 
 
 def cuda_devices(chosen: Sequence[int], inv: Inventory) -> tuple[str, ...]:
@@ -190,22 +199,25 @@ def launch(store: StateStore, req: LaunchRequest, binary: str, caps: ServerCaps,
     check_extra_args(req.extra)
     params = load_params(req.model, req.settings)  # the header, read once: a bad file fails before anything starts
     instances = store.instances()
-    existing = instances.get(req.name)
-    if existing is not None and existing.live:
+    seats = seats_of(instances, req.protected)
+    if not isinstance(scheduler.decide(req.name, seats, scheduler.Limits(max_queue=1)), scheduler.Start):
+        existing = instances[req.name]  # ready (Use) or starting/stopping (Wait): one process per name
         if not req.replace_existing:
             raise UsageError(f"an instance named {req.name!r} is already {existing.status.value} "
                              f"(pid {existing.pid}, port {existing.port}); use --replace or another --name")
         stop_instances(store, [req.name], grace_s=grace_s)
         instances = store.snapshot()  # liveness is enough now: adoption ran in the read above
+        seats = seats_of(instances, req.protected)
     inv = inventory_fn()
     the_plan = plan_for(req, inv, instances, params)
     evicted: tuple[str, ...] = ()
-    if the_plan.evict and req.may_evict:
+    victims = scheduler.memory_victims(the_plan.evict, seats, adopt=True) if req.may_evict else ()
+    if victims:
         freed: dict[int, int] = {}
-        for name in the_plan.evict:
+        for name in victims:
             for gpu, used in instances[name].gpu_bytes().items():
                 freed[gpu] = freed.get(gpu, 0) + used
-        evicted = tuple(stop_instances(store, the_plan.evict, grace_s=grace_s))
+        evicted = tuple(stop_instances(store, victims, grace_s=grace_s))
         wait_memory_released(list(freed), inventory_fn, inv, freed)
         instances = store.snapshot()
         inv = inventory_fn()

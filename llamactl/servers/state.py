@@ -27,13 +27,13 @@ import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field, replace
-from enum import Enum
 from pathlib import Path
 from typing import TypedDict
 
 import psutil
 
 from llamactl.errors import LlamactlError
+from llamactl.lifecycle import LIVE, Status
 from llamactl.servers import procs
 from llamactl.servers.names import check_name, name_for, valid_name
 from llamactl.servers.procs import INSTANCE_ENV, STATE_DIR_ENV, Claim, Ownership
@@ -50,18 +50,6 @@ STARTED_BY = ("cli", "proxy", "adopted")
 __all__ = ["INSTANCE_ENV", "STATE_DIR_ENV", "Instance", "StateStore", "Status", "check_name", "name_for", "valid_name"]
 
 
-class Status(str, Enum):
-    """The closed set of instance states used by the state file, `ps` and the proxy."""
-
-    STARTING = "starting"
-    READY = "ready"
-    BUSY = "busy"
-    STOPPING = "stopping"
-    DEAD = "dead"
-    FAILED = "failed"
-
-
-LIVE = frozenset({Status.STARTING, Status.READY, Status.BUSY, Status.STOPPING})
 
 
 class InstanceJSON(TypedDict, total=False):
@@ -129,8 +117,8 @@ class Instance:
         pid = data.get("pid")
         create_time = data.get("create_time")
         status = data.get("status", "starting")
-        if status not in {s.value for s in Status}:
-            raise ValueError(f"unknown status {status!r}")
+        if status not in {s.value for s in Status} or status == Status.STOPPED.value:
+            raise ValueError(f"unknown status {status!r}")  # (a stopped instance has no entry)
         if pid is None:
             if create_time is not None:
                 raise ValueError("create_time without a pid")

@@ -14,7 +14,7 @@ from llamactl.errors import LoadTimeoutError, ModelUnavailableError, NotReadyInT
 from llamactl.gpu.inventory import Inventory
 from llamactl.model.settings import ServerSettings
 from llamactl.placement import Fit, Plan
-from llamactl.proxy.pool import Phase, Pool
+from llamactl.proxy.pool import Pool
 from llamactl.servers.state import Instance, StateStore, Status
 
 pytestmark = pytest.mark.timeout(20)
@@ -67,6 +67,15 @@ class FakeEffects:
         self.calls.append(("record", ",".join(sorted(updates))))
 
 
+async def until(check, timeout_s: float = 10.0) -> None:
+    """Wait on the loop (not a fixed sleep) until `check()` holds: threads may be slow on a busy machine."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout_s
+    while not check():
+        assert loop.time() < deadline, "condition not reached"
+        await asyncio.sleep(0.01)
+
+
 def make_pool(tmp_path: Path, fake: FakeEffects, names=("a", "b", "c"), **config) -> Pool:
     models = {n: ModelConfig(name=n, path=tmp_path / f"{n}.gguf", settings=ServerSettings()) for n in names}
     for n in names:
@@ -82,8 +91,8 @@ def test_concurrent_requests_share_one_launch(tmp_path: Path) -> None:
 
     async def go():
         waiters = [asyncio.ensure_future(pool.acquire("a")) for _ in range(5)]
-        await asyncio.sleep(0.05)
-        assert pool.slots["a"].phase is Phase.STARTING and pool.slots["a"].waiting == 5
+        await until(lambda: fake.calls == [("launch", "a")] and pool.slots["a"].waiting == 5)
+        assert pool.slots["a"].phase is Status.STARTING
         fake.gate["launch a"].set()
         slots = await asyncio.gather(*waiters)
         assert all(s is pool.slots["a"] for s in slots) and pool.slots["a"].in_flight == 5
@@ -100,10 +109,11 @@ def test_a_request_for_a_stopping_model_waits_for_the_stop_then_starts(tmp_path:
         pool.release(await pool.acquire("a"))
         fake.gate["stop a"] = threading.Event()
         poll = asyncio.ensure_future(pool.poll_once())  # the TTL stops a: held mid-stop
-        await asyncio.sleep(0.05)
-        assert pool.slots["a"].phase is Phase.STOPPING
+        await until(lambda: ("stop", "a") in fake.calls)
+        assert pool.slots["a"].phase is Status.STOPPING
         request = asyncio.ensure_future(pool.acquire("a"))
-        await asyncio.sleep(0.05)
+        await until(lambda: pool.slots["a"].waiting == 1)
+        await asyncio.sleep(0.1)  # time in which a wrong pool would launch again
         assert fake.calls == [("launch", "a"), ("stop", "a")]  # no second launch while the stop runs
         fake.gate["stop a"].set()
         await poll
@@ -121,7 +131,7 @@ def test_max_instances_stops_the_least_recently_used_idle_one_first(tmp_path: Pa
         pool.release(await pool.acquire("a"))
         busy = await pool.acquire("b")  # b keeps a request in flight
         await pool.acquire("c")
-        assert pool.slots["a"].phase is Phase.STOPPED and busy.phase is Phase.READY
+        assert pool.slots["a"].phase is Status.STOPPED and busy.phase is Status.READY
         with pytest.raises(ModelUnavailableError, match="max_instances"):
             await pool.acquire("a")  # b and c both busy now
 
@@ -155,9 +165,9 @@ def test_launch_failures_map_by_type(tmp_path: Path, failure, error, result) -> 
     async def go():
         with pytest.raises(error):
             await pool.acquire("a")
-        assert pool.slots["a"].phase is Phase.STOPPED
+        assert pool.slots["a"].phase is Status.STOPPED
         del fake.fail["a"]
-        assert (await pool.acquire("a")).phase is Phase.READY  # the next request tries again
+        assert (await pool.acquire("a")).phase is Status.READY  # the next request tries again
 
     asyncio.run(go())
     assert pool.stats.launches == {("a", result): 1, ("a", "ok"): 1}
@@ -170,7 +180,7 @@ def test_the_queue_is_bounded(tmp_path: Path) -> None:
 
     async def go():
         waiters = [asyncio.ensure_future(pool.acquire("a")) for _ in range(2)]
-        await asyncio.sleep(0.05)
+        await until(lambda: pool.slots["a"].waiting == 2)
         with pytest.raises(QueueFullError):
             await pool.acquire("a")
         fake.gate["launch a"].set()

@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import pytest
 
-from llamactl.scheduler import (Limits, Phase, Refuse, Seat, Start, Use, Wait, decide, expired, memory_victims,
+from llamactl.lifecycle import Status
+from llamactl.scheduler import (Limits, Refuse, Seat, Start, Use, Wait, decide, expired, memory_victims,
                                 protected)
 
-R, S, G, P = Phase.READY, Phase.STARTING, Phase.STOPPED, Phase.STOPPING
+R, S, G, P = Status.READY, Status.STARTING, Status.STOPPED, Status.STOPPING
 
 
 def seats(*rows: Seat) -> dict[str, Seat]:
