@@ -16,7 +16,8 @@ from llamactl.config import DEFAULT_PORT_START
 from llamactl.gpu import inventory
 from llamactl.servers import runner
 from llamactl.resolve import Overrides, policy_for, resolve
-from llamactl.servers.launcher import launch, request_for
+from llamactl.servers.command import check_extra_args
+from llamactl.servers.launcher import command_for, launch, plan_for, request_for, split_secrets
 from llamactl.servers.probe import find_server, probe
 from llamactl.units import format_bytes, parse_duration
 
@@ -60,12 +61,8 @@ def command(
     config's port_start apply; the flags given here override them).
     """
     cfg = load_config(ctx)
-    from llamactl.servers.launcher import split_secrets
-
     extra_args, api_key = split_secrets(extra or [])
-    from llamactl.servers.command import check_extra_args
-
-    check_extra_args(extra_args)
+    check_extra_args(extra_args)  # before the probe: a refused flag costs nothing
     spec = resolve(cfg, model, Overrides(settings=settings.given, placement={**inv.given, **placement},
                                          port_start=port_start, extra_args=extra_args, name=name))
     instance_name = spec.name
@@ -76,8 +73,6 @@ def command(
     binary = find_server(server_bin, cfg.server_bin)
     caps = probe(binary)
     if dry_run:
-        from llamactl.servers.launcher import command_for, plan_for
-
         the_plan = plan_for(req, inv.inventory, store.snapshot())
         cmd = command_for(req, the_plan, binary, caps, inv.inventory, port or spec.port_start)
         if wants_json(ctx, json_output):

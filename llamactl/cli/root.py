@@ -102,8 +102,7 @@ def _optional_values(argv: list[str]) -> list[str]:
     return out
 
 
-HOISTED = ("--config", "--state-dir")  # global options users also write after the subcommand
-ROOT_VALUED = HOISTED
+HOISTED = ("--config", "--state-dir")  # global options with a value, users also write them after the subcommand
 
 
 def hoist_globals(argv: list[str]) -> list[str]:
@@ -114,7 +113,7 @@ def hoist_globals(argv: list[str]) -> list[str]:
     while i < len(argv) and argv[i] not in names:
         if argv[i] == "--":
             return argv
-        i += 2 if argv[i] in ROOT_VALUED else 1
+        i += 2 if argv[i] in HOISTED else 1
     if i >= len(argv):
         return argv
     before, command, rest = argv[:i], argv[i], argv[i + 1:]
