@@ -78,13 +78,14 @@ class ConfigError(UsageError):
 
 _GLOBAL_KEYS = {"server_bin", "host", "port", "port_start", "max_instances", "idle_ttl", "poll_interval",
                 "load_timeout", "max_queue", "max_body", "api_keys", "instance_api_keys", "adopt", "models_dir",
-                "gpu_util_threshold", "gpu_mem_threshold", "gpu_overhead", "host_memory", "defaults", "models"}
+                "gpu_util_threshold", "gpu_mem_threshold", "gpu_overhead", "host_memory", "calibration", "defaults",
+                "models"}
 # every llama-server setting `estimate` takes (its flag's long name, without a leading "no_" where the
 # setting is on by default: kv_offload, repack; no_mmap as llama-server's --no-mmap), and placement
 _SETTING_KEYS = {"ctx_size", "n_gpu_layers", "cache_type_k", "cache_type_v", "flash_attn", "parallel", "args",
                  "kv_unified", "batch_size", "ubatch_size", "embedding", "reranking", "n_cpu_moe", "override_tensor",
                  "swa_full", "no_mmap", "kv_offload", "repack", "tensor_split",
-                 "strategy", "max_gpus", "gpus", "no_partial", "margin"}
+                 "strategy", "max_gpus", "gpus", "no_partial", "margin", "calibration"}
 _MODEL_KEYS = _SETTING_KEYS | {"path", "ttl", "aliases", "lora"}
 
 
@@ -162,6 +163,8 @@ def _placement(r: _Reader, table: dict[str, Any], where: str, base: PlacementSpe
         updates["allow_partial"] = not r.get(table, "no_partial", f"{where}.no_partial", bool)
     if "margin" in table:
         updates["margin_bytes"] = _size(r, table, "margin", f"{where}.margin")
+    if "calibration" in table:
+        updates["calibration"] = r.get(table, "calibration", f"{where}.calibration", bool)
     return replace(base, **updates)
 
 
@@ -359,6 +362,8 @@ def load(path: Path | None, *, required: bool = False) -> Config:
         machine["gpu_overhead_bytes"] = _size(r, data, "gpu_overhead", "gpu_overhead", limit=2**40)
     if "host_memory" in data:
         machine["host_memory_bytes"] = _size(r, data, "host_memory", "host_memory")
+    if "calibration" in data:
+        machine["calibration"] = r.get(data, "calibration", "calibration", bool)
     cfg["idle_ttl_s"] = r.duration(data, "idle_ttl", "idle_ttl")
     for key, attr, least in (("poll_interval", "poll_interval_s", 0.1), ("load_timeout", "load_timeout_s", 1.0)):
         if key in data:

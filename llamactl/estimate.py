@@ -12,6 +12,7 @@ from functools import lru_cache
 from pathlib import Path
 
 from llamactl.errors import UsageError
+from llamactl.learn.calibrate import Learned
 from llamactl.gpu.inventory import Inventory
 from llamactl.model.gguf import read_header
 from llamactl.model.memory import REPACK_TYPES_BY_FEATURE, MemoryEstimate, Placement, estimate
@@ -66,11 +67,16 @@ def load_params(path: str | Path, settings: ServerSettings) -> ModelParams:
 
 
 def estimate_model(path: str | Path, settings: ServerSettings, inv: Inventory, *, gpu_overhead_bytes: int,
-                   repack_types: frozenset[str]) -> EstimateResult:
+                   repack_types: frozenset[str], learned: "Learned | None" = None) -> EstimateResult:
     n_gpus = len(inv.usable)
     split = split_for(inv, settings.tensor_split) if n_gpus else ()
     placement = Placement(n_gpus=n_gpus, tensor_split=split, gpu_overhead_bytes=gpu_overhead_bytes,
                           cpu_repack_types=repack_types)
     params = load_params(path, settings)
     resolved = resolve(settings, params, n_gpus)
-    return EstimateResult(Path(path), params, estimate(params, resolved, placement), split)
+    est = estimate(params, resolved, placement)
+    if learned is not None:
+        from llamactl.placement import calibrated
+
+        est = calibrated(est, learned, [g.name for g in inv.usable])
+    return EstimateResult(Path(path), params, est, split)

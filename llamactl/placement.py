@@ -18,6 +18,7 @@ from dataclasses import dataclass, field, replace
 from enum import Enum
 
 from llamactl.gpu.inventory import Gpu
+from llamactl.learn.calibrate import Learned
 from llamactl.model.memory import DEFAULT_GPU_OVERHEAD_BYTES, MemoryEstimate, Placement, estimate
 from llamactl.model.params import ModelParams
 from llamactl.model.settings import Resolved, ServerSettings, resolve
@@ -53,6 +54,7 @@ class Policy:
     allowed_gpus: tuple[int, ...] | None = None  # a model's `gpus` allow-list (NVML indices)
     host_memory_bytes: int | None = None  # RAM available for a CPU or partial plan; None = unchecked
     cpu_repack_types: frozenset[str] = frozenset()
+    learned: Learned | None = None  # corrections from earlier launches (learn/); None = the formula alone
 
 
 @dataclass(frozen=True)
@@ -71,9 +73,10 @@ class PlacementSpec:
     mem_threshold: float = Policy.mem_threshold
     allowed_gpus: tuple[int, ...] | None = Policy.allowed_gpus
     host_memory_bytes: int | None = None  # None: this machine's available RAM when the GPUs are live
+    calibration: bool = True  # plan with what earlier launches measured (--no-calibration: the formula alone)
 
     def policy(self, gpu_indices: frozenset[int], live_host_memory_bytes: int | None,
-               cpu_repack_types: frozenset[str] = frozenset()) -> Policy:
+               cpu_repack_types: frozenset[str] = frozenset(), learned: Learned | None = None) -> Policy:
         """The Policy on an inventory with these GPU indices (`gpus` checked against them)."""
         from llamactl.errors import UsageError
 
@@ -86,7 +89,8 @@ class PlacementSpec:
         return Policy(strategy=self.strategy, max_gpus=self.max_gpus, allow_partial=self.allow_partial,
                       margin_bytes=self.margin_bytes, gpu_overhead_bytes=self.gpu_overhead_bytes,
                       util_threshold=self.util_threshold, mem_threshold=self.mem_threshold,
-                      allowed_gpus=self.allowed_gpus, host_memory_bytes=host, cpu_repack_types=cpu_repack_types)
+                      allowed_gpus=self.allowed_gpus, host_memory_bytes=host, cpu_repack_types=cpu_repack_types,
+                      learned=learned if self.calibration else None)
 
 
 @dataclass(frozen=True)
@@ -159,10 +163,21 @@ def _try(params: ModelParams, settings: ServerSettings, chosen: Sequence[DeviceC
     est = estimate(params, resolved, Placement(n_gpus=len(chosen), tensor_split=tuple(split),
                                                gpu_overhead_bytes=policy.gpu_overhead_bytes,
                                                cpu_repack_types=policy.cpu_repack_types))
+    if policy.learned is not None:
+        est = calibrated(est, policy.learned, [cap.gpu.name for cap in chosen])
     fits = all(est.device(f"GPU{i}").total_bytes <= cap.capacity_bytes for i, cap in enumerate(chosen))
     if policy.host_memory_bytes is not None:
         fits = fits and est.device("CPU").total_bytes <= policy.host_memory_bytes
     return fits, resolved, est
+
+
+def calibrated(est: MemoryEstimate, learned: Learned, gpu_names: Sequence[str]) -> MemoryEstimate:
+    """The estimate corrected by what earlier launches measured, noting what was used."""
+    res = est.resolved
+    partial = bool(gpu_names) and ("CPU" in est.layer_devices or res.n_cpu_moe > 0
+                                   or any(t == "CPU" for _, t in res.tensor_overrides))
+    corrected, notes = learned.apply(est, gpu_names, partial)
+    return replace(corrected, calibration=notes)
 
 
 def _proportional_split(params: ModelParams, settings: ServerSettings, chosen: Sequence[DeviceCapacity],
@@ -280,6 +295,8 @@ def _place(params: ModelParams, settings: ServerSettings, caps: list[DeviceCapac
         reasons.append("no GPU to place on")
     resolved = resolve(replace(settings, n_gpu_layers=0), params, 0)
     est = estimate(params, resolved, Placement(cpu_repack_types=policy.cpu_repack_types))
+    if policy.learned is not None:
+        est = calibrated(est, policy.learned, ())
     host = est.device("CPU").total_bytes
     if policy.host_memory_bytes is not None and host > policy.host_memory_bytes:
         reasons.append(f"the CPU would need {format_bytes(host)}, {format_bytes(policy.host_memory_bytes)} of RAM is available")

@@ -16,6 +16,9 @@ from typing import Any
 from llamactl.config import Config, ModelConfig
 from llamactl.errors import UsageError
 from llamactl.gpu.inventory import Inventory
+from llamactl.learn.calibrate import Learned
+from llamactl.model.memory import DEFAULT_GPU_OVERHEAD_BYTES
+from llamactl.model.params import ModelParams
 from llamactl.model.settings import ServerSettings
 from llamactl.placement import PlacementSpec, Policy
 from llamactl.servers.names import check_name, name_for
@@ -82,9 +85,11 @@ def resolve(cfg: Config, model: str | Path, given: Overrides = Overrides()) -> M
     )
 
 
-def policy_for(spec: ModelSpec, inv: Inventory, cpu_repack_types: frozenset[str] | None = None) -> Policy:
+def policy_for(spec: ModelSpec, inv: Inventory, cpu_repack_types: frozenset[str] | None = None, *,
+               state_dir: Path | None = None, params: ModelParams | None = None, build: str | None = None) -> Policy:
     """The spec's placement on this inventory: `gpus` checked against it; host RAM read when its GPUs are live
-    (a simulated inventory describes another machine, whose RAM is unknown unless host_memory says)."""
+    (a simulated inventory describes another machine, whose RAM is unknown unless host_memory says); with a
+    state dir, what earlier launches measured (unless calibration is off for the model)."""
     from llamactl.estimate import host_repack_types
 
     live_host = None
@@ -92,5 +97,29 @@ def policy_for(spec: ModelSpec, inv: Inventory, cpu_repack_types: frozenset[str]
         import psutil
 
         live_host = int(psutil.virtual_memory().available)
+    learned = None
+    if state_dir is not None and spec.placement.calibration:
+        learned = learned_for_spec(spec, inv, state_dir, params, build)
     return spec.placement.policy(frozenset(g.index for g in inv.gpus), live_host,
-                                 host_repack_types() if cpu_repack_types is None else cpu_repack_types)
+                                 host_repack_types() if cpu_repack_types is None else cpu_repack_types, learned)
+
+
+def learned_for_spec(spec: ModelSpec, inv: Inventory, state_dir: Path, params: ModelParams | None = None,
+                     build: str | None = None) -> Learned | None:
+    """What the calibration store in `state_dir` knows that bears on this model on this inventory."""
+    from llamactl.errors import LlamactlError
+    from llamactl.estimate import load_params
+    from llamactl.learn.observe import gpu_backend, learned_for
+    from llamactl.learn.store import FILE_NAME
+
+    if not (state_dir / FILE_NAME).exists():
+        return None  # nothing learned yet: no header to read for it
+    if params is None:
+        try:
+            params = load_params(spec.path, spec.settings)
+        except LlamactlError:
+            return None  # the plan or launch that follows reports the file's fault
+    return learned_for(state_dir, spec.path, params, gpu_backend(spec.args, len(inv.usable)),
+                       default_overhead=spec.placement.gpu_overhead_bytes,
+                       honour_overhead=spec.placement.gpu_overhead_bytes == DEFAULT_GPU_OVERHEAD_BYTES,
+                       nvml_live=inv.source == "nvml", build=build)

@@ -7,11 +7,11 @@ from pathlib import Path
 import typer
 
 from llamactl import render
-from llamactl.cli.common import load_config, wants_json
+from llamactl.cli.common import load_config, state_store, wants_json
 from llamactl.cli.complete import model_names
 from llamactl.cli.options import INVENTORY, SERVER, InventoryOptions, SettingsFlags, with_options
 from llamactl.estimate import EstimateResult, estimate_model, host_repack_types
-from llamactl.resolve import Overrides, resolve
+from llamactl.resolve import Overrides, learned_for_spec, resolve
 from llamactl.model.memory import MemoryEstimate
 from llamactl.model.params import ModelParams
 from llamactl.model.settings import Resolved
@@ -78,6 +78,7 @@ def result_json(result: EstimateResult) -> dict[str, object]:
         "layers": _layer_summary(est.layer_devices),
         "pipeline_copies": est.pipeline_copies,
         "approximate": list(est.approximate),
+        "calibration": list(est.calibration),
         "total_bytes": est.total_bytes,
     }
 
@@ -146,8 +147,11 @@ def print_devices(est: MemoryEstimate, capacity: dict[str, int] | None = None) -
     if est.pipeline_copies > 1:
         print(f"pipeline parallelism: llama.cpp keeps {est.pipeline_copies} copies of the graph inputs on each device")
     print(f"total: {format_bytes(est.total_bytes)}")
-    for text in est.approximate:
-        print(f"approximate: {text}")
+    for text in est.calibration:
+        print(f"calibrated: {text}")
+    if not est.calibration:
+        for text in est.approximate:
+            print(f"approximate: {text}")
 
 
 @with_options(SERVER, INVENTORY)
@@ -167,8 +171,11 @@ def command(
     cfg = load_config(ctx)
     given = Overrides(settings=settings.given, placement=inv.given)
     specs = [resolve(cfg, model, given) for model in models]
+    state_dir = state_store(ctx).dir
     results = [estimate_model(spec.path, spec.settings, inv.inventory, gpu_overhead_bytes=spec.placement.gpu_overhead_bytes,
-                              repack_types=host_repack_types()) for spec in specs]
+                              repack_types=host_repack_types(),
+                              learned=learned_for_spec(spec, inv.inventory, state_dir) if spec.placement.calibration else None)
+               for spec in specs]
     if wants_json(ctx, json_output):
         payload = [result_json(r) for r in results]
         render.emit_json(payload[0] if len(payload) == 1 else payload)

@@ -66,12 +66,12 @@ def command(
     spec = resolve(cfg, model, Overrides(settings=settings.given, placement={**inv.given, **placement},
                                          port_start=port_start, extra_args=extra_args, name=name))
     instance_name = spec.name
-    req = request_for(spec, policy_for(spec, inv.inventory), port=port,
-                      timeout_s=parse_duration(timeout, what="--timeout"), wait=not no_wait,
-                      replace_existing=replace_existing, api_key=api_key)
     store = state_store(ctx)
     binary = find_server(server_bin, cfg.server_bin)
     caps = probe(binary)
+    req = request_for(spec, policy_for(spec, inv.inventory, state_dir=store.dir, build=caps.version), port=port,
+                      timeout_s=parse_duration(timeout, what="--timeout"), wait=not no_wait,
+                      replace_existing=replace_existing, api_key=api_key)
     if dry_run:
         the_plan = plan_for(req, inv.inventory, store.snapshot())
         cmd = command_for(req, the_plan, binary, caps, inv.inventory, port or spec.port_start)

@@ -115,16 +115,19 @@ class InventoryOptions:
     given: dict[str, Any]  # PlacementSpec fields given (gpu_overhead_bytes)
 
 
-def _inventory(gpus, gpus_file, gpu_overhead, given: frozenset[str] = frozenset()) -> InventoryOptions:
+def _inventory(gpus, gpus_file, gpu_overhead, no_calibration, given: frozenset[str] = frozenset()) -> InventoryOptions:
     overhead = parse_size(gpu_overhead, what="--gpu-overhead")
-    return InventoryOptions(inventory.resolve(gpus, gpus_file), overhead,
-                            {"gpu_overhead_bytes": overhead} if "gpu_overhead" in given else {})
+    placement: dict[str, Any] = {"gpu_overhead_bytes": overhead} if "gpu_overhead" in given else {}
+    if no_calibration:
+        placement["calibration"] = False
+    return InventoryOptions(inventory.resolve(gpus, gpus_file), overhead, placement)
 
 
 INVENTORY = OptionGroup("inv", (
     _opt("gpus", Optional[str], typer.Option(None, "--gpus", help="Simulated GPUs: none, 24GiB,24GiB, 2x80GiB (env LLAMACTL_GPUS).")),
     _opt("gpus_file", Optional[str], typer.Option(None, "--gpus-file", help="Inventory file as printed by `gpus --json`.")),
-    _opt("gpu_overhead", str, typer.Option(f"{DEFAULT_GPU_OVERHEAD_BYTES // 2**20}MiB", "--gpu-overhead", help="Per-GPU CUDA context and pools.")),
+    _opt("gpu_overhead", str, typer.Option(f"{DEFAULT_GPU_OVERHEAD_BYTES // 2**20}MiB", "--gpu-overhead", help="Per-GPU CUDA context and pools (default: learned from earlier launches, else 400MiB).")),
+    _opt("no_calibration", bool, typer.Option(False, "--no-calibration", help="The formula alone: ignore what earlier launches measured.")),
 ), _inventory)
 
 

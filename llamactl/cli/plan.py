@@ -83,6 +83,7 @@ def plan_json(result: Plan, cmd: ServerCommand | None) -> dict[str, object]:
         "devices": devices,
         "evict": list(result.evict),
         "reasons": list(result.reasons),
+        "calibration": list(result.estimate.calibration) if result.estimate is not None else [],
     }
 
 
@@ -109,8 +110,8 @@ def command(
     check_extra_args(list(extra or []))
     spec = resolve(cfg, model, Overrides(settings=settings.given, placement={**inv.given, **placement},
                                          extra_args=tuple(extra or ())))
-    policy = policy_for(spec, inv.inventory)
     params = load_params(spec.path, spec.settings)
+    policy = policy_for(spec, inv.inventory, state_dir=state_store(ctx).dir, params=params)
     # llamactl's own instances are accounted exactly (and proposed for eviction), not as other programs' use
     running = running_for_placement(state_store(ctx).snapshot()) if inv.inventory.source == "nvml" else []
     result = plan(params, spec.settings, inv.inventory.usable, policy, running)

@@ -34,6 +34,29 @@ def actual_bytes(inst: Instance, gpu_use: dict[int, int] | None) -> int | None:
         return None
 
 
+DRIFT_THRESHOLD = 0.10  # ps marks an instance whose actual memory on a device is this far from the estimate
+
+
+def devices(inst: Instance) -> dict[str, dict[str, int | None]]:
+    """Per device ("CPU", "GPU0"...): the estimate it was launched with, and what it took once ready."""
+    names = list(inst.estimated_bytes) + [d for d in inst.actual_bytes if d not in inst.estimated_bytes]
+    return {d: {"estimated_bytes": inst.estimated_bytes.get(d), "actual_bytes": inst.actual_bytes.get(d)} for d in names}
+
+
+def drift(inst: Instance) -> tuple[str, float] | None:
+    """The device whose actual memory is furthest from its estimate, and by how much (a fraction), if beyond
+    DRIFT_THRESHOLD. The host's RSS counts the process itself, so only GPUs, or the host of a CPU instance."""
+    worst = None
+    for dev, fig in devices(inst).items():
+        est, got = fig["estimated_bytes"], fig["actual_bytes"]
+        if not est or got is None or (dev == "CPU" and inst.gpu_ids):
+            continue
+        rel = (got - est) / est
+        if abs(rel) > DRIFT_THRESHOLD and (worst is None or abs(rel) > abs(worst[1])):
+            worst = (dev, rel)
+    return worst
+
+
 def _gpu_use_by_pid() -> dict[int, int] | None:
     devices, reason = nvml.devices()
     if reason:
@@ -103,6 +126,7 @@ def command(
             "estimated_bytes": sum(i.estimated_bytes.values()) or None, "actual_bytes": actual_bytes(i, gpu_use),
             "slots_busy": s.slots_busy if s else None, "slots_total": s.slots_total if s else None,
             "tokens_per_s": s.tokens_per_s if s else None, "log_path": str(store.log_path(i.name)),
+            "devices": devices(i), "drift": _drift_json(i),
         } for i, s in rows])
         return
     if not rows:
@@ -116,12 +140,25 @@ def command(
         table.append([
             inst.name, inst.model.rsplit("/", 1)[-1], shown_status(inst, seen).value, inst.pid or "-", inst.port,
             ",".join(map(str, inst.gpu_ids)) or "CPU", format_bytes(sum(inst.estimated_bytes.values()) or None),
-            format_bytes(actual) if actual is not None else ("n/a" if inst.live else "-"), slots, tps,
+            (format_bytes(actual) if actual is not None else ("n/a" if inst.live else "-")) + (" !" if drift(inst) else ""),
+            slots, tps,
             format_duration(now - inst.started_at) if inst.live else "-",
             format_duration(now - inst.last_used) if inst.live else "-",
         ])
     print(render.table(table, ["NAME", "MODEL", "STATUS", "PID", "PORT", "GPUS", "EST", "ACTUAL", "SLOTS",
                                "TOK/S", "UP", "IDLE"], align_right_from=3))
+    for inst, _ in rows:
+        worst = drift(inst)
+        if worst is not None:
+            dev, rel = worst
+            fig = devices(inst)[dev]
+            print(f"! {inst.name}: {dev} took {format_bytes(fig['actual_bytes'])}, estimated "
+                  f"{format_bytes(fig['estimated_bytes'])} ({rel:+.0%}); the next plan for it uses what was seen")
+
+
+def _drift_json(inst: Instance) -> dict[str, object] | None:
+    worst = drift(inst)
+    return None if worst is None else {"device": worst[0], "fraction": round(worst[1], 4)}
 
 
 def register(app: typer.Typer) -> None:

@@ -67,7 +67,7 @@ def root(
 
 
 def _register() -> None:
-    from llamactl.cli import demo, estimate, evict, gpus, install, launch, logs, plan, proxy, ps
+    from llamactl.cli import calibration, demo, estimate, evict, gpus, install, launch, logs, plan, proxy, ps
 
     gpus.register(app)
     estimate.register(app)
@@ -79,6 +79,7 @@ def _register() -> None:
     proxy.register(app)
     install.register(app)
     demo.register(app)
+    calibration.register(app)
 
 
 _register()

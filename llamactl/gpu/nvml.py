@@ -111,3 +111,15 @@ def _text(value: object) -> str | None:
     if isinstance(value, bytes):
         return value.decode("utf-8", "replace")
     return value if isinstance(value, str) else None
+
+
+def driver_versions() -> tuple[str | None, str | None]:
+    """The driver version ("580.65.06") and the CUDA version it supports ("13.0"); None each when unknown."""
+    if init():
+        return None, None
+    import pynvml
+
+    driver = _text(query(pynvml.nvmlSystemGetDriverVersion, what="driver version"))
+    cuda = query(pynvml.nvmlSystemGetCudaDriverVersion, what="CUDA version")
+    cuda_text = f"{cuda // 1000}.{cuda % 1000 // 10}" if isinstance(cuda, int) and cuda > 0 else None
+    return driver, cuda_text

@@ -103,6 +103,7 @@ class MemoryEstimate:
     layer_devices: tuple[str, ...]  # device of each repeating layer, then of the output layer
     approximate: tuple[str, ...] = field(default=())  # terms that are not exact, and why
     pipeline_copies: int = 1  # graph-input copies llama.cpp keeps (4 under pipeline parallelism)
+    calibration: tuple[str, ...] = field(default=())  # what was learned from earlier launches and used (learn/)
 
     @property
     def total_bytes(self) -> int:

@@ -120,7 +120,10 @@ class ProcessEffects:
         return procs.environ_of(inst.claim(self.store.dir))
 
     def record_activity(self, updates: dict[str, tuple[int | None, Status, float]]) -> None:
-        """Write busy/ready and last use back to the state (one edit), for `ps` in another shell."""
+        """Write busy/ready and last use back to the state (one edit), for `ps` in another shell; keep the
+        instances' logs bounded (they log at verbosity 4, ~7 KB a request)."""
+        for name in updates:
+            runner.trim_log(self.store.log_path(name))
         with self.store.edit() as instances:
             for name, (pid, status, last_used) in updates.items():
                 inst = instances.get(name)
@@ -139,6 +142,7 @@ class Pool:
         self.config = config
         self.store = store
         self.repack_types = repack_types
+        self.build = getattr(caps, "version", None)  # the llama-server build, a key of learned GPU overheads
         self.gpu_overhead_bytes = gpu_overhead_bytes
         self.effects: Effects = effects or ProcessEffects(store, binary, caps, inventory_fn, grace_s)
         self.slots: dict[str, Slot] = {name: Slot(model) for name, model in config.models.items()}
@@ -229,7 +233,8 @@ class Pool:
         spec = resolve(self.config, slot.model.name, overrides)
         if self.config.instance_api_keys:
             slot.api_key = secrets.token_urlsafe(24)
-        return launcher.request_for(spec, policy_for(spec, inv, self.repack_types),
+        return launcher.request_for(spec, policy_for(spec, inv, self.repack_types, state_dir=self.store.dir,
+                                                          build=self.build),
                                     api_key=slot.api_key if self.config.instance_api_keys else None,
                                     timeout_s=self.config.load_timeout_s, started_by="proxy",
                                     replace_existing=True, protected=protected)
@@ -276,7 +281,7 @@ class Pool:
                 await self._stop(other, "max_instances")  # still idle: a request may have come meanwhile
         instances = await asyncio.to_thread(self.effects.instances)
         inv = await asyncio.to_thread(self.effects.inventory)
-        req = self._request(slot, scheduler.protected(self.seats()) | {slot.model.name}, inv)
+        req = await asyncio.to_thread(self._request, slot, scheduler.protected(self.seats()) | {slot.model.name}, inv)
         proposal = await asyncio.to_thread(self.effects.plan, req, inv, instances)
         for name in scheduler.memory_victims(proposal.evict, self.seats(), adopt=self.config.adopt):
             other = self.slots.get(name)
@@ -297,7 +302,9 @@ class Pool:
             await self._make_room(slot, stop)
             # room was made above, under the proxy's rules; the launch itself evicts nothing more
             inv = await asyncio.to_thread(self.effects.inventory)
-            req = replace(self._request(slot, scheduler.protected(self.seats()) | {name}, inv), may_evict=False)
+            # resolved off the loop: it reads the header and the calibration store
+            req = await asyncio.to_thread(self._request, slot, scheduler.protected(self.seats()) | {name}, inv)
+            req = replace(req, may_evict=False)
             instance = await asyncio.to_thread(self.effects.launch, req)
             slot.instance, slot.phase, slot.ours = instance, Status.READY, True
             slot.last_used = time.time()

@@ -16,16 +16,21 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from llamactl.config import DEFAULT_PORT_START
-from llamactl.errors import ExitCode, LlamactlError, NoFitError, UsageError
+from llamactl.errors import ExitCode, LlamactlError, NoFitError, OutOfMemoryAtLoad, UsageError
 from llamactl.gpu.inventory import Inventory
 from llamactl.estimate import load_params
 from llamactl.model.params import ModelParams
 from llamactl.model.settings import ServerSettings
+from llamactl.learn import observe
+from llamactl.learn.calibrate import Observation
+from llamactl.learn.store import CalibrationStore
+from llamactl.model.memory import Placement, estimate
 from llamactl.placement import Fit, Plan, Policy, RunningInstance, plan
 from llamactl import scheduler
 from llamactl.servers import procs, runner
 from llamactl.servers.command import ServerCommand, build_command, check_extra_args
 from llamactl.servers.probe import ServerCaps
+from llamactl.units import MiB, format_bytes
 if TYPE_CHECKING:
     from llamactl.resolve import ModelSpec
 from llamactl.servers.state import INSTANCE_ENV, STATE_DIR_ENV, Instance, StateError, StateStore, Status, check_name
@@ -182,7 +187,7 @@ def command_for(req: LaunchRequest, the_plan: Plan, binary: str | Path, caps: Se
         raise NoFitError(f"{req.model.name} does not fit: " + "; ".join(the_plan.reasons[-2:]))
     return build_command(binary, req.model, the_plan.resolved, caps, host=req.host, port=port,
                          tensor_split=the_plan.tensor_split, cuda_devices=cuda_devices(the_plan.gpu_ids, inv),
-                         extra=req.extra, alias=req.name)
+                         extra=req.extra, alias=req.name, verbose_buffers=True)  # buffer sizes: what it took
 
 
 def launch(store: StateStore, req: LaunchRequest, binary: str, caps: ServerCaps, inventory_fn: Callable[[], Inventory],
@@ -190,7 +195,10 @@ def launch(store: StateStore, req: LaunchRequest, binary: str, caps: ServerCaps,
     """Plan, make room, start and (unless req.wait is False) wait until ready. Records every step.
 
     No llama-server runs without an entry: if recording fails after the spawn, or the wait is interrupted
-    (Ctrl-C), the process just started is stopped before the error goes on.
+    (Ctrl-C), the process just started is stopped before the error goes on. Once ready, what the instance
+    really took is observed and stored (learn/). An out-of-memory failure at load is recorded too, and the
+    launch tried once more with the shortfall added to the room it leaves (which may evict idle instances,
+    or offload fewer layers); a second failure says what was tried.
     """
     check_name(req.name)
     extra, extra_key = split_secrets(req.extra)
@@ -208,23 +216,62 @@ def launch(store: StateStore, req: LaunchRequest, binary: str, caps: ServerCaps,
         stop_instances(store, [req.name], grace_s=grace_s)
         instances = store.snapshot()  # liveness is enough now: adoption ran in the read above
         seats = seats_of(instances, req.protected)
-    inv = inventory_fn()
-    the_plan = plan_for(req, inv, instances, params)
+    trim_logs(store, instances)
+    tried: list[str] = []
+    last_tail = first_cause = ""
     evicted: tuple[str, ...] = ()
-    victims = scheduler.memory_victims(the_plan.evict, seats, adopt=True) if req.may_evict else ()
-    if victims:
-        freed: dict[int, int] = {}
-        for name in victims:
-            for gpu, used in instances[name].gpu_bytes().items():
-                freed[gpu] = freed.get(gpu, 0) + used
-        evicted = tuple(stop_instances(store, victims, grace_s=grace_s))
-        wait_memory_released(list(freed), inventory_fn, inv, freed)
-        instances = store.snapshot()
+    while True:
         inv = inventory_fn()
-        the_plan = plan_for(req, inv, instances, params)
-    if the_plan.fit is Fit.NONE or the_plan.resolved is None or the_plan.estimate is None:
-        raise NoFitError(f"{req.model.name} does not fit: " + "; ".join(the_plan.reasons[-2:]))
+        the_plan, gone = _plan_and_make_room(store, req, params, inv, instances, seats, inventory_fn, grace_s)
+        evicted += gone
+        if gone:
+            inv = inventory_fn()
+        if the_plan.fit is Fit.NONE or the_plan.resolved is None or the_plan.estimate is None:
+            reasons = "; ".join(the_plan.reasons[-2:])
+            if tried:
+                raise OutOfMemoryAtLoad(f"{req.name}: {first_cause} with {tried[0]}, and a plan that leaves more "
+                                        f"room does not fit: {reasons}", last_tail)
+            raise NoFitError(f"{req.model.name} does not fit: " + reasons)
+        ctx = observation_context(req, params, the_plan, inv, caps)
+        try:
+            return _start(store, req, the_plan, ctx, binary, caps, inv, api_key, progress, grace_s, evicted)
+        except OutOfMemoryAtLoad as exc:
+            obs = record_oom(store, ctx, exc)
+            last_tail = exc.log_tail
+            first_cause = first_cause or str(exc)
+            tried.append(describe_attempt(the_plan, inv, req.policy.margin_bytes))
+            if len(tried) > 1:
+                raise OutOfMemoryAtLoad(f"{req.name}: out of memory while loading, twice; tried {tried[0]}, then "
+                                        f"{tried[1]}; see `llamactl logs {req.name}`", exc.log_tail) from None
+            req = replace(req, policy=roomier(req.policy, the_plan, obs))
+            log.warning("%s ran out of memory while loading (%s); trying once more with %s more room",
+                        req.name, tried[0], format_bytes(_shortfall_or_guess(the_plan, obs)))
+            instances = store.snapshot()
+            seats = seats_of(instances, req.protected)
 
+
+def _plan_and_make_room(store: StateStore, req: LaunchRequest, params: ModelParams, inv: Inventory,
+                        instances: dict[str, Instance], seats: dict[str, scheduler.Seat],
+                        inventory_fn: Callable[[], Inventory], grace_s: float) -> tuple[Plan, tuple[str, ...]]:
+    """The plan, after stopping the idle instances it proposes to evict (and re-planning without them)."""
+    the_plan = plan_for(req, inv, instances, params)
+    victims = scheduler.memory_victims(the_plan.evict, seats, adopt=True) if req.may_evict else ()
+    if not victims:
+        return the_plan, ()
+    freed: dict[int, int] = {}
+    for name in victims:
+        for gpu, used in instances[name].gpu_bytes().items():
+            freed[gpu] = freed.get(gpu, 0) + used
+    evicted = tuple(stop_instances(store, victims, grace_s=grace_s))
+    wait_memory_released(list(freed), inventory_fn, inv, freed)
+    return plan_for(req, inventory_fn(), store.snapshot(), params), evicted
+
+
+def _start(store: StateStore, req: LaunchRequest, the_plan: Plan, ctx: "observe.Context", binary: str,
+           caps: ServerCaps, inv: Inventory, api_key: str | None, progress: Callable[[float, str], None] | None,
+           grace_s: float, evicted: tuple[str, ...]) -> Launched:
+    """Spawn and record in one locked edit, wait until ready, observe."""
+    assert the_plan.estimate is not None
     log_path = store.log_path(req.name)
     child: runner.Child | None = None
     try:
@@ -244,10 +291,12 @@ def launch(store: StateStore, req: LaunchRequest, binary: str, caps: ServerCaps,
             if api_key:
                 env[runner.API_KEY_ENV] = api_key
             now = time.time()
+            log_offset = _size(log_path)
             child = runner.spawn(list(cmd.argv), env, log_path, shared=store.shared)
             if child.create_time is None:  # gone before we could see it: exited at once
                 code = child.proc.wait()
-                raise runner.exited_early(f"llama-server exited with code {code} at once", runner.tail(log_path))
+                raise runner.exited_early(f"llama-server exited with code {code} at once",
+                                          observe.read_log_from(log_path, log_offset))
             current[req.name] = Instance(
                 name=req.name, model=str(req.model), port=port, pid=child.pid, create_time=child.create_time,
                 argv=cmd.argv, env=cmd.env, gpu_ids=the_plan.gpu_ids,
@@ -268,17 +317,107 @@ def launch(store: StateStore, req: LaunchRequest, binary: str, caps: ServerCaps,
         runner.stop_child(child.proc, grace_s=min(grace_s, 5.0))
         with store.edit() as current:
             if req.name in current and current[req.name].pid == child.pid:
-                if isinstance(exc, KeyboardInterrupt):
-                    del current[req.name]
+                if isinstance(exc, (KeyboardInterrupt, OutOfMemoryAtLoad)):
+                    del current[req.name]  # an out-of-memory failure is recorded as an observation instead
                 else:
                     current[req.name] = replace(current[req.name], status=Status.FAILED)
         if isinstance(exc, KeyboardInterrupt):
             raise LaunchInterrupted(f"interrupted: stopped {req.name} (pid {child.pid}) before it was ready") from None
+        if isinstance(exc, OutOfMemoryAtLoad):
+            exc.log_text = observe.read_log_from(log_path, log_offset)  # type: ignore[attr-defined]
         raise
+    actual = record_ready(store, ctx, observe.read_log_from(log_path, log_offset), child.pid)
     with store.edit() as current:
-        inst = replace(current[req.name], status=Status.READY, last_used=time.time())
+        inst = replace(current[req.name], status=Status.READY, last_used=time.time(), actual_bytes=actual)
         current[req.name] = inst
     return Launched(inst, the_plan, cmd, ready_s, evicted)
+
+
+def trim_logs(store: StateStore, instances: dict[str, Instance]) -> None:
+    """Keep the live instances' logs bounded (they log at verbosity 4: ~7 KB a request)."""
+    for name, inst in instances.items():
+        if inst.live:
+            runner.trim_log(store.log_path(name))
+
+
+def _size(path: Path) -> int:
+    try:
+        return path.stat().st_size
+    except OSError:
+        return 0
+
+
+def observation_context(req: LaunchRequest, params: ModelParams, the_plan: Plan, inv: Inventory,
+                        caps: ServerCaps) -> "observe.Context":
+    """What an observation of this launch is keyed by, with the pure formula for the planned settings."""
+    assert the_plan.resolved is not None
+    names = {g.index: g.name for g in inv.gpus}
+    gpu_names = tuple(names.get(i, "") for i in the_plan.gpu_ids)
+    formula = estimate(params, the_plan.resolved, Placement(
+        n_gpus=len(the_plan.gpu_ids), tensor_split=the_plan.tensor_split or (),
+        gpu_overhead_bytes=req.policy.gpu_overhead_bytes, cpu_repack_types=req.policy.cpu_repack_types))
+    try:
+        key = observe.identity(req.model)
+    except OSError:
+        key = "unknown"
+    return observe.Context(params=params, model_path=str(req.model), model_key=key, formula=formula,
+                           gpu_names=gpu_names, gpu_indices=the_plan.gpu_ids,
+                           backend=observe.gpu_backend(req.extra, len(the_plan.gpu_ids)), build=caps.version,
+                           extra_args=req.extra, nvml_live=inv.source == "nvml")
+
+
+def record_ready(store: StateStore, ctx: "observe.Context", log_text: str, pid: int) -> dict[str, int]:
+    """Observe a ready instance and store it; what it holds per device. Never fails the launch."""
+    try:
+        obs = observe.observe_ready(ctx, log_text, pid)
+        if any(d.logged_total for d in obs.devices):  # nothing logged (an old or quiet build): nothing learned
+            CalibrationStore(store.dir, file_mode=store.file_mode).add([obs])
+        return observe.actual_bytes(obs)
+    except Exception as exc:
+        log.warning("could not record what %s took: %s", ctx.model_path, exc)
+        return {}
+
+
+def record_oom(store: StateStore, ctx: "observe.Context", exc: OutOfMemoryAtLoad) -> "Observation":
+    text = getattr(exc, "log_text", None) or exc.log_tail
+    obs = observe.observe_oom(ctx, text, killed="SIGKILL" in str(exc))
+    try:
+        CalibrationStore(store.dir, file_mode=store.file_mode).add([obs])
+    except Exception as err:
+        log.warning("could not record the out-of-memory failure: %s", err)
+    return obs
+
+
+def _shortfall_or_guess(the_plan: Plan, obs: "Observation") -> int:
+    """The bytes the failed allocation wanted, else a tenth of the failing device's estimate (≥ 256 MiB)."""
+    if obs.shortfall_bytes:
+        return obs.shortfall_bytes
+    assert the_plan.estimate is not None
+    device = obs.shortfall_device or next((d.device for d in the_plan.estimate.devices if d.device != "CPU"), "CPU")
+    return max(the_plan.estimate.device(device).total_bytes // 10, 256 * MiB)
+
+
+def roomier(policy: Policy, the_plan: Plan, obs: "Observation") -> Policy:
+    """The policy for a retry after an out-of-memory failure: the shortfall added to the room left free on
+    the device that failed (the host's budget shrinks by it when the host failed and its RAM is known)."""
+    extra = _shortfall_or_guess(the_plan, obs)
+    if obs.shortfall_device == "CPU" or not the_plan.gpu_ids:
+        if policy.host_memory_bytes is not None:
+            return replace(policy, host_memory_bytes=max(policy.host_memory_bytes - extra, 0))
+        assert the_plan.estimate is not None
+        return replace(policy, host_memory_bytes=max(the_plan.estimate.device("CPU").total_bytes - extra, 0))
+    return replace(policy, margin_bytes=policy.margin_bytes + extra)
+
+
+def describe_attempt(the_plan: Plan, inv: Inventory, base_margin: int) -> str:
+    """One plan, as a person would say it: "-ngl 33 on GPU 0 (estimate 9.10 GiB)"."""
+    assert the_plan.estimate is not None and the_plan.resolved is not None
+    if not the_plan.gpu_ids:
+        return f"the CPU (estimate {format_bytes(the_plan.estimate.device('CPU').total_bytes)})"
+    gpu_total = sum(d.total_bytes for d in the_plan.estimate.devices if d.device != "CPU")
+    where = "GPU " + ",".join(map(str, the_plan.gpu_ids))
+    moe = f" --n-cpu-moe {the_plan.n_cpu_moe}" if the_plan.n_cpu_moe else ""
+    return f"-ngl {the_plan.n_gpu_layers}{moe} on {where} (estimate {format_bytes(gpu_total)}, {format_bytes(base_margin)} left free)"
 
 
 class LaunchInterrupted(LlamactlError):

@@ -19,7 +19,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from llamactl.errors import ExitedEarly, LaunchError, NotReadyInTime, exited_early  # noqa: F401  (re-exported)
+from llamactl.errors import ExitedEarly, LaunchError, NotReadyInTime, OutOfMemoryAtLoad, exited_early  # noqa: F401  (re-exported)
 from llamactl.servers import client, procs
 
 POLL_INTERVAL_S = 0.1
@@ -27,6 +27,8 @@ DEFAULT_GRACE_S = 10.0
 SECRET_FLAGS = ("--api-key",)  # their values go to the environment (LLAMA_API_KEY), never argv or a log
 API_KEY_ENV = "LLAMA_API_KEY"  # llama.cpp common/arg.cpp: --api-key ... set_env("LLAMA_API_KEY")
 LOG_MODE = 0o600
+LOG_MAX_BYTES = 64 * 2**20  # a log past this is cut to its last LOG_KEEP_BYTES (launch, the proxy's poller)
+LOG_KEEP_BYTES = 8 * 2**20
 LOG_DIR_MODE = 0o700
 
 
@@ -111,6 +113,31 @@ def child_env(overrides: dict[str, str]) -> dict[str, str]:
     return env
 
 
+def trim_log(log_path: Path, max_bytes: int = LOG_MAX_BYTES, keep_bytes: int = LOG_KEEP_BYTES) -> bool:
+    """Cut a log over `max_bytes` to its last `keep_bytes` (whole lines), in place; True if it was cut.
+
+    The llama-server writing it opened it O_APPEND, so its next line lands at the new end; a line it
+    writes during the cut may come before the kept tail.
+    """
+    try:
+        fd = os.open(log_path, os.O_RDWR | os.O_APPEND | os.O_NOFOLLOW | os.O_CLOEXEC)
+    except OSError:
+        return False
+    try:
+        size = os.fstat(fd).st_size
+        if size <= max_bytes:
+            return False
+        kept = os.pread(fd, keep_bytes, size - keep_bytes)
+        kept = kept[kept.find(b"\n") + 1:]
+        os.ftruncate(fd, 0)
+        os.write(fd, f"--- llamactl: cut {size - len(kept)} bytes from the start of this log ---\n".encode() + kept)
+        return True
+    except OSError:
+        return False
+    finally:
+        os.close(fd)
+
+
 def tail(log_path: Path, lines: int = 12) -> str:
     """The last lines of a log file (bounded read: logs can be large)."""
     try:
@@ -142,6 +169,9 @@ def wait_ready(child: Child, port: int, model_arg: str, timeout_s: float, *, hos
         while True:
             elapsed = time.monotonic() - start
             code = child.proc.poll()
+            if code == -signal.SIGKILL:  # nobody of ours killed it: the kernel's OOM killer, most likely
+                raise OutOfMemoryAtLoad(f"llama-server was killed by SIGKILL after {elapsed:.1f} s while loading "
+                                        "(the kernel's out-of-memory killer, most likely)", tail(child.log_path))
             if code is not None:
                 raise exited_early(f"llama-server exited with code {code} after {elapsed:.1f} s", tail(child.log_path))
             if client.health(http, base) == 200 and client.model_path(http, base) in (model_arg, None):

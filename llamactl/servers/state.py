@@ -63,6 +63,7 @@ class InstanceJSON(TypedDict, total=False):
     env: dict[str, str]
     gpu_ids: list[int]
     estimated_bytes: dict[str, int]
+    actual_bytes: dict[str, int]
     started_at: float
     last_used: float
     started_by: str
@@ -81,6 +82,7 @@ class Instance:
     env: dict[str, str] = field(default_factory=dict)
     gpu_ids: tuple[int, ...] = ()
     estimated_bytes: dict[str, int] = field(default_factory=dict)  # "CPU", "GPU0"… (GPUk = gpu_ids[k])
+    actual_bytes: dict[str, int] = field(default_factory=dict)  # the same devices, observed once ready (learn/)
     started_at: float = 0.0
     last_used: float = 0.0
     started_by: str = "cli"  # cli, proxy, adopted
@@ -93,8 +95,9 @@ class Instance:
         return self.status in LIVE
 
     def gpu_bytes(self) -> dict[int, int]:
-        """Estimated bytes per NVML GPU index."""
-        return {gpu: self.estimated_bytes.get(f"GPU{k}", 0) for k, gpu in enumerate(self.gpu_ids)}
+        """Bytes per NVML GPU index: observed once ready, else estimated."""
+        return {gpu: self.actual_bytes.get(f"GPU{k}") or self.estimated_bytes.get(f"GPU{k}", 0)
+                for k, gpu in enumerate(self.gpu_ids)}
 
     def claim(self, state_dir: Path) -> Claim:
         """What this entry says about its process, to be checked before anything signals it."""
@@ -146,8 +149,11 @@ class Instance:
         if not (isinstance(gpu_ids, list) and all(_is_int(g) and 0 <= g < 4096 for g in gpu_ids)):
             raise ValueError("gpu_ids is not a list of GPU indices")
         est = data.get("estimated_bytes", {})
-        if not (isinstance(est, dict) and all(isinstance(k, str) and _is_int(v) and 0 <= v < 2**62 for k, v in est.items())):
+        if not _byte_map(est):
             raise ValueError("estimated_bytes is not a mapping of byte counts")
+        actual = data.get("actual_bytes", {})
+        if not _byte_map(actual):
+            raise ValueError("actual_bytes is not a mapping of byte counts")
         times = {k: data.get(k, 0.0) for k in ("started_at", "last_used")}
         for k, v in times.items():
             if not (isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) and v >= 0):
@@ -162,7 +168,7 @@ class Instance:
             raise ValueError(f"status {status!r} without a pid")
         return cls(
             name=key, model=model, port=port, pid=pid, create_time=None if pid is None else float(create_time),
-            argv=tuple(argv), env=dict(env), gpu_ids=tuple(gpu_ids), estimated_bytes=dict(est),
+            argv=tuple(argv), env=dict(env), gpu_ids=tuple(gpu_ids), estimated_bytes=dict(est), actual_bytes=dict(actual),
             started_at=float(times["started_at"]), last_used=float(times["last_used"]), started_by=started_by,
             status=Status(status), activity=activity, host=host,
         )
@@ -170,6 +176,12 @@ class Instance:
 
 def _is_int(value: object) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _byte_map(value: object) -> bool:
+    """{"CPU" | "GPU<k>": bytes} with at most 65 devices."""
+    return (isinstance(value, dict) and len(value) <= 65
+            and all(isinstance(k, str) and len(k) <= 8 and _is_int(v) and 0 <= v < 2**62 for k, v in value.items()))
 
 
 class StateError(LlamactlError):

@@ -9,6 +9,8 @@ Accepts llama-server's argv (unknown flags ignored) plus switches:
   --fake-chunk-delay S     pause S seconds between streamed chunks
   --fake-crash-mid-stream K  exit(3) after streaming K chunks
   --fake-oom               log a CUDA allocation failure as llama.cpp does, exit 1 before listening
+  --fake-oom-times N FILE  the same for the first N starts (FILE counts them), then start normally
+  --fake-sigkill-at-load   SIGKILL itself before listening (as the kernel's OOM killer would)
 An API key (--api-key or LLAMA_API_KEY, as llama-server) makes POSTs need `Authorization: Bearer KEY`.
 `--version` and `--help` print what llamactl's probe expects.
 """
@@ -50,7 +52,18 @@ def main() -> None:
     if "--fake-exit-at-once" in argv:
         print("fake: failing at once", flush=True)
         sys.exit(int(arg(argv, "--fake-exit-at-once")))
-    if "--fake-oom" in argv:
+    oom = "--fake-oom" in argv
+    if "--fake-oom-times" in argv:
+        i = argv.index("--fake-oom-times")
+        times, counter = int(argv[i + 1]), argv[i + 2]
+        seen = int(open(counter).read() or 0) if os.path.exists(counter) else 0
+        with open(counter, "w") as fh:
+            fh.write(str(seen + 1))
+        oom = seen < times
+    if "--fake-sigkill-at-load" in argv:
+        print("fake: loading...", flush=True)
+        os.kill(os.getpid(), signal.SIGKILL)
+    if oom:
         print("ggml_backend_cuda_buffer_type_alloc_buffer: allocating 9216.00 MiB on device 0: cudaMalloc failed: "
               "out of memory\nllama_model_load: error loading model: unable to allocate CUDA0 buffer", flush=True)
         sys.exit(1)

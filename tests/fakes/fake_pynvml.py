@@ -27,7 +27,8 @@ class FakeGpu:
     fail: set[str] = field(default_factory=set)  # call names that raise for this GPU; "handle" = lost GPU
 
 
-def make(gpus: list[FakeGpu], *, init_error: Exception | None = None) -> types.ModuleType:
+def make(gpus: list[FakeGpu], *, init_error: Exception | None = None, driver: str = "580.65.06",
+         cuda: int = 13000) -> types.ModuleType:
     mod = types.ModuleType("pynvml")
     mod.NVML_TEMPERATURE_GPU = 0  # type: ignore[attr-defined]
 
@@ -82,4 +83,6 @@ def make(gpus: list[FakeGpu], *, init_error: Exception | None = None) -> types.M
     mod.nvmlDeviceGetComputeRunningProcesses = procs  # type: ignore[attr-defined]
     mod.nvmlDeviceGetName = name  # type: ignore[attr-defined]
     mod.nvmlDeviceGetUUID = uuid  # type: ignore[attr-defined]
+    mod.nvmlSystemGetDriverVersion = lambda: driver  # type: ignore[attr-defined]
+    mod.nvmlSystemGetCudaDriverVersion = lambda: cuda  # type: ignore[attr-defined]
     return mod

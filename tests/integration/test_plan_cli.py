@@ -11,7 +11,7 @@ import pytest
 from llamactl.model.synth import REALISTIC, write_model
 from tests.integration.test_cli import run
 
-KEYS = {"fit", "gpu_ids", "tensor_split", "n_gpu_layers", "n_cpu_moe", "argv", "env", "devices", "evict", "reasons"}
+KEYS = {"fit", "gpu_ids", "tensor_split", "n_gpu_layers", "n_cpu_moe", "argv", "env", "devices", "evict", "reasons", "calibration"}
 
 
 @pytest.fixture(scope="module")

@@ -1,0 +1,199 @@
+"""`llamactl calibration [show|reset|export|import]`: what earlier launches measured, and what plans learn from it."""
+
+from __future__ import annotations
+
+import json
+import os
+import stat
+import statistics
+import sys
+import time
+from enum import Enum
+from pathlib import Path
+from typing import Any, Optional
+
+import typer
+
+from llamactl import render
+from llamactl.cli.common import state_store, wants_json
+from llamactl.errors import UsageError
+from llamactl.learn import calibrate
+from llamactl.learn.calibrate import Observation, observation_from_row, observation_to_row
+from llamactl.learn.store import CalibrationStore
+from llamactl.model.memory import DEFAULT_GPU_OVERHEAD_BYTES
+from llamactl.units import format_bytes, format_duration
+
+EXPORT_FORMAT = "llamactl-calibration"
+IMPORT_LIMIT_BYTES = 64 * 2**20
+
+
+class Action(str, Enum):
+    show = "show"
+    reset = "reset"
+    export = "export"
+    import_ = "import"
+
+
+def summary(observations: list[Observation]) -> dict[str, Any]:
+    """Per model and settings: launches, failures, and the newest launch's formula vs logged per device;
+    the learned GPU overheads and compute corrections."""
+    groups: dict[tuple[str, str], list[Observation]] = {}
+    for o in observations:
+        groups.setdefault((o.model_key, o.settings_key), []).append(o)
+    rows = []
+    for (model, key), obs in groups.items():
+        obs.sort(key=lambda o: o.at, reverse=True)
+        ready = [o for o in obs if o.outcome == "ready"]
+        newest = ready[0] if ready else obs[0]
+        rows.append({
+            "model": newest.model_path, "model_key": model, "settings_key": key, "arch": newest.arch,
+            "backend": newest.backend, "gpus": list(newest.gpu_names), "launches": len(ready),
+            "out_of_memory": len(obs) - len(ready), "last": newest.at, "build": newest.build,
+            "devices": [{"device": d.device, "estimated_bytes": sum(d.formula.get(t, 0) for t in calibrate.TERMS),
+                         "logged_bytes": d.logged_total, "nvml_bytes": d.nvml_bytes} for d in newest.devices] if ready else [],
+        })
+    rows.sort(key=lambda r: r["last"], reverse=True)
+    overhead, why = calibrate._overheads([o for o in observations if o.outcome == "ready"], DEFAULT_GPU_OVERHEAD_BYTES,
+                                         None, None)
+    samples: dict[str, list[int]] = {}
+    for o in observations:
+        for d in o.devices:
+            if d.gpu_name and d.overhead_seen is not None and d.logged_total:
+                samples.setdefault(d.gpu_name, []).append(d.overhead_seen)
+    overheads = [{"gpu": name, "launches": len(values), "median_bytes": int(statistics.median(values)),
+                  "used_bytes": int(overhead[name].value) if name in overhead else None,
+                  "note": overhead[name].text if name in overhead else why.get(name, "")}
+                 for name, values in sorted(samples.items())]
+    compute = []
+    for arch in sorted({o.arch for o in observations}):
+        for (backend, partial), basis in sorted(calibrate._compute_factors(
+                [o for o in observations if o.outcome == "ready" and o.arch == arch]).items()):
+            compute.append({"arch": arch, "backend": backend, "partial": partial, "factor": round(basis.value, 4),
+                            "launches": basis.n})
+    return {"observations": len(observations), "models": rows, "gpu_overhead": overheads, "compute": compute}
+
+
+def _print(store: CalibrationStore, data: dict[str, Any]) -> None:
+    if not data["observations"]:
+        render.note(f"no observations yet in {store.path}: every launch adds one")
+        return
+    print(f"{store.path}: {data['observations']} observations")
+    now = time.time()
+    table = []
+    for row in data["models"]:
+        devices = []
+        for d in row["devices"]:
+            est, got = d["estimated_bytes"], d["logged_bytes"]
+            drift = f" ({(got - est) / est:+.1%})" if est else ""
+            nvml = f", NVML {format_bytes(d['nvml_bytes'])}" if d["nvml_bytes"] is not None else ""
+            devices.append(f"{d['device']} {format_bytes(est)} → {format_bytes(got)}{drift}{nvml}")
+        table.append([Path(row["model"]).name, row["arch"], row["backend"] + (f" ({', '.join(row['gpus'])})" if row["gpus"] else ""),
+                      row["launches"], row["out_of_memory"], format_duration(now - row["last"]) + " ago",
+                      "; ".join(devices) or "-"])
+    print(render.table(table, ["MODEL", "ARCH", "BACKEND", "LAUNCHES", "OOM", "LAST", "ESTIMATED → LOGGED"],
+                       align_right_from=3))
+    if data["gpu_overhead"]:
+        print("\nGPU overhead (NVML per process minus llama.cpp's buffers):")
+        for o in data["gpu_overhead"]:
+            used = format_bytes(o["used_bytes"]) if o["used_bytes"] is not None else "not used"
+            print(f"  {o['gpu']}: {used} ({o['launches']} launches, median {format_bytes(o['median_bytes'])}) {o['note']}")
+    if data["compute"]:
+        print("\ncompute corrections (logged / estimated):")
+        for c in data["compute"]:
+            print(f"  {c['arch']} on {c['backend']}{' (partial offload)' if c['partial'] else ''}: "
+                  f"× {c['factor']:.3f} ({c['launches']} launches)")
+
+
+def _read_import(path: str) -> list[Any]:
+    if path == "-":
+        text = sys.stdin.read(IMPORT_LIMIT_BYTES + 1)
+    else:
+        try:
+            fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NONBLOCK)
+        except OSError as exc:
+            raise UsageError(f"{path}: {exc.strerror}") from None
+        with os.fdopen(fd, "rb") as fh:
+            if not stat.S_ISREG(os.fstat(fh.fileno()).st_mode):
+                raise UsageError(f"{path}: not a regular file")
+            text = fh.read(IMPORT_LIMIT_BYTES + 1).decode("utf-8", "replace")
+    if len(text) > IMPORT_LIMIT_BYTES:
+        raise UsageError(f"{path}: larger than {format_bytes(IMPORT_LIMIT_BYTES)}; not a calibration export")
+    try:
+        data = json.loads(text)
+    except (json.JSONDecodeError, RecursionError) as exc:
+        raise UsageError(f"{path}: not a calibration export (invalid JSON: {exc})") from None
+    if not isinstance(data, dict) or data.get("format") != EXPORT_FORMAT or not isinstance(data.get("observations"), list):
+        raise UsageError(f"{path}: not a calibration export (expected {{\"format\": \"{EXPORT_FORMAT}\", "
+                         "\"observations\": [...]}, as `llamactl calibration export` writes)")
+    return data["observations"]
+
+
+def command(
+    ctx: typer.Context,
+    action: Action = typer.Argument(Action.show, help="show (default), reset, export [FILE], import FILE."),
+    file: Optional[str] = typer.Argument(None, metavar="[FILE]", help="export: where to write (default: stdout); import: what to read (- = stdin)."),
+    model: Optional[str] = typer.Option(None, "--model", help="show/reset: only this GGUF file's observations."),
+    yes: bool = typer.Option(False, "--yes", "-y", help="reset: do not ask."),
+    json_output: bool = typer.Option(False, "--json", help="Machine-readable JSON."),
+) -> None:
+    """What earlier launches measured (per model, GPU overhead, compute corrections); reset, export, import.
+
+    Every launch that becomes ready records what llama-server allocated per device (and NVML per process);
+    `estimate`, `plan`, `launch` and the proxy use it unless --no-calibration. Export on one box and import
+    on another to plan with what it learned (e.g. a CI job planning with the production box's figures).
+    """
+    st = state_store(ctx)
+    store = CalibrationStore(st.dir, file_mode=st.file_mode)
+    key = None
+    if model is not None:
+        from llamactl.learn.observe import identity
+
+        try:
+            key = identity(model)
+        except OSError as exc:
+            raise UsageError(f"--model {model}: {exc.strerror}") from None
+    if action is Action.show:
+        obs = [o for o in store.all() if key is None or o.model_key == key]
+        data = summary(obs)
+        if wants_json(ctx, json_output):
+            render.emit_json({"path": str(store.path), **data})
+        else:
+            _print(store, data)
+    elif action is Action.reset:
+        what = f"the observations of {model}" if model else f"every observation in {store.path}"
+        if not yes:
+            if not sys.stdin.isatty():
+                raise UsageError(f"reset would delete {what}; add --yes to confirm")
+            typer.confirm(f"delete {what}?", abort=True)
+        n = store.reset(model_key=key)
+        print(f"deleted {n} observations")
+    elif action is Action.export:
+        payload = {"format": EXPORT_FORMAT, "schema": calibrate.SCHEMA, "exported_at": time.time(),
+                   "observations": [observation_to_row(o) for o in store.all()]}
+        text = json.dumps(payload, indent=1) + "\n"
+        if file in (None, "-"):
+            sys.stdout.write(text)
+        else:
+            Path(file).write_text(text)
+            render.note(f"exported {len(payload['observations'])} observations to {file}")
+    else:
+        if file is None:
+            raise UsageError("import needs a FILE (as `llamactl calibration export FILE` writes; - for stdin)")
+        rows = _read_import(file)
+        good, bad = [], 0
+        for row in rows:
+            try:
+                obs = observation_from_row(row)
+            except (ValueError, TypeError):
+                bad += 1
+                continue
+            good.append(obs if obs.uid else None)
+        valid = [o for o in good if o is not None]
+        bad += len(good) - len(valid)
+        added = store.add(valid)
+        print(f"imported {added} observations ({len(valid) - added} already present"
+              + (f", {bad} invalid skipped" if bad else "") + ")")
+
+
+def register(app: typer.Typer) -> None:
+    app.command("calibration")(command)

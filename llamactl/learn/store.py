@@ -1,0 +1,169 @@
+"""The calibration store: observations in SQLite (`calibration.db` in the state dir).
+
+WAL, a busy timeout and one short IMMEDIATE transaction per write, so several CLI processes and a proxy
+write at once and lose nothing. Schema versioned with `PRAGMA user_version`; bounded to MAX_ROWS (the
+oldest go first). The file is input like the state file: a planted symlink is refused, a file that is not
+a database is moved aside with a warning, and a reader that cannot open it plans with the formula.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import sqlite3
+import stat
+import time
+import uuid
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+from llamactl.errors import LlamactlError
+from llamactl.learn.calibrate import SCHEMA, Observation, observation_from_row, observation_to_row
+
+log = logging.getLogger(__name__)
+
+
+class CalibrationError(LlamactlError):
+    """The calibration store cannot be used (a link, damaged, a newer schema)."""
+
+FILE_NAME = "calibration.db"
+MAX_ROWS = 20_000
+BUSY_TIMEOUT_S = 30.0
+
+_CREATE = """
+CREATE TABLE IF NOT EXISTS observations (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    uid TEXT NOT NULL UNIQUE,
+    at REAL NOT NULL,
+    outcome TEXT NOT NULL,
+    model_key TEXT NOT NULL,
+    arch TEXT NOT NULL,
+    backend TEXT NOT NULL,
+    settings_key TEXT NOT NULL,
+    gpu_names TEXT NOT NULL,
+    driver TEXT,
+    build TEXT NOT NULL,
+    body TEXT NOT NULL
+);
+CREATE INDEX IF NOT EXISTS observations_model ON observations (model_key, settings_key);
+CREATE INDEX IF NOT EXISTS observations_arch ON observations (arch, backend);
+CREATE INDEX IF NOT EXISTS observations_gpu ON observations (gpu_names);
+"""
+
+
+class CalibrationStore:
+    def __init__(self, state_dir: Path, *, file_mode: int = 0o600) -> None:
+        self.dir = state_dir
+        self.path = state_dir / FILE_NAME
+        self.file_mode = file_mode
+
+    @contextmanager
+    def _connect(self, *, create: bool) -> Iterator[sqlite3.Connection | None]:
+        """A connection, or None when there is no store (and `create` is False)."""
+        try:
+            st = os.lstat(self.path)
+        except FileNotFoundError:
+            if not create:
+                yield None
+                return
+            self.dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+            try:  # created here, with our mode and never through a planted link
+                os.close(os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC,
+                                 self.file_mode))
+            except FileExistsError:
+                pass
+            st = os.lstat(self.path)
+        if not stat.S_ISREG(st.st_mode):
+            raise CalibrationError(f"{self.path} is not a regular file (a link or something else); calibration not used")
+        conn = sqlite3.connect(self.path, timeout=BUSY_TIMEOUT_S, isolation_level=None)
+        try:
+            conn.execute(f"PRAGMA busy_timeout = {int(BUSY_TIMEOUT_S * 1000)}")
+            self._prepare(conn)
+            yield conn
+        except sqlite3.DatabaseError as exc:
+            conn.close()
+            if "not a database" in str(exc) or "malformed" in str(exc):
+                aside = self.path.with_name(f"{FILE_NAME}.bad-{time.strftime('%Y%m%dT%H%M%S')}")
+                os.replace(self.path, aside)
+                log.warning("%s was not a usable database (%s); moved aside to %s, starting afresh",
+                            self.path, exc, aside.name)
+                raise CalibrationError(f"calibration store damaged ({exc}); moved aside to {aside.name}") from None
+            raise CalibrationError(f"calibration store {self.path}: {exc}") from None
+        finally:
+            conn.close()
+
+    def _prepare(self, conn: sqlite3.Connection) -> None:
+        version = conn.execute("PRAGMA user_version").fetchone()[0]
+        if version == SCHEMA:
+            return
+        if version > SCHEMA:
+            raise CalibrationError(f"{self.path} has schema {version}, newer than this llamactl ({SCHEMA}); upgrade llamactl")
+        conn.execute("PRAGMA journal_mode = WAL")  # kept by the file from now on
+        conn.executescript(_CREATE)  # idempotent: two first writers at once both succeed
+        conn.execute(f"PRAGMA user_version = {SCHEMA}")
+
+    def add(self, observations: Iterable[Observation]) -> int:
+        """Insert observations (a uid already present is skipped); returns how many were new."""
+        rows = []
+        for o in observations:
+            body = observation_to_row(o)
+            uid = o.uid or uuid.uuid4().hex
+            body["uid"] = uid
+            rows.append((uid, o.at or time.time(), o.outcome, o.model_key, o.arch, o.backend, o.settings_key,
+                         json.dumps(list(o.gpu_names)), o.driver, o.build, json.dumps(body, separators=(",", ":"))))
+        if not rows:
+            return 0
+        with self._connect(create=True) as conn:
+            assert conn is not None
+            conn.execute("BEGIN IMMEDIATE")
+            try:
+                before = conn.total_changes
+                conn.executemany("INSERT OR IGNORE INTO observations (uid, at, outcome, model_key, arch, backend, "
+                                 "settings_key, gpu_names, driver, build, body) VALUES (?,?,?,?,?,?,?,?,?,?,?)", rows)
+                added = conn.total_changes - before
+                conn.execute("DELETE FROM observations WHERE id <= (SELECT MAX(id) FROM observations) - ?", (MAX_ROWS,))
+                conn.execute("COMMIT")
+            except BaseException:
+                conn.execute("ROLLBACK")
+                raise
+        return added
+
+    def relevant(self, model_key: str, arch: str, *, limit: int = 2000) -> list[Observation]:
+        """What bears on one model: its own launches, its architecture's, and any on GPUs (their overhead);
+        newest first."""
+        return self._select("SELECT body FROM observations WHERE model_key = ? OR arch = ? OR gpu_names != '[]' "
+                            "ORDER BY id DESC LIMIT ?", (model_key, arch, limit))
+
+    def all(self) -> list[Observation]:
+        return self._select("SELECT body FROM observations ORDER BY id", ())
+
+    def _select(self, sql: str, args: tuple[object, ...]) -> list[Observation]:
+        with self._connect(create=False) as conn:
+            if conn is None:
+                return []
+            out = []
+            for (body,) in conn.execute(sql, args):
+                try:
+                    out.append(observation_from_row(json.loads(body)))
+                except (ValueError, TypeError) as exc:
+                    log.debug("calibration row skipped: %s", exc)
+            return out
+
+    def count(self) -> int:
+        with self._connect(create=False) as conn:
+            return 0 if conn is None else int(conn.execute("SELECT COUNT(*) FROM observations").fetchone()[0])
+
+    def reset(self, *, model_key: str | None = None) -> int:
+        """Delete every observation (or one model's); returns how many."""
+        with self._connect(create=False) as conn:
+            if conn is None:
+                return 0
+            conn.execute("BEGIN IMMEDIATE")
+            if model_key is None:
+                cur = conn.execute("DELETE FROM observations")
+            else:
+                cur = conn.execute("DELETE FROM observations WHERE model_key = ?", (model_key,))
+            conn.execute("COMMIT")
+            return cur.rowcount
