@@ -140,6 +140,8 @@ class _Reader:
             return parse_duration(repr(float(value)) if not isinstance(value, str) else value, what=full)
         except UsageError as exc:
             raise self.fail(full, str(exc)) from None
+        except (OverflowError, ValueError):  # an integer too large for a float
+            raise self.fail(full, "out of range") from None
 
 
 def _placement(r: _Reader, table: dict[str, Any], where: str, base: PlacementSpec) -> PlacementSpec:
@@ -166,6 +168,14 @@ def _placement(r: _Reader, table: dict[str, Any], where: str, base: PlacementSpe
     if "calibration" in table:
         updates["calibration"] = r.get(table, "calibration", f"{where}.calibration", bool)
     return replace(base, **updates)
+
+
+def _expand(r: _Reader, text: str, key: str) -> Path:
+    """A path with `~` and `~user` expanded; a user that does not exist is the key's error."""
+    try:
+        return Path(text).expanduser()
+    except RuntimeError:
+        raise r.fail(key, f"cannot expand {text.split('/', 1)[0]!r}: no such user") from None
 
 
 def _size(r: _Reader, table: dict[str, Any], key: str, full: str, limit: int = 2**50) -> int:
@@ -282,7 +292,7 @@ def _from_seed_json(data: dict[str, Any]) -> dict[str, Any]:
         defaults["n_gpu_layers"] = data["gpu_layers"]
     if "cache_type_bits" in data:
         bits = data["cache_type_bits"]
-        if bits not in _CACHE_BITS:
+        if not isinstance(bits, int) or isinstance(bits, bool) or bits not in _CACHE_BITS:
             raise ConfigError(f"cache_type_bits: expected one of {sorted(_CACHE_BITS)}, got {bits!r}")
         defaults["cache_type_k"] = defaults["cache_type_v"] = _CACHE_BITS[bits]
         if bits < 16:
@@ -321,9 +331,14 @@ def load(path: Path | None, *, required: bool = False) -> Config:
             raise ConfigError(f"{path}: no such config file")
         return Config(source=None)
     try:
-        text = path.read_text()
+        raw = path.read_bytes()
     except OSError as exc:
         raise ConfigError(f"{path}: cannot read: {exc.strerror or exc}") from None
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        line = raw[:exc.start].count(b"\n") + 1
+        raise ConfigError(f"{path}:{line}: not UTF-8 text (byte {exc.start})") from None
     r = _Reader(path, text)
     try:
         data = json.loads(text) if path.suffix == ".json" else tomllib.loads(text)
@@ -331,10 +346,17 @@ def load(path: Path | None, *, required: bool = False) -> Config:
         raise ConfigError(f"{path}: invalid TOML: {exc}") from None
     except json.JSONDecodeError as exc:
         raise ConfigError(f"{path}:{exc.lineno}: invalid JSON: {exc.msg}") from None
+    except (ValueError, RecursionError) as exc:  # an integer of more than 4300 digits, nesting too deep
+        raise ConfigError(f"{path}: invalid {'JSON' if path.suffix == '.json' else 'TOML'}: {str(exc)[:120]}") from None
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: expected a table of settings")
     if path.suffix == ".json":
-        data = _from_seed_json(data)
+        try:
+            data = _from_seed_json(data)
+        except ConfigError as exc:
+            if str(exc).startswith(str(path)):
+                raise
+            raise ConfigError(f"{path}: {exc}") from None
     _check_keys(r, data, _GLOBAL_KEYS, "")
     cfg: dict[str, Any] = {"source": path}
     for key, kind in (("server_bin", str), ("host", str), ("adopt", bool), ("instance_api_keys", bool)):
@@ -396,7 +418,7 @@ def load(path: Path | None, *, required: bool = False) -> Config:
     cfg.update(defaults=base, default_args=base_args, placement=base_placement)
     models: dict[str, ModelConfig] = {}
     if "models_dir" in data:
-        directory = Path(r.get(data, "models_dir", "models_dir", str)).expanduser()
+        directory = _expand(r, r.get(data, "models_dir", "models_dir", str), "models_dir")
         if not directory.is_absolute():
             directory = path.parent / directory
         if not directory.is_dir():
@@ -414,7 +436,7 @@ def load(path: Path | None, *, required: bool = False) -> Config:
         settings, args = _settings(r, table, where, base)
         placement = _placement(r, table, where, base_placement)
         if "path" in table:
-            model_path = Path(r.get(table, "path", f"{where}.path", str)).expanduser()
+            model_path = _expand(r, r.get(table, "path", f"{where}.path", str), f"{where}.path")
             if not model_path.is_absolute():
                 model_path = path.parent / model_path
         elif name in models:
@@ -426,7 +448,7 @@ def load(path: Path | None, *, required: bool = False) -> Config:
             raise r.fail(f"{where}.lora", "expected a list of adapter file paths")
         if lora:  # relative to the config file, like path
             settings = replace(settings, lora=tuple(
-                str(p if p.is_absolute() else path.parent / p) for p in (Path(a).expanduser() for a in lora)))
+                str(p if p.is_absolute() else path.parent / p) for p in (_expand(r, a, f"{where}.lora") for a in lora)))
         aliases = r.get(table, "aliases", f"{where}.aliases", list, [])
         if not all(isinstance(a, str) and a and len(a) <= 256 for a in aliases):
             raise r.fail(f"{where}.aliases", "expected a list of non-empty names")

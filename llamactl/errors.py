@@ -22,9 +22,22 @@ class ExitCode(IntEnum):
 
 
 class LlamactlError(Exception):
-    """Base of every error llamactl reports to a user."""
+    """Base of every error llamactl reports to a user: one line, whatever text from its input it quotes."""
 
     exit_code: ExitCode = ExitCode.FAILURE
+
+    def __str__(self) -> str:
+        return one_line(super().__str__())
+
+
+def one_line(text: str, limit: int = 2000) -> str:
+    """Control characters escaped (a newline in a key, a name or a path cannot start a second line), long
+    text cut in the middle."""
+    if any(ord(c) < 32 or 0x7F <= ord(c) < 0xA0 for c in text):
+        text = "".join(c if not (ord(c) < 32 or 0x7F <= ord(c) < 0xA0) else repr(c)[1:-1] for c in text)
+    if len(text) > limit:
+        text = f"{text[:limit // 2]}...({len(text) - limit} characters)...{text[-limit // 2:]}"
+    return text
 
 
 class UsageError(LlamactlError):

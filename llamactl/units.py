@@ -40,7 +40,10 @@ def parse_size(text: str, *, what: str = "size") -> int:
     factor = _UNITS.get(unit.lower())
     if factor is None:
         raise UsageError(f"invalid {what} {text!r}: unknown unit {unit!r} (use KiB, MiB, GiB, TiB, KB, MB, GB, TB)")
-    return int(round(float(number) * factor))
+    value = float(number) * factor
+    if not value < 2**63:  # also inf and nan: 400 digits parse as a float of infinity
+        raise UsageError(f"invalid {what} {text[:40]!r}{'...' if len(text) > 40 else ''}: too large")
+    return int(round(value))
 
 
 def format_bytes(n_bytes: int | None) -> str:

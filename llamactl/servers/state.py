@@ -120,7 +120,7 @@ class Instance:
         pid = data.get("pid")
         create_time = data.get("create_time")
         status = data.get("status", "starting")
-        if status not in {s.value for s in Status} or status == Status.STOPPED.value:
+        if not isinstance(status, str) or status not in {s.value for s in Status} or status == Status.STOPPED.value:
             raise ValueError(f"unknown status {status!r}")  # (a stopped instance has no entry)
         if pid is None:
             if create_time is not None:

@@ -265,7 +265,7 @@ def test_random_bytes_give_a_config_or_one_line_config_error(data: bytes, suffix
     check_load(data, suffix)
 
 
-# --- reproducers of the known bugs (strict xfail: they turn red when the bug is fixed) ----------------------
+# --- regressions: the bugs these tests found, fixed ----------------------
 
 KNOWN_BUG_FILES = {
     "config-undecodable": (b"\xff = 1\n", ".toml"),
@@ -284,9 +284,8 @@ KNOWN_BUG_FILES = {
 }
 
 
-@pytest.mark.xfail(strict=True, reason="known open bug in llamactl.config (see the test id)")
 @pytest.mark.parametrize("bug", sorted(KNOWN_BUG_FILES))
-def test_known_bug_config(tmp_path: Path, bug: str) -> None:
+def test_regression_config(tmp_path: Path, bug: str) -> None:
     data, suffix = KNOWN_BUG_FILES[bug]
     path = tmp_path / f"config{suffix}"
     path.write_bytes(data)

@@ -404,11 +404,9 @@ def test_model_params_gives_params_or_a_usage_error(model: Model) -> None:
     event(f"estimate: {type(result).__name__}")
 
 
-# --- reproducers of the known bugs (strict xfail: they turn red when the bug is fixed) ----------------------
+# --- regressions: the bugs these tests found, fixed ----------------------
 
-@pytest.mark.xfail(strict=True, reason="gguf-raw-key-in-message: a metadata key with a newline is put in the "
-                                       "error message unquoted (gguf.py: f'value of {key}', f'array {key}')")
-def test_known_bug_gguf_raw_key_in_message(tmp_path: Path) -> None:
+def test_regression_gguf_raw_key_in_message(tmp_path: Path) -> None:
     data = b"GGUF" + struct.pack("<IQQ", 3, 0, 1) + struct.pack("<Q", 3) + b"a\nb" + struct.pack("<IQ", V.STRING, 1000)
     path = tmp_path / "m.gguf"
     path.write_bytes(data)

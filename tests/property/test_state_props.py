@@ -266,11 +266,9 @@ def test_from_json_accepts_or_raises_value_error(key: str, entry: object) -> Non
     assert Instance.from_json(key, json.loads(json.dumps(inst.to_json()))) == inst  # what _write writes reads back
 
 
-# --- reproducer of the known bug (strict xfail: it turns red when the bug is fixed) ---------------------------
+# --- regression: the bug these tests found, fixed ---------------------------
 
-@pytest.mark.xfail(strict=True, reason="state-unhashable-status: an entry whose status is a JSON list or object "
-                                       "raises TypeError (state.py: `status not in {set}`), out of snapshot()/instances()")
-def test_known_bug_state_unhashable_status(tmp_path: Path) -> None:
+def test_regression_state_unhashable_status(tmp_path: Path) -> None:
     (tmp_path / STATE_NAME).write_text(json.dumps({"version": 1, "instances": {
         "a": {"name": "a", "port": 9000, "status": []}}}))
     assert StateStore(tmp_path).snapshot() == {}
