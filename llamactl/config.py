@@ -50,6 +50,8 @@ class Config:
     idle_ttl_s: float | None = None
     poll_interval_s: float = 5.0
     load_timeout_s: float = 300.0
+    header_timeout_s: float = 30.0  # a client's request line and headers, and the idle time between requests
+    body_timeout_s: float = 60.0  # a request body, plus a second per MiB it declares
     max_queue: int = 64
     max_body_bytes: int = 64 * 1024 * 1024
     api_keys: tuple[str, ...] = ()
@@ -77,7 +79,7 @@ class ConfigError(UsageError):
 
 
 _GLOBAL_KEYS = {"server_bin", "host", "port", "port_start", "max_instances", "idle_ttl", "poll_interval",
-                "load_timeout", "max_queue", "max_body", "api_keys", "instance_api_keys", "adopt", "models_dir",
+                "load_timeout", "header_timeout", "body_timeout", "max_queue", "max_body", "api_keys", "instance_api_keys", "adopt", "models_dir",
                 "gpu_util_threshold", "gpu_mem_threshold", "gpu_overhead", "host_memory", "calibration", "defaults",
                 "models"}
 # every llama-server setting `estimate` takes (its flag's long name, without a leading "no_" where the
@@ -387,7 +389,8 @@ def load(path: Path | None, *, required: bool = False) -> Config:
     if "calibration" in data:
         machine["calibration"] = r.get(data, "calibration", "calibration", bool)
     cfg["idle_ttl_s"] = r.duration(data, "idle_ttl", "idle_ttl")
-    for key, attr, least in (("poll_interval", "poll_interval_s", 0.1), ("load_timeout", "load_timeout_s", 1.0)):
+    for key, attr, least in (("poll_interval", "poll_interval_s", 0.1), ("load_timeout", "load_timeout_s", 1.0),
+                             ("header_timeout", "header_timeout_s", 0.5), ("body_timeout", "body_timeout_s", 0.5)):
         if key in data:
             value = r.duration(data, key, key)
             if not value:

@@ -134,6 +134,12 @@ class ModelUnavailableError(ProxyError):
     http_status, kind, code = 503, "server_error", "model_unavailable"
 
 
+class RequestTimeoutError(ProxyError):
+    """The client did not send its request body in time."""
+
+    http_status, kind, code = 408, "invalid_request_error", "request_timeout"
+
+
 class LoadTimeoutError(ProxyError):
     http_status, kind, code = 504, "server_error", "load_timeout"
 

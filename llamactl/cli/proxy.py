@@ -97,11 +97,15 @@ def command(
     pool = Pool(cfg, state_store(ctx), str(binary), caps, inventory_fn, repack_types=host_repack_types(),
                 gpu_overhead_bytes=parse_size(gpu_overhead, what="--gpu-overhead") if gpu_overhead else None)
     reload_fn = (lambda: config_mod.load(cfg.source, required=True)) if cfg.source else None
-    app = build_app(pool, inventory_fn, keep_instances=keep_instances, log_json=log_format == "json", reload_fn=reload_fn)
+    grace_s = parse_duration(grace, what="--grace")
+    app = build_app(pool, inventory_fn, keep_instances=keep_instances, log_json=log_format == "json", reload_fn=reload_fn,
+                    grace_s=grace_s)
     logging.getLogger("llamactl.proxy").info(
         "proxy on http://%s:%d for %d models (%s)", cfg.host, cfg.port, len(cfg.models), ", ".join(sorted(cfg.models)) or "none")
-    web.run_app(app, sock=sock, shutdown_timeout=parse_duration(grace, what="--grace"),
-                print=None, access_log=None, handler_cancellation=True)
+    # keepalive_timeout also bounds a new connection's wait for its request line and headers (slow clients)
+    # lingering_time: after answering a body it did not read (408, 413), wait 1 s for the rest, not 10
+    web.run_app(app, sock=sock, shutdown_timeout=max(grace_s, 1.0), keepalive_timeout=cfg.header_timeout_s,
+                lingering_time=1.0, print=None, access_log=None, handler_cancellation=True)
 
 
 def _listen(host: str, port: int) -> socket.socket:

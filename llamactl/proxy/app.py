@@ -21,7 +21,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, gene
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
 from llamactl.config import Config
-from llamactl.errors import AuthError, LlamactlError, ProxyError, UpstreamError
+from llamactl.errors import AuthError, LlamactlError, ProxyError, RequestTimeoutError, UpstreamError, one_line
 from llamactl.gpu.inventory import Inventory
 from llamactl.proxy import forward
 from llamactl.lifecycle import SLOT
@@ -35,6 +35,9 @@ POOL_KEY = web.AppKey("pool", Pool)
 SESSION_KEY = web.AppKey("session", aiohttp.ClientSession)
 METRICS_KEY = web.AppKey("metrics", object)
 STATE_KEY = web.AppKey("state", dict)
+MAX_BODY_HARD = 16 * 2**30  # aiohttp's own cap; the configured max_body (reloadable) is checked per request
+BODY_SECONDS_PER_MIB = 1.0  # body_timeout grows by this for each MiB a client declares
+CLIENT_CLOSED = 499  # nginx's status for a request the client abandoned: logged and counted, never sent
 
 
 class Metrics:
@@ -83,18 +86,26 @@ def error_response(exc: ProxyError | LlamactlError, status: int | None = None) -
     if isinstance(exc, ProxyError) and exc.retry_after_s:
         headers["Retry-After"] = str(exc.retry_after_s)
     body = {"error": {"message": str(exc), "type": kind, "code": code}}
-    return web.json_response(body, status=status, headers=headers)
+    response = web.json_response(body, status=status, headers=headers)
+    if isinstance(exc, RequestTimeoutError):
+        response.force_close()  # the rest of a slow body is not worth waiting for
+    return response
 
 
 def build_app(pool: Pool, inventory_fn: Callable[[], Inventory], *, keep_instances: bool = False,
-              log_json: bool = False, reload_fn: Callable[[], Config] | None = None) -> web.Application:
-    config = pool.config
+              log_json: bool = False, reload_fn: Callable[[], Config] | None = None,
+              grace_s: float = 30.0) -> web.Application:
     metrics = Metrics()
+    in_flight: dict[asyncio.Task, web.Request] = {}  # for shutdown: drained for exactly --grace, then cut
+    shutting_down = {"now": False}
 
     @web.middleware
     async def errors_and_auth(request: web.Request, handler: Callable) -> web.StreamResponse:
         started = time.monotonic()
         request["model"] = "-"
+        task = asyncio.current_task()
+        if task is not None:
+            in_flight[task] = request
         try:
             keys = pool.config.api_keys
             if keys and request.path != "/health" and not _authorized(request.headers.get("Authorization", ""), keys):
@@ -104,7 +115,7 @@ def build_app(pool: Pool, inventory_fn: Callable[[], Inventory], *, keep_instanc
             response = error_response(exc)
         except web.HTTPException as exc:
             if exc.status == 413:
-                response = error_response(LlamactlError(f"request body too large (limit {config.max_body_bytes} bytes)"), 413)
+                response = error_response(LlamactlError(f"request body too large (limit {pool.config.max_body_bytes} bytes)"), 413)
             elif exc.status in (404, 405):  # OpenAI-shaped, and logged like every other request
                 what = "no such route" if exc.status == 404 else f"method {request.method} not allowed"
                 response = error_response(LlamactlError(f"{what}: {request.method} {request.path[:200]}"), exc.status)
@@ -112,16 +123,49 @@ def build_app(pool: Pool, inventory_fn: Callable[[], Inventory], *, keep_instanc
                 raise
         except LlamactlError as exc:
             response = error_response(exc, 400)
-        _access_log(request, response.status, time.monotonic() - started, log_json)
+        except asyncio.CancelledError:
+            # the client went away (or the shutdown's grace ran out): logged and counted all the same; a
+            # client that closed right after the stream's end got the whole answer: its status stands
+            status = request["relay_status"] if request.get("relay_done") else (503 if shutting_down["now"] else CLIENT_CLOSED)
+            _access_log(request, status, time.monotonic() - started, log_json)
+            raise
+        finally:
+            if task is not None:
+                in_flight.pop(task, None)
+        _access_log(request, CLIENT_CLOSED if request.get("client_gone") else response.status,
+                    time.monotonic() - started, log_json)
         return response
 
-    app = web.Application(middlewares=[errors_and_auth], client_max_size=config.max_body_bytes)
+    app = web.Application(middlewares=[errors_and_auth], client_max_size=MAX_BODY_HARD)
     app[POOL_KEY] = pool
     app[METRICS_KEY] = metrics
     app[STATE_KEY] = {"inventory": None}
 
+    async def read_body(request: web.Request) -> bytes:
+        """The body within max_body (as configured now) and within body_timeout (+ a second per MiB declared)."""
+        limit = pool.config.max_body_bytes
+        declared = request.content_length
+        if declared is not None and declared > limit:
+            raise web.HTTPRequestEntityTooLarge(max_size=limit, actual_size=declared)
+        deadline = pool.config.body_timeout_s + BODY_SECONDS_PER_MIB * (declared or 0) / 2**20
+        chunks, size = [], 0
+
+        async def read_all() -> None:
+            nonlocal size
+            async for chunk in request.content.iter_any():
+                size += len(chunk)
+                if size > limit:
+                    raise web.HTTPRequestEntityTooLarge(max_size=limit, actual_size=size)
+                chunks.append(chunk)
+
+        try:
+            await asyncio.wait_for(read_all(), deadline)
+        except asyncio.TimeoutError:
+            raise RequestTimeoutError(f"request body not received within {deadline:g} s") from None
+        return b"".join(chunks)
+
     async def model_request(request: web.Request) -> web.StreamResponse:
-        body = await request.read()
+        body = await read_body(request)
         try:  # a large body is parsed off the event loop: /health and streams go on meanwhile
             payload = await asyncio.to_thread(json.loads, body) if len(body) > 2**20 else json.loads(body or b"{}")
         except ValueError:
@@ -133,6 +177,16 @@ def build_app(pool: Pool, inventory_fn: Callable[[], Inventory], *, keep_instanc
             raise LlamactlError("request body needs a \"model\" naming a configured model")
         request["model"] = requested
         started = time.monotonic()
+        try:
+            return await _forward(request, requested, body, started)
+        except asyncio.CancelledError:
+            known = pool.config.lookup(requested)
+            name = known.name if known is not None else "-"  # never a client's text as a metric label
+            status = request["relay_status"] if request.get("relay_done") else CLIENT_CLOSED
+            metrics.requests.labels(name, str(status)).inc()
+            raise
+
+    async def _forward(request: web.Request, requested: str, body: bytes, started: float) -> web.StreamResponse:
         for attempt in range(2):
             slot = await pool.acquire(requested)
             name = slot.model.name
@@ -150,8 +204,8 @@ def build_app(pool: Pool, inventory_fn: Callable[[], Inventory], *, keep_instanc
             finally:
                 pool.release(slot)
         if outcome.upstream_died:
-            await pool.mark_dead(slot, "died mid-stream")
-        metrics.requests.labels(name, str(outcome.status)).inc()
+            await pool.mark_dead(slot, "died mid-stream", wait_s=3.0)
+        metrics.requests.labels(name, str(CLIENT_CLOSED if request.get("client_gone") else outcome.status)).inc()
         metrics.latency.labels(name).observe(time.monotonic() - started)
         if outcome.ttfb_s is not None:
             metrics.ttfb.labels(name).observe(outcome.ttfb_s)
@@ -221,6 +275,21 @@ def build_app(pool: Pool, inventory_fn: Callable[[], Inventory], *, keep_instanc
             await pool.shutdown(keep_instances)
             await app[SESSION_KEY].close()
 
+    async def drain(app: web.Application) -> None:
+        """At SIGTERM (no new connections by now): in-flight requests get exactly `grace_s` to finish, then
+        are cut (logged 503); then the instances go (lifespan)."""
+        shutting_down["now"] = True
+        if not in_flight:
+            return
+        log.info("shutting down: waiting up to %g s for %d requests in flight", grace_s, len(in_flight))
+        _, pending = await asyncio.wait(set(in_flight), timeout=grace_s)
+        for task in pending:
+            task.cancel()
+        if pending:
+            log.warning("shutting down: cut %d requests still in flight after %g s", len(pending), grace_s)
+            await asyncio.wait(pending, timeout=2.0)
+
+    app.on_shutdown.append(drain)
     app.cleanup_ctx.append(lifespan)
     return app
 
@@ -247,10 +316,16 @@ async def _poll_forever(pool: Pool, app: web.Application, inventory_fn: Callable
             log.error("poll failed: %s", exc)
 
 
+LOGGED_VALUE_LIMIT = 200  # characters of a client's path or model name in the access log
+
+
 def _access_log(request: web.Request, status: int, seconds: float, as_json: bool) -> None:
+    """One line per request; what the client chose (path, model) escaped and cut, so it cannot forge lines."""
+    path = one_line(request.path, LOGGED_VALUE_LIMIT)
+    model = one_line(str(request.get("model", "-")), LOGGED_VALUE_LIMIT)
     if as_json:
-        access.info(json.dumps({"method": request.method, "path": request.path, "model": request.get("model", "-"),
+        access.info(json.dumps({"method": request.method, "path": path, "model": model,
                                 "status": status, "ms": round(seconds * 1000, 1), "remote": request.remote}))
     else:
-        access.info("%s %s model=%s status=%d %.1fms", request.method, request.path, request.get("model", "-"),
+        access.info("%s %s model=%s status=%d %.1fms", one_line(request.method, 20), path, model.replace(" ", "\\x20"),
                     status, seconds * 1000)

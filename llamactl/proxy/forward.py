@@ -61,7 +61,8 @@ async def relay(request: web.Request, session: aiohttp.ClientSession, url: str, 
         headers["Authorization"] = f"Bearer {api_key}"
     try:
         upstream = await session.request(request.method, url, data=body, headers=headers)
-    except (aiohttp.ClientConnectorError, aiohttp.ServerDisconnectedError) as exc:
+    except (aiohttp.ClientOSError, aiohttp.ServerDisconnectedError) as exc:
+        # refused, or a kept-alive connection to a process that died since: nothing was relayed yet
         raise UpstreamError(f"instance unreachable: {exc}") from None
     finished = False
     try:
@@ -79,12 +80,17 @@ async def relay(request: web.Request, session: aiohttp.ClientSession, url: str, 
         response.headers["X-Accel-Buffering"] = "no"
         response.headers["Cache-Control"] = "no-cache"
         await response.prepare(request)
+        request["relay_status"] = upstream.status
         tail: deque[bytes] = deque(maxlen=_TAIL_PIECES)  # appending costs nothing per piece; joined once
         try:
             async for piece in upstream.content.iter_any():
                 if outcome.ttfb_s is None:
                     outcome.ttfb_s = time.monotonic() - started
-                await response.write(piece)
+                try:
+                    await response.write(piece)
+                except (ConnectionResetError, aiohttp.ClientConnectionResetError):
+                    request["client_gone"] = True  # it hung up between two pieces: logged and counted as such
+                    return response, outcome
                 outcome.bytes_out += len(piece)
                 tail.append(piece)
         except (aiohttp.ClientPayloadError, aiohttp.ServerDisconnectedError, aiohttp.ClientOSError) as exc:
@@ -92,6 +98,7 @@ async def relay(request: web.Request, session: aiohttp.ClientSession, url: str, 
             event = {"error": {"message": f"upstream instance failed mid-stream: {exc}", "type": "server_error",
                                "code": "upstream_error"}}
             await response.write(f"data: {json.dumps(event)}\n\n".encode())
+        request["relay_done"] = not outcome.upstream_died  # the whole answer went out: a close now is no abort
         outcome.usage = _usage_from(b"".join(tail)[-_TAIL_BYTES:].decode("utf-8", "replace"))
         await response.write_eof()
         finished = True

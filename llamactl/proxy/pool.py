@@ -22,7 +22,7 @@ from dataclasses import dataclass, field, replace
 from typing import Protocol
 
 from llamactl.config import Config, ModelConfig
-from llamactl.errors import (GGUFError, LaunchError, LlamactlError, LoadTimeoutError, ModelUnavailableError, NoFitError,
+from llamactl.errors import (GGUFError, ProxyError, LaunchError, LlamactlError, LoadTimeoutError, ModelUnavailableError, NoFitError,
                              NotReadyInTime, OutOfMemoryAtLoad, QueueFullError, UnknownModelError, UpstreamError)
 from llamactl.gpu.inventory import Inventory
 from llamactl.placement import Plan
@@ -48,6 +48,7 @@ class Slot:
     ours: bool = False  # started by this proxy (stopped at shutdown unless --keep-instances)
     api_key: str | None = None
     task: asyncio.Future[None] | None = None  # the start or stop in progress (what a Wait waits for)
+    stale: bool = False  # its config changed (SIGHUP): restarted with the new one once idle
 
     @property
     def base_url(self) -> str:
@@ -69,7 +70,8 @@ _LAUNCH_FAILURES: dict[type[BaseException], tuple[str, type[LlamactlError] | Non
     OutOfMemoryAtLoad: ("oom", ModelUnavailableError),
     LaunchError: ("failed", UpstreamError),
     NoFitError: ("no_fit", ModelUnavailableError),
-    LlamactlError: ("failed", None),
+    ProxyError: ("failed", None),  # already the client's answer
+    LlamactlError: ("failed", ModelUnavailableError),  # the state dir, a race with another launcher: not the client's fault
 }
 
 
@@ -184,9 +186,14 @@ class Pool:
         slot.in_flight -= 1
         slot.last_used = time.time()
 
-    async def mark_dead(self, slot: Slot, why: str) -> bool:
+    async def mark_dead(self, slot: Slot, why: str, wait_s: float = 0.0) -> bool:
         """The upstream failed a request: if its process is gone, forget it (True) so the next request
-        relaunches; if it still runs, keep it (False)."""
+        relaunches; if it still runs, keep it (False). `wait_s`: a process whose stream broke is most likely
+        exiting; give it that long to be gone before calling it alive."""
+        deadline = time.monotonic() + wait_s
+        while (slot.instance is not None and time.monotonic() < deadline
+               and await asyncio.to_thread(self.effects.alive, slot.instance)):
+            await asyncio.sleep(0.05)
         if slot.instance is not None and not await asyncio.to_thread(self.effects.alive, slot.instance):
             log.warning("%s: instance is gone (%s); the next request relaunches it", slot.model.name, why)
             slot.phase, slot.instance = Status.STOPPED, None
@@ -321,6 +328,7 @@ class Pool:
                 if isinstance(exc, kind):
                     self._count(name, result)
                     if answer is not None:  # the OpenAI-shaped error comes from the failure's type
+                        log.error("%s: could not start: %s", name, exc)
                         raise answer(f"{name}: {exc}") from None
                     break
             raise
@@ -349,6 +357,12 @@ class Pool:
         for name in scheduler.expired(self.seats(), ttls, now):
             if self.slots[name].instance is not None:
                 await self._stop(self.slots[name], "ttl")
+        seats = self.seats()
+        for name, slot in list(self.slots.items()):
+            if slot.stale and slot.instance is not None and seats[name].evictable and name in self.config.models:
+                await self._stop(slot, "config changed")  # the next request starts it with the new settings
+            if slot.instance is None:
+                slot.stale = False
         for name in [n for n, s in self.slots.items() if n not in self.config.models and s.phase is Status.STOPPED]:
             del self.slots[name]  # removed from the config by a reload, and now stopped
         updates = {s.instance.name: (s.instance.pid, Status.BUSY if s.in_flight else Status.READY, s.last_used)
@@ -368,7 +382,11 @@ class Pool:
         self.config = config
         for name, model in config.models.items():
             if name in self.slots:
-                self.slots[name].model = model
+                slot = self.slots[name]
+                if slot.model != model and slot.instance is not None and slot.ours:
+                    slot.stale = True  # path, settings, placement or args changed: restart once idle
+                    log.info("%s: config changed; restarting it once idle", name)
+                slot.model = model
             else:
                 self.slots[name] = Slot(model)
         for name in [n for n in self.slots if n not in config.models]:

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from llamactl.config import DEFAULT_PORT_START
-from llamactl.errors import ExitCode, LlamactlError, NoFitError, OutOfMemoryAtLoad, UsageError
+from llamactl.errors import ExitCode, ExitedEarly, LlamactlError, NoFitError, OutOfMemoryAtLoad, UsageError
 from llamactl.gpu.inventory import Inventory
 from llamactl.estimate import load_params
 from llamactl.model.params import ModelParams
@@ -236,6 +236,10 @@ def launch(store: StateStore, req: LaunchRequest, binary: str, caps: ServerCaps,
         try:
             return _start(store, req, the_plan, ctx, binary, caps, inv, api_key, progress, grace_s, evicted)
         except OutOfMemoryAtLoad as exc:
+            if "SIGKILL" in str(exc) and not _host_memory_tight(the_plan, req.policy):
+                # plenty of RAM left: someone else killed it, not the kernel's OOM killer; nothing to learn
+                raise ExitedEarly(str(exc).split(" (the kernel")[0] + " (not for lack of memory: the host has "
+                                  "room for it)", exc.log_tail) from None
             obs = record_oom(store, ctx, exc)
             last_tail = exc.log_tail
             first_cause = first_cause or str(exc)
@@ -338,6 +342,19 @@ def trim_logs(store: StateStore, instances: dict[str, Instance]) -> None:
     for name, inst in instances.items():
         if inst.live:
             runner.trim_log(store.log_path(name))
+
+
+def _host_memory_tight(the_plan: Plan, policy: Policy) -> bool:
+    """Whether the host's memory (available now, or the budget --host-memory gives) is near what the plan puts
+    there: only then is a SIGKILL while loading taken for the kernel's OOM killer."""
+    import psutil
+
+    assert the_plan.estimate is not None
+    need = the_plan.estimate.device("CPU").total_bytes
+    room = int(psutil.virtual_memory().available)
+    if policy.host_memory_bytes is not None:
+        room = min(room, policy.host_memory_bytes)
+    return room < 2 * need + 512 * MiB
 
 
 def _size(path: Path) -> int:

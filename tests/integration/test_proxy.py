@@ -414,3 +414,130 @@ def test_an_instance_evicted_from_another_shell_is_relaunched_not_a_502(make_pro
     reply = proxy.post("alpha")
     assert reply.status_code == 200, reply.text
     assert proxy.metric("llamactl_launches", model="alpha", result="ok") == 2
+
+
+# --- slow and vanishing clients, dying upstreams, signals (issue 11) --------------------------------------
+
+def _raw(proxy: Proxy, data: bytes) -> "socket.socket":
+    import socket
+
+    sock = socket.create_connection(("127.0.0.1", proxy.port), timeout=10)
+    sock.sendall(data)
+    return sock
+
+
+def _read_until_closed(sock, timeout_s: float) -> tuple[bytes, float]:
+    started = time.monotonic()
+    sock.settimeout(timeout_s)
+    got = b""
+    try:
+        while chunk := sock.recv(65536):
+            got += chunk
+    except OSError:
+        pass
+    return got, time.monotonic() - started
+
+
+def test_a_client_that_never_finishes_its_headers_is_cut(make_proxy) -> None:
+    proxy = make_proxy({"alpha": []}, 'header_timeout = "1s"')
+    sock = _raw(proxy, b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n")
+    got, waited = _read_until_closed(sock, 10)
+    assert got == b"" and waited < 4, (got, waited)  # closed by the proxy, not by our timeout
+    assert httpx.get(f"{proxy.url}/health").status_code == 200
+
+
+def test_a_body_that_never_arrives_is_a_408(make_proxy) -> None:
+    proxy = make_proxy({"alpha": []}, 'body_timeout = "1s"')
+    sock = _raw(proxy, b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                       b"Content-Length: 100\r\n\r\n{\"model\": ")
+    got, waited = _read_until_closed(sock, 10)
+    assert got.startswith(b"HTTP/1.1 408") and b"request_timeout" in got and waited < 5, (got, waited)
+    assert wait_for(lambda: "status=408" in proxy.logs())
+
+
+def test_every_request_is_logged_and_counted_aborted_streams_too(make_proxy) -> None:
+    proxy = make_proxy({"slow": ["--fake-chunk-delay", "0.2"]})
+    assert proxy.post("slow", max_tokens=1).status_code == 200  # loaded
+    def request(max_tokens: int) -> bytes:
+        body = json.dumps({"model": "slow", "messages": [], "stream": True, "max_tokens": max_tokens}).encode()
+        return (b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                b"Content-Length: " + str(len(body)).encode() + b"\r\n\r\n" + body)
+
+    for _ in range(12):  # read the first chunk, then hang up mid-stream
+        sock = _raw(proxy, request(50))
+        sock.settimeout(10)
+        assert sock.recv(4096).startswith(b"HTTP/1.1 200")
+        sock.close()
+    done = 0
+    for _ in range(3):  # read to [DONE], then hang up at once: a whole answer, so a 200
+        sock = _raw(proxy, request(2))
+        got = b""
+        sock.settimeout(10)
+        while b"[DONE]" not in got:
+            got += sock.recv(4096)
+        sock.close()
+        done += 1
+    assert wait_for(lambda: proxy.logs().count("model=slow status=499") == 12, 10), proxy.logs()[-3000:]
+    assert proxy.metric("llamactl_requests_total", model="slow", status="499") == 12
+    assert wait_for(lambda: proxy.metric("llamactl_requests_total", model="slow", status="200") == 1 + done, 5)
+
+
+def test_a_stream_whose_instance_dies_is_followed_by_a_relaunch_every_time(make_proxy) -> None:
+    proxy = make_proxy({"flaky": ["--fake-crash-mid-stream", "3"]})
+    for round_ in range(5):
+        reply = httpx.post(f"{proxy.url}/v1/chat/completions",
+                           json={"model": "flaky", "messages": [], "stream": True, "max_tokens": 20}, timeout=30)
+        assert reply.status_code == 200 and "upstream_error" in reply.text, round_
+        again = proxy.post("flaky", max_tokens=2)  # at once: no waiting for the poller
+        assert again.status_code == 200, (round_, again.text)
+    assert proxy.metric("llamactl_launches", model="flaky", result="ok") == 6
+
+
+def test_sigterm_gives_streams_exactly_the_grace(make_proxy) -> None:
+    proxy = make_proxy({"slow": ["--fake-chunk-delay", "0.25"]})
+    proxy.stop()
+    proxy.argv[proxy.argv.index("--grace") + 1] = "2s"
+    proxy.start()
+    assert proxy.post("slow", max_tokens=1).status_code == 200
+    with httpx.stream("POST", f"{proxy.url}/v1/chat/completions", timeout=60,
+                      json={"model": "slow", "messages": [], "stream": True, "max_tokens": 400}) as stream:
+        pieces = stream.iter_raw()
+        next(pieces)
+        proxy.proc.send_signal(signal.SIGTERM)
+        signalled = time.monotonic()
+        try:
+            for _ in pieces:
+                pass
+        except httpx.HTTPError:
+            pass
+        cut_after = time.monotonic() - signalled
+    assert 1.8 <= cut_after <= 3.0, cut_after  # was ~2x the grace (aiohttp waits, then cancels and waits again)
+    assert proxy.proc.wait(timeout=30) == 0 and not proxy.tagged()
+    assert "model=slow status=503" in proxy.logs()
+
+
+def test_sighup_applies_max_body_and_restarts_a_changed_model(make_proxy) -> None:
+    proxy = make_proxy({"alpha": []}, 'max_body = "1KiB"')
+    pad = "x" * 4000
+    assert proxy.post("alpha", pad=pad).status_code == 413
+    assert proxy.post("alpha").status_code == 200
+    (before,) = [i["pid"] for i in proxy.instances()]
+    text = proxy.config.read_text().replace('max_body = "1KiB"', 'max_body = "1MiB"').replace("ctx_size = 256", "ctx_size = 512")
+    proxy.config.write_text(text)
+    proxy.proc.send_signal(signal.SIGHUP)
+    assert wait_for(lambda: proxy.post("alpha", pad=pad).status_code == 200, 10)
+    assert wait_for(lambda: proxy.instances()[0]["state"] == "stopped", 10)  # idle: stopped by the poller
+    assert proxy.post("alpha").status_code == 200  # and started again, with the new settings
+    assert proxy.instances()[0]["pid"] != before
+    (inst,) = proxy.tagged()
+    assert "512" in inst.cmdline()[inst.cmdline().index("--ctx-size") + 1]
+    assert "config changed" in proxy.logs()
+
+
+def test_what_clients_send_cannot_forge_log_lines(make_proxy) -> None:
+    proxy = make_proxy({"alpha": []})
+    reply = httpx.post(f"{proxy.url}/v1/chat/completions", json={"model": "x\nGET /forged status=200 " + "y" * 500})
+    assert reply.status_code == 404
+    line = next(line for line in proxy.logs().splitlines() if "/v1/chat/completions" in line and "model=x" in line)
+    assert "\\n" in line and "forged" in line and len(line) < 400
+    assert not any(line.startswith("GET /forged") for line in proxy.logs().splitlines())
