@@ -67,7 +67,7 @@ def root(
 
 
 def _register() -> None:
-    from llamactl.cli import calibration, demo, estimate, evict, gpus, install, launch, logs, plan, proxy, ps
+    from llamactl.cli import calibration, demo, estimate, evict, gpus, install, launch, logs, plan, proxy, ps, top
 
     gpus.register(app)
     estimate.register(app)
@@ -80,6 +80,7 @@ def _register() -> None:
     install.register(app)
     demo.register(app)
     calibration.register(app)
+    top.register(app)
 
 
 _register()

@@ -13,7 +13,10 @@ import json
 import logging
 import signal
 import time
+from collections import deque
 from collections.abc import AsyncIterator, Callable
+from functools import lru_cache
+from importlib import resources
 
 import aiohttp
 from aiohttp import web
@@ -38,6 +41,10 @@ STATE_KEY = web.AppKey("state", dict)
 MAX_BODY_HARD = 16 * 2**30  # aiohttp's own cap; the configured max_body (reloadable) is checked per request
 BODY_SECONDS_PER_MIB = 1.0  # body_timeout grows by this for each MiB a client declares
 CLIENT_CLOSED = 499  # nginx's status for a request the client abandoned: logged and counted, never sent
+RECENT_REQUESTS = 200  # kept for the status page and `llamactl top --url`
+HISTORY_POINTS = 600  # GPU memory samples kept (one per poll: 10 minutes at 1 s)
+STREAM_INTERVAL_S = 1.0  # /status/stream sends at least this often, and at once on a change
+PUBLIC_PATHS = ("/health", "/", "/ui", "/ui/app.js", "/ui/style.css")  # no data in them: served without a key
 
 
 class Metrics:
@@ -97,6 +104,17 @@ def build_app(pool: Pool, inventory_fn: Callable[[], Inventory], *, keep_instanc
               grace_s: float = 30.0) -> web.Application:
     metrics = Metrics()
     in_flight: dict[asyncio.Task, web.Request] = {}  # for shutdown: drained for exactly --grace, then cut
+    recent: deque[dict[str, object]] = deque(maxlen=RECENT_REQUESTS)
+    history: deque[dict[str, object]] = deque(maxlen=HISTORY_POINTS)
+    changed = asyncio.Event()
+    previous_on_change = pool.on_change
+
+    def on_change() -> None:
+        changed.set()
+        if previous_on_change is not None:
+            previous_on_change()
+
+    pool.on_change = on_change
     shutting_down = {"now": False}
 
     @web.middleware
@@ -108,7 +126,7 @@ def build_app(pool: Pool, inventory_fn: Callable[[], Inventory], *, keep_instanc
             in_flight[task] = request
         try:
             keys = pool.config.api_keys
-            if keys and request.path != "/health" and not _authorized(request.headers.get("Authorization", ""), keys):
+            if keys and request.path not in PUBLIC_PATHS and not _authorized(request.headers.get("Authorization", ""), keys):
                 raise AuthError("missing or invalid API key (Authorization: Bearer ...)")
             response = await handler(request)
         except ProxyError as exc:
@@ -132,14 +150,17 @@ def build_app(pool: Pool, inventory_fn: Callable[[], Inventory], *, keep_instanc
         finally:
             if task is not None:
                 in_flight.pop(task, None)
-        _access_log(request, CLIENT_CLOSED if request.get("client_gone") else response.status,
-                    time.monotonic() - started, log_json)
+        status = CLIENT_CLOSED if request.get("client_gone") else response.status
+        _access_log(request, status, time.monotonic() - started, log_json)
+        if request.method == "POST" and request.path in MODEL_ROUTES:
+            recent.append({"at": time.time(), "model": one_line(str(request["model"]), 80), "status": status,
+                           "ms": round((time.monotonic() - started) * 1000, 1), "tokens": request.get("tokens")})
         return response
 
     app = web.Application(middlewares=[errors_and_auth], client_max_size=MAX_BODY_HARD)
     app[POOL_KEY] = pool
     app[METRICS_KEY] = metrics
-    app[STATE_KEY] = {"inventory": None}
+    app[STATE_KEY] = {"inventory": None, "history": history}
 
     async def read_body(request: web.Request) -> bytes:
         """The body within max_body (as configured now) and within body_timeout (+ a second per MiB declared)."""
@@ -212,6 +233,8 @@ def build_app(pool: Pool, inventory_fn: Callable[[], Inventory], *, keep_instanc
         for kind in ("prompt_tokens", "completion_tokens"):
             if outcome.usage and kind in outcome.usage:
                 metrics.tokens.labels(name, kind.split("_")[0]).inc(outcome.usage[kind])
+        if outcome.usage:
+            request["tokens"] = outcome.usage.get("total_tokens")
         return response
 
     async def models(request: web.Request) -> web.Response:
@@ -226,21 +249,85 @@ def build_app(pool: Pool, inventory_fn: Callable[[], Inventory], *, keep_instanc
     async def health(request: web.Request) -> web.Response:
         return web.json_response({"status": "ok"})
 
-    async def status(request: web.Request) -> web.Response:
+    def snapshot(inv: Inventory | None) -> dict[str, object]:
+        """The live picture `llamactl top --url` and the status page draw (views.py's shape)."""
         from llamactl.cli.gpus import gpus_json
 
-        inv = await asyncio.to_thread(inventory_fn)
+        now = time.time()
         instances = []
         for name, slot in sorted(pool.slots.items()):
             inst = slot.instance
+            ttl = slot.model.ttl_s if slot.model.ttl_s is not None else pool.config.idle_ttl_s
+            idle = now - slot.last_used if inst is not None and slot.last_used else None
             instances.append({
-                "model": name, "state": slot.phase.value, "in_flight": slot.in_flight, "queued": slot.waiting,
-                "last_used": slot.last_used or None, "started_by_proxy": slot.ours,
-                "pid": inst.pid if inst else None, "port": inst.port if inst else None,
+                "name": name, "model": name, "aliases": list(slot.model.aliases), "state": slot.phase.value,
+                "configured": name in pool.config.models, "in_flight": slot.in_flight, "queued": slot.waiting,
+                "last_used": slot.last_used or None, "idle_s": idle if not slot.in_flight else 0.0,
+                "ttl_s": ttl, "ttl_left_s": max(ttl - idle, 0.0) if ttl is not None and idle is not None else None,
+                "started_by_proxy": slot.ours, "pid": inst.pid if inst else None, "port": inst.port if inst else None,
                 "gpu_ids": list(inst.gpu_ids) if inst else [],
                 "estimated_bytes": sum(inst.estimated_bytes.values()) if inst else None,
+                "actual_bytes": sum(inst.actual_bytes.values()) or None if inst else None,
+                "devices": {d: {"estimated_bytes": inst.estimated_bytes.get(d), "actual_bytes": inst.actual_bytes.get(d)}
+                            for d in inst.estimated_bytes} if inst else {},
             })
-        return web.json_response({"gpus": gpus_json(inv), "instances": instances})
+        rates: dict[str, dict[str, object]] = {}
+        for r in recent:
+            if now - float(r["at"]) <= 60:  # type: ignore[arg-type]
+                entry = rates.setdefault(str(r["model"]), {"per_min": 0, "latencies": []})
+                entry["per_min"] += 1  # type: ignore[operator]
+                entry["latencies"].append(r["ms"])  # type: ignore[union-attr]
+        for entry in rates.values():
+            lat = sorted(entry.pop("latencies"))  # type: ignore[arg-type]
+            entry["p50_ms"] = lat[len(lat) // 2] if lat else None
+            entry["p95_ms"] = lat[min(len(lat) - 1, int(len(lat) * 0.95))] if lat else None
+        return {"source": "proxy", "at": now, "gpus": gpus_json(inv) if inv is not None else [],
+                "gpu_note": inv.note if inv is not None else None, "instances": instances,
+                "events": pool.events.json(), "requests": list(recent)[-50:], "rates": rates,
+                "history": list(history), "queue": sum(s.waiting for s in pool.slots.values())}
+
+    async def status(request: web.Request) -> web.Response:
+        inv = await asyncio.to_thread(inventory_fn)
+        return web.json_response(snapshot(inv))
+
+    async def status_stream(request: web.Request) -> web.StreamResponse:
+        """Server-sent events: the snapshot at once, then on every change and at least every second."""
+        response = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache",
+                                               "X-Accel-Buffering": "no"})
+        await response.prepare(request)
+        request["relay_status"], request["relay_done"] = 200, True  # a stream the client ends is no abort
+        while not shutting_down["now"]:
+            inv = app[STATE_KEY]["inventory"] or await asyncio.to_thread(inventory_fn)
+            try:
+                await response.write(f"data: {json.dumps(snapshot(inv))}\n\n".encode())
+            except (ConnectionResetError, aiohttp.ClientConnectionResetError):
+                break
+            changed.clear()
+            try:
+                await asyncio.wait_for(changed.wait(), STREAM_INTERVAL_S)
+            except asyncio.TimeoutError:
+                pass
+        return response
+
+    async def load_model(request: web.Request) -> web.Response:
+        """Start a configured model now (as a request for it would), for the status page and scripts."""
+        slot = await pool.acquire(request.match_info["name"])
+        pool.release(slot)
+        return web.json_response({"model": slot.model.name, "state": slot.phase.value})
+
+    async def unload_model(request: web.Request) -> web.Response:
+        """Stop a model's instance now (as its TTL would): refused while requests are in flight."""
+        name = request.match_info["name"]
+        stopped = await pool.unload(name)
+        return web.json_response({"model": name, "stopped": stopped})
+
+    async def page(request: web.Request) -> web.Response:
+        return web.Response(body=_asset("index.html"), content_type="text/html", headers={"Cache-Control": "no-cache"})
+
+    async def asset(request: web.Request) -> web.Response:
+        name = request.path.rsplit("/", 1)[-1]
+        kind = {"app.js": "text/javascript", "style.css": "text/css"}[name]
+        return web.Response(body=_asset(name), content_type=kind, headers={"Cache-Control": "no-cache"})
 
     async def prometheus(request: web.Request) -> web.Response:
         metrics.refresh(pool, app[STATE_KEY]["inventory"])
@@ -251,6 +338,13 @@ def build_app(pool: Pool, inventory_fn: Callable[[], Inventory], *, keep_instanc
     app.router.add_get("/v1/models", models)
     app.router.add_get("/health", health)
     app.router.add_get("/status", status)
+    app.router.add_get("/status/stream", status_stream)
+    app.router.add_post("/models/{name}/load", load_model)
+    app.router.add_post("/models/{name}/unload", unload_model)
+    app.router.add_get("/", page)
+    app.router.add_get("/ui", page)
+    app.router.add_get("/ui/app.js", asset)
+    app.router.add_get("/ui/style.css", asset)
     app.router.add_get("/metrics", prometheus)
 
     async def lifespan(app: web.Application) -> AsyncIterator[None]:
@@ -294,6 +388,12 @@ def build_app(pool: Pool, inventory_fn: Callable[[], Inventory], *, keep_instanc
     return app
 
 
+@lru_cache(maxsize=None)
+def _asset(name: str) -> bytes:
+    """The status page's files, shipped in the package (no build step, nothing fetched at run time)."""
+    return resources.files("llamactl.proxy").joinpath("ui", name).read_bytes()
+
+
 def _reload(pool: Pool, reload_fn: Callable[[], Config]) -> None:
     try:
         config = reload_fn()
@@ -309,7 +409,10 @@ async def _poll_forever(pool: Pool, app: web.Application, inventory_fn: Callable
         await asyncio.sleep(pool.config.poll_interval_s)
         try:
             await pool.poll_once()
-            app[STATE_KEY]["inventory"] = await asyncio.to_thread(inventory_fn)
+            inv = await asyncio.to_thread(inventory_fn)
+            app[STATE_KEY]["inventory"] = inv
+            app[STATE_KEY]["history"].append({"at": time.time(), "gpus": [
+                {"index": g.index, "used": g.memory_used_bytes, "total": g.memory_total_bytes} for g in inv.gpus]})
         except asyncio.CancelledError:
             raise
         except Exception as exc:  # the poller must outlive one bad round

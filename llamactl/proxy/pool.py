@@ -24,6 +24,7 @@ from typing import Protocol
 from llamactl.config import Config, ModelConfig
 from llamactl.errors import (GGUFError, ProxyError, LaunchError, LlamactlError, LoadTimeoutError, ModelUnavailableError, NoFitError,
                              NotReadyInTime, OutOfMemoryAtLoad, QueueFullError, UnknownModelError, UpstreamError)
+from llamactl import views
 from llamactl.gpu.inventory import Inventory
 from llamactl.placement import Plan
 from llamactl.resolve import Overrides, policy_for, resolve
@@ -149,6 +150,7 @@ class Pool:
         self.effects: Effects = effects or ProcessEffects(store, binary, caps, inventory_fn, grace_s)
         self.slots: dict[str, Slot] = {name: Slot(model) for name, model in config.models.items()}
         self.stats = PoolStats()
+        self.events = views.EventLog()  # launch, ready, stop and why, out of memory, crash: for top and the page
         self.on_change: Callable[[], None] | None = None
 
     # --- requests -------------------------------------------------------------------------------
@@ -196,10 +198,27 @@ class Pool:
             await asyncio.sleep(0.05)
         if slot.instance is not None and not await asyncio.to_thread(self.effects.alive, slot.instance):
             log.warning("%s: instance is gone (%s); the next request relaunches it", slot.model.name, why)
+            self.events.add("crash", slot.model.name, why)
             slot.phase, slot.instance = Status.STOPPED, None
             self._changed()
             return True
         return slot.instance is None
+
+    async def unload(self, requested: str) -> bool:
+        """Stop a model's instance now (the status page's and `top --url`'s evict); False if none ran."""
+        model = self.config.lookup(requested)
+        if model is None:
+            raise UnknownModelError(f"model {requested!r} not found")
+        slot = self.slots[model.name]
+        if slot.instance is None or slot.phase is not Status.READY:
+            return False
+        if slot.in_flight or slot.waiting:
+            raise ModelUnavailableError(f"{model.name}: {slot.in_flight + slot.waiting} requests in flight or waiting; "
+                                        "not stopped")
+        if not (slot.ours or self.config.adopt):
+            raise ModelUnavailableError(f"{model.name}: started by hand, not by this proxy; stop it with `llamactl evict`")
+        await self._stop(slot, "unload")
+        return True
 
     # --- lifecycle (owner-only) -----------------------------------------------------------------
 
@@ -231,6 +250,7 @@ class Pool:
             slot.phase, slot.instance, slot.ours = Status.STOPPED, None, False
             self.stats.evictions[reason] = self.stats.evictions.get(reason, 0) + 1
             log.info("%s: stopped (%s)", slot.model.name, reason)
+            self.events.add("evict" if reason not in ("shutdown",) else "stopped", slot.model.name, reason)
             self._changed()
 
     def _request(self, slot: Slot, protected: frozenset[str], inv: Inventory) -> launcher.LaunchRequest:
@@ -306,6 +326,7 @@ class Pool:
         try:
             if await self._adopt_running(slot):
                 return
+            self.events.add("launch", name, "on demand")
             await self._make_room(slot, stop)
             # room was made above, under the proxy's rules; the launch itself evicts nothing more
             inv = await asyncio.to_thread(self.effects.inventory)
@@ -317,6 +338,7 @@ class Pool:
             slot.last_used = time.time()
             self._count(name, "ok")
             log.info("%s: ready on port %s in %.1f s", name, instance.port, time.monotonic() - started)
+            self.events.add("ready", name, f"port {instance.port}, {time.monotonic() - started:.1f} s")
         except GGUFError as exc:  # the file went missing or bad since the config was read: no paths to clients
             slot.phase, slot.instance = Status.STOPPED, None
             self._count(name, "failed")
@@ -327,6 +349,7 @@ class Pool:
             for kind, (result, answer) in _LAUNCH_FAILURES.items():
                 if isinstance(exc, kind):
                     self._count(name, result)
+                    self.events.add(result if result in ("oom", "timeout", "no_fit") else "failed", name, str(exc)[:200])
                     if answer is not None:  # the OpenAI-shaped error comes from the failure's type
                         log.error("%s: could not start: %s", name, exc)
                         raise answer(f"{name}: {exc}") from None
@@ -349,6 +372,7 @@ class Pool:
             inst = slot.instance
             if not await asyncio.to_thread(self.effects.alive, inst):
                 log.warning("%s: instance (pid %s) is gone", slot.model.name, inst.pid)
+                self.events.add("crash", slot.model.name, f"pid {inst.pid} is gone")
                 slot.phase, slot.instance = Status.STOPPED, None
                 self._changed()
                 continue

@@ -1,0 +1,283 @@
+"""`llamactl top`: what the GPUs hold and why, live, in the terminal (rich's Live; no curses of our own).
+
+Per GPU a memory bar split into each llamactl instance, other programs and free; the instances with
+estimated vs actual memory, slots, speed, queue, idle time; recent events. Keys: q quit, ↑/↓ select,
+e evict the selected instance (asks first), l its log tail, s change the sort. Reads the local state
+and NVML, or a running proxy (`--url`, with `--api-key`). Not on a terminal: a plain table per refresh.
+"""
+
+from __future__ import annotations
+
+import os
+import queue
+import select
+import sys
+import termios
+import threading
+import time
+import tty
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+import typer
+from rich.console import Console, Group
+from rich.panel import Panel
+from rich.table import Table
+from rich.text import Text
+
+from llamactl import views
+from llamactl.cli.common import state_store
+from llamactl.units import format_bytes, format_duration
+
+PALETTE = ("cyan", "magenta", "green", "yellow", "blue", "red", "bright_cyan", "bright_magenta")
+SORTS = ("name", "memory", "idle")
+BAR_MIN, BAR_MAX = 20, 80
+
+
+@dataclass
+class Screen:
+    """What the user has chosen: selection, sort, the log panel, a pending confirmation, a message."""
+
+    selected: int = 0
+    sort: str = "name"
+    show_log: bool = False
+    confirm: str | None = None  # the instance `e` asked to evict, until y/n
+    message: str = ""
+    snapshot: dict[str, Any] = field(default_factory=dict)
+
+    def instances(self) -> list[dict[str, Any]]:
+        rows = list(self.snapshot.get("instances", []))
+        if self.sort == "memory":
+            rows.sort(key=lambda i: -(i.get("actual_bytes") or i.get("estimated_bytes") or 0))
+        elif self.sort == "idle":
+            rows.sort(key=lambda i: -(i.get("idle_s") or 0))
+        else:
+            rows.sort(key=lambda i: i["name"])
+        return rows
+
+    def current(self) -> dict[str, Any] | None:
+        rows = self.instances()
+        if not rows:
+            return None
+        self.selected = max(0, min(self.selected, len(rows) - 1))
+        return rows[self.selected]
+
+
+def _bar(gpu: dict[str, Any], instances: list[dict[str, Any]], colors: dict[str, str], width: int) -> Text:
+    total = gpu.get("memory_total_bytes") or 1
+    bar = Text()
+    used_cells = 0
+    segments = views.gpu_segments(gpu, instances)
+    for label, size, kind in segments:
+        cells = round(width * size / total) if kind != "free" else max(width - used_cells, 0)
+        cells = min(cells, width - used_cells)
+        used_cells += cells
+        char, style = {"instance": ("█", colors.get(label, "white")), "other": ("▓", "grey50"), "free": ("░", "grey30")}[kind]
+        bar.append(char * cells, style=style)
+    return bar
+
+
+def render(screen: Screen, width: int = 120) -> Group:
+    snap = screen.snapshot
+    instances = screen.instances()
+    colors = {inst["name"]: PALETTE[i % len(PALETTE)] for i, inst in enumerate(sorted(snap.get("instances", []),
+                                                                                      key=lambda i: i["name"]))}
+    parts: list[Any] = []
+    stamp = time.strftime("%H:%M:%S", time.localtime(snap.get("at", time.time())))
+    source = str(snap.get("source", ""))
+    source = source if len(source) <= 40 else "…" + source[-39:]
+    parts.append(Text.assemble(("llamactl top", "bold"), f"  {source}  {stamp}  ",
+                               (f"{len(instances)} instances", "bold"),
+                               "   q quit · ↑↓ select · e evict · l log · s sort: " + screen.sort))
+    gpus = snap.get("gpus", [])
+    if not gpus:
+        parts.append(Text(f"GPUs: none ({snap.get('gpu_note') or 'no NVIDIA GPU visible'})", style="grey50"))
+    bar_width = max(BAR_MIN, min(BAR_MAX, width - 40))
+    for gpu in gpus:
+        if gpu.get("error"):
+            parts.append(Text(f"GPU {gpu['index']} {gpu.get('name', '')}: {gpu['error']}", style="red"))
+            continue
+        facts = [f"GPU {gpu['index']} {gpu.get('name', '')}",
+                 f"{format_bytes(gpu.get('memory_used_bytes'))} / {format_bytes(gpu.get('memory_total_bytes'))}"]
+        if gpu.get("utilization_gpu") is not None:
+            facts.append(f"util {gpu['utilization_gpu']}%")
+        if gpu.get("temperature_c") is not None:
+            facts.append(f"{gpu['temperature_c']}°C")
+        if gpu.get("power_w") is not None:
+            facts.append(f"{gpu['power_w']:.0f} W")
+        head = Text("  ".join(facts), style="bold")
+        legend = Text("  ")
+        for label, size, kind in views.gpu_segments(gpu, snap.get("instances", [])):
+            style = colors.get(label, "white") if kind == "instance" else ("grey50" if kind == "other" else "grey30")
+            legend.append(f"■ {label} {format_bytes(size)}  ", style=style)
+        parts += [head, Text.assemble("  ", _bar(gpu, snap.get("instances", []), colors, bar_width)), legend]
+    table = Table(expand=False, box=None, header_style="bold", pad_edge=False)
+    for col in ("NAME", "MODEL", "STATE", "GPUS", "EST", "ACTUAL", "SLOTS", "TOK/S", "QUEUE", "IDLE", "TTL"):
+        table.add_column(col, no_wrap=True, justify="right" if col in ("EST", "ACTUAL", "TOK/S", "QUEUE") else "left")
+    current = screen.current()
+    for inst in instances:
+        slots = (f"{inst['slots_busy']}/{inst['slots_total']}" if inst.get("slots_total") is not None
+                 else (str(inst.get("in_flight")) if inst.get("in_flight") is not None else "-"))
+        actual = views.describe_bytes(inst.get("actual_bytes")) + (" !" if inst.get("drift") else "")
+        style = "reverse" if current is not None and inst["name"] == current["name"] else ""
+        table.add_row(Text(inst["name"], style=colors.get(inst["name"], "")), str(inst.get("model", "-"))[:30],
+                      inst.get("state", "-"),
+                      (",".join(map(str, inst.get("gpu_ids") or [])) or "CPU") if inst.get("pid") else "-",
+                      views.describe_bytes(inst.get("estimated_bytes")), actual, slots,
+                      f"{inst['tokens_per_s']:.1f}" if inst.get("tokens_per_s") else "-",
+                      str(inst["queued"]) if inst.get("queued") is not None else "-",
+                      format_duration(inst["idle_s"]) if inst.get("idle_s") is not None else "-",
+                      format_duration(inst["ttl_left_s"]) if inst.get("ttl_left_s") is not None else "-", style=style)
+    parts.append(Panel(table if instances else Text("no instances", style="grey50"), title="instances", title_align="left"))
+    events = snap.get("events", [])[-8:]
+    ev = Text()
+    for e in events:
+        ev.append(time.strftime("%H:%M:%S ", time.localtime(e["at"])))
+        ev.append(f"{e['kind']:<9}", style="bold red" if e["kind"] in ("crash", "oom", "failed") else "bold")
+        ev.append(f" {e['model']}  {e.get('detail', '')}\n")
+    ev.rstrip()
+    parts.append(Panel(ev if events else Text("none yet", style="grey50"), title="events", title_align="left"))
+    if screen.show_log and current is not None:
+        parts.append(Panel(Text(_log_tail(current)), title=f"log: {current['name']}", title_align="left"))
+    if screen.confirm:
+        parts.append(Text(f"evict {screen.confirm}? y/n", style="bold yellow"))
+    elif screen.message:
+        parts.append(Text(screen.message, style="yellow"))
+    return Group(*parts)
+
+
+def _log_tail(inst: dict[str, Any], lines: int = 12) -> str:
+    from pathlib import Path
+
+    from llamactl.servers.runner import tail
+
+    path = inst.get("log")
+    return tail(Path(path), lines) if path else "(no log through --url)"
+
+
+@contextmanager
+def _keys() -> Iterator[queue.Queue[str]]:
+    """Key presses (arrows as "up"/"down") from the terminal in cbreak mode, read in a thread."""
+    keys: queue.Queue[str] = queue.Queue()
+    fd = sys.stdin.fileno()
+    saved = termios.tcgetattr(fd)
+    stop = threading.Event()
+
+    def read() -> None:
+        while not stop.is_set():
+            ready, _, _ = select.select([fd], [], [], 0.1)
+            if not ready:
+                continue
+            ch = os.read(fd, 1).decode(errors="ignore")
+            if ch == "\x1b":
+                seq = os.read(fd, 2).decode(errors="ignore") if select.select([fd], [], [], 0.05)[0] else ""
+                ch = {"[A": "up", "[B": "down"}.get(seq, "esc")
+            keys.put(ch)
+
+    tty.setcbreak(fd)
+    thread = threading.Thread(target=read, daemon=True)
+    thread.start()
+    try:
+        yield keys
+    finally:
+        stop.set()
+        thread.join(timeout=1)
+        termios.tcsetattr(fd, termios.TCSADRAIN, saved)
+
+
+def _evict(ctx: typer.Context, screen: Screen, name: str, url: str | None, api_key: str | None,
+           events: views.EventLog) -> None:
+    if url:
+        import httpx
+
+        headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+        try:
+            reply = httpx.post(f"{url.rstrip('/')}/models/{name}/unload", headers=headers, timeout=60)
+            screen.message = f"evicted {name}" if reply.status_code == 200 else f"evict {name}: {reply.status_code} {reply.text[:100]}"
+        except httpx.HTTPError as exc:
+            screen.message = f"evict {name}: {exc}"
+        return
+    from llamactl.servers.launcher import stop_instances
+
+    stopped = stop_instances(state_store(ctx), [name])
+    screen.message = f"evicted {name}" if stopped else f"{name} was not running"
+    events.add("evict", name, "from llamactl top")
+
+
+def command(
+    ctx: typer.Context,
+    interval: float = typer.Option(1.0, "--interval", "-n", min=0.2, help="Seconds between refreshes."),
+    url: Optional[str] = typer.Option(None, "--url", help="A running proxy to watch (its /status), e.g. http://127.0.0.1:8080."),
+    api_key: Optional[str] = typer.Option(None, "--api-key", envvar="LLAMACTL_API_KEY", help="The proxy's API key, if it has api_keys."),
+    once: bool = typer.Option(False, "--once", help="Print one snapshot and exit."),
+) -> None:
+    """Live view: GPU memory per instance, instances (estimated vs actual), events. q quits."""
+    from llamactl.gpu import inventory
+
+    events = views.EventLog()
+    previous: dict[str, dict] | None = None
+    store = None if url else state_store(ctx)
+
+    def snapshot() -> dict[str, Any]:
+        nonlocal previous
+        if url:
+            return views.remote(url, api_key)
+        snap = views.local(store, lambda: inventory.resolve(None, None), events, previous)
+        previous = {i["name"]: i for i in snap["instances"]}
+        return snap
+
+    screen = Screen(snapshot=snapshot())
+    interactive = sys.stdout.isatty() and sys.stdin.isatty() and not once
+    if not interactive:
+        console = Console(force_terminal=False, width=160, no_color=True)
+        while True:
+            console.print(render(screen, 160))
+            if once:
+                return
+            time.sleep(interval)
+            console.print("-" * 40)
+            screen.snapshot = snapshot()
+    from rich.live import Live
+
+    console = Console()
+    with _keys() as keys, Live(render(screen, console.width), console=console, screen=True, auto_refresh=False) as live:
+        next_at = time.monotonic() + interval
+        while True:
+            try:
+                key = keys.get(timeout=max(0.0, next_at - time.monotonic()))
+            except queue.Empty:
+                key = None
+            if key is None:
+                try:
+                    screen.snapshot = snapshot()
+                except Exception as exc:  # a proxy that went away: say so, keep trying
+                    screen.message = f"refresh failed: {exc}"
+                next_at = time.monotonic() + interval
+            elif screen.confirm is not None:
+                name, screen.confirm = screen.confirm, None
+                if key.lower() == "y":
+                    _evict(ctx, screen, name, url, api_key, events)
+                    screen.snapshot = snapshot()
+                else:
+                    screen.message = f"kept {name}"
+            elif key in ("q", "Q", "\x03"):
+                return
+            elif key == "up":
+                screen.selected -= 1
+            elif key == "down":
+                screen.selected += 1
+            elif key == "s":
+                screen.sort = SORTS[(SORTS.index(screen.sort) + 1) % len(SORTS)]
+            elif key == "l":
+                screen.show_log = not screen.show_log
+            elif key == "e":
+                current = screen.current()
+                if current is not None:
+                    screen.confirm = current["name"]
+            live.update(render(screen, console.width), refresh=True)
+
+
+def register(app: typer.Typer) -> None:
+    app.command("top")(command)
