@@ -418,7 +418,7 @@ def test_an_instance_evicted_from_another_shell_is_relaunched_not_a_502(make_pro
 
 # --- slow and vanishing clients, dying upstreams, signals (issue 11) --------------------------------------
 
-def _raw(proxy: Proxy, data: bytes) -> "socket.socket":
+def _raw(proxy: Proxy, data: bytes):
     import socket
 
     sock = socket.create_connection(("127.0.0.1", proxy.port), timeout=10)

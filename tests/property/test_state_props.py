@@ -20,7 +20,6 @@ import tempfile
 from pathlib import Path
 
 import psutil
-import pytest
 from hypothesis import event, given, settings
 from hypothesis import strategies as st
 

@@ -87,9 +87,9 @@ def test_top_shows_instances_and_evicts_the_selected_one_on_confirmation(term) -
     term.keys("e")
     term.wait_for("evict beta? y/n")
     term.keys("y")
-    shown = term.wait_for("evicted beta")
+    term.wait_for("evicted beta")
     assert [i["name"] for i in term.ps()] == ["alpha"]
-    shown = term.wait_for("stopped", timeout_s=5)  # the event list says what happened
+    term.wait_for("stopped", timeout_s=5)  # the event list says what happened
     term.keys("l")
     term.wait_for("log: alpha")  # the selected instance's log tail
     term.keys("q")
@@ -100,7 +100,7 @@ def test_top_sees_a_launch_happen_and_sorts(term) -> None:
     term.start()
     term.wait_for("no instances")
     term.launch("gamma")
-    shown = term.wait_for("gamma")
+    term.wait_for("gamma")
     assert "launch" in term.wait_for("launch")  # an event, not only a row
     term.keys("s")
     term.wait_for("sort: memory")
