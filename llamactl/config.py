@@ -87,7 +87,8 @@ _GLOBAL_KEYS = {"server_bin", "host", "port", "port_start", "max_instances", "id
 _SETTING_KEYS = {"ctx_size", "n_gpu_layers", "cache_type_k", "cache_type_v", "flash_attn", "parallel", "args",
                  "kv_unified", "batch_size", "ubatch_size", "embedding", "reranking", "n_cpu_moe", "override_tensor",
                  "swa_full", "no_mmap", "kv_offload", "repack", "tensor_split",
-                 "strategy", "max_gpus", "gpus", "no_partial", "margin", "calibration"}
+                 "strategy", "max_gpus", "gpus", "no_partial", "margin", "calibration",
+                 "model_draft", "n_gpu_layers_draft", "cache_type_k_draft", "cache_type_v_draft"}
 _MODEL_KEYS = _SETTING_KEYS | {"path", "ttl", "aliases", "lora"}
 
 
@@ -200,20 +201,25 @@ def _settings(r: _Reader, table: dict[str, Any], where: str, base: ServerSetting
         if not 0 <= value <= MAX_CTX:
             raise r.fail(f"{where}.ctx_size", f"out of range: {value} (0 = the model's trained context, at most {MAX_CTX})")
         updates["ctx_size"] = value
-    if "n_gpu_layers" in table:
-        value = table["n_gpu_layers"]
-        if value in ("all", "auto", -1):
-            updates["n_gpu_layers"] = None
-        elif isinstance(value, int) and not isinstance(value, bool) and value >= 0:
-            updates["n_gpu_layers"] = value
-        else:
-            raise r.fail(f"{where}.n_gpu_layers", f"expected a number >= 0 or 'all', got {value!r}")
-    for key in ("cache_type_k", "cache_type_v"):
+    for key, attr in (("n_gpu_layers", "n_gpu_layers"), ("n_gpu_layers_draft", "draft_n_gpu_layers")):
+        if key in table:
+            value = table[key]
+            if value in ("all", "auto", -1):
+                updates[attr] = None
+            elif isinstance(value, int) and not isinstance(value, bool) and value >= 0:
+                updates[attr] = value
+            else:
+                raise r.fail(f"{where}.{key}", f"expected a number >= 0 or 'all', got {value!r}")
+    for key, attr in (("cache_type_k", "cache_type_k"), ("cache_type_v", "cache_type_v"),
+                      ("cache_type_k_draft", "draft_cache_type_k"), ("cache_type_v_draft", "draft_cache_type_v")):
         if key in table:
             value = str(r.get(table, key, f"{where}.{key}", str)).lower()
             if value not in KV_CACHE_TYPES:
                 raise r.fail(f"{where}.{key}", f"unknown cache type {value!r} (allowed: {', '.join(KV_CACHE_TYPES)})")
-            updates[key] = value
+            updates[attr] = value
+    if "model_draft" in table:
+        draft = _expand(r, r.get(table, "model_draft", f"{where}.model_draft", str), f"{where}.model_draft")
+        updates["draft_model"] = str(draft if draft.is_absolute() else r.path.parent / draft)
     if "flash_attn" in table:
         value = table["flash_attn"]
         value = {True: "on", False: "off"}.get(value, value) if isinstance(value, bool) else str(value).lower()

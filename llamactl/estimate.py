@@ -60,10 +60,16 @@ def split_for(inv: Inventory, requested: tuple[float, ...] | None) -> tuple[floa
 def load_params(path: str | Path, settings: ServerSettings) -> ModelParams:
     """A model's hyperparameters from its header, with the LoRA adapters the settings load beside it."""
     params = model_params(read_header(path))
-    if not settings.lora:
-        return params
-    adapters = tuple(t for lora in settings.lora for t in lora_tensors(read_header(lora), params))
-    return replace(params, adapters=adapters)
+    if settings.lora:
+        adapters = tuple(t for lora in settings.lora for t in lora_tensors(read_header(lora), params))
+        params = replace(params, adapters=adapters)
+    if settings.draft_model:
+        draft = model_params(read_header(settings.draft_model))
+        if abs(draft.n_vocab - params.n_vocab) > 128:  # llama.cpp's SPEC_VOCAB_MAX_SIZE_DIFFERENCE
+            raise UsageError(f"draft model {settings.draft_model}: its vocabulary ({draft.n_vocab} tokens) is not the "
+                             f"main model's ({params.n_vocab}); llama-server cannot draft with it")
+        params = replace(params, draft=draft)
+    return params
 
 
 def estimate_model(path: str | Path, settings: ServerSettings, inv: Inventory, *, gpu_overhead_bytes: int,

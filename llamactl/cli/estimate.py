@@ -79,6 +79,12 @@ def result_json(result: EstimateResult) -> dict[str, object]:
         "pipeline_copies": est.pipeline_copies,
         "approximate": list(est.approximate),
         "calibration": list(est.calibration),
+        "draft": None if est.draft is None else {
+            "model": res.draft_model, "n_gpu_layers": res.draft_n_gpu_layers,
+            "cache_type_k": res.draft_cache_type_k, "cache_type_v": res.draft_cache_type_v,
+            "devices": [{"device": d.device, "total_bytes": d.total_bytes} for d in est.draft.devices],
+            "total_bytes": est.draft.total_bytes,
+        },
         "total_bytes": est.total_bytes,
     }
 
@@ -146,6 +152,10 @@ def print_devices(est: MemoryEstimate, capacity: dict[str, int] | None = None) -
         print(f"\nhost weights: {', '.join(parts)}")
     if est.pipeline_copies > 1:
         print(f"pipeline parallelism: llama.cpp keeps {est.pipeline_copies} copies of the graph inputs on each device")
+    if est.draft is not None:
+        where = ", ".join(f"{d.device} {format_bytes(d.total_bytes)}" for d in est.draft.devices if d.total_bytes)
+        print(f"draft model {est.resolved.draft_model} (-ngld {est.resolved.draft_n_gpu_layers}): "
+              f"{format_bytes(est.draft.total_bytes)} of it ({where})")
     print(f"total: {format_bytes(est.total_bytes)}")
     for text in est.calibration:
         print(f"calibrated: {text}")

@@ -36,15 +36,15 @@ def _opt(name: str, annotation: Any, default: Any) -> inspect.Parameter:
     return inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=default, annotation=annotation)
 
 
-def parse_ngl(text: Optional[str]) -> Optional[int]:
+def parse_ngl(text: Optional[str], flag: str = "-ngl/--n-gpu-layers") -> Optional[int]:
     if text is None or text.lower() in ("all", "auto", "-1", "-2"):
         return None
     try:
         value = int(text)
     except ValueError:
-        raise UsageError(f"-ngl/--n-gpu-layers must be a number, 'all' or 'auto', got {text!r}") from None
+        raise UsageError(f"{flag} must be a number, 'all' or 'auto', got {text!r}") from None
     if value < 0:
-        raise UsageError(f"-ngl/--n-gpu-layers must be >= 0, got {value}")
+        raise UsageError(f"{flag} must be >= 0, got {value}")
     return value
 
 
@@ -58,12 +58,15 @@ class SettingsFlags:
 
 # option name → the ServerSettings field it sets
 _SETTING_FIELD = {"no_kv_offload": "kv_offload", "no_mmap": "mmap", "no_repack": "repack", "cpu_moe": "n_cpu_moe",
-                  "override_tensor": "tensor_overrides"}
+                  "override_tensor": "tensor_overrides", "model_draft": "draft_model",
+                  "n_gpu_layers_draft": "draft_n_gpu_layers", "cache_type_k_draft": "draft_cache_type_k",
+                  "cache_type_v_draft": "draft_cache_type_v"}
 
 
 def _server_settings(ctx_size, n_gpu_layers, tensor_split, cache_type_k, cache_type_v, flash_attn, parallel,
                      kv_unified, batch_size, ubatch_size, swa_full, no_kv_offload, no_mmap, no_repack,
-                     embedding, reranking, n_cpu_moe, cpu_moe, lora, override_tensor,
+                     embedding, reranking, n_cpu_moe, cpu_moe, lora, override_tensor, model_draft=None,
+                     n_gpu_layers_draft=None, cache_type_k_draft="f16", cache_type_v_draft="f16",
                      given: frozenset[str] = frozenset()) -> SettingsFlags:
     if n_cpu_moe is not None and n_cpu_moe < 0:
         raise UsageError(f"--n-cpu-moe must be >= 0, got {n_cpu_moe}")
@@ -76,7 +79,9 @@ def _server_settings(ctx_size, n_gpu_layers, tensor_split, cache_type_k, cache_t
         cache_type_k=cache_type_k.lower(), cache_type_v=cache_type_v.lower(), flash_attn=flash_attn.lower(),
         parallel=parallel, kv_unified=kv_unified, batch_size=batch_size, ubatch_size=ubatch_size,
         swa_full=swa_full, kv_offload=not no_kv_offload, mmap=not no_mmap, repack=not no_repack,
-        embedding=embedding, reranking=reranking,
+        embedding=embedding, reranking=reranking, draft_model=model_draft,
+        draft_n_gpu_layers=parse_ngl(n_gpu_layers_draft, "-ngld/--n-gpu-layers-draft"),
+        draft_cache_type_k=cache_type_k_draft.lower(), draft_cache_type_v=cache_type_v_draft.lower(),
     )
     if "cpu_moe" in given and not cpu_moe:
         given = given - {"cpu_moe"}
@@ -105,6 +110,10 @@ SERVER = OptionGroup("settings", (
     _opt("cpu_moe", bool, typer.Option(False, "-cmoe", "--cpu-moe", help="MoE: keep every layer's experts on the CPU.")),
     _opt("override_tensor", Optional[list[str]], typer.Option(None, "-ot", "--override-tensor", metavar="REGEX=BUFFER,...", help="Tensors matching REGEX on BUFFER: CPU or CUDA<i> (repeatable).")),
     _opt("lora", Optional[list[str]], typer.Option(None, "--lora", metavar="FILE", help="LoRA adapter loaded with the model (repeatable).")),
+    _opt("model_draft", Optional[str], typer.Option(None, "-md", "--model-draft", metavar="FILE", help="Draft model for speculative decoding (same vocabulary).")),
+    _opt("n_gpu_layers_draft", Optional[str], typer.Option(None, "-ngld", "--n-gpu-layers-draft", help="Draft layers on GPU: N or all (default: all when the model is wholly on GPUs, else 0).")),
+    _opt("cache_type_k_draft", str, typer.Option("f16", "-ctkd", "--cache-type-k-draft", help="Draft KV cache type for K.")),
+    _opt("cache_type_v_draft", str, typer.Option("f16", "-ctvd", "--cache-type-v-draft", help="Draft KV cache type for V.")),
 ), _server_settings)
 
 

@@ -104,6 +104,7 @@ class MemoryEstimate:
     approximate: tuple[str, ...] = field(default=())  # terms that are not exact, and why
     pipeline_copies: int = 1  # graph-input copies llama.cpp keeps (4 under pipeline parallelism)
     calibration: tuple[str, ...] = field(default=())  # what was learned from earlier launches and used (learn/)
+    draft: "MemoryEstimate | None" = None  # the draft model's share (-md), already included in `devices`
 
     @property
     def total_bytes(self) -> int:
@@ -490,6 +491,33 @@ def estimate(params: ModelParams, resolved: Resolved, placement: Placement = Pla
                                        [il for il in range(params.n_layer) if devices[il] == name]) if used else 0,
             overhead_bytes=placement.gpu_overhead_bytes if used else 0,
         ))
+    draft = None
+    if resolved.draft_model is not None and params.draft is not None:
+        draft = _draft(params.draft, resolved, placement)
+        rows = [_plus(row, draft.device(row.device)) for row in rows]
     return MemoryEstimate(resolved=resolved, devices=tuple(rows), host_weights=host,
                           layer_devices=devices, approximate=_approximations(params, placement, partial),
-                          pipeline_copies=copies)
+                          pipeline_copies=copies, draft=draft)
+
+
+def _draft(draft: ModelParams, resolved: Resolved, placement: Placement) -> MemoryEstimate:
+    """The draft model (-md): llama-server loads it with a context of its own sized like the main one (the
+    same cells, slots, batch and flash attention; read off its logs), on its own layers (-ngld) and cache
+    types (-ctkd/-ctvd). Its overhead on a GPU is the process's, already counted; on the host, its tokenizer."""
+    from dataclasses import replace
+
+    own = replace(resolved, n_gpu_layers=resolved.draft_n_gpu_layers, cache_type_k=resolved.draft_cache_type_k,
+                  cache_type_v=resolved.draft_cache_type_v, n_cpu_moe=0, lora=(), tensor_overrides=(),
+                  draft_model=None, swa_full=resolved.swa_full and draft.n_swa > 0)
+    est = estimate(draft, own, replace(placement, gpu_overhead_bytes=0))
+    host = est.device("CPU")
+    rows = [replace(host, overhead_bytes=HOST_RUNTIME_PER_TOKEN_BYTES * draft.n_vocab)]
+    rows += [replace(d, overhead_bytes=0) for d in est.devices if d.device != "CPU"]
+    return replace(est, devices=tuple(rows))
+
+
+def _plus(a: DeviceMemory, b: DeviceMemory) -> DeviceMemory:
+    return DeviceMemory(device=a.device, weights_bytes=a.weights_bytes + b.weights_bytes, kv_bytes=a.kv_bytes + b.kv_bytes,
+                        recurrent_bytes=a.recurrent_bytes + b.recurrent_bytes,
+                        compute_bytes=a.compute_bytes + b.compute_bytes, output_bytes=a.output_bytes + b.output_bytes,
+                        overhead_bytes=a.overhead_bytes + b.overhead_bytes)

@@ -82,6 +82,7 @@ class ModelParams:
     file_bytes: int
     # LoRA tensors (`<base tensor>.lora_a` / `.lora_b`) of the adapters loaded with the model (--lora)
     adapters: tuple[TensorInfo, ...] = ()
+    draft: "ModelParams | None" = None  # the draft model loaded beside it (-md), if any
 
     @property
     def n_gqa_max(self) -> int:

@@ -51,6 +51,11 @@ class ServerSettings:
     lora: tuple[str, ...] = ()  # --lora adapter files, loaded with the model
     # -ot PATTERN=BUFFER: (regex, buffer type) in llama.cpp's names: "CPU" or "CUDA<i>" (i-th visible GPU)
     tensor_overrides: tuple[tuple[str, str], ...] = ()
+    # a draft model for speculative decoding (-md), with its own layers on GPUs (-ngld) and cache types
+    draft_model: str | None = None
+    draft_n_gpu_layers: int | None = None  # None: every layer when the main model is wholly on GPUs, else none
+    draft_cache_type_k: str = "f16"  # -ctkd
+    draft_cache_type_v: str = "f16"  # -ctvd
 
 
 @dataclass(frozen=True)
@@ -78,6 +83,10 @@ class Resolved:
     n_cpu_moe: int = 0  # layers whose expert tensors stay on the host (only with GPU layers)
     lora: tuple[str, ...] = ()
     tensor_overrides: tuple[tuple[str, str], ...] = ()  # as given: (regex, "CPU" | "CUDA<i>")
+    draft_model: str | None = None  # -md: a second model and context, sized like the main one
+    draft_n_gpu_layers: int = 0  # -ngld, resolved
+    draft_cache_type_k: str = "f16"
+    draft_cache_type_v: str = "f16"
 
 
 def parse_tensor_overrides(value: str) -> list[tuple[str, str]]:
@@ -111,7 +120,9 @@ def resolve(settings: ServerSettings, model: ModelParams, n_gpus: int) -> Resolv
         raise UsageError(f"-c/--ctx-size {settings.ctx_size} is too large (llama-server takes at most {MAX_CTX})")
     if settings.batch_size < 1 or settings.ubatch_size < 1:
         raise UsageError("-b/--batch-size and -ub/--ubatch-size must be >= 1")
-    for flag, value in (("-ctk/--cache-type-k", settings.cache_type_k), ("-ctv/--cache-type-v", settings.cache_type_v)):
+    for flag, value in (("-ctk/--cache-type-k", settings.cache_type_k), ("-ctv/--cache-type-v", settings.cache_type_v),
+                        ("-ctkd/--cache-type-k-draft", settings.draft_cache_type_k),
+                        ("-ctvd/--cache-type-v-draft", settings.draft_cache_type_v)):
         if value not in KV_CACHE_TYPES:
             raise UsageError(f"{flag}: unknown cache type {value!r} (allowed: {', '.join(KV_CACHE_TYPES)})")
     if settings.flash_attn not in FLASH_ATTN_MODES:
@@ -169,6 +180,17 @@ def resolve(settings: ServerSettings, model: ModelParams, n_gpus: int) -> Resolv
                              "(use CPU or CUDA0..CUDA<n-1>)")
     # experts matter only where layers would otherwise be on a GPU, and only for a MoE
     n_cpu_moe = min(settings.n_cpu_moe or 0, model.n_layer) if ngl and model.n_expert else 0
+    draft_ngl = 0
+    if settings.draft_model is not None:
+        if settings.draft_cache_type_v not in ("f32", "f16", "bf16") and not flash_attn:
+            raise UsageError("quantized draft V cache (-ctvd) requires flash attention: use -fa on")
+        draft_layers = (model.draft.n_layer + 1) if model.draft is not None else max_layers
+        if n_gpus == 0:
+            draft_ngl = 0
+        elif settings.draft_n_gpu_layers is None or settings.draft_n_gpu_layers < 0:
+            draft_ngl = draft_layers if ngl == max_layers and not n_cpu_moe else 0  # small: all of it, or none
+        else:
+            draft_ngl = min(settings.draft_n_gpu_layers, draft_layers)
     return Resolved(
         ctx_size=ctx_size, n_ctx=n_ctx, n_ctx_seq=n_ctx_seq, n_seq_max=n_seq_max, n_stream=1 if unified else n_seq_max,
         kv_unified=unified, n_batch=n_batch, n_ubatch=n_ubatch, flash_attn=flash_attn,
@@ -177,6 +199,8 @@ def resolve(settings: ServerSettings, model: ModelParams, n_gpus: int) -> Resolv
         mmap=settings.mmap, repack=settings.repack, embedding=settings.embedding or settings.reranking,
         reranking=settings.reranking, n_cpu_moe=n_cpu_moe,
         lora=settings.lora, tensor_overrides=settings.tensor_overrides,
+        draft_model=settings.draft_model, draft_n_gpu_layers=draft_ngl,
+        draft_cache_type_k=settings.draft_cache_type_k, draft_cache_type_v=settings.draft_cache_type_v,
     )
 
 

@@ -1242,3 +1242,13 @@ def demo_spec() -> ModelSpec:
         arch="llama", n_vocab=32000, n_embd=256, n_layer=4, n_head=8, n_head_kv=4,
         n_ff=512, n_ctx_train=4096, tied_output=True, weight_type="Q4_0", name="demo",
     )
+
+
+def draft_spec(main: ModelSpec, n_layer: int = 2) -> ModelSpec:
+    """A draft model for `main` (speculative decoding, -md): the same vocabulary, a quarter of the width."""
+    from dataclasses import replace
+
+    n_head = max(1, main.n_head // 2) if isinstance(main.n_head, int) else 4
+    return replace(main, arch="llama", n_embd=max(64, main.n_embd // 2), n_layer=n_layer, n_head=n_head,
+                   n_head_kv=max(1, n_head // 2), n_ff=max(128, main.n_ff // 2) if isinstance(main.n_ff, int) else 256,
+                   n_expert=0, n_expert_used=0, n_ff_exp=0, head_dim=None, n_swa=0, tied_output=False)

@@ -38,8 +38,33 @@ class BufferLog:
         return sum(v for k, v in buffers.items() if k == device)
 
 
+_MODEL_LOAD = "llama_model_loader: loaded meta data"
+
+
 def parse_buffer_log(text: str) -> BufferLog:
-    """Collect every `<buf> <kind> buffer size = X MiB` line (values rounded to 0.01 MiB by llama.cpp)."""
+    """Collect every `<buf> <kind> buffer size = X MiB` line (values rounded to 0.01 MiB by llama.cpp).
+
+    Each model llama-server loads (the main one, a draft model) starts a section with its own buffers and
+    context; the sections add up."""
+    bounds = [0, *_find_all(text, _MODEL_LOAD)[1:], len(text)]  # the first section takes what precedes it
+    total: dict[str, dict[str, int]] = {}
+    for lo, hi in zip(bounds, bounds[1:]):
+        for term, buffers in _parse_section(text[lo:hi]).items():
+            into = total.setdefault(term, {})
+            for name, size in buffers.items():
+                into[name] = into.get(name, 0) + size
+    return BufferLog(total)
+
+
+def _find_all(text: str, needle: str) -> list[int]:
+    out, at = [], text.find(needle)
+    while at >= 0:
+        out.append(at)
+        at = text.find(needle, at + 1)
+    return out
+
+
+def _parse_section(text: str) -> dict[str, dict[str, int]]:
     by_term: dict[str, dict[str, int]] = {}
     for match in _LINE_RE.finditer(text):
         term = _KIND_KEY[match["kind"]]
@@ -50,7 +75,7 @@ def parse_buffer_log(text: str) -> BufferLog:
             buffers[match["buf"]] = buffers.get(match["buf"], 0) + size
         else:
             buffers[match["buf"]] = size  # one line per buffer (the last reserve's size)
-    return BufferLog(by_term)
+    return by_term
 
 
 def free_port() -> int:

@@ -95,6 +95,13 @@ def build_command(
     if resolved.n_cpu_moe:
         caps.require("--n-cpu-moe")
         argv += ["--n-cpu-moe", str(resolved.n_cpu_moe)]
+    if resolved.draft_model is not None:
+        caps.require("--model-draft", "--n-gpu-layers-draft")
+        argv += ["--model-draft", str(resolved.draft_model), "--n-gpu-layers-draft", str(resolved.draft_n_gpu_layers)]
+        if caps.supports("--cache-type-k-draft"):
+            argv += ["--cache-type-k-draft", resolved.draft_cache_type_k, "--cache-type-v-draft", resolved.draft_cache_type_v]
+        if caps.supports("--spec-type"):  # a draft model is there to be used: this build needs it said
+            argv += ["--spec-type", "draft-simple"]
     if tensor_split and len(tensor_split) > 1:
         argv += ["--tensor-split", ",".join(_fmt_share(s) for s in tensor_split)]
     if alias and caps.supports("--alias"):
@@ -114,16 +121,17 @@ def build_command(
 # and flags llamactl sets itself from its own options.
 _MEMORY_FLAGS = {
     "--mmproj": "vision projectors", "-mm": "vision projectors", "--mmproj-url": "vision projectors",
-    "-md": "draft models", "--model-draft": "draft models", "--spec-draft-model": "draft models",
     "--lora-scaled": "scaled LoRA adapters (give llamactl --lora)",
     "-sm": "split modes other than layer", "--split-mode": "split modes other than layer",
     "-mg": "a main GPU", "--main-gpu": "a main GPU",
     "-dev": "device selection", "--device": "device selection",
     "-hf": "another model", "--hf-repo": "another model", "-hff": "another model", "--hf-file": "another model",
     "-mu": "another model", "--model-url": "another model", "-hfd": "draft models", "--hf-repo-draft": "draft models",
-    "--spec-draft-hf": "draft models", "--spec-type": "speculative decoding", "--draft-max": "speculative decoding",
-    "--draft": "speculative decoding", "-ngld": "draft models", "--gpu-layers-draft": "draft models",
-    "--n-gpu-layers-draft": "draft models", "--spec-draft-ngl": "draft models",
+    "--spec-draft-hf": "draft models from a hub", "-devd": "draft device selection", "--device-draft": "draft device selection",
+    "--spec-draft-device": "draft device selection", "-otd": "draft tensor overrides",
+    "--override-tensor-draft": "draft tensor overrides", "--spec-draft-override-tensor": "draft tensor overrides",
+    "-cmoed": "draft experts on the CPU", "--cpu-moe-draft": "draft experts on the CPU",
+    "-ncmoed": "draft experts on the CPU", "--n-cpu-moe-draft": "draft experts on the CPU",
     "--override-kv": "metadata overrides", "--pooling": "embedding mode", "--control-vector": "control vectors",
     "--control-vector-scaled": "control vectors", "--no-host": "host buffer placement", "-cram": "the prompt cache",
     "--cache-ram": "the prompt cache", "--kv-unified-per-slot": "slot sizes", "-sps": "slot sizes",
@@ -145,6 +153,10 @@ _OWN = {
     ("--embedding", "--embeddings"): ("--embedding", "embedding"), ("--rerank", "--reranking"): ("--reranking", "reranking"),
     ("-ncmoe", "--n-cpu-moe", "-cmoe", "--cpu-moe"): ("--n-cpu-moe", "n_cpu_moe"), ("--lora",): ("--lora", "lora"),
     ("-ot", "--override-tensor"): ("-ot", "override_tensor"),
+    ("-md", "--model-draft", "--spec-draft-model"): ("-md", "model_draft"),
+    ("-ngld", "--gpu-layers-draft", "--n-gpu-layers-draft", "--spec-draft-ngl"): ("-ngld", "n_gpu_layers_draft"),
+    ("-ctkd", "--cache-type-k-draft", "--spec-draft-type-k"): ("-ctkd", "cache_type_k_draft"),
+    ("-ctvd", "--cache-type-v-draft", "--spec-draft-type-v"): ("-ctvd", "cache_type_v_draft"),
     ("-a", "--alias"): ("--name (the instance name is the alias)", "the [models.NAME] name"),
 }
 _OWN_FLAGS = {flag: use for flags, use in _OWN.items() for flag in flags}

@@ -153,3 +153,18 @@ kv_offload = true
     assert (p.strategy.value, p.margin_bytes, p.allow_partial, p.max_gpus) == ("pack", 2**30, False, 1)
     assert (p.gpu_overhead_bytes, p.host_memory_bytes, p.util_threshold) == (300 * 2**20, 64 * 2**30, 30)
     assert cfg.defaults.kv_offload is False and cfg.placement.max_gpus is None  # [defaults] vs the model's own
+
+
+def test_a_draft_model_is_configured_by_keys_not_args(tmp_path: Path) -> None:
+    (tmp_path / "m.gguf").write_bytes(b"")
+    cfg = load(write(tmp_path, '[models.a]\npath = "m.gguf"\nmodel_draft = "d.gguf"\nn_gpu_layers_draft = 2\n'
+                               'cache_type_k_draft = "Q8_0"\ncache_type_v_draft = "q8_0"\n'))
+    s = cfg.models["a"].settings
+    assert (s.draft_model, s.draft_n_gpu_layers, s.draft_cache_type_k, s.draft_cache_type_v) == (
+        str(tmp_path / "d.gguf"), 2, "q8_0", "q8_0")
+    with pytest.raises(ConfigError, match="-md is set by llamactl; use the config key model_draft"):
+        load(write(tmp_path, '[models.a]\npath = "m.gguf"\nargs = ["-md", "d.gguf"]\n'))
+    with pytest.raises(ConfigError, match="n_gpu_layers_draft: expected a number"):
+        load(write(tmp_path, '[models.a]\npath = "m.gguf"\nn_gpu_layers_draft = "some"\n'))
+    with pytest.raises(ConfigError, match="--mmproj"):
+        load(write(tmp_path, '[models.a]\npath = "m.gguf"\nargs = ["--mmproj", "p.gguf"]\n'))
