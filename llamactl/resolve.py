@@ -122,4 +122,4 @@ def learned_for_spec(spec: ModelSpec, inv: Inventory, state_dir: Path, params: M
     return learned_for(state_dir, spec.path, params, gpu_backend(spec.args, len(inv.usable)),
                        default_overhead=spec.placement.gpu_overhead_bytes,
                        honour_overhead=spec.placement.gpu_overhead_bytes == DEFAULT_GPU_OVERHEAD_BYTES,
-                       nvml_live=inv.source == "nvml", build=build)
+                       nvml_live=inv.source == "nvml", build=build, gpu_names=[g.name for g in inv.usable])

@@ -10,18 +10,18 @@ import sys
 import time
 from enum import Enum
 from pathlib import Path
-from typing import Any, Optional
+from typing import TYPE_CHECKING, Any, Optional
 
 import typer
 
 from llamactl import render
 from llamactl.cli.common import state_store, wants_json
 from llamactl.errors import UsageError
-from llamactl.learn import calibrate
-from llamactl.learn.calibrate import Observation, observation_from_row, observation_to_row
-from llamactl.learn.store import CalibrationStore
-from llamactl.model.memory import DEFAULT_GPU_OVERHEAD_BYTES
 from llamactl.units import format_bytes, format_duration
+
+if TYPE_CHECKING:  # the store and the model load on use: `llamactl --help` and other commands stay fast
+    from llamactl.learn.calibrate import Observation
+    from llamactl.learn.store import CalibrationStore
 
 EXPORT_FORMAT = "llamactl-calibration"
 IMPORT_LIMIT_BYTES = 64 * 2**20
@@ -37,6 +37,9 @@ class Action(str, Enum):
 def summary(observations: list[Observation]) -> dict[str, Any]:
     """Per model and settings: launches, failures, and the newest launch's formula vs logged per device;
     the learned GPU overheads and compute corrections."""
+    from llamactl.learn import calibrate
+    from llamactl.model.memory import DEFAULT_GPU_OVERHEAD_BYTES
+
     groups: dict[tuple[str, str], list[Observation]] = {}
     for o in observations:
         groups.setdefault((o.model_key, o.settings_key), []).append(o)
@@ -142,6 +145,10 @@ def command(
     `estimate`, `plan`, `launch` and the proxy use it unless --no-calibration. Export on one box and import
     on another to plan with what it learned (e.g. a CI job planning with the production box's figures).
     """
+    from llamactl.learn import calibrate
+    from llamactl.learn.calibrate import observation_from_row, observation_to_row
+    from llamactl.learn.store import CalibrationStore
+
     st = state_store(ctx)
     store = CalibrationStore(st.dir, file_mode=st.file_mode)
     key = None

@@ -19,17 +19,17 @@ import tty
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Any, Optional
+from typing import TYPE_CHECKING, Any, Optional
 
 import typer
-from rich.console import Console, Group
-from rich.panel import Panel
-from rich.table import Table
-from rich.text import Text
 
 from llamactl import views
 from llamactl.cli.common import state_store
 from llamactl.units import format_bytes, format_duration
+
+if TYPE_CHECKING:  # rich loads when top runs, not with every llamactl command
+    from rich.console import Group
+    from rich.text import Text
 
 PALETTE = ("cyan", "magenta", "green", "yellow", "blue", "red", "bright_cyan", "bright_magenta")
 SORTS = ("name", "memory", "idle")
@@ -66,6 +66,8 @@ class Screen:
 
 
 def _bar(gpu: dict[str, Any], instances: list[dict[str, Any]], colors: dict[str, str], width: int) -> Text:
+    from rich.text import Text
+
     total = gpu.get("memory_total_bytes") or 1
     bar = Text()
     used_cells = 0
@@ -80,6 +82,11 @@ def _bar(gpu: dict[str, Any], instances: list[dict[str, Any]], colors: dict[str,
 
 
 def render(screen: Screen, width: int = 120) -> Group:
+    from rich.console import Group
+    from rich.panel import Panel
+    from rich.table import Table
+    from rich.text import Text
+
     snap = screen.snapshot
     instances = screen.instances()
     colors = {inst["name"]: PALETTE[i % len(PALETTE)] for i, inst in enumerate(sorted(snap.get("instances", []),
@@ -227,6 +234,8 @@ def command(
         snap = views.local(store, lambda: inventory.resolve(None, None), events, previous)
         previous = {i["name"]: i for i in snap["instances"]}
         return snap
+
+    from rich.console import Console
 
     screen = Screen(snapshot=snapshot())
     interactive = sys.stdout.isatty() and sys.stdin.isatty() and not once

@@ -241,7 +241,8 @@ def _rss(pid: int) -> int | None:
 
 
 def learned_for(store_dir: Path, model_path: str | Path, params: ModelParams, backend: str, *,
-                default_overhead: int, honour_overhead: bool, nvml_live: bool, build: str | None = None) -> Learned | None:
+                default_overhead: int, honour_overhead: bool, nvml_live: bool, build: str | None = None,
+                gpu_names: Sequence[str] = ()) -> Learned | None:
     """What the state dir's store knows that bears on this model here; None without a store (or a usable one)."""
     from llamactl.learn.store import CalibrationStore
 
@@ -250,7 +251,7 @@ def learned_for(store_dir: Path, model_path: str | Path, params: ModelParams, ba
         return None
     try:
         key = identity(model_path)
-        rows = store.relevant(key, params.arch)
+        rows = store.relevant(key, params.arch, gpu_names)
     except Exception as exc:  # a damaged store never stops a plan: the formula alone
         log.warning("calibration not used: %s", exc)
         return None

@@ -47,9 +47,13 @@ CREATE TABLE IF NOT EXISTS observations (
     build TEXT NOT NULL,
     body TEXT NOT NULL
 );
-CREATE INDEX IF NOT EXISTS observations_model ON observations (model_key, settings_key);
-CREATE INDEX IF NOT EXISTS observations_arch ON observations (arch, backend);
-CREATE INDEX IF NOT EXISTS observations_gpu ON observations (gpu_names);
+CREATE INDEX IF NOT EXISTS observations_model ON observations (model_key, id);
+CREATE INDEX IF NOT EXISTS observations_arch ON observations (arch, id);
+CREATE TABLE IF NOT EXISTS observation_gpus (
+    gpu_name TEXT NOT NULL,
+    obs_id INTEGER NOT NULL REFERENCES observations (id) ON DELETE CASCADE,
+    PRIMARY KEY (gpu_name, obs_id)
+) WITHOUT ROWID;
 """
 
 
@@ -119,22 +123,41 @@ class CalibrationStore:
             assert conn is not None
             conn.execute("BEGIN IMMEDIATE")
             try:
-                before = conn.total_changes
-                conn.executemany("INSERT OR IGNORE INTO observations (uid, at, outcome, model_key, arch, backend, "
-                                 "settings_key, gpu_names, driver, build, body) VALUES (?,?,?,?,?,?,?,?,?,?,?)", rows)
-                added = conn.total_changes - before
-                conn.execute("DELETE FROM observations WHERE id <= (SELECT MAX(id) FROM observations) - ?", (MAX_ROWS,))
+                added = 0
+                for row in rows:
+                    cur = conn.execute("INSERT OR IGNORE INTO observations (uid, at, outcome, model_key, arch, backend, "
+                                       "settings_key, gpu_names, driver, build, body) VALUES (?,?,?,?,?,?,?,?,?,?,?)", row)
+                    if cur.rowcount:
+                        added += 1
+                        conn.executemany("INSERT OR IGNORE INTO observation_gpus (gpu_name, obs_id) VALUES (?, ?)",
+                                         [(name, cur.lastrowid) for name in set(json.loads(row[7])) if name])
+                horizon = conn.execute("SELECT MAX(id) FROM observations").fetchone()[0] - MAX_ROWS
+                conn.execute("DELETE FROM observation_gpus WHERE obs_id <= ?", (horizon,))
+                conn.execute("DELETE FROM observations WHERE id <= ?", (horizon,))
                 conn.execute("COMMIT")
             except BaseException:
                 conn.execute("ROLLBACK")
                 raise
         return added
 
-    def relevant(self, model_key: str, arch: str, *, limit: int = 2000) -> list[Observation]:
-        """What bears on one model: its own launches, its architecture's, and any on GPUs (their overhead);
-        newest first."""
-        return self._select("SELECT body FROM observations WHERE model_key = ? OR arch = ? OR gpu_names != '[]' "
-                            "ORDER BY id DESC LIMIT ?", (model_key, arch, limit))
+    def relevant(self, model_key: str, arch: str, gpu_names: Iterable[str] = ()) -> list[Observation]:
+        """What bears on one model, newest first: its own launches (up to 500), its architecture's (the
+        newest 200: compute corrections) and those on these GPU models (the newest 200: their overhead).
+        Each kind uses only its newest RECENT, so the rest is not read: a plan stays fast on a full store."""
+        with self._connect(create=False) as conn:
+            if conn is None:
+                return []
+            ids = {i for (i,) in conn.execute("SELECT id FROM observations WHERE model_key = ? ORDER BY id DESC LIMIT 500",
+                                              (model_key,))}
+            ids |= {i for (i,) in conn.execute("SELECT id FROM observations WHERE arch = ? ORDER BY id DESC LIMIT 200",
+                                               (arch,))}
+            for name in sorted(set(gpu_names)):
+                ids |= {i for (i,) in conn.execute("SELECT obs_id FROM observation_gpus WHERE gpu_name = ? "
+                                                   "ORDER BY obs_id DESC LIMIT 200", (name,))}
+        if not ids:
+            return []
+        marks = ",".join("?" * len(ids))
+        return self._select(f"SELECT body FROM observations WHERE id IN ({marks}) ORDER BY id DESC", tuple(sorted(ids)))
 
     def all(self) -> list[Observation]:
         return self._select("SELECT body FROM observations ORDER BY id", ())

@@ -77,7 +77,8 @@ def _planned_overhead(tmp: Path, model: Path, settings: ServerSettings) -> tuple
     inv = inventory.resolve(None, None)
     params = load_params(model, settings)
     learned = observe.learned_for(tmp, model, params, "CUDA", default_overhead=DEFAULT_GPU_OVERHEAD_BYTES,
-                                  honour_overhead=True, nvml_live=True, build=CAPS.version)
+                                  honour_overhead=True, nvml_live=True, build=CAPS.version,
+                                  gpu_names=[g.name for g in inv.usable])
     the_plan = plan(params, settings, inv.usable, PlacementSpec().policy(frozenset({0}), None, learned=learned))
     assert the_plan.estimate is not None
     return the_plan.estimate.device("GPU0").overhead_bytes, the_plan.estimate.calibration
