@@ -88,7 +88,8 @@ _SETTING_KEYS = {"ctx_size", "n_gpu_layers", "cache_type_k", "cache_type_v", "fl
                  "kv_unified", "batch_size", "ubatch_size", "embedding", "reranking", "n_cpu_moe", "override_tensor",
                  "swa_full", "no_mmap", "kv_offload", "repack", "tensor_split",
                  "strategy", "max_gpus", "gpus", "no_partial", "margin", "calibration",
-                 "model_draft", "n_gpu_layers_draft", "cache_type_k_draft", "cache_type_v_draft"}
+                 "model_draft", "n_gpu_layers_draft", "cache_type_k_draft", "cache_type_v_draft", "mmproj",
+                 "no_mmproj_offload"}
 _MODEL_KEYS = _SETTING_KEYS | {"path", "ttl", "aliases", "lora"}
 
 
@@ -217,9 +218,12 @@ def _settings(r: _Reader, table: dict[str, Any], where: str, base: ServerSetting
             if value not in KV_CACHE_TYPES:
                 raise r.fail(f"{where}.{key}", f"unknown cache type {value!r} (allowed: {', '.join(KV_CACHE_TYPES)})")
             updates[attr] = value
-    if "model_draft" in table:
-        draft = _expand(r, r.get(table, "model_draft", f"{where}.model_draft", str), f"{where}.model_draft")
-        updates["draft_model"] = str(draft if draft.is_absolute() else r.path.parent / draft)
+    for key, attr in (("model_draft", "draft_model"), ("mmproj", "mmproj")):
+        if key in table:
+            file = _expand(r, r.get(table, key, f"{where}.{key}", str), f"{where}.{key}")
+            updates[attr] = str(file if file.is_absolute() else r.path.parent / file)
+    if "no_mmproj_offload" in table:
+        updates["mmproj_offload"] = not r.get(table, "no_mmproj_offload", f"{where}.no_mmproj_offload", bool)
     if "flash_attn" in table:
         value = table["flash_attn"]
         value = {True: "on", False: "off"}.get(value, value) if isinstance(value, bool) else str(value).lower()

@@ -69,6 +69,11 @@ def load_params(path: str | Path, settings: ServerSettings) -> ModelParams:
             raise UsageError(f"draft model {settings.draft_model}: its vocabulary ({draft.n_vocab} tokens) is not the "
                              f"main model's ({params.n_vocab}); llama-server cannot draft with it")
         params = replace(params, draft=draft)
+    if settings.mmproj:
+        from llamactl.model.projector import projector_params
+
+        projector = projector_params(settings.mmproj)
+        params = replace(params, projector=projector)
     return params
 
 

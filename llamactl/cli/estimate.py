@@ -79,6 +79,10 @@ def result_json(result: EstimateResult) -> dict[str, object]:
         "pipeline_copies": est.pipeline_copies,
         "approximate": list(est.approximate),
         "calibration": list(est.calibration),
+        "projector": None if est.projector is None else {
+            "path": res.mmproj, "device": est.projector.device, "weights_bytes": est.projector.weights_bytes,
+            "compute_bytes": est.projector.compute_bytes, "offload": res.mmproj_offload,
+        },
         "draft": None if est.draft is None else {
             "model": res.draft_model, "n_gpu_layers": res.draft_n_gpu_layers,
             "cache_type_k": res.draft_cache_type_k, "cache_type_v": res.draft_cache_type_v,
@@ -156,6 +160,9 @@ def print_devices(est: MemoryEstimate, capacity: dict[str, int] | None = None) -
         where = ", ".join(f"{d.device} {format_bytes(d.total_bytes)}" for d in est.draft.devices if d.total_bytes)
         print(f"draft model {est.resolved.draft_model} (-ngld {est.resolved.draft_n_gpu_layers}): "
               f"{format_bytes(est.draft.total_bytes)} of it ({where})")
+    if est.projector is not None:
+        print(f"vision projector {est.resolved.mmproj}: {format_bytes(est.projector.weights_bytes)} weights and "
+              f"{format_bytes(est.projector.compute_bytes)} compute on {est.projector.device}")
     print(f"total: {format_bytes(est.total_bytes)}")
     for text in est.calibration:
         print(f"calibrated: {text}")

@@ -60,14 +60,14 @@ class SettingsFlags:
 _SETTING_FIELD = {"no_kv_offload": "kv_offload", "no_mmap": "mmap", "no_repack": "repack", "cpu_moe": "n_cpu_moe",
                   "override_tensor": "tensor_overrides", "model_draft": "draft_model",
                   "n_gpu_layers_draft": "draft_n_gpu_layers", "cache_type_k_draft": "draft_cache_type_k",
-                  "cache_type_v_draft": "draft_cache_type_v"}
+                  "cache_type_v_draft": "draft_cache_type_v", "no_mmproj_offload": "mmproj_offload"}
 
 
 def _server_settings(ctx_size, n_gpu_layers, tensor_split, cache_type_k, cache_type_v, flash_attn, parallel,
                      kv_unified, batch_size, ubatch_size, swa_full, no_kv_offload, no_mmap, no_repack,
                      embedding, reranking, n_cpu_moe, cpu_moe, lora, override_tensor, model_draft=None,
-                     n_gpu_layers_draft=None, cache_type_k_draft="f16", cache_type_v_draft="f16",
-                     given: frozenset[str] = frozenset()) -> SettingsFlags:
+                     n_gpu_layers_draft=None, cache_type_k_draft="f16", cache_type_v_draft="f16", mmproj=None,
+                     no_mmproj_offload=False, given: frozenset[str] = frozenset()) -> SettingsFlags:
     if n_cpu_moe is not None and n_cpu_moe < 0:
         raise UsageError(f"--n-cpu-moe must be >= 0, got {n_cpu_moe}")
     if cpu_moe:
@@ -82,6 +82,7 @@ def _server_settings(ctx_size, n_gpu_layers, tensor_split, cache_type_k, cache_t
         embedding=embedding, reranking=reranking, draft_model=model_draft,
         draft_n_gpu_layers=parse_ngl(n_gpu_layers_draft, "-ngld/--n-gpu-layers-draft"),
         draft_cache_type_k=cache_type_k_draft.lower(), draft_cache_type_v=cache_type_v_draft.lower(),
+        mmproj=mmproj, mmproj_offload=not no_mmproj_offload,
     )
     if "cpu_moe" in given and not cpu_moe:
         given = given - {"cpu_moe"}
@@ -114,6 +115,8 @@ SERVER = OptionGroup("settings", (
     _opt("n_gpu_layers_draft", Optional[str], typer.Option(None, "-ngld", "--n-gpu-layers-draft", help="Draft layers on GPU: N or all (default: all when the model is wholly on GPUs, else 0).")),
     _opt("cache_type_k_draft", str, typer.Option("f16", "-ctkd", "--cache-type-k-draft", help="Draft KV cache type for K.")),
     _opt("cache_type_v_draft", str, typer.Option("f16", "-ctvd", "--cache-type-v-draft", help="Draft KV cache type for V.")),
+    _opt("mmproj", Optional[str], typer.Option(None, "-mm", "--mmproj", metavar="FILE", help="Vision projector (multimodal models).")),
+    _opt("no_mmproj_offload", bool, typer.Option(False, "--no-mmproj-offload", help="Keep the vision projector on the host.")),
 ), _server_settings)
 
 

@@ -105,6 +105,7 @@ class MemoryEstimate:
     pipeline_copies: int = 1  # graph-input copies llama.cpp keeps (4 under pipeline parallelism)
     calibration: tuple[str, ...] = field(default=())  # what was learned from earlier launches and used (learn/)
     draft: "MemoryEstimate | None" = None  # the draft model's share (-md), already included in `devices`
+    projector: DeviceMemory | None = None  # the vision projector's share (--mmproj), already included
 
     @property
     def total_bytes(self) -> int:
@@ -495,9 +496,21 @@ def estimate(params: ModelParams, resolved: Resolved, placement: Placement = Pla
     if resolved.draft_model is not None and params.draft is not None:
         draft = _draft(params.draft, resolved, placement)
         rows = [_plus(row, draft.device(row.device)) for row in rows]
+    projector = None
+    notes = _approximations(params, placement, partial)
+    if resolved.mmproj is not None and params.projector is not None:
+        from llamactl.model.projector import CHECKED_TYPES, compute_bytes
+
+        where = "GPU0" if placement.n_gpus and resolved.mmproj_offload else "CPU"
+        projector = DeviceMemory(device=where, weights_bytes=params.projector.weights_bytes,
+                                 compute_bytes=compute_bytes(params.projector, resolved.flash_attn))
+        rows = [_plus(row, projector) if row.device == where else row for row in rows]
+        if params.projector.proj_type not in CHECKED_TYPES:
+            notes += (f"vision projector type {params.projector.proj_type!r}: its weights are exact, its compute "
+                      "buffer is the SigLIP encoder's (checked for gemma3 projectors)",)
     return MemoryEstimate(resolved=resolved, devices=tuple(rows), host_weights=host,
-                          layer_devices=devices, approximate=_approximations(params, placement, partial),
-                          pipeline_copies=copies, draft=draft)
+                          layer_devices=devices, approximate=notes,
+                          pipeline_copies=copies, draft=draft, projector=projector)
 
 
 def _draft(draft: ModelParams, resolved: Resolved, placement: Placement) -> MemoryEstimate:

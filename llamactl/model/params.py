@@ -10,11 +10,15 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from gguf.constants import LlamaFileType
 
 from llamactl.errors import UnsupportedModelError
 from llamactl.model.gguf import GGUFArray, GGUFHeader, TensorInfo
+
+if TYPE_CHECKING:
+    from llamactl.model.projector import ProjectorParams
 
 _LAYER_RE = re.compile(r"^blk\.(\d+)\.")
 
@@ -83,6 +87,7 @@ class ModelParams:
     # LoRA tensors (`<base tensor>.lora_a` / `.lora_b`) of the adapters loaded with the model (--lora)
     adapters: tuple[TensorInfo, ...] = ()
     draft: "ModelParams | None" = None  # the draft model loaded beside it (-md), if any
+    projector: "ProjectorParams | None" = None  # the vision projector loaded beside it (--mmproj), if any
 
     @property
     def n_gqa_max(self) -> int:

@@ -56,6 +56,8 @@ class ServerSettings:
     draft_n_gpu_layers: int | None = None  # None: every layer when the main model is wholly on GPUs, else none
     draft_cache_type_k: str = "f16"  # -ctkd
     draft_cache_type_v: str = "f16"  # -ctvd
+    mmproj: str | None = None  # --mmproj: a vision projector
+    mmproj_offload: bool = True  # --no-mmproj-offload keeps it on the host
 
 
 @dataclass(frozen=True)
@@ -87,6 +89,8 @@ class Resolved:
     draft_n_gpu_layers: int = 0  # -ngld, resolved
     draft_cache_type_k: str = "f16"
     draft_cache_type_v: str = "f16"
+    mmproj: str | None = None
+    mmproj_offload: bool = True
 
 
 def parse_tensor_overrides(value: str) -> list[tuple[str, str]]:
@@ -201,6 +205,7 @@ def resolve(settings: ServerSettings, model: ModelParams, n_gpus: int) -> Resolv
         lora=settings.lora, tensor_overrides=settings.tensor_overrides,
         draft_model=settings.draft_model, draft_n_gpu_layers=draft_ngl,
         draft_cache_type_k=settings.draft_cache_type_k, draft_cache_type_v=settings.draft_cache_type_v,
+        mmproj=settings.mmproj, mmproj_offload=settings.mmproj_offload,
     )
 
 

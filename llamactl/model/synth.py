@@ -1252,3 +1252,53 @@ def draft_spec(main: ModelSpec, n_layer: int = 2) -> ModelSpec:
     return replace(main, arch="llama", n_embd=max(64, main.n_embd // 2), n_layer=n_layer, n_head=n_head,
                    n_head_kv=max(1, n_head // 2), n_ff=max(128, main.n_ff // 2) if isinstance(main.n_ff, int) else 256,
                    n_expert=0, n_expert_used=0, n_ff_exp=0, head_dim=None, n_swa=0, tied_output=False)
+
+
+def write_projector(path: str | os.PathLike[str], text: ModelSpec, *, n_embd: int = 64, n_ff: int = 128,
+                    n_layer: int = 2, n_head: int = 4, image_size: int = 224, patch_size: int = 14,
+                    projector_type: str = "gemma3") -> pathlib.Path:
+    """A tiny random-weight vision projector (a SigLIP encoder with Gemma 3's projection) that llama-server's
+    mtmd loads beside `text` (`--mmproj`): its output width is the text model's embedding width."""
+    import gguf
+    import numpy as np
+
+    n_patches = (image_size // patch_size) ** 2
+    writer = gguf.GGUFWriter(str(path), "clip")
+    writer.add_bool("clip.has_vision_encoder", True)
+    writer.add_string("clip.projector_type", projector_type)
+    for key, value in (("embedding_length", n_embd), ("feed_forward_length", n_ff), ("block_count", n_layer),
+                       ("attention.head_count", n_head), ("projection_dim", text.n_embd), ("image_size", image_size),
+                       ("patch_size", patch_size)):
+        writer.add_uint32(f"clip.vision.{key}", value)
+    writer.add_float32("clip.vision.attention.layer_norm_epsilon", 1e-6)
+    writer.add_array("clip.vision.image_mean", [0.5, 0.5, 0.5])
+    writer.add_array("clip.vision.image_std", [0.5, 0.5, 0.5])
+    writer.add_bool("clip.use_gelu", True)
+    rng = np.random.default_rng(0)
+
+    def tensor(name: str, *shape: int, f16: bool = True) -> None:
+        writer.add_tensor(name, (rng.standard_normal(shape) * 0.02).astype(np.float16 if f16 else np.float32))
+
+    tensor("v.patch_embd.weight", n_embd, 3, patch_size, patch_size)
+    tensor("v.patch_embd.bias", n_embd, f16=False)
+    tensor("v.position_embd.weight", n_patches, n_embd)
+    for il in range(n_layer):
+        for name in ("attn_q", "attn_k", "attn_v", "attn_out"):
+            tensor(f"v.blk.{il}.{name}.weight", n_embd, n_embd)
+            tensor(f"v.blk.{il}.{name}.bias", n_embd, f16=False)
+        for name in ("ln1", "ln2"):
+            tensor(f"v.blk.{il}.{name}.weight", n_embd, f16=False)
+            tensor(f"v.blk.{il}.{name}.bias", n_embd, f16=False)
+        tensor(f"v.blk.{il}.ffn_up.weight", n_ff, n_embd)
+        tensor(f"v.blk.{il}.ffn_up.bias", n_ff, f16=False)
+        tensor(f"v.blk.{il}.ffn_down.weight", n_embd, n_ff)
+        tensor(f"v.blk.{il}.ffn_down.bias", n_embd, f16=False)
+    tensor("v.post_ln.weight", n_embd, f16=False)
+    tensor("v.post_ln.bias", n_embd, f16=False)
+    tensor("mm.input_projection.weight", n_embd, text.n_embd)
+    tensor("mm.soft_emb_norm.weight", n_embd, f16=False)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return pathlib.Path(path)

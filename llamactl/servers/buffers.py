@@ -47,13 +47,32 @@ def parse_buffer_log(text: str) -> BufferLog:
     Each model llama-server loads (the main one, a draft model) starts a section with its own buffers and
     context; the sections add up."""
     bounds = [0, *_find_all(text, _MODEL_LOAD)[1:], len(text)]  # the first section takes what precedes it
-    total: dict[str, dict[str, int]] = {}
+    total: dict[str, dict[str, int]] = _parse_projector(text)
     for lo, hi in zip(bounds, bounds[1:]):
         for term, buffers in _parse_section(text[lo:hi]).items():
             into = total.setdefault(term, {})
             for name, size in buffers.items():
                 into[name] = into.get(name, 0) + size
     return BufferLog(total)
+
+
+_CLIP_BACKEND = re.compile(r"clip_ctx: CLIP using (\S+) backend")
+_CLIP_WEIGHTS = re.compile(r"load_hparams: model size:\s+(?P<mib>[\d.]+) MiB")
+_CLIP_COMPUTE = re.compile(r"reserve_compute_meta:\s+(?P<buf>\S+) compute buffer size =\s*(?P<mib>[\d.]+) MiB")
+
+
+def _parse_projector(text: str) -> dict[str, dict[str, int]]:
+    """A vision projector's buffers (mtmd's CLIP logs its own lines): weights on the backend it chose, and
+    its compute buffer (the last reserve's size)."""
+    backend = _CLIP_BACKEND.search(text)
+    weights = _CLIP_WEIGHTS.search(text)
+    out: dict[str, dict[str, int]] = {}
+    if backend and weights:
+        out["weights"] = {backend[1]: round(float(weights["mib"]) * MiB)}
+    computes = list(_CLIP_COMPUTE.finditer(text))
+    if computes:
+        out["compute"] = {computes[-1]["buf"]: round(float(computes[-1]["mib"]) * MiB)}
+    return out
 
 
 def _find_all(text: str, needle: str) -> list[int]:

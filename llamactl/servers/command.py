@@ -102,6 +102,12 @@ def build_command(
             argv += ["--cache-type-k-draft", resolved.draft_cache_type_k, "--cache-type-v-draft", resolved.draft_cache_type_v]
         if caps.supports("--spec-type"):  # a draft model is there to be used: this build needs it said
             argv += ["--spec-type", "draft-simple"]
+    if resolved.mmproj is not None:
+        caps.require("--mmproj")
+        argv += ["--mmproj", str(resolved.mmproj)]
+        if not resolved.mmproj_offload:
+            caps.require("--no-mmproj-offload")
+            argv.append("--no-mmproj-offload")
     if tensor_split and len(tensor_split) > 1:
         argv += ["--tensor-split", ",".join(_fmt_share(s) for s in tensor_split)]
     if alias and caps.supports("--alias"):
@@ -120,7 +126,7 @@ def build_command(
 # Extra llama-server arguments that change memory in ways the estimate does not model yet,
 # and flags llamactl sets itself from its own options.
 _MEMORY_FLAGS = {
-    "--mmproj": "vision projectors", "-mm": "vision projectors", "--mmproj-url": "vision projectors",
+    "--mmproj-url": "a vision projector from a URL (give llamactl the file: --mmproj)",
     "--lora-scaled": "scaled LoRA adapters (give llamactl --lora)",
     "-sm": "split modes other than layer", "--split-mode": "split modes other than layer",
     "-mg": "a main GPU", "--main-gpu": "a main GPU",
@@ -154,6 +160,8 @@ _OWN = {
     ("-ncmoe", "--n-cpu-moe", "-cmoe", "--cpu-moe"): ("--n-cpu-moe", "n_cpu_moe"), ("--lora",): ("--lora", "lora"),
     ("-ot", "--override-tensor"): ("-ot", "override_tensor"),
     ("-md", "--model-draft", "--spec-draft-model"): ("-md", "model_draft"),
+    ("-mm", "--mmproj"): ("--mmproj", "mmproj"),
+    ("--mmproj-offload", "--no-mmproj-offload"): ("--no-mmproj-offload", "no_mmproj_offload"),
     ("-ngld", "--gpu-layers-draft", "--n-gpu-layers-draft", "--spec-draft-ngl"): ("-ngld", "n_gpu_layers_draft"),
     ("-ctkd", "--cache-type-k-draft", "--spec-draft-type-k"): ("-ctkd", "cache_type_k_draft"),
     ("-ctvd", "--cache-type-v-draft", "--spec-draft-type-v"): ("-ctvd", "cache_type_v_draft"),

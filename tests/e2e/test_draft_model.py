@@ -4,10 +4,6 @@ and KV must match exactly; compute may not be under; after one launch the plan i
 
 from __future__ import annotations
 
-import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -21,7 +17,7 @@ from llamactl.servers.buffers import free_port, measure
 from llamactl.servers.command import build_command
 from llamactl.units import MiB
 from tests.e2e.test_rpc_devices import rpc_endpoints  # noqa: F401  (module fixture: the RPC servers)
-from tests.fakes.procs import tagged_instances
+from tests.e2e.launch_then_plan import launch_then_plan
 
 MAIN = ModelSpec(n_vocab=4096, n_embd=512, n_layer=6, n_head=8, n_head_kv=4, n_ff=1024)
 CASES = {  # GPUs, -ngl, -ngld, -ts, -np
@@ -70,27 +66,6 @@ def test_main_and_draft_per_device(server_binary, server_caps, rpc_endpoints, mo
 
 def test_launch_with_a_draft_then_the_plan_is_exact(server_binary, models, tmp_path: Path) -> None:
     main, draft = models
-    env = {**os.environ, "LLAMACTL_STATE_DIR": str(tmp_path / "state"), "LLAMA_SERVER": str(server_binary)}
-    env.pop("LLAMACTL_GPUS", None)
-    flags = ["--gpus", "none", "-c", "4096", "-np", "1", "-md", str(draft)]
-
-    def cli(*args: str, ok: tuple[int, ...] = (0,)) -> str:
-        out = subprocess.run([sys.executable, "-m", "llamactl", *args], env=env, capture_output=True, text=True, timeout=120)
-        assert out.returncode in ok, out.stderr
-        return out.stdout
-
-    try:
-        cli("launch", str(main), "--name", "spec", "--port-start", str(free_port()), *flags)
-        log = (tmp_path / "state" / "logs" / "spec.log").read_text()
-        assert "loading draft model" in log and "draft-simple" in log  # loaded, and used (--spec-type)
-        cli("evict", "spec")
-        plan = json.loads(cli("plan", str(main), *flags, "--json", ok=(0, 3)))
-        assert plan["calibration"] and "--model-draft" in plan["argv"]
-        (row,) = json.loads(cli("calibration", "--json"))["models"]
-        (cpu,) = row["devices"]
-        planned = next(d for d in plan["devices"] if d["device"] == "CPU")
-        ours = planned["total_bytes"] - planned["overhead_bytes"]
-        assert abs(ours - cpu["logged_bytes"]) <= 0.005 * cpu["logged_bytes"], (ours, cpu)
-    finally:
-        for proc in tagged_instances(tmp_path / "state"):
-            proc.kill()
+    log = launch_then_plan(server_binary, tmp_path / "state", main,
+                           ["--gpus", "none", "-c", "4096", "-np", "1", "-md", str(draft)], "--model-draft")
+    assert "loading draft model" in log and "draft-simple" in log  # loaded, and used (--spec-type)

@@ -166,5 +166,7 @@ def test_a_draft_model_is_configured_by_keys_not_args(tmp_path: Path) -> None:
         load(write(tmp_path, '[models.a]\npath = "m.gguf"\nargs = ["-md", "d.gguf"]\n'))
     with pytest.raises(ConfigError, match="n_gpu_layers_draft: expected a number"):
         load(write(tmp_path, '[models.a]\npath = "m.gguf"\nn_gpu_layers_draft = "some"\n'))
-    with pytest.raises(ConfigError, match="--mmproj"):
+    with pytest.raises(ConfigError, match="--mmproj is set by llamactl; use the config key mmproj"):
         load(write(tmp_path, '[models.a]\npath = "m.gguf"\nargs = ["--mmproj", "p.gguf"]\n'))
+    cfg = load(write(tmp_path, '[models.a]\npath = "m.gguf"\nmmproj = "p.gguf"\nno_mmproj_offload = true\n'))
+    assert (cfg.models["a"].settings.mmproj, cfg.models["a"].settings.mmproj_offload) == (str(tmp_path / "p.gguf"), False)

@@ -115,7 +115,7 @@ def test_indices_need_pci_bus_order() -> None:
 
 
 @pytest.mark.parametrize(("extra", "message"), [
-    (["--mmproj", "p.gguf"], "vision projectors"), (["-md", "d.gguf"], "use llamactl.s own -md"), (["-otd", "x=CPU"], "draft tensor overrides"), (["--lora=x"], "use llamactl.s own --lora"), (["--lora-scaled", "x", "1"], "scaled LoRA"),
+    (["--mmproj", "p.gguf"], "use llamactl.s own --mmproj"), (["--mmproj-url", "u"], "from a URL"), (["-md", "d.gguf"], "use llamactl.s own -md"), (["-otd", "x=CPU"], "draft tensor overrides"), (["--lora=x"], "use llamactl.s own --lora"), (["--lora-scaled", "x", "1"], "scaled LoRA"),
     (["-sm", "row"], "split modes"), (["--n-cpu-moe", "4"], "use llamactl.s own --n-cpu-moe"),
     (["-c", "8"], "set by llamactl"), (["--reranking"], "use llamactl.s own --reranking"),
 ])
