@@ -27,8 +27,9 @@ from llamactl.config import Config
 from llamactl.errors import AuthError, LlamactlError, ProxyError, RequestTimeoutError, UpstreamError, one_line
 from llamactl.gpu.inventory import Inventory
 from llamactl.proxy import forward
-from llamactl.lifecycle import SLOT
+from llamactl.lifecycle import SLOT, Status
 from llamactl.proxy.pool import Pool
+from llamactl.servers import client
 
 log = logging.getLogger("llamactl.proxy")
 access = logging.getLogger("llamactl.access")
@@ -160,7 +161,7 @@ def build_app(pool: Pool, inventory_fn: Callable[[], Inventory], *, keep_instanc
     app = web.Application(middlewares=[errors_and_auth], client_max_size=MAX_BODY_HARD)
     app[POOL_KEY] = pool
     app[METRICS_KEY] = metrics
-    app[STATE_KEY] = {"inventory": None, "history": history}
+    app[STATE_KEY] = {"inventory": None, "history": history, "live": {}}
 
     async def read_body(request: web.Request) -> bytes:
         """The body within max_body (as configured now) and within body_timeout (+ a second per MiB declared)."""
@@ -270,6 +271,7 @@ def build_app(pool: Pool, inventory_fn: Callable[[], Inventory], *, keep_instanc
                 "actual_bytes": sum(inst.actual_bytes.values()) or None if inst else None,
                 "devices": {d: {"estimated_bytes": inst.estimated_bytes.get(d), "actual_bytes": inst.actual_bytes.get(d)}
                             for d in inst.estimated_bytes} if inst else {},
+                **_live_fields(app[STATE_KEY]["live"].get(name) if inst else None),
             })
         rates: dict[str, dict[str, object]] = {}
         for r in recent:
@@ -388,6 +390,11 @@ def build_app(pool: Pool, inventory_fn: Callable[[], Inventory], *, keep_instanc
     return app
 
 
+def _live_fields(live: client.Live | None) -> dict[str, object]:
+    return {"slots_busy": live.slots_busy if live else None, "slots_total": live.slots_total if live else None,
+            "tokens_per_s": live.tokens_per_s if live else None}
+
+
 @lru_cache(maxsize=None)
 def _asset(name: str) -> bytes:
     """The status page's files, shipped in the package (no build step, nothing fetched at run time)."""
@@ -409,6 +416,11 @@ async def _poll_forever(pool: Pool, app: web.Application, inventory_fn: Callable
         await asyncio.sleep(pool.config.poll_interval_s)
         try:
             await pool.poll_once()
+            # slots busy and tokens/s of each ready instance (not those with a private key: /slots needs it)
+            ready = {n: s.base_url for n, s in pool.slots.items()
+                     if s.instance is not None and s.phase is Status.READY and not s.api_key}
+            lives = await asyncio.to_thread(client.poll_all, list(ready.values()))
+            app[STATE_KEY]["live"] = dict(zip(ready, lives))
             inv = await asyncio.to_thread(inventory_fn)
             app[STATE_KEY]["inventory"] = inv
             app[STATE_KEY]["history"].append({"at": time.time(), "gpus": [

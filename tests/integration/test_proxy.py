@@ -541,3 +541,11 @@ def test_what_clients_send_cannot_forge_log_lines(make_proxy) -> None:
     line = next(line for line in proxy.logs().splitlines() if "/v1/chat/completions" in line and "model=x" in line)
     assert "\\n" in line and "forged" in line and len(line) < 400
     assert not any(line.startswith("GET /forged") for line in proxy.logs().splitlines())
+
+
+def test_status_carries_each_instances_slots_and_speed(make_proxy) -> None:
+    proxy = make_proxy({"alpha": []})
+    assert proxy.post("alpha", max_tokens=4).status_code == 200
+    assert wait_for(lambda: proxy.instances()[0].get("slots_total") == 4, 10), proxy.instances()
+    (inst,) = proxy.instances()
+    assert inst["slots_busy"] == 0 and inst["tokens_per_s"] is not None  # what `top --url` shows
