@@ -70,7 +70,11 @@ async def relay(request: web.Request, session: aiohttp.ClientSession, url: str, 
         streaming = upstream.headers.get("Content-Type", "").startswith("text/event-stream")
         outcome = Outcome(status=upstream.status)
         if not streaming:
-            data = await upstream.read()
+            try:
+                data = await upstream.read()
+            except (aiohttp.ClientPayloadError, aiohttp.ServerDisconnectedError, aiohttp.ClientOSError) as exc:
+                # died before its answer was whole: nothing was sent to the client, so it may be retried
+                raise UpstreamError(f"instance failed before answering: {exc}") from None
             outcome.ttfb_s = time.monotonic() - started
             outcome.bytes_out = len(data)
             outcome.usage = _usage_from(data[-65536:].decode("utf-8", "replace")) if upstream.status == 200 else None

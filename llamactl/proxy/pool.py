@@ -282,7 +282,9 @@ class Pool:
             return False
         slot.api_key = env.get(runner.API_KEY_ENV) or None
         slot.instance, slot.phase = inst, Status.READY
-        slot.ours = inst.started_by == "proxy"
+        # a proxy's instance whose entry was lost (its proxy killed mid-write) is re-adopted as "adopted": its
+        # environment still says who started it
+        slot.ours = inst.started_by == "proxy" or env.get(launcher.STARTED_BY_ENV) == "proxy"
         # idle time counts from the instance's last recorded use (the poller keeps it current), so a TTL
         # that ran out while no proxy watched stops it at the next poll
         slot.last_used = inst.last_used or time.time()
@@ -296,6 +298,13 @@ class Pool:
         for name, slot in self.slots.items():
             if slot.phase is Status.STOPPED and slot.task is None and await self._adopt_running(slot, instances):
                 adopted.append(name)
+            left = instances.get(name)
+            env = await asyncio.to_thread(self.effects.environ, left) if left is not None else None
+            if (left is not None and left.status is Status.STARTING and env is not None
+                    and (left.started_by == "proxy" or env.get(launcher.STARTED_BY_ENV) == "proxy")):
+                # a proxy that died while starting it left it: nobody waits for it; the next request starts it
+                log.warning("%s: stopping the instance a previous proxy left starting (pid %s)", name, left.pid)
+                await asyncio.to_thread(self.effects.stop, name)
         if adopted:
             self._changed()
         return adopted
@@ -398,6 +407,9 @@ class Pool:
         """Stop what this proxy started (unless kept); hand-started instances are never touched."""
         if keep_instances:
             return
+        starting = [s.task for s in self.slots.values() if s.phase is Status.STARTING and s.task is not None]
+        if starting:  # a start in progress would leave its instance running after we exit: let it finish first
+            await asyncio.wait(starting, timeout=self.config.load_timeout_s)
         ours = [s for s in self.slots.values() if s.ours and s.instance is not None]
         await asyncio.gather(*(self._stop(s, "shutdown") for s in ours), return_exceptions=True)
 

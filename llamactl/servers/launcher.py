@@ -35,6 +35,8 @@ if TYPE_CHECKING:
     from llamactl.resolve import ModelSpec
 from llamactl.servers.state import INSTANCE_ENV, STATE_DIR_ENV, Instance, StateError, StateStore, Status, check_name
 
+STARTED_BY_ENV = "LLAMACTL_STARTED_BY"
+
 log = logging.getLogger(__name__)
 
 PORT_SEARCH = 1000
@@ -291,7 +293,8 @@ def _start(store: StateStore, req: LaunchRequest, the_plan: Plan, ctx: "observe.
                 if not _port_free(req.host, port):
                     raise UsageError(f"port {port} is already in use on {req.host} by another program")
             cmd = command_for(req, the_plan, binary, caps, inv, port)
-            env = {**cmd.env, INSTANCE_ENV: req.name, STATE_DIR_ENV: str(store.dir.resolve())}
+            env = {**cmd.env, INSTANCE_ENV: req.name, STATE_DIR_ENV: str(store.dir.resolve()),
+                   STARTED_BY_ENV: req.started_by}  # who started it, should its entry be lost (a kill mid-write)
             if api_key:
                 env[runner.API_KEY_ENV] = api_key
             now = time.time()
@@ -332,8 +335,14 @@ def _start(store: StateStore, req: LaunchRequest, the_plan: Plan, ctx: "observe.
         raise
     actual = record_ready(store, ctx, observe.read_log_from(log_path, log_offset), child.pid)
     with store.edit() as current:
-        inst = replace(current[req.name], status=Status.READY, last_used=time.time(), actual_bytes=actual)
-        current[req.name] = inst
+        mine = current.get(req.name)
+        if mine is not None and mine.pid == child.pid:
+            inst = replace(mine, status=Status.READY, last_used=time.time(), actual_bytes=actual)
+            current[req.name] = inst
+    if mine is None or mine.pid != child.pid:  # evicted or replaced by another llamactl while it loaded
+        runner.stop_child(child.proc, grace_s=min(grace_s, 5.0))
+        raise runner.LaunchError(f"{req.name}: its state entry was removed while it loaded (evicted or replaced "
+                                 "by another llamactl); the llama-server just started was stopped")
     return Launched(inst, the_plan, cmd, ready_s, evicted)
 
 
