@@ -23,7 +23,7 @@ import json
 import math
 import statistics
 from collections.abc import Iterable, Sequence
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import MISSING, asdict, dataclass, field, fields, replace
 from typing import Any
 
 from llamactl.model.memory import DeviceMemory, MemoryEstimate
@@ -135,9 +135,13 @@ def settings_key(model: str, resolved: Resolved, layer_devices: Sequence[str], b
 
 
 def settings_json(resolved: Resolved) -> dict[str, Any]:
-    data = asdict(resolved)
-    data["lora"] = list(resolved.lora)
-    data["tensor_overrides"] = [list(o) for o in resolved.tensor_overrides]
+    """The resolved settings that make a launch what it is: every required field, and the optional ones only
+    when they differ from their default, so a setting a later llamactl adds does not orphan what was learned."""
+    data = {}
+    for f in fields(resolved):
+        value = getattr(resolved, f.name)
+        if f.default is MISSING or value != f.default:
+            data[f.name] = [list(v) if isinstance(v, tuple) else v for v in value] if isinstance(value, tuple) else value
     return data
 
 

@@ -228,3 +228,15 @@ def test_killed_while_loading_is_out_of_memory_only_when_memory_is_tight(env: En
     out = env.run("launch", str(env.model), "--name", "m", "--gpus", "none", "--port-start", str(free_port()),
                   "--", "--fake-sigkill-at-load")
     assert out.returncode == 1 and "not for lack of memory" in out.stderr, out.stderr
+
+
+def test_the_settings_key_names_only_what_was_set_among_optional_settings(tmp_path: Path) -> None:
+    from llamactl.learn.calibrate import settings_json
+    from llamactl.model.settings import resolve
+
+    model = write_model(tmp_path / "m.gguf", ModelSpec(n_vocab=512))
+    plain = settings_json(resolve(ServerSettings(), load_params(model, ServerSettings()), 0))
+    assert "n_ctx" in plain and "mmproj" not in plain and "draft_model" not in plain and "lora" not in plain
+    overridden = ServerSettings(tensor_overrides=(("ffn", "CPU"),))
+    data = settings_json(resolve(overridden, load_params(model, overridden), 0))
+    assert data["tensor_overrides"] == [["ffn", "CPU"]]
