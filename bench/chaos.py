@@ -43,7 +43,9 @@ CLIENT_TIMEOUT_S = 30.0
 
 class Run:
     def __init__(self, tmp: Path, seed: int) -> None:
-        self.tmp, self.rng = tmp, random.Random(seed)
+        # the clients' draws depend on how fast they are answered: the chaos has its own generator, so a seed
+        # fixes its schedule
+        self.tmp, self.rng, self.chaos_rng = tmp, random.Random(seed), random.Random(seed)
         self.state = tmp / "state"
         wrapper = tmp / "llama-server"
         wrapper.write_text(f"#!/bin/sh\nexec {sys.executable} {FAKE} \"$@\"\n")
@@ -66,6 +68,7 @@ class Run:
         self.kills: Counter[str] = Counter()
         self.ports_seen: set[int] = set()
         self.stop = threading.Event()
+        self.enough = threading.Event()  # the minimum kills asked for have happened
 
     def start_proxy(self) -> None:
         self.proxy = subprocess.Popen([sys.executable, "-m", "llamactl", "--config", str(self.config), "proxy",
@@ -97,16 +100,19 @@ class Run:
                 with self.lock:
                     self.outcomes[kind] += 1
 
-    def chaos(self, every_s: float) -> None:
-        while not self.stop.wait(self.rng.uniform(0.5, 1.5) * every_s):
+    def chaos(self, every_s: float, minimum: dict[str, int]) -> None:
+        actions = 0
+        while not self.stop.wait(self.chaos_rng.uniform(0.5, 1.5) * every_s):
+            actions += 1
             instances = tagged_instances(self.state)
             for proc in instances:
                 try:
                     self.ports_seen.update(c.laddr.port for c in proc.net_connections() if c.status == "LISTEN")
                 except Exception:
                     pass
-            if instances and self.rng.random() < 0.7:
-                victim = self.rng.choice(instances)
+            owed_proxy = self.kills["proxy"] < minimum.get("proxy", 0) and actions % 4 == 0
+            if instances and not owed_proxy and self.chaos_rng.random() < 0.7:
+                victim = self.chaos_rng.choice(instances)
                 try:
                     victim.send_signal(signal.SIGKILL)  # tagged with our state dir: ours
                     self.kills["instance"] += 1
@@ -118,6 +124,8 @@ class Run:
                 self.kills["proxy"] += 1
                 time.sleep(0.3)
                 self.start_proxy()
+            if all(self.kills[kind] >= n for kind, n in minimum.items()):
+                self.enough.set()
 
     def finish(self) -> dict[str, object]:
         assert self.proxy is not None
@@ -151,15 +159,19 @@ def _free(port: int) -> bool:
             return False
 
 
-def run(tmp: Path, *, seconds: float, clients: int, seed: int, every_s: float = 1.0) -> dict[str, object]:
+def run(tmp: Path, *, seconds: float, clients: int, seed: int, every_s: float = 1.0,
+        minimum: dict[str, int] | None = None) -> dict[str, object]:
+    """`seconds` of load and kills; longer (up to a minute more) until the `minimum` kills of each kind happened."""
     r = Run(tmp, seed)
     r.start_proxy()
     threads = [threading.Thread(target=r.client, daemon=True) for _ in range(clients)]
-    chaos = threading.Thread(target=r.chaos, args=(every_s,), daemon=True)
+    chaos = threading.Thread(target=r.chaos, args=(every_s, minimum or {}), daemon=True)
     for t in threads:
         t.start()
     chaos.start()
     time.sleep(seconds)
+    if minimum:
+        r.enough.wait(60)
     r.stop.set()
     chaos.join(timeout=60)
     for t in threads:

@@ -40,11 +40,9 @@ def local(store: Any, inventory_fn: Callable[[], Any], events: EventLog, previou
 
     rows = refresh(store)
     inv = inventory_fn()
-    by_pid: dict[int, int] = {}
-    for gpu in inv.gpus:
-        for proc in gpu.processes:
-            if proc.used_memory_bytes is not None:
-                by_pid[proc.pid] = by_pid.get(proc.pid, 0) + proc.used_memory_bytes
+    from llamactl.gpu.nvml import use_by_pid
+
+    by_pid = {pid: sum(per_gpu.values()) for pid, per_gpu in use_by_pid(inv.gpus).items()}
     now = time.time()
     instances = []
     for inst, seen in rows:

@@ -61,12 +61,7 @@ def _gpu_use_by_pid() -> dict[int, int] | None:
     devices, reason = nvml.devices()
     if reason:
         return None
-    use: dict[int, int] = {}
-    for dev in devices:
-        for proc in dev.processes:
-            if proc.used_memory_bytes is not None:
-                use[proc.pid] = use.get(proc.pid, 0) + proc.used_memory_bytes
-    return use
+    return {pid: sum(per_gpu.values()) for pid, per_gpu in nvml.use_by_pid(devices).items()}
 
 
 def refresh(store: StateStore) -> list[tuple[Instance, client.Live | None]]:

@@ -8,7 +8,7 @@ becomes None (logged at debug level).
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import TypeVar
 
@@ -38,6 +38,20 @@ class NvmlDevice:
     power_w: float | None
     processes: tuple[NvmlProcess, ...]
     error: str | None = None
+
+
+def use_by_pid(devices: Iterable[object]) -> dict[int, dict[int, int]]:
+    """pid → {GPU index: bytes} from NVML's per-process lists (of NVML devices or inventory GPUs alike).
+
+    A process can appear more than once on one GPU (a compute and a graphics context): its figures add up.
+    A process NVML lists without a figure (no permission, MIG) is left out, not counted as 0."""
+    use: dict[int, dict[int, int]] = {}
+    for dev in devices:
+        for proc in dev.processes:  # type: ignore[attr-defined]
+            if proc.used_memory_bytes is not None:
+                per_gpu = use.setdefault(proc.pid, {})
+                per_gpu[dev.index] = per_gpu.get(dev.index, 0) + proc.used_memory_bytes  # type: ignore[attr-defined]
+    return use
 
 
 def init() -> str | None:

@@ -94,6 +94,23 @@ def read_log_from(path: Path, offset: int) -> str:
         return ""
 
 
+LOAD_DONE = "model loaded"  # llama-server's line once every buffer of the load has been logged
+
+
+def read_loaded_log(path: Path, offset: int, settle_s: float = 2.0) -> str:
+    """The load's log once it is whole: llama.cpp writes its log from a thread of its own, so the buffer
+    lines may reach the file a moment after /health says ready. A log that never began a load (another
+    build, a fake) is taken as it is."""
+    import time
+
+    deadline = time.monotonic() + settle_s
+    while True:
+        text = read_log_from(path, offset)
+        if LOAD_DONE in text or "buffer size" not in text or time.monotonic() >= deadline:
+            return text
+        time.sleep(0.02)
+
+
 @dataclass(frozen=True)
 class Context:
     """Everything about a launch an observation is keyed by."""
@@ -217,12 +234,7 @@ def per_gpu_use(pid: int) -> dict[int, int]:
     devices, reason = nvml.devices()
     if reason:
         return {}
-    use = {}
-    for dev in devices:
-        for proc in dev.processes:
-            if proc.pid == pid and proc.used_memory_bytes is not None:
-                use[dev.index] = use.get(dev.index, 0) + proc.used_memory_bytes
-    return use
+    return nvml.use_by_pid(devices).get(pid, {})
 
 
 def system_versions() -> tuple[str | None, str | None]:

@@ -24,6 +24,7 @@ _DROP_REQUEST = {"host", "content-length", "transfer-encoding", "connection", "a
 _DROP_RESPONSE = {"content-length", "transfer-encoding", "connection", "keep-alive", "content-encoding"}
 _TAIL_BYTES = 4096  # kept from a stream's end to read token usage without parsing every chunk
 _TAIL_PIECES = 16
+_DONE = b"data: [DONE]"  # the last event of an OpenAI-style stream
 
 
 @dataclass
@@ -86,6 +87,7 @@ async def relay(request: web.Request, session: aiohttp.ClientSession, url: str, 
         await response.prepare(request)
         request["relay_status"] = upstream.status
         tail: deque[bytes] = deque(maxlen=_TAIL_PIECES)  # appending costs nothing per piece; joined once
+        answered, carry = False, b""  # the stream's `data: [DONE]` went out: the client has its whole answer
         try:
             async for piece in upstream.content.iter_any():
                 if outcome.ttfb_s is None:
@@ -93,18 +95,34 @@ async def relay(request: web.Request, session: aiohttp.ClientSession, url: str, 
                 try:
                     await response.write(piece)
                 except (ConnectionResetError, aiohttp.ClientConnectionResetError):
-                    request["client_gone"] = True  # it hung up between two pieces: logged and counted as such
+                    # it hung up between two pieces: an abort, unless it had read to the end of the answer
+                    # and only what follows [DONE] (the upstream's close) found it gone
+                    request["client_gone"] = not answered
+                    request["relay_done"] = answered
+                    if answered:
+                        outcome.usage = _usage_from(b"".join(tail)[-_TAIL_BYTES:].decode("utf-8", "replace"))
                     return response, outcome
                 outcome.bytes_out += len(piece)
                 tail.append(piece)
+                if not answered:  # [DONE] may come split over pieces: the window keeps what may start it
+                    window = carry + piece
+                    answered = _DONE in window
+                    carry = window[-(len(_DONE) - 1):]
+                    request["relay_done"] = answered
         except (aiohttp.ClientPayloadError, aiohttp.ServerDisconnectedError, aiohttp.ClientOSError) as exc:
-            outcome.upstream_died = True
+            outcome.upstream_died = not answered  # dying after its [DONE] lost the client nothing
+            if answered:
+                outcome.usage = _usage_from(b"".join(tail)[-_TAIL_BYTES:].decode("utf-8", "replace"))
+                return response, outcome
             event = {"error": {"message": f"upstream instance failed mid-stream: {exc}", "type": "server_error",
                                "code": "upstream_error"}}
             await response.write(f"data: {json.dumps(event)}\n\n".encode())
-        request["relay_done"] = not outcome.upstream_died  # the whole answer went out: a close now is no abort
+        request["relay_done"] = answered or not outcome.upstream_died  # the whole answer went out: a close now is no abort
         outcome.usage = _usage_from(b"".join(tail)[-_TAIL_BYTES:].decode("utf-8", "replace"))
-        await response.write_eof()
+        try:
+            await response.write_eof()
+        except (ConnectionResetError, aiohttp.ClientConnectionResetError):
+            request["client_gone"] = not request["relay_done"]
         finished = True
         return response, outcome
     finally:

@@ -315,6 +315,8 @@ def _start(store: StateStore, req: LaunchRequest, the_plan: Plan, ctx: "observe.
             runner.stop_child(child.proc, grace_s=min(grace_s, 5.0))
             if isinstance(exc, (StateError, OSError)):
                 raise StateError(f"{exc}; the llama-server just started was stopped") from None
+            if isinstance(exc, KeyboardInterrupt):  # Ctrl-C a moment earlier than the wait: the same answer
+                raise LaunchInterrupted(f"interrupted: stopped {req.name} (pid {child.pid}) before it was ready") from None
         raise
     if not req.wait:
         return Launched(store.instances().get(req.name, current[req.name]), the_plan, cmd, None, evicted)
@@ -333,7 +335,7 @@ def _start(store: StateStore, req: LaunchRequest, the_plan: Plan, ctx: "observe.
         if isinstance(exc, OutOfMemoryAtLoad):
             exc.log_text = observe.read_log_from(log_path, log_offset)  # type: ignore[attr-defined]
         raise
-    actual = record_ready(store, ctx, observe.read_log_from(log_path, log_offset), child.pid)
+    actual = record_ready(store, ctx, observe.read_loaded_log(log_path, log_offset), child.pid)
     with store.edit() as current:
         mine = current.get(req.name)
         if mine is not None and mine.pid == child.pid:

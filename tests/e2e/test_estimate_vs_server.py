@@ -177,7 +177,7 @@ def test_generated_models_generate_text(server_binary, server_caps, model_dir, m
         assert wait_healthy(f"http://127.0.0.1:{port}", 30, alive=lambda: proc.poll() is None, interval_s=0.01), \
             "llama-server exited or did not load"
         with httpx.Client(timeout=30) as client:
-            reply = client.post(f"http://127.0.0.1:{port}/completion", json={"prompt": "hello", "n_predict": 8})
+            reply = client.post(f"http://127.0.0.1:{port}/completion", json={"prompt": "hello", "n_predict": 8, "ignore_eos": True})
             assert reply.status_code == 200
             assert reply.json()["tokens_predicted"] == 8
     finally:

@@ -28,7 +28,7 @@ def test_launch_real_server(server_binary: Path, tmp_path: Path) -> None:
     assert out.returncode == 0, out.stderr
     launched = json.loads(out.stdout)
     assert launched["status"] == "ready" and launched["fit"] == "cpu"
-    reply = httpx.post(f"{launched['url']}/completion", json={"prompt": "hello", "n_predict": 6}, timeout=60)
+    reply = httpx.post(f"{launched['url']}/completion", json={"prompt": "hello", "n_predict": 6, "ignore_eos": True}, timeout=60)
     assert reply.status_code == 200 and reply.json()["tokens_predicted"] == 6
     (inst,) = json.loads(run("ps", "--json").stdout)
     assert inst["name"] == "demo" and inst["status"] == "ready" and inst["slots_total"] == 4

@@ -7,6 +7,7 @@ Accepts llama-server's argv (unknown flags ignored) plus switches:
   --fake-ignore-sigterm    survive SIGTERM (only SIGKILL stops it)
   --fake-model NAME        report this model_path in /props (default: the --model value)
   --fake-chunk-delay S     pause S seconds between streamed chunks
+  --fake-done-delay S      pause S seconds between a stream's [DONE] and its end
   --fake-crash-mid-stream K  exit(3) after streaming K chunks
   --fake-oom               log a CUDA allocation failure as llama.cpp does, exit 1 before listening
   --fake-oom-times N FILE  the same for the first N starts (FILE counts them), then start normally
@@ -146,6 +147,7 @@ def main() -> None:
                 final = {"id": "fake-1", "object": "chat.completion.chunk", "created": 0, "model": model,
                          "choices": [{"index": 0, "delta": {}, "finish_reason": "length"}], "usage": usage}
                 send(f"data: {json.dumps(final)}\n\ndata: [DONE]\n\n".encode())
+                time.sleep(float(arg(argv, "--fake-done-delay", "0")))
                 self.wfile.write(b"0\r\n\r\n")
                 self.wfile.flush()
             except (BrokenPipeError, ConnectionResetError):

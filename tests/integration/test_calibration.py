@@ -240,3 +240,31 @@ def test_the_settings_key_names_only_what_was_set_among_optional_settings(tmp_pa
     overridden = ServerSettings(tensor_overrides=(("ffn", "CPU"),))
     data = settings_json(resolve(overridden, load_params(model, overridden), 0))
     assert data["tensor_overrides"] == [["ffn", "CPU"]]
+
+
+def test_the_load_log_is_read_once_whole(tmp_path: Path) -> None:
+    """llama.cpp logs from a thread of its own: the buffer lines may reach the file just after /health says
+    ready. The reader waits for the load's last line rather than learn from half a load."""
+    import threading
+
+    log = tmp_path / "m.log"
+    log.write_text("garbage before the spawn\n")
+    offset = log.stat().st_size
+    with open(log, "a") as fh:
+        fh.write("load_tensors:   CPU_Mapped model buffer size =    13.01 MiB\n")
+    def finish() -> None:
+        time.sleep(0.3)
+        with open(log, "a") as fh:
+            fh.write("sched_reserve:        CPU compute buffer size =     8.52 MiB\nsrv  llama_server: model loaded\n")
+    writer = threading.Thread(target=finish)
+    writer.start()
+    text = observe.read_loaded_log(log, offset, settle_s=30)
+    writer.join()
+    assert "garbage" not in text and "compute buffer size" in text and "model loaded" in text
+    # a log that never began a load (a fake, another build) is taken at once, as it is
+    quiet = tmp_path / "quiet.log"
+    quiet.write_text("fake: listening on 1234\n")
+    reader = threading.Thread(target=observe.read_loaded_log, args=(quiet, 0, 30))
+    reader.start()
+    reader.join(10)
+    assert not reader.is_alive()

@@ -69,7 +69,7 @@ def test_launch_ps_evict(env: Env) -> None:
     assert out.returncode == 0, out.stderr
     assert "a ready in" in out.stdout
     (inst,) = env.ps()
-    assert inst["status"] == "ready" and inst["port"] == env.port_start and inst["slots_total"] == 4
+    assert inst["status"] == "ready" and env.port_start <= inst["port"] < env.port_start + 20 and inst["slots_total"] == 4
     assert inst["estimated_bytes"] > 0 and inst["actual_bytes"] > 0  # CPU instance: RSS
     proc = psutil.Process(inst["pid"])
     assert proc.environ()[INSTANCE_ENV] == "a"
@@ -81,10 +81,10 @@ def test_launch_ps_evict(env: Env) -> None:
 
 def test_slow_readiness_misses_the_deadline(env: Env) -> None:
     start = time.monotonic()
-    out = env.launch("slow", "--fake-ready-after", "30", args=("--timeout", "1s"))
+    out = env.launch("slow", "--fake-ready-after", "30", args=("--timeout", "3s"))
     assert out.returncode == 1
     assert time.monotonic() - start < 15
-    assert "not ready after 1 s" in out.stderr and "fake: listening" in out.stderr  # the log's tail
+    assert "not ready after 3 s" in out.stderr and "fake: listening" in out.stderr  # the log's tail
     (inst,) = env.ps()
     assert inst["status"] == "failed"
     assert not env.tagged()
@@ -116,8 +116,8 @@ def test_sigterm_ignored_is_killed_after_grace(env: Env) -> None:
 
 
 def test_crash_later_shows_dead_then_prune(env: Env) -> None:
-    assert env.launch("flaky", "--fake-crash-after", "0.5").returncode == 0
-    deadline = time.monotonic() + 10
+    assert env.launch("flaky", "--fake-crash-after", "2").returncode == 0
+    deadline = time.monotonic() + 15
     while time.monotonic() < deadline and env.ps()[0]["status"] != "dead":
         time.sleep(0.2)
     assert env.ps()[0]["status"] == "dead"
@@ -206,6 +206,9 @@ def test_kill_9_mid_write_leaves_a_readable_state(env: Env, tmp_path: Path) -> N
         "    i += 1\n")
     for _ in range(5):
         writer = subprocess.Popen([sys.executable, str(script), str(env.state)], env=env.env)
+        deadline = time.monotonic() + 20  # the first writer's first write, however slow its start
+        while not (env.state / "state.json").exists() and time.monotonic() < deadline:
+            time.sleep(0.05)
         time.sleep(0.6)
         writer.send_signal(signal.SIGKILL)
         writer.wait()
@@ -257,15 +260,21 @@ def test_untracked_child_is_adopted(env: Env) -> None:
 def test_evict_idle_and_lru(env: Env) -> None:
     import httpx
 
+    from dataclasses import replace
+
+    from llamactl.servers.state import StateStore
+
     for name in ("old", "new", "newest"):
         assert env.launch(name).returncode == 0
-    time.sleep(4.5)
+    with StateStore(env.state).edit() as instances:  # all three last used an hour ago: no race with the clock
+        for name, inst in instances.items():
+            instances[name] = replace(inst, last_used=time.time() - 3600)
     ports = {i["name"]: i["port"] for i in env.ps()}
     for name in ("new", "newest"):
         httpx.post(f"http://127.0.0.1:{ports[name]}/completion", json={"prompt": "x", "n_predict": 2})
         time.sleep(0.1 if name == "new" else 0)
         env.ps()  # a poll notices the token counters moved: last_used = now
-    out = env.run("evict", "--idle", "4s", "--json")  # margin: each CLI call takes ~1 s on a loaded 2-core box
+    out = env.run("evict", "--idle", "30m", "--json")  # the two the polls saw working are not idle
     assert json.loads(out.stdout)["evicted"] == ["old"]
     out = env.run("evict", "--lru", "1", "--json")
     assert json.loads(out.stdout)["evicted"] == ["new"]

@@ -63,7 +63,7 @@ def test_the_page_shows_every_model_and_updates_live(make_proxy, browser) -> Non
     proxy = make_proxy({"alpha": [], "beta": []})
     browser.get(proxy.url + "/")
     _wait(browser, lambda d: _state(d, "beta") == "stopped")
-    assert _state(browser, "alpha") == "stopped"
+    _wait(browser, lambda d: _state(d, "alpha") == "stopped")  # rows are redrawn each second: read in a retry
     assert "live" in browser.find_element("id", "conn").text
     assert not browser.find_element("id", "key-form").is_displayed()  # no keys configured: no key asked
     assert proxy.post("alpha", max_tokens=2).status_code == 200  # a client starts alpha...
@@ -71,7 +71,8 @@ def test_the_page_shows_every_model_and_updates_live(make_proxy, browser) -> Non
     _wait(browser, lambda d: "ready" in d.find_element("id", "events").text)
     _wait(browser, lambda d: "alpha" in d.find_element("id", "requests").text)
     # the unload button stops it through the management route
-    browser.find_element("css selector", '#models tr[data-model="alpha"] button').click()
+    # (found and clicked in one step: a redraw between the two would leave a stale element)
+    browser.execute_script("document.querySelector('#models tr[data-model=\"alpha\"] button').click()")
     _wait(browser, lambda d: _state(d, "alpha") == "stopped")
     assert not proxy.tagged()
     assert _errors(browser) == []

@@ -90,3 +90,12 @@ def test_non_goal_platforms_say_so(fake_nvml, monkeypatch) -> None:
     fake_nvml([], init_error=NVMLError_LibraryNotFound("NVML Shared Library Not Found"))
     monkeypatch.setattr(sys, "platform", "darwin")
     assert "macOS/Metal is not supported by llamactl" in inventory.live().note
+
+
+def test_use_by_pid_adds_a_process_up_per_gpu_and_leaves_out_unknown_figures(fake_nvml) -> None:
+    """One summing for ps, top and the calibration: a pid seen twice on a GPU adds up; no figure is not 0."""
+    fake_nvml([FakeGpu(pids=[(4242, 3 * GiB), (4242, 1 * GiB), (99, None)]), FakeGpu(pids=[(4242, 2 * GiB)])])
+    devices, reason = nvml.devices()
+    assert reason is None
+    assert nvml.use_by_pid(devices) == {4242: {0: 4 * GiB, 1: 2 * GiB}}
+    assert nvml.use_by_pid(inventory.live().gpus) == {4242: {0: 4 * GiB, 1: 2 * GiB}}  # the inventory's GPUs too
