@@ -6,8 +6,6 @@ import json
 import sys
 from collections.abc import Sequence
 
-from tabulate import tabulate
-
 
 def emit_json(data: object, *, compact: bool = False) -> None:
     """One JSON document on stdout; compact = one line (JSON lines for --watch)."""
@@ -19,6 +17,8 @@ def emit_json(data: object, *, compact: bool = False) -> None:
 
 
 def table(rows: Sequence[Sequence[object]], headers: Sequence[str], *, align_right_from: int = 1) -> str:
+    from tabulate import tabulate  # ~40 ms: only the commands that print a table pay it
+
     colalign = ["left"] * min(align_right_from, len(headers)) + ["right"] * max(0, len(headers) - align_right_from)
     return tabulate(rows, headers=headers, tablefmt="simple", colalign=colalign, disable_numparse=True)
 

@@ -16,7 +16,6 @@ from llamactl.model.gguf import read_header
 from llamactl.model.memory import Placement, estimate
 from llamactl.model.params import model_params
 from llamactl.model.settings import ServerSettings, resolve
-from llamactl.model.synth import demo_spec, write_model
 from llamactl.servers import client
 from llamactl.servers.buffers import free_port, measure
 from llamactl.servers.command import build_command
@@ -35,6 +34,8 @@ def command(
     try:
         header = read_header(path)
     except GGUFError:  # missing, or damaged: write it again (to a temp name, then rename)
+        from llamactl.model.synth import demo_spec, write_model  # the generator (numpy): only when it writes
+
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
         write_model(tmp, demo_spec())

@@ -21,7 +21,7 @@ from pathlib import Path
 from types import MappingProxyType
 from typing import Union
 
-from gguf.constants import GGML_QUANT_SIZES, GGMLQuantizationType
+from llamactl.model import quants
 
 from llamactl.errors import GGUFError
 
@@ -91,7 +91,7 @@ class TensorInfo:
 
     name: str
     shape: tuple[int, ...]
-    ggml_type: GGMLQuantizationType
+    ggml_type: IntEnum  # quants.GGMLType (gguf's own enum for a type our table lacks)
     offset: int  # from the start of its shard's data section
     n_bytes: int
     shard: int = 0
@@ -259,10 +259,10 @@ def _read_tensor_info(cur: _Cursor, index: int) -> TensorInfo:
     *shape, raw_type, offset = layout.unpack_from(buf, pos)
     cur.pos = pos + layout.size
     try:
-        ggml_type = GGMLQuantizationType(raw_type)
+        ggml_type = quants.by_value(raw_type)
     except ValueError:
         raise cur.fail(f"tensor {name!r} has unknown ggml type {raw_type}") from None
-    block_size, type_size = GGML_QUANT_SIZES[ggml_type]
+    block_size, type_size = quants.sizes(ggml_type)
     n_elements = 1
     for dim in shape:
         if dim >= _MAX_DIM:

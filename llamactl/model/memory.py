@@ -14,7 +14,7 @@ import bisect
 import re
 from dataclasses import dataclass, field
 
-from gguf.constants import GGML_QUANT_SIZES, GGMLQuantizationType
+from llamactl.model import quants
 
 from llamactl.model.gguf import TensorInfo
 from llamactl.model.params import DELTA_NET_ARCHS, MODELLED_ARCHS, ModelParams, tensor_layer
@@ -129,8 +129,7 @@ class Placement:
 
 
 def row_bytes(type_name: str, n_elements: int) -> int:
-    qtype = GGMLQuantizationType[type_name.upper()]
-    block, size = GGML_QUANT_SIZES[qtype]
+    block, size = quants.sizes(quants.by_name(type_name))
     return n_elements // block * size
 
 

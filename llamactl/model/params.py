@@ -12,7 +12,7 @@ import re
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from gguf.constants import LlamaFileType
+from llamactl.model.quants import file_type_name
 
 from llamactl.errors import UnsupportedModelError
 from llamactl.model.gguf import GGUFArray, GGUFHeader, TensorInfo
@@ -165,7 +165,7 @@ def _file_type(header: GGUFHeader) -> str | None:
     if not isinstance(value, int):
         return None
     try:
-        return LlamaFileType(value).name.removeprefix("MOSTLY_")
+        return file_type_name(value).removeprefix("MOSTLY_")
     except ValueError:
         return f"type {value}"
 

@@ -16,7 +16,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from gguf.constants import GGML_QUANT_SIZES, GGMLQuantizationType
+from llamactl.model import quants
 
 from llamactl.errors import UnsupportedModelError
 from llamactl.model.gguf import GGUFHeader, read_header
@@ -64,7 +64,7 @@ def projector_from_header(header: GGUFHeader) -> ProjectorParams:
     patch = next((t for t in header.tensors if t.name == "v.patch_embd.weight"), None)
     patch_bytes = 2.0
     if patch is not None:
-        block, size = GGML_QUANT_SIZES[GGMLQuantizationType(patch.ggml_type)]
+        block, size = quants.sizes(patch.ggml_type)
         patch_bytes = max(size / block, 2.0)  # quantized kernels convolve in f16
     weights = sum(-(-t.n_bytes // ALIGNMENT) * ALIGNMENT for t in header.tensors)
     return ProjectorParams(path=str(header.path), proj_type=str(proj_type), n_embd=num("embedding_length"),

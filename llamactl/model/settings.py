@@ -12,7 +12,7 @@ import math
 import re
 from dataclasses import dataclass
 
-from gguf.constants import GGML_QUANT_SIZES, GGMLQuantizationType
+from llamactl.model import quants
 
 from llamactl.errors import UsageError
 from llamactl.model.params import ModelParams
@@ -165,7 +165,7 @@ def resolve(settings: ServerSettings, model: ModelParams, n_gpus: int) -> Resolv
     if flash_attn:  # llama_init_from_model refuses quantized cache blocks that do not divide a head
         for flag, kind, head in (("-ctk", settings.cache_type_k, model.n_embd_head_k),
                                  ("-ctv", settings.cache_type_v, model.n_embd_head_v)):
-            block = GGML_QUANT_SIZES[GGMLQuantizationType[kind.upper()]][0]
+            block = quants.sizes(quants.by_name(kind))[0]
             if block > 1 and head and head % block:
                 raise UsageError(f"{flag} {kind}: its block of {block} does not divide this model's head size {head} "
                                  "(llama.cpp refuses it); use f16 or -fa off")

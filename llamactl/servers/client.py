@@ -13,7 +13,10 @@ from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
-import httpx
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:  # imported where used: httpx costs ~50 ms, and `ps` with nothing running needs none
+    import httpx
 
 DEFAULT_TIMEOUT_S = 1.0
 _METRIC_RE = re.compile(r"^llamacpp:(\w+)\s+([0-9.eE+-]+)$", re.MULTILINE)
@@ -33,6 +36,8 @@ class Live:
 
 def health(client: httpx.Client, base_url: str) -> int | None:
     """The /health status code, or None when nothing answers."""
+    import httpx
+
     try:
         return client.get(f"{base_url}/health").status_code
     except httpx.HTTPError:
@@ -41,6 +46,8 @@ def health(client: httpx.Client, base_url: str) -> int | None:
 
 def model_path(client: httpx.Client, base_url: str) -> str | None:
     """The model the answering server loaded (/props), to tell our server from another program's."""
+    import httpx
+
     try:
         reply = client.get(f"{base_url}/props")
         return reply.json().get("model_path") if reply.status_code == 200 else None
@@ -49,6 +56,8 @@ def model_path(client: httpx.Client, base_url: str) -> str | None:
 
 
 def _poll(base_url: str, timeout_s: float) -> Live:
+    import httpx
+
     with httpx.Client(timeout=timeout_s) as client:
         code = health(client, base_url)
         if code is None:
@@ -82,10 +91,14 @@ def poll_all(base_urls: Sequence[str], timeout_s: float = DEFAULT_TIMEOUT_S) -> 
 
 
 def session(timeout_s: float = DEFAULT_TIMEOUT_S) -> httpx.Client:
+    import httpx
+
     return httpx.Client(timeout=timeout_s)
 
 
 def health_status(base_url: str, timeout_s: float = 1.0) -> int | None:
+    import httpx
+
     with httpx.Client(timeout=timeout_s) as http:
         return health(http, base_url)
 
@@ -94,6 +107,8 @@ def wait_healthy(base_url: str, timeout_s: float, *, alive: Callable[[], bool] |
                  interval_s: float = 0.05) -> bool:
     """Poll /health until it answers 200 (True), or until the deadline or `alive()` says the process is gone
     (False). For servers without /props identity, e.g. the proxy (llama-server children: runner.wait_ready)."""
+    import httpx
+
     deadline = time.monotonic() + timeout_s
     with httpx.Client(timeout=1.0) as http:
         while time.monotonic() < deadline:
@@ -107,6 +122,8 @@ def wait_healthy(base_url: str, timeout_s: float, *, alive: Callable[[], bool] |
 
 def chat_stream(base_url: str, model: str, prompt: str, max_tokens: int, timeout_s: float = 120.0) -> Iterator[str]:
     """One streamed /v1/chat/completions: yields the text pieces as they arrive."""
+    import httpx
+
     body = {"model": model, "max_tokens": max_tokens, "stream": True, "messages": [{"role": "user", "content": prompt}]}
     with httpx.Client(timeout=timeout_s) as http, http.stream("POST", f"{base_url}/v1/chat/completions", json=body) as reply:
         if reply.status_code != 200:
@@ -126,6 +143,8 @@ def chat_stream(base_url: str, model: str, prompt: str, max_tokens: int, timeout
 
 def complete(base_url: str, prompt: str, n_predict: int, timeout_s: float = 60.0) -> str:
     """One /completion; the generated text ("" when the server says nothing usable)."""
+    import httpx
+
     with httpx.Client(timeout=timeout_s) as http:
         try:
             reply = http.post(f"{base_url}/completion", json={"prompt": prompt, "n_predict": n_predict})
