@@ -24,7 +24,9 @@ _DROP_REQUEST = {"host", "content-length", "transfer-encoding", "connection", "a
 _DROP_RESPONSE = {"content-length", "transfer-encoding", "connection", "keep-alive", "content-encoding"}
 _TAIL_BYTES = 4096  # kept from a stream's end to read token usage without parsing every chunk
 _TAIL_PIECES = 16
-_DONE = b"data: [DONE]"  # the last event of an OpenAI-style stream
+# the last event of an OpenAI-style stream, at a line's start (inside an event's JSON a newline is escaped, so
+# a model that writes the words cannot end the answer early)
+_DONE = b"\ndata: [DONE]"
 
 
 @dataclass
@@ -51,6 +53,13 @@ def _usage_from(text: str) -> dict[str, int] | None:
         if isinstance(usage, dict):
             return {k: int(v) for k, v in usage.items() if isinstance(v, int)}
     return None
+
+
+def done_seen(carry: bytes, piece: bytes) -> tuple[bool, bytes]:
+    """Whether the stream's `[DONE]` event is in this piece (or straddles it and the ones before, whose end
+    `carry` keeps), and the carry for the next piece."""
+    window = carry + piece
+    return _DONE in window, window[-(len(_DONE) - 1):]
 
 
 async def relay(request: web.Request, session: aiohttp.ClientSession, url: str, body: bytes,
@@ -104,10 +113,8 @@ async def relay(request: web.Request, session: aiohttp.ClientSession, url: str, 
                     return response, outcome
                 outcome.bytes_out += len(piece)
                 tail.append(piece)
-                if not answered:  # [DONE] may come split over pieces: the window keeps what may start it
-                    window = carry + piece
-                    answered = _DONE in window
-                    carry = window[-(len(_DONE) - 1):]
+                if not answered:
+                    answered, carry = done_seen(carry, piece)
                     request["relay_done"] = answered
         except (aiohttp.ClientPayloadError, aiohttp.ServerDisconnectedError, aiohttp.ClientOSError) as exc:
             outcome.upstream_died = not answered  # dying after its [DONE] lost the client nothing

@@ -130,3 +130,24 @@ def test_harmless_extra_args_pass() -> None:
     from llamactl.servers.command import check_extra_args
 
     check_extra_args(["--temp", "0.7", "--api-key", "k", "--threads", "8"])
+
+
+def test_the_end_of_a_stream_is_seen_however_it_is_cut_and_never_inside_an_answer() -> None:
+    """The proxy counts a client that hangs up after `[DONE]` as answered: the event must be found when
+    the upstream's pieces cut it anywhere, and not when a model writes the same words (escaped in JSON)."""
+    import json
+
+    from llamactl.proxy.forward import done_seen
+
+    stream = (b'data: {"choices":[{"delta":{"content":"hi"}}]}\n\n'
+              + b"data: " + json.dumps({"choices": [{"delta": {"content": "\ndata: [DONE]\n"}}]}).encode() + b"\n\n"
+              + b"data: [DONE]\n\n")
+    end = stream.rindex(b"[DONE]") + len(b"[DONE]")
+    for size in (1, 2, 3, 5, 7, 13, len(stream)):
+        carry, seen_at = b"", None
+        for start in range(0, len(stream), size):
+            seen, carry = done_seen(carry, stream[start:start + size])
+            if seen:
+                seen_at = min(start + size, len(stream))
+                break
+        assert seen_at is not None and seen_at >= end, (size, seen_at, end)  # found, and not in the content
