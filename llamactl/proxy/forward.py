@@ -96,6 +96,10 @@ async def relay(request: web.Request, session: aiohttp.ClientSession, url: str, 
         await response.prepare(request)
         request["relay_status"] = upstream.status
         tail: deque[bytes] = deque(maxlen=_TAIL_PIECES)  # appending costs nothing per piece; joined once
+
+        def tail_usage() -> dict[str, int] | None:
+            return _usage_from(b"".join(tail)[-_TAIL_BYTES:].decode("utf-8", "replace"))
+
         answered, carry = False, b""  # the stream's `data: [DONE]` went out: the client has its whole answer
         try:
             async for piece in upstream.content.iter_any():
@@ -109,7 +113,7 @@ async def relay(request: web.Request, session: aiohttp.ClientSession, url: str, 
                     request["client_gone"] = not answered
                     request["relay_done"] = answered
                     if answered:
-                        outcome.usage = _usage_from(b"".join(tail)[-_TAIL_BYTES:].decode("utf-8", "replace"))
+                        outcome.usage = tail_usage()
                     return response, outcome
                 outcome.bytes_out += len(piece)
                 tail.append(piece)
@@ -119,13 +123,13 @@ async def relay(request: web.Request, session: aiohttp.ClientSession, url: str, 
         except (aiohttp.ClientPayloadError, aiohttp.ServerDisconnectedError, aiohttp.ClientOSError) as exc:
             outcome.upstream_died = not answered  # dying after its [DONE] lost the client nothing
             if answered:
-                outcome.usage = _usage_from(b"".join(tail)[-_TAIL_BYTES:].decode("utf-8", "replace"))
+                outcome.usage = tail_usage()
                 return response, outcome
             event = {"error": {"message": f"upstream instance failed mid-stream: {exc}", "type": "server_error",
                                "code": "upstream_error"}}
             await response.write(f"data: {json.dumps(event)}\n\n".encode())
         request["relay_done"] = answered or not outcome.upstream_died  # the whole answer went out: a close now is no abort
-        outcome.usage = _usage_from(b"".join(tail)[-_TAIL_BYTES:].decode("utf-8", "replace"))
+        outcome.usage = tail_usage()
         try:
             await response.write_eof()
         except (ConnectionResetError, aiohttp.ClientConnectionResetError):

@@ -57,6 +57,12 @@ class Slot:
         return f"http://{self.instance.host}:{self.instance.port}"
 
 
+def _started_by_proxy(inst: Instance, env: dict[str, str]) -> bool:
+    """Whether a proxy started this instance: its entry says so, or, when the entry was lost (its proxy killed
+    between the spawn and the write) and re-adopted as "adopted", the environment llamactl gave it does."""
+    return inst.started_by == "proxy" or env.get(launcher.STARTED_BY_ENV) == "proxy"
+
+
 @dataclass
 class PoolStats:
     """Counters the metrics endpoint reads (prometheus objects live in app.py)."""
@@ -282,9 +288,7 @@ class Pool:
             return False
         slot.api_key = env.get(runner.API_KEY_ENV) or None
         slot.instance, slot.phase = inst, Status.READY
-        # a proxy's instance whose entry was lost (its proxy killed mid-write) is re-adopted as "adopted": its
-        # environment still says who started it
-        slot.ours = inst.started_by == "proxy" or env.get(launcher.STARTED_BY_ENV) == "proxy"
+        slot.ours = _started_by_proxy(inst, env)
         # idle time counts from the instance's last recorded use (the poller keeps it current), so a TTL
         # that ran out while no proxy watched stops it at the next poll
         slot.last_used = inst.last_used or time.time()
@@ -299,9 +303,10 @@ class Pool:
             if slot.phase is Status.STOPPED and slot.task is None and await self._adopt_running(slot, instances):
                 adopted.append(name)
             left = instances.get(name)
-            env = await asyncio.to_thread(self.effects.environ, left) if left is not None else None
-            if (left is not None and left.status is Status.STARTING and env is not None
-                    and (left.started_by == "proxy" or env.get(launcher.STARTED_BY_ENV) == "proxy")):
+            if left is None or left.status is not Status.STARTING:
+                continue
+            env = await asyncio.to_thread(self.effects.environ, left)
+            if env is not None and _started_by_proxy(left, env):
                 # a proxy that died while starting it left it: nobody waits for it; the next request starts it
                 log.warning("%s: stopping the instance a previous proxy left starting (pid %s)", name, left.pid)
                 await asyncio.to_thread(self.effects.stop, name)

@@ -316,7 +316,7 @@ def _start(store: StateStore, req: LaunchRequest, the_plan: Plan, ctx: "observe.
             if isinstance(exc, (StateError, OSError)):
                 raise StateError(f"{exc}; the llama-server just started was stopped") from None
             if isinstance(exc, KeyboardInterrupt):  # Ctrl-C a moment earlier than the wait: the same answer
-                raise LaunchInterrupted(f"interrupted: stopped {req.name} (pid {child.pid}) before it was ready") from None
+                raise _interrupted(req.name, child.pid) from None
         raise
     if not req.wait:
         return Launched(store.instances().get(req.name, current[req.name]), the_plan, cmd, None, evicted)
@@ -331,7 +331,7 @@ def _start(store: StateStore, req: LaunchRequest, the_plan: Plan, ctx: "observe.
                 else:
                     current[req.name] = replace(current[req.name], status=Status.FAILED)
         if isinstance(exc, KeyboardInterrupt):
-            raise LaunchInterrupted(f"interrupted: stopped {req.name} (pid {child.pid}) before it was ready") from None
+            raise _interrupted(req.name, child.pid) from None
         if isinstance(exc, OutOfMemoryAtLoad):
             exc.log_text = observe.read_log_from(log_path, log_offset)  # type: ignore[attr-defined]
         raise
@@ -452,3 +452,8 @@ class LaunchInterrupted(LlamactlError):
     """Ctrl-C while waiting for readiness: what was started has been stopped."""
 
     exit_code = ExitCode.INTERRUPTED
+
+
+def _interrupted(name: str, pid: int) -> LaunchInterrupted:
+    """Ctrl-C after the spawn, wherever it lands (recording the instance or waiting for it): one answer."""
+    return LaunchInterrupted(f"interrupted: stopped {name} (pid {pid}) before it was ready")
