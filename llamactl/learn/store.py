@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import random
 import sqlite3
 import stat
 import time
@@ -99,14 +100,28 @@ class CalibrationStore:
             conn.close()
 
     def _prepare(self, conn: sqlite3.Connection) -> None:
-        version = conn.execute("PRAGMA user_version").fetchone()[0]
-        if version == SCHEMA:
-            return
-        if version > SCHEMA:
-            raise CalibrationError(f"{self.path} has schema {version}, newer than this llamactl ({SCHEMA}); upgrade llamactl")
-        conn.execute("PRAGMA journal_mode = WAL")  # kept by the file from now on
-        conn.executescript(_CREATE)  # idempotent: two first writers at once both succeed
-        conn.execute(f"PRAGMA user_version = {SCHEMA}")
+        """Create the schema on a new file. SQLite answers a journal-mode change that meets another writer
+        with "database is locked" at once, without its busy handler, so two first writers racing here retry
+        (with a random pause) until BUSY_TIMEOUT_S, as the busy timeout does everywhere else."""
+        deadline = time.monotonic() + BUSY_TIMEOUT_S
+        while True:
+            try:
+                version = conn.execute("PRAGMA user_version").fetchone()[0]
+                if version == SCHEMA:
+                    return
+                if version > SCHEMA:
+                    raise CalibrationError(f"{self.path} has schema {version}, newer than this llamactl ({SCHEMA}); "
+                                           "upgrade llamactl")
+                conn.execute("PRAGMA journal_mode = WAL")  # kept by the file from now on
+                conn.executescript(_CREATE)  # idempotent: two first writers both succeed
+                conn.execute(f"PRAGMA user_version = {SCHEMA}")
+                return
+            except sqlite3.OperationalError as exc:
+                if conn.in_transaction:
+                    conn.execute("ROLLBACK")
+                if not _busy(exc) or time.monotonic() >= deadline:
+                    raise
+                time.sleep(random.uniform(0.005, 0.05))
 
     def add(self, observations: Iterable[Observation]) -> int:
         """Insert observations (a uid already present is skipped); returns how many were new."""
@@ -190,3 +205,8 @@ class CalibrationStore:
                 cur = conn.execute("DELETE FROM observations WHERE model_key = ?", (model_key,))
             conn.execute("COMMIT")
             return cur.rowcount
+
+
+def _busy(exc: sqlite3.OperationalError) -> bool:
+    text = str(exc)
+    return "database is locked" in text or "database is busy" in text

@@ -6,8 +6,10 @@ from __future__ import annotations
 import json
 import multiprocessing
 import os
+import sqlite3
 import subprocess
 import sys
+import threading
 import time
 from dataclasses import replace
 from pathlib import Path
@@ -122,21 +124,42 @@ def _plain() -> Observation:
                        partial=False, devices=(cpu,), build="b")
 
 
-def _writer(args: tuple[str, int]) -> int:
-    state, n = args
+def _writer(args: tuple[str, int, object]) -> int:
+    state, n, barrier = args
     store = CalibrationStore(Path(state))
     obs = _plain()
+    barrier.wait(60)  # type: ignore[attr-defined]  # all six make their first write to the new file at once
     for i in range(n):
         store.add([replace(obs, at=time.time(), uid=f"{os.getpid()}-{i}")])
     return n
 
 
 def test_concurrent_writers_lose_nothing(tmp_path: Path) -> None:
-    with multiprocessing.get_context("spawn").Pool(6) as pool:
-        written = sum(pool.map(_writer, [(str(tmp_path), 40)] * 6))
+    ctx = multiprocessing.get_context("spawn")
+    with ctx.Manager() as manager, ctx.Pool(6) as pool:
+        barrier = manager.Barrier(6)
+        written = sum(pool.map(_writer, [(str(tmp_path), 40, barrier)] * 6, chunksize=1))
     store = CalibrationStore(tmp_path)
     assert written == 240 and store.count() == 240
     assert oct(store.path.stat().st_mode & 0o777) == "0o600"
+
+
+def test_the_first_write_waits_for_another_writer(tmp_path: Path) -> None:
+    """SQLite answers the change to WAL at once with "database is locked" (no busy handler) while another
+    connection writes the new file; the first write waits for it, as every other write does."""
+    other = sqlite3.connect(tmp_path / "calibration.db", isolation_level=None, check_same_thread=False)
+    other.execute("BEGIN IMMEDIATE")
+    other.execute("CREATE TABLE theirs (x)")
+    done = threading.Timer(0.5, lambda: other.execute("COMMIT"))
+    done.start()
+    try:
+        started = time.monotonic()
+        assert CalibrationStore(tmp_path).add([_plain()]) == 1
+        assert time.monotonic() - started >= 0.4  # it waited for the other writer
+    finally:
+        done.join()
+        other.close()
+    assert CalibrationStore(tmp_path).count() == 1
 
 
 def test_the_store_is_bounded(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
