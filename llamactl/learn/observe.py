@@ -101,8 +101,6 @@ def read_loaded_log(path: Path, offset: int, settle_s: float = 2.0) -> str:
     """The load's log once it is whole: llama.cpp writes its log from a thread of its own, so the buffer
     lines may reach the file a moment after /health says ready. A log that never began a load (another
     build, a fake) is taken as it is."""
-    import time
-
     deadline = time.monotonic() + settle_s
     while True:
         text = read_log_from(path, offset)

@@ -208,5 +208,5 @@ class CalibrationStore:
 
 
 def _busy(exc: sqlite3.OperationalError) -> bool:
-    text = str(exc)
-    return "database is locked" in text or "database is busy" in text
+    """SQLITE_BUSY, in any of its extended forms ("database is locked")."""
+    return (getattr(exc, "sqlite_errorcode", 0) & 0xFF) == sqlite3.SQLITE_BUSY

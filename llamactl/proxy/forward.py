@@ -111,7 +111,6 @@ async def relay(request: web.Request, session: aiohttp.ClientSession, url: str, 
                     # it hung up between two pieces: an abort, unless it had read to the end of the answer
                     # and only what follows [DONE] (the upstream's close) found it gone
                     request["client_gone"] = not answered
-                    request["relay_done"] = answered
                     if answered:
                         outcome.usage = tail_usage()
                     return response, outcome
