@@ -55,6 +55,8 @@ class Config:
     max_queue: int = 64
     max_body_bytes: int = 64 * 1024 * 1024
     api_keys: tuple[str, ...] = ()
+    allowed_hosts: tuple[str, ...] = ()  # Host names (besides addresses, localhost, the bound name) served
+    allowed_origins: tuple[str, ...] = ()  # pages (scheme://host:port) that may call the proxy (CORS)
     instance_api_keys: bool = False
     adopt: bool = False
     models_dir: Path | None = None
@@ -79,7 +81,7 @@ class ConfigError(UsageError):
 
 
 _GLOBAL_KEYS = {"server_bin", "host", "port", "port_start", "max_instances", "idle_ttl", "poll_interval",
-                "load_timeout", "header_timeout", "body_timeout", "max_queue", "max_body", "api_keys", "instance_api_keys", "adopt", "models_dir",
+                "load_timeout", "header_timeout", "body_timeout", "max_queue", "max_body", "api_keys", "allowed_hosts", "allowed_origins", "instance_api_keys", "adopt", "models_dir",
                 "gpu_util_threshold", "gpu_mem_threshold", "gpu_overhead", "host_memory", "calibration", "defaults",
                 "models"}
 # every llama-server setting `estimate` takes (its flag's long name, without a leading "no_" where the
@@ -424,6 +426,17 @@ def load(path: Path | None, *, required: bool = False) -> Config:
                    for k in keys):
             raise r.fail("api_keys", "expected a list of non-empty keys without spaces or control characters")
         cfg["api_keys"] = tuple(keys)
+    for key, what in (("allowed_hosts", "host names like \"gpu-box.lan\" (or \"*\")"),
+                      ("allowed_origins", "origins like \"http://localhost:3000\" (or \"*\")")):
+        values = r.get(data, key, key, list, None)
+        if values is None:
+            continue
+        if not all(isinstance(v, str) and v and v.isprintable() and not any(c.isspace() for c in v) and len(v) <= 253
+                   for v in values):
+            raise r.fail(key, f"expected a list of {what}")
+        if key == "allowed_origins" and not all(v == "*" or v.startswith(("http://", "https://")) for v in values):
+            raise r.fail(key, f"expected a list of {what}: an origin starts with http:// or https://")
+        cfg[key] = tuple(values)
     defaults_table = r.get(data, "defaults", "defaults", dict, {})
     _check_keys(r, defaults_table, _SETTING_KEYS, "defaults")
     base, base_args = _settings(r, defaults_table, "defaults", ServerSettings())

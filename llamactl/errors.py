@@ -150,3 +150,15 @@ class UpstreamError(ProxyError):
 
 class AuthError(ProxyError):
     http_status, kind, code = 401, "invalid_request_error", "invalid_api_key"
+
+
+class ForbiddenError(ProxyError):
+    """A browser's request from a page the proxy does not serve (Host or Origin not allowed)."""
+
+    http_status, kind, code = 403, "invalid_request_error", "forbidden"
+
+
+class UnsupportedMediaError(ProxyError):
+    """A state-changing request whose body is not declared JSON (a page's "simple" cross-site request)."""
+
+    http_status, kind, code = 415, "invalid_request_error", "unsupported_media_type"

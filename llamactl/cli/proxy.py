@@ -65,6 +65,8 @@ def command(
     grace: str = typer.Option("30s", "--grace", help="How long in-flight requests may finish at shutdown."),
     log_format: str = typer.Option("text", "--log-format", help="Request log format: text or json."),
     json_output: bool = typer.Option(False, "--json", help="With --check: JSON."),
+    insecure_no_auth: bool = typer.Option(False, "--insecure-no-auth",
+                                          help="Listen beyond loopback without api_keys (anyone on the network may use it)."),
 ) -> None:
     """OpenAI-compatible server: route by model, launch on demand, queue, stream, evict idle."""
     cfg = load_config(ctx)
@@ -72,6 +74,7 @@ def command(
         from dataclasses import replace
 
         cfg = replace(cfg, host=host or cfg.host, port=port or cfg.port)
+    _check_exposure(cfg, insecure_no_auth)
     if check:
         _check(cfg, wants_json(ctx, json_output))
         return
@@ -106,6 +109,20 @@ def command(
     # lingering_time: after answering a body it did not read (408, 413), wait 1 s for the rest, not 10
     web.run_app(app, sock=sock, shutdown_timeout=max(grace_s, 1.0), keepalive_timeout=cfg.header_timeout_s,
                 lingering_time=1.0, print=None, access_log=None, handler_cancellation=True)
+
+
+def _check_exposure(cfg: config_mod.Config, insecure_no_auth: bool) -> None:
+    """A proxy reachable from the network starts models and answers for anyone who finds it: keys first."""
+    from llamactl.proxy.browsers import is_loopback
+
+    if is_loopback(cfg.host) or cfg.api_keys:
+        return
+    if not insecure_no_auth:
+        raise UsageError(f"refusing to listen on {cfg.host} without api_keys: anyone who can reach this address "
+                         "could load models and read answers; set api_keys in the config, bind 127.0.0.1, or pass "
+                         "--insecure-no-auth")
+    logging.getLogger("llamactl.proxy").warning(
+        "listening on %s without api_keys (--insecure-no-auth): anyone who reaches it can use it", cfg.host)
 
 
 def _listen(host: str, port: int) -> socket.socket:

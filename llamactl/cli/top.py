@@ -201,7 +201,7 @@ def _evict(ctx: typer.Context, screen: Screen, name: str, url: str | None, api_k
 
         headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
         try:
-            reply = httpx.post(f"{url.rstrip('/')}/models/{name}/unload", headers=headers, timeout=60)
+            reply = httpx.post(f"{url.rstrip('/')}/models/{name}/unload", headers=headers, json={}, timeout=60)
             screen.message = f"evicted {name}" if reply.status_code == 200 else f"evict {name}: {reply.status_code} {reply.text[:100]}"
         except httpx.HTTPError as exc:
             screen.message = f"evict {name}: {exc}"

@@ -24,9 +24,10 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, gene
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
 from llamactl.config import Config
-from llamactl.errors import AuthError, LlamactlError, ProxyError, RequestTimeoutError, UpstreamError, one_line
+from llamactl.errors import (AuthError, ForbiddenError, LlamactlError, ProxyError, RequestTimeoutError,
+                             UnsupportedMediaError, UpstreamError, one_line)
 from llamactl.gpu.inventory import Inventory
-from llamactl.proxy import forward
+from llamactl.proxy import browsers, forward
 from llamactl.lifecycle import SLOT, Status
 from llamactl.proxy.pool import Pool
 from llamactl.servers import client
@@ -126,6 +127,11 @@ def build_app(pool: Pool, inventory_fn: Callable[[], Inventory], *, keep_instanc
         if task is not None:
             in_flight[task] = request
         try:
+            _check_browser(request, pool.config)
+            if request.method == "OPTIONS":  # a CORS preflight from an allowed origin (others: 403 above)
+                response = _preflight(request, pool.config)
+                _access_log(request, response.status, time.monotonic() - started, log_json)
+                return response
             keys = pool.config.api_keys
             if keys and request.path not in PUBLIC_PATHS and not _authorized(request.headers.get("Authorization", ""), keys):
                 raise AuthError("missing or invalid API key (Authorization: Bearer ...)")
@@ -385,9 +391,53 @@ def build_app(pool: Pool, inventory_fn: Callable[[], Inventory], *, keep_instanc
             log.warning("shutting down: cut %d requests still in flight after %g s", len(pending), grace_s)
             await asyncio.wait(pending, timeout=2.0)
 
+    async def on_prepare(request: web.Request, response: web.StreamResponse) -> None:
+        _secure_headers(request, response, pool.config)  # streams too: just before their headers go out
+
+    app.on_response_prepare.append(on_prepare)
     app.on_shutdown.append(drain)
     app.cleanup_ctx.append(lifespan)
     return app
+
+
+STATE_CHANGING = ("/models/",)  # POST routes besides MODEL_ROUTES that change what runs
+
+
+def _check_browser(request: web.Request, config: Config) -> None:
+    """Host, Origin and content type, before the key: a page the user visits is not a client."""
+    host = request.headers.get("Host")
+    if not browsers.host_allowed(host, config.host, config.allowed_hosts):
+        raise ForbiddenError(f"Host {one_line(host or '', 100)!r} is not this proxy's address; add the name to "
+                             "allowed_hosts if clients reach the proxy by it")
+    origin = request.headers.get("Origin")
+    if not browsers.origin_allowed(origin, host, config.allowed_origins):
+        raise ForbiddenError(f"requests from the page {one_line(origin or '', 100)!r} are refused; add the origin to "
+                             "allowed_origins to let it call the proxy")
+    if (request.method == "POST" and (request.path in MODEL_ROUTES or request.path.startswith(STATE_CHANGING))
+            and not browsers.is_json(request.headers.get("Content-Type"))):
+        raise UnsupportedMediaError("POST bodies must be Content-Type: application/json")
+
+
+def _preflight(request: web.Request, config: Config) -> web.Response:
+    allow = browsers.cors_origin(request.headers.get("Origin"), config.allowed_origins)
+    if allow is None:
+        raise ForbiddenError("cross-origin requests are refused; add the page's origin to allowed_origins")
+    return web.Response(status=204, headers={
+        "Access-Control-Allow-Origin": allow, "Vary": "Origin", "Access-Control-Allow-Methods": "GET, POST",
+        "Access-Control-Allow-Headers": browsers.CORS_ALLOW_HEADERS,
+        "Access-Control-Max-Age": str(browsers.CORS_MAX_AGE_S)})
+
+
+def _secure_headers(request: web.Request, response: web.StreamResponse, config: Config) -> None:
+    """The page's headers (no framing, a strict CSP), nosniff everywhere, CORS only for allowed origins."""
+    response.headers.setdefault("X-Content-Type-Options", "nosniff")
+    if request.path in ("/", "/ui") or request.path.startswith("/ui/"):
+        for name, value in browsers.PAGE_HEADERS.items():
+            response.headers.setdefault(name, value)
+    allow = browsers.cors_origin(request.headers.get("Origin"), config.allowed_origins)
+    if allow is not None:
+        response.headers["Access-Control-Allow-Origin"] = allow
+        response.headers["Vary"] = "Origin"
 
 
 def _live_fields(live: client.Live | None) -> dict[str, object]:

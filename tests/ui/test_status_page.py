@@ -20,6 +20,16 @@ DRIVER = next((p for p in ("/usr/bin/chromedriver", shutil.which("chromedriver")
 
 @pytest.fixture
 def browser():
+    yield from _browser()
+
+
+@pytest.fixture
+def rebinding_browser():
+    """A browser in which evil.example resolves to 127.0.0.1: what DNS rebinding makes of a page's name."""
+    yield from _browser("--host-resolver-rules=MAP evil.example 127.0.0.1")
+
+
+def _browser(*extra: str):
     if CHROMIUM is None or DRIVER is None:
         pytest.fail("these tests need chromium and chromedriver (apt install chromium chromium-driver; "
                     ".ci/run installs them)", pytrace=False)
@@ -29,7 +39,8 @@ def browser():
     options = webdriver.ChromeOptions()
     options.binary_location = CHROMIUM
     for arg in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--window-size=1400,1000",
-                "--disable-gpu", "--no-first-run"):
+                "--disable-gpu", "--no-first-run", "--disable-background-networking", "--disable-component-update",
+                "--disable-sync", *extra):
         options.add_argument(arg)
     options.set_capability("goog:loggingPrefs", {"browser": "ALL"})
     driver = webdriver.Chrome(service=Service(DRIVER), options=options)
@@ -92,3 +103,39 @@ def test_the_page_asks_for_the_key_when_the_proxy_has_keys(make_proxy, browser) 
     browser.find_element("css selector", "#key-form button").click()
     _wait(browser, lambda d: _state(d, "alpha") == "stopped")
     assert [e for e in _errors(browser) if "401" not in e] == []  # the refused key's 401 is expected
+
+
+def test_a_page_from_another_site_cannot_drive_the_proxy(make_proxy, rebinding_browser, tmp_path) -> None:  # noqa: F811
+    """A real cross-site page: its no-cors POST (CSRF) reaches the proxy and is refused; its own name rebound
+    to the proxy's address (DNS rebinding) is refused before any data; the model never starts."""
+    import functools
+    import http.server
+    import threading
+
+    from llamactl.servers.buffers import free_port
+
+    proxy = make_proxy({"alpha": []})
+    site = tmp_path / "site"
+    site.mkdir()
+    (site / "index.html").write_text(f"""<!doctype html><title>evil</title><script>
+      fetch("http://127.0.0.1:{proxy.port}/models/alpha/load",
+            {{method: "POST", mode: "no-cors", headers: {{"Content-Type": "text/plain"}}, body: "{{}}"}})
+        .then(() => document.title = "sent", e => document.title = "error " + e);
+      fetch("http://127.0.0.1:{proxy.port}/status").then(r => r.text())
+        .then(t => document.title += " read", e => document.title += " unread");
+    </script>""")
+    handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(site))
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", free_port()), handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        rebinding_browser.get(f"http://evil.example:{server.server_address[1]}/")
+        _wait(rebinding_browser, lambda d: d.title.endswith("read"))
+        assert rebinding_browser.title == "sent unread"  # no CORS grant: the page cannot read /status
+        # the request did reach the proxy (not stopped by the browser alone), and was refused there
+        _wait(rebinding_browser, lambda d: "POST /models/alpha/load model=- status=403" in proxy.logs())
+        # DNS rebinding: the page's own name now points at the proxy
+        rebinding_browser.get(f"http://evil.example:{proxy.port}/status")
+        assert "is not this proxy's address" in rebinding_browser.find_element("tag name", "body").text
+        assert proxy.instances()[0]["state"] == "stopped" and not proxy.tagged()
+    finally:
+        server.shutdown()

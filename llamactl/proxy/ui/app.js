@@ -26,7 +26,7 @@ function el(tag, attrs = {}, ...children) {
   const node = document.createElement(tag);
   for (const [k, v] of Object.entries(attrs)) {
     if (k === "class") node.className = v;
-    else if (k === "style") node.setAttribute("style", v);
+    else if (k === "style") node.style.cssText = v;  // CSSOM: the page's CSP allows no style attributes
     else if (k.startsWith("on")) node.addEventListener(k.slice(2), v);
     else node.setAttribute(k, v);
   }
@@ -100,7 +100,9 @@ function drawGpus(snap, names) {
 }
 
 async function act(name, verb) {
-  const reply = await fetch(`/models/${encodeURIComponent(name)}/${verb}`, { method: "POST", headers: headers() });
+  const reply = await fetch(`/models/${encodeURIComponent(name)}/${verb}`, {
+    method: "POST", headers: { ...headers(), "Content-Type": "application/json" }, body: "{}",
+  });
   if (!reply.ok) {
     const body = await reply.json().catch(() => ({}));
     alert(`${verb} ${name}: ${(body.error && body.error.message) || reply.status}`);

@@ -1,0 +1,102 @@
+"""A page the user visits is not a client: the proxy (default config, no keys) refuses what a browser sends
+for a cross-site page or a DNS-rebound name, with a real browser's request shape, and still serves its own
+page, curl and the openai client."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import httpx
+
+from tests.integration.test_proxy import make_proxy  # noqa: F401  (the fixture: a real proxy over fake servers)
+
+CROSS_SITE = {"Origin": "http://evil.example", "Sec-Fetch-Site": "cross-site", "Sec-Fetch-Mode": "no-cors"}
+
+
+def test_a_cross_site_simple_request_cannot_load_a_model(make_proxy) -> None:
+    proxy = make_proxy({"alpha": [], "beta": []})
+    # a form or no-cors fetch: text/plain, an Origin of another site
+    reply = httpx.post(f"{proxy.url}/models/beta/load", content=b"{}",
+                       headers={**CROSS_SITE, "Content-Type": "text/plain"}, timeout=10)
+    assert reply.status_code == 403 and "allowed_origins" in reply.json()["error"]["message"]
+    assert "access-control-allow-origin" not in reply.headers
+    chat = httpx.post(f"{proxy.url}/v1/chat/completions", content=b'{"model": "alpha", "messages": []}',
+                      headers={**CROSS_SITE, "Content-Type": "text/plain"}, timeout=10)
+    assert chat.status_code == 403
+    # without an Origin (a browser that leaves it out, or an old one) the content type still stops it
+    plain = httpx.post(f"{proxy.url}/models/beta/load", content=b"{}", headers={"Content-Type": "text/plain"},
+                       timeout=10)
+    assert plain.status_code == 415 and plain.json()["error"]["code"] == "unsupported_media_type"
+    form = httpx.post(f"{proxy.url}/v1/chat/completions", data={"model": "alpha"}, timeout=10)
+    assert form.status_code == 415
+    assert all(i["state"] == "stopped" for i in proxy.instances()), "a refused request started a model"
+    assert not proxy.tagged()
+    # a preflight from that page gets no CORS grant
+    pre = httpx.options(f"{proxy.url}/v1/chat/completions", headers={
+        "Origin": "http://evil.example", "Access-Control-Request-Method": "POST",
+        "Access-Control-Request-Headers": "content-type"}, timeout=10)
+    assert pre.status_code == 403 and "access-control-allow-origin" not in pre.headers
+    # the proxy's own clients go on: curl/openai (no Origin, JSON) and the page's own origin
+    assert proxy.post("alpha", max_tokens=2).status_code == 200
+    same = httpx.post(f"{proxy.url}/models/beta/load", json={}, timeout=30,
+                      headers={"Origin": proxy.url, "Sec-Fetch-Site": "same-origin"})
+    assert same.status_code == 200 and same.json()["state"] == "ready"
+
+
+def test_a_rebound_name_is_refused_everywhere(make_proxy) -> None:
+    """DNS rebinding: the attacker's name resolves to 127.0.0.1, so the browser sends `Host: evil.example`."""
+    proxy = make_proxy({"alpha": []})
+    rebound = {"Host": f"evil.example:{proxy.port}"}
+    for method, path in (("GET", "/status"), ("GET", "/metrics"), ("GET", "/v1/models"), ("GET", "/"),
+                         ("GET", "/status/stream")):
+        reply = httpx.request(method, f"{proxy.url}{path}", headers=rebound, timeout=10)
+        assert reply.status_code == 403, (path, reply.status_code)
+        assert "allowed_hosts" in reply.json()["error"]["message"]
+    chat = httpx.post(f"{proxy.url}/v1/chat/completions", json={"model": "alpha", "messages": []},
+                      headers=rebound, timeout=10)
+    assert chat.status_code == 403
+    assert proxy.instances()[0]["state"] == "stopped"
+    assert httpx.get(f"{proxy.url}/health", headers={"Host": f"localhost:{proxy.port}"}, timeout=10).status_code == 200
+    # refused requests are logged like every other
+    assert f"GET /status model=- status=403" in proxy.logs()
+
+
+def test_allowed_hosts_and_origins_open_what_the_operator_names(make_proxy) -> None:
+    proxy = make_proxy({"alpha": []}, 'allowed_hosts = ["gpu-box.lan"]\nallowed_origins = ["http://localhost:3000"]')
+    assert httpx.get(f"{proxy.url}/v1/models", headers={"Host": "gpu-box.lan:80"}, timeout=10).status_code == 200
+    assert httpx.get(f"{proxy.url}/v1/models", headers={"Host": "other.lan"}, timeout=10).status_code == 403
+    pre = httpx.options(f"{proxy.url}/v1/chat/completions", headers={
+        "Origin": "http://localhost:3000", "Access-Control-Request-Method": "POST",
+        "Access-Control-Request-Headers": "content-type, authorization"}, timeout=10)
+    assert pre.status_code == 204 and pre.headers["access-control-allow-origin"] == "http://localhost:3000"
+    assert "Content-Type" in pre.headers["access-control-allow-headers"]
+    with httpx.stream("POST", f"{proxy.url}/v1/chat/completions", timeout=30, headers={"Origin": "http://localhost:3000"},
+                      json={"model": "alpha", "messages": [], "stream": True, "max_tokens": 2}) as stream:
+        assert stream.status_code == 200
+        assert stream.headers["access-control-allow-origin"] == "http://localhost:3000"  # streams carry it too
+        stream.read()
+
+
+def test_the_page_cannot_be_framed_and_has_a_strict_policy(make_proxy) -> None:
+    proxy = make_proxy({"alpha": []})
+    page = httpx.get(f"{proxy.url}/ui", timeout=10)
+    assert page.headers["x-frame-options"] == "DENY"
+    assert page.headers["x-content-type-options"] == "nosniff"
+    csp = page.headers["content-security-policy"]
+    assert "frame-ancestors 'none'" in csp and "script-src 'self'" in csp and "unsafe-inline" not in csp
+    assert httpx.get(f"{proxy.url}/ui/app.js", timeout=10).headers["x-content-type-options"] == "nosniff"
+
+
+def test_listening_beyond_loopback_without_keys_is_refused(tmp_path) -> None:
+    config = tmp_path / "c.toml"
+    config.write_text('host = "0.0.0.0"\n')
+    env_argv = [sys.executable, "-m", "llamactl", "--config", str(config), "proxy", "--check"]
+    out = subprocess.run(env_argv, capture_output=True, text=True, timeout=60)
+    assert out.returncode == 2 and "without api_keys" in out.stderr and "--insecure-no-auth" in out.stderr
+    assert "Traceback" not in out.stderr
+    config.write_text('host = "0.0.0.0"\napi_keys = ["k1"]\n')
+    assert subprocess.run(env_argv, capture_output=True, text=True, timeout=60).returncode == 0
+    config.write_text('host = "0.0.0.0"\n')
+    ok = subprocess.run(env_argv + ["--insecure-no-auth"], capture_output=True, text=True, timeout=60)
+    assert ok.returncode == 0 and "anyone who reaches it" in ok.stderr
