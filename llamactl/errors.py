@@ -66,6 +66,17 @@ class ServerBinaryError(LlamactlError):
     exit_code = ExitCode.SERVER_BINARY
 
 
+class NoRoomYet(LlamactlError):
+    """The model would fit better than it can now: memory it needs is held by instances that may free it
+    (busy, starting or stopping). The proxy waits for them (bounded); `holders` names them."""
+
+    exit_code = ExitCode.NO_FIT
+
+    def __init__(self, message: str, holders: tuple[str, ...] = ()) -> None:
+        super().__init__(message)
+        self.holders = holders
+
+
 class NotBuiltError(LlamactlError):
     """A subcommand whose issue has not landed yet."""
 

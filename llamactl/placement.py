@@ -101,8 +101,13 @@ class RunningInstance:
     gpu_bytes: dict[int, int]  # NVML index → bytes it holds (measured, else estimated)
     last_used: float  # epoch seconds
     idle: bool = True  # no request in flight
-    starting: bool = False  # memory promised but not yet visible to NVML
+    starting: bool = False  # loading: not to be evicted
     pids: tuple[int, ...] = ()
+    visible: bool | None = None  # its memory shows in the inventory's used/free figures (None: unless starting)
+
+    @property
+    def shown(self) -> bool:
+        return self.visible if self.visible is not None else not self.starting
 
 
 @dataclass(frozen=True)
@@ -137,8 +142,10 @@ def capacities(gpus: Sequence[Gpu], instances: Sequence[RunningInstance], policy
     """Candidate GPUs and what each can take, counting only other programs' use against the thresholds."""
     out = []
     for gpu in gpus:
-        ours_bytes = sum(inst.gpu_bytes.get(gpu.index, 0) for inst in instances if not inst.starting)
-        promised = sum(inst.gpu_bytes.get(gpu.index, 0) for inst in instances if inst.starting)
+        # an instance whose memory the inventory shows is in `used`; any other (starting, a simulated GPU,
+        # NVML not showing its process yet) is promised on top
+        ours_bytes = sum(inst.gpu_bytes.get(gpu.index, 0) for inst in instances if inst.shown)
+        promised = sum(inst.gpu_bytes.get(gpu.index, 0) for inst in instances if not inst.shown)
         others_used = max(gpu.memory_used_bytes - ours_bytes, 0)
         capacity = max(gpu.memory_free_bytes - promised - policy.margin_bytes, 0)
         reason = None
@@ -349,6 +356,19 @@ def plan(params: ModelParams, settings: ServerSettings, gpus: Sequence[Gpu], pol
     return result
 
 
+def fits_beside(the_plan: Plan, gpus: Sequence[Gpu], instances: Sequence[RunningInstance], policy: Policy) -> bool:
+    """Whether a plan made earlier still fits on its GPUs beside `instances` (re-checked when it is recorded:
+    another launch may have claimed the memory meanwhile)."""
+    if the_plan.estimate is None or not the_plan.gpu_ids:
+        return True
+    caps = {c.gpu.index: c.capacity_bytes for c in capacities(gpus, instances, policy)}
+    need = {d.device: d.total_bytes for d in the_plan.estimate.devices}
+    return all(need.get(f"GPU{k}", 0) <= caps.get(gpu, 0) for k, gpu in enumerate(the_plan.gpu_ids))
+
+
+FIT_RANK = {Fit.NONE: 0, Fit.CPU: 1, Fit.PARTIAL: 2, Fit.GPU: 3}
+
+
 def evictions_for(params: ModelParams, settings: ServerSettings, gpus: Sequence[Gpu], policy: Policy,
                   instances: Sequence[RunningInstance]) -> tuple[str, ...]:
     """The shortest least-recently-used prefix of idle instances whose memory would make a GPU fit."""
@@ -357,8 +377,9 @@ def evictions_for(params: ModelParams, settings: ServerSettings, gpus: Sequence[
     for victim in idle:
         freed.append(victim)
         gone = {i.name for i in freed}
-        relieved = [replace(g, memory_free_bytes=g.memory_free_bytes + sum(v.gpu_bytes.get(g.index, 0) for v in freed),
-                            memory_used_bytes=max(g.memory_used_bytes - sum(v.gpu_bytes.get(g.index, 0) for v in freed), 0))
+        shown = [v for v in freed if v.shown]  # promised memory is relieved by leaving the victim out alone
+        relieved = [replace(g, memory_free_bytes=g.memory_free_bytes + sum(v.gpu_bytes.get(g.index, 0) for v in shown),
+                            memory_used_bytes=max(g.memory_used_bytes - sum(v.gpu_bytes.get(g.index, 0) for v in shown), 0))
                     for g in gpus]
         remaining = [i for i in instances if i.name not in gone]
         if _place(params, settings, capacities(relieved, remaining, policy), policy).fit is Fit.GPU:

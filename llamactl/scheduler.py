@@ -34,6 +34,11 @@ class Seat:
         return self.phase in (Status.STARTING, Status.READY)
 
     @property
+    def occupies(self) -> bool:
+        """Holds a seat of max_instances: starting, ready or busy, and stopping until its process is gone."""
+        return self.phase is not Status.STOPPED
+
+    @property
     def evictable(self) -> bool:
         return self.phase is Status.READY and self.ours and self.in_flight == 0 and self.waiting == 0
 
@@ -67,12 +72,21 @@ class Start:
 
 
 @dataclass(frozen=True)
-class Refuse:
-    kind: str  # "queue_full" (429) or "busy" (503: max_instances reached, every instance in use)
+class Queue:
+    """No seat is free and none can be freed now (every instance busy, starting or stopping): wait for a
+    change (a request ends, a stop finishes), then decide again; the caller bounds the wait."""
+
+    model: str
     reason: str
 
 
-Decision = Use | Wait | Start | Refuse
+@dataclass(frozen=True)
+class Refuse:
+    kind: str  # "queue_full" (429)
+    reason: str
+
+
+Decision = Use | Wait | Start | Queue | Refuse
 
 
 def decide(model: str, seats: Mapping[str, Seat], limits: Limits) -> Decision:
@@ -86,14 +100,27 @@ def decide(model: str, seats: Mapping[str, Seat], limits: Limits) -> Decision:
         return Wait(model)
     victims: tuple[str, ...] = ()
     if limits.max_instances is not None:
-        running = [s for s in seats.values() if s.running and s.model != model]
-        excess = len(running) - limits.max_instances + 1
+        held = [s for s in seats.values() if s.occupies and s.model != model]
+        excess = len(held) - limits.max_instances + 1
         if excess > 0:
-            candidates = sorted((s for s in running if s.evictable), key=lambda s: s.last_used)
+            candidates = sorted((s for s in held if s.evictable), key=lambda s: s.last_used)
             if len(candidates) < excess:
-                return Refuse("busy", f"max_instances ({limits.max_instances}) reached and every instance is busy")
+                busy = ", ".join(sorted(s.model for s in held if not s.evictable))
+                return Queue(model, f"max_instances ({limits.max_instances}) reached; held by {busy}")
             victims = tuple(s.model for s in candidates[:excess])
     return Start(model, victims)
+
+
+def over_limit(seats: Mapping[str, Seat], limits: Limits) -> tuple[str, ...]:
+    """Idle instances to stop, least recently used first, to come back within a lowered max_instances
+    (as many as are idle now; the rest as they become idle)."""
+    if limits.max_instances is None:
+        return ()
+    held = [s for s in seats.values() if s.occupies]
+    excess = len(held) - limits.max_instances
+    if excess <= 0:
+        return ()
+    return tuple(s.model for s in sorted((s for s in held if s.evictable), key=lambda s: s.last_used)[:excess])
 
 
 def memory_victims(proposal: Iterable[str], seats: Mapping[str, Seat], *, adopt: bool) -> tuple[str, ...]:

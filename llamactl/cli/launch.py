@@ -17,7 +17,7 @@ from llamactl.gpu import inventory
 from llamactl.servers import runner
 from llamactl.resolve import Overrides, policy_for, resolve
 from llamactl.servers.command import check_extra_args
-from llamactl.servers.launcher import command_for, launch, plan_for, request_for, split_secrets
+from llamactl.servers.launcher import pick_port, command_for, launch, plan_for, request_for, split_secrets
 from llamactl.servers.probe import find_server, probe
 from llamactl.units import format_bytes, parse_duration
 
@@ -73,8 +73,10 @@ def command(
                       timeout_s=parse_duration(timeout, what="--timeout"), wait=not no_wait,
                       replace_existing=replace_existing, api_key=api_key)
     if dry_run:
-        the_plan = plan_for(req, inv.inventory, store.snapshot())
-        cmd = command_for(req, the_plan, binary, caps, inv.inventory, port or spec.port_start)
+        current = store.snapshot()
+        the_plan = plan_for(req, inv.inventory, current)
+        # the port a launch would take now (the first free one), not merely where the search starts
+        cmd = command_for(req, the_plan, binary, caps, inv.inventory, port or pick_port(current, spec.port_start, req.host))
         if wants_json(ctx, json_output):
             render.emit_json({"name": instance_name, "argv": list(cmd.argv), "env": cmd.env, "evict": list(the_plan.evict)})
         else:

@@ -112,8 +112,9 @@ def command(
                                          extra_args=tuple(extra or ())))
     params = load_params(spec.path, spec.settings)
     policy = policy_for(spec, inv.inventory, state_dir=state_store(ctx).dir, params=params)
-    # llamactl's own instances are accounted exactly (and proposed for eviction), not as other programs' use
-    running = running_for_placement(state_store(ctx).snapshot()) if inv.inventory.source == "nvml" else []
+    # llamactl's own instances on this box (NVML, or a simulated inventory standing for it) are accounted
+    # exactly and proposed for eviction; a --gpus-file describes another box as it was measured
+    running = running_for_placement(state_store(ctx).snapshot(), inv=inv.inventory)
     result = plan(params, spec.settings, inv.inventory.usable, policy, running)
     cmd = None
     note = inv.inventory.note

@@ -23,7 +23,7 @@ from typing import Protocol
 
 from llamactl.config import Config, ModelConfig
 from llamactl.errors import (GGUFError, ProxyError, LaunchError, LlamactlError, LoadTimeoutError, ModelUnavailableError, NoFitError,
-                             NotReadyInTime, OutOfMemoryAtLoad, QueueFullError, UnknownModelError, UpstreamError)
+                             NoRoomYet, NotReadyInTime, OutOfMemoryAtLoad, QueueFullError, UnknownModelError, UpstreamError)
 from llamactl import views
 from llamactl.gpu.inventory import Inventory
 from llamactl.placement import Plan
@@ -77,6 +77,7 @@ _LAUNCH_FAILURES: dict[type[BaseException], tuple[str, type[LlamactlError] | Non
     OutOfMemoryAtLoad: ("oom", ModelUnavailableError),
     LaunchError: ("failed", UpstreamError),
     NoFitError: ("no_fit", ModelUnavailableError),
+    NoRoomYet: ("no_room", ModelUnavailableError),  # waited the load timeout for memory others held
     ProxyError: ("failed", None),  # already the client's answer
     LlamactlError: ("failed", ModelUnavailableError),  # the state dir, a race with another launcher: not the client's fault
 }
@@ -158,6 +159,7 @@ class Pool:
         self.stats = PoolStats()
         self.events = views.EventLog()  # launch, ready, stop and why, out of memory, crash: for top and the page
         self.on_change: Callable[[], None] | None = None
+        self._waiters: list[asyncio.Future[None]] = []  # requests and starts waiting for any change
 
     # --- requests -------------------------------------------------------------------------------
 
@@ -168,6 +170,7 @@ class Pool:
             known = ", ".join(sorted(self.config.models)) or "none configured"
             raise UnknownModelError(f"model {requested!r} not found; known models: {known}")
         slot = self.slots[model.name]
+        queued_until: float | None = None
         while True:
             if slot.phase in (Status.STARTING, Status.STOPPING) and (slot.task is None or slot.task.done()):
                 slot.phase = Status.STOPPED  # a finished task left its phase behind: nothing is in progress
@@ -177,12 +180,27 @@ class Pool:
                 slot.last_used = time.time()
                 return slot
             if isinstance(decision, scheduler.Refuse):
-                if decision.kind == "queue_full":
-                    raise QueueFullError(decision.reason, retry_after_s=max(1, int(self.config.poll_interval_s)))
-                raise ModelUnavailableError(decision.reason)
+                raise QueueFullError(decision.reason, retry_after_s=max(1, int(self.config.poll_interval_s)))
+            if isinstance(decision, scheduler.Queue):
+                # no seat now: wait for one (a request ends, a stop finishes), within the load timeout
+                now = time.monotonic()
+                queued_until = queued_until or now + self.config.load_timeout_s
+                if now >= queued_until:
+                    raise ModelUnavailableError(f"{model.name}: {decision.reason}; waited "
+                                                f"{self.config.load_timeout_s:g} s for a seat")
+                slot.waiting += 1
+                try:
+                    await self._wait_change(min(queued_until - now, self.config.poll_interval_s))
+                finally:
+                    slot.waiting -= 1
+                continue
             if isinstance(decision, scheduler.Start):
+                # seat and victims claimed in this step, before any await: no other request can take the seat
+                # or be admitted to a victim from here on
+                stopping = [t for t in (self._begin_stop(self.slots[v], "max_instances") for v in decision.stop)
+                            if t is not None]
                 slot.phase = Status.STARTING  # now, so the next request waits on this start (single flight)
-                slot.task = asyncio.ensure_future(self._start(slot, decision.stop))
+                slot.task = asyncio.ensure_future(self._start(slot, stopping))
             assert slot.task is not None
             slot.waiting += 1
             try:
@@ -193,6 +211,8 @@ class Pool:
     def release(self, slot: Slot) -> None:
         slot.in_flight -= 1
         slot.last_used = time.time()
+        if slot.in_flight == 0:
+            self._changed()  # it may be stopped now: a request queued for a seat or for memory tries again
 
     async def mark_dead(self, slot: Slot, why: str, wait_s: float = 0.0) -> bool:
         """The upstream failed a request: if its process is gone, forget it (True) so the next request
@@ -216,6 +236,9 @@ class Pool:
         if model is None:
             raise UnknownModelError(f"model {requested!r} not found")
         slot = self.slots[model.name]
+        if slot.phase is Status.STARTING:
+            raise ModelUnavailableError(f"{model.name}: still starting, with {slot.waiting} requests waiting for it; "
+                                        "not stopped (unload it once it is ready)")
         if slot.instance is None or slot.phase is not Status.READY:
             return False
         if slot.in_flight or slot.waiting:
@@ -229,8 +252,24 @@ class Pool:
     # --- lifecycle (owner-only) -----------------------------------------------------------------
 
     def _changed(self) -> None:
+        waiters, self._waiters = self._waiters, []
+        for fut in waiters:
+            if not fut.done():
+                fut.set_result(None)
         if self.on_change is not None:
             self.on_change()
+
+    async def _wait_change(self, timeout_s: float) -> None:
+        """Until the next change of any slot (or the timeout: instances started from a shell change unseen)."""
+        fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._waiters.append(fut)
+        try:
+            await asyncio.wait_for(fut, max(timeout_s, 0.0))
+        except asyncio.TimeoutError:
+            pass
+        finally:
+            if fut in self._waiters:
+                self._waiters.remove(fut)
 
     def seats(self) -> dict[str, scheduler.Seat]:
         """The slots as the scheduler sees them (ours = may be stopped to make room)."""
@@ -240,19 +279,31 @@ class Pool:
     def _limits(self) -> scheduler.Limits:
         return scheduler.Limits(max_instances=self.config.max_instances, max_queue=self.config.max_queue)
 
-    async def _stop(self, slot: Slot, reason: str) -> None:
+    def _begin_stop(self, slot: Slot, reason: str) -> asyncio.Future[None] | None:
+        """Claim a stop now, in the caller's step (no request is admitted to the slot from here on; it keeps
+        its seat and memory until the process is gone), and run it in a task; None if nothing runs."""
         if slot.instance is None:
-            slot.phase = Status.STOPPED
-            return
+            if slot.phase is Status.READY:
+                slot.phase = Status.STOPPED
+            return None
+        if slot.phase is Status.STOPPING and slot.task is not None and not slot.task.done():
+            return slot.task  # already going
         slot.phase = Status.STOPPING
-        done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        slot.task = done  # a request for this model waits for the stop, then starts it again
+        slot.task = asyncio.ensure_future(self._stop_body(slot, reason, slot.instance.name))
         self._changed()
-        name = slot.instance.name
+        return slot.task
+
+    async def _stop(self, slot: Slot, reason: str) -> None:
+        task = self._begin_stop(slot, reason)
+        if task is not None:
+            await asyncio.shield(task)
+
+    async def _stop_body(self, slot: Slot, reason: str, name: str) -> None:
         try:
             await asyncio.to_thread(self.effects.stop, name)
+        except Exception as exc:  # the entry stays in the state; ps/evict see what is left
+            log.error("%s: stopping it failed: %s", slot.model.name, exc)
         finally:
-            done.set_result(None)
             slot.phase, slot.instance, slot.ours = Status.STOPPED, None, False
             self.stats.evictions[reason] = self.stats.evictions.get(reason, 0) + 1
             log.info("%s: stopped (%s)", slot.model.name, reason)
@@ -270,7 +321,7 @@ class Pool:
                                                           build=self.build),
                                     api_key=slot.api_key if self.config.instance_api_keys else None,
                                     timeout_s=self.config.load_timeout_s, started_by="proxy",
-                                    replace_existing=True, protected=protected)
+                                    replace_existing=self.config.adopt, protected=protected)
 
     async def _adopt_running(self, slot: Slot, instances: dict[str, Instance] | None = None) -> bool:
         """Route to a live instance of this model's name (started by hand, or by an earlier proxy).
@@ -314,40 +365,75 @@ class Pool:
             self._changed()
         return adopted
 
-    async def _make_room(self, slot: Slot, stop: tuple[str, ...]) -> None:
-        """Stop what the scheduler chose for max_instances, then what the planner needs for memory."""
-        for name in stop:
-            other = self.slots.get(name)
-            if other is not None and scheduler.memory_victims((name,), self.seats(), adopt=False):
-                await self._stop(other, "max_instances")  # still idle: a request may have come meanwhile
+    def _holding(self, name: str) -> frozenset[str]:
+        """Our instances whose memory will come free without us stopping anything now: busy, queued,
+        starting or stopping (a model that would fit better without them waits for them)."""
+        return frozenset(n for n, seat in self.seats().items()
+                         if n != name and seat.ours and seat.phase is not Status.STOPPED and not seat.evictable)
+
+    async def _loading_elsewhere(self, slot: Slot) -> str | None:
+        """An instance of this name that another llamactl (a CLI launch) is starting or stopping: never ours to
+        stop; the proxy routes to it once ready (or starts its own once it is gone)."""
+        inst = (await asyncio.to_thread(self.effects.instances)).get(slot.model.name)
+        if inst is not None and inst.status in (Status.STARTING, Status.STOPPING):
+            return f"an instance of it is {inst.status.value} outside this proxy (pid {inst.pid})"
+        return None
+
+    async def _launch(self, slot: Slot) -> Instance:
+        """Plan, stop the idle instances the plan needs gone (claimed in one step), launch; NoRoomYet when
+        memory it needs is held by instances that will free it."""
+        name = slot.model.name
         instances = await asyncio.to_thread(self.effects.instances)
         inv = await asyncio.to_thread(self.effects.inventory)
-        req = await asyncio.to_thread(self._request, slot, scheduler.protected(self.seats()) | {slot.model.name}, inv)
+        # resolved off the loop: it reads the header and the calibration store
+        req = await asyncio.to_thread(self._request, slot, scheduler.protected(self.seats()) | {name}, inv)
         proposal = await asyncio.to_thread(self.effects.plan, req, inv, instances)
-        for name in scheduler.memory_victims(proposal.evict, self.seats(), adopt=self.config.adopt):
-            other = self.slots.get(name)
-            if other is not None:
-                await self._stop(other, "memory")
-            else:  # an instance of no configured model (adopt = true)
-                await asyncio.to_thread(self.effects.stop, name)
-                self.stats.evictions["memory"] = self.stats.evictions.get("memory", 0) + 1
+        stopping = []
+        for victim in scheduler.memory_victims(proposal.evict, self.seats(), adopt=self.config.adopt):
+            other = self.slots.get(victim)
+            task = self._begin_stop(other, "memory") if other is not None else asyncio.ensure_future(self._stop_other(victim))
+            if task is not None:
+                stopping.append(task)
+        if stopping:
+            await asyncio.gather(*(asyncio.shield(t) for t in stopping), return_exceptions=True)
+        # room was made above, under the proxy's rules; the launch itself evicts nothing more, and re-checks
+        # its plan against every claim when it records the instance
+        req = replace(req, may_evict=False, wait_for=self._holding(name))
+        return await asyncio.to_thread(self.effects.launch, req)
 
-    async def _start(self, slot: Slot, stop: tuple[str, ...] = ()) -> None:
+    async def _stop_other(self, name: str) -> None:
+        """An instance of no configured model, stopped for memory (adopt = true)."""
+        await asyncio.to_thread(self.effects.stop, name)
+        self.stats.evictions["memory"] = self.stats.evictions.get("memory", 0) + 1
+
+    async def _start(self, slot: Slot, stopping: list[asyncio.Future[None]] | tuple = ()) -> None:
         name = slot.model.name
         slot.phase = Status.STARTING
         self._changed()
         started = time.monotonic()
+        deadline = started + self.config.load_timeout_s
         try:
-            if await self._adopt_running(slot):
-                return
-            self.events.add("launch", name, "on demand")
-            await self._make_room(slot, stop)
-            # room was made above, under the proxy's rules; the launch itself evicts nothing more
-            inv = await asyncio.to_thread(self.effects.inventory)
-            # resolved off the loop: it reads the header and the calibration store
-            req = await asyncio.to_thread(self._request, slot, scheduler.protected(self.seats()) | {name}, inv)
-            req = replace(req, may_evict=False)
-            instance = await asyncio.to_thread(self.effects.launch, req)
+            if stopping:  # the max_instances victims claimed with this start
+                await asyncio.gather(*(asyncio.shield(t) for t in stopping), return_exceptions=True)
+            announced = False
+            while True:
+                if await self._adopt_running(slot):
+                    return
+                why = await self._loading_elsewhere(slot)
+                if why is None:
+                    if not announced:
+                        self.events.add("launch", name, "on demand")
+                        announced = True
+                    try:
+                        instance = await self._launch(slot)
+                        break
+                    except NoRoomYet as exc:
+                        if time.monotonic() >= deadline:
+                            raise NoRoomYet(f"{exc}; waited {self.config.load_timeout_s:g} s", exc.holders) from None
+                        why = None
+                elif time.monotonic() >= deadline:
+                    raise ModelUnavailableError(f"{name}: {why}; waited {self.config.load_timeout_s:g} s")
+                await self._wait_change(min(deadline - time.monotonic(), self.config.poll_interval_s, 0.5))
             slot.instance, slot.phase, slot.ours = instance, Status.READY, True
             slot.last_used = time.time()
             self._count(name, "ok")
@@ -363,7 +449,7 @@ class Pool:
             for kind, (result, answer) in _LAUNCH_FAILURES.items():
                 if isinstance(exc, kind):
                     self._count(name, result)
-                    self.events.add(result if result in ("oom", "timeout", "no_fit") else "failed", name, str(exc)[:200])
+                    self.events.add(result if result in ("oom", "timeout", "no_fit", "no_room") else "failed", name, str(exc)[:200])
                     if answer is not None:  # the OpenAI-shaped error comes from the failure's type
                         log.error("%s: could not start: %s", name, exc)
                         raise answer(f"{name}: {exc}") from None
@@ -392,13 +478,20 @@ class Pool:
                 continue
         ttls = {name: s.model.ttl_s if s.model.ttl_s is not None else self.config.idle_ttl_s
                 for name, s in self.slots.items()}
-        for name in scheduler.expired(self.seats(), ttls, now):
-            if self.slots[name].instance is not None:
-                await self._stop(self.slots[name], "ttl")
+        # every stop below is decided and claimed in one step (no await between the check and the claim), so
+        # a request that arrives meanwhile either was admitted first (and the instance is not idle) or waits
+        # for the stop and starts it again
+        stopping = [self._begin_stop(self.slots[name], "ttl") for name in scheduler.expired(self.seats(), ttls, now)]
         seats = self.seats()
         for name, slot in list(self.slots.items()):
             if slot.stale and slot.instance is not None and seats[name].evictable and name in self.config.models:
-                await self._stop(slot, "config changed")  # the next request starts it with the new settings
+                stopping.append(self._begin_stop(slot, "config changed"))  # restarted with the new settings on demand
+        stopping += [self._begin_stop(self.slots[name], "max_instances")
+                     for name in scheduler.over_limit(self.seats(), self._limits())]  # a lowered max_instances
+        running = [t for t in stopping if t is not None]
+        if running:
+            await asyncio.gather(*(asyncio.shield(t) for t in running), return_exceptions=True)
+        for slot in self.slots.values():
             if slot.instance is None:
                 slot.stale = False
         for name in [n for n, s in self.slots.items() if n not in self.config.models and s.phase is Status.STOPPED]:
@@ -436,3 +529,4 @@ class Pool:
                 del self.slots[name]
             else:
                 slot.model = replace(slot.model, ttl_s=0.0)  # evicted by the poller once idle
+        self._changed()  # a raised max_instances lets queued requests in

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from llamactl.config import DEFAULT_PORT_START
-from llamactl.errors import ExitCode, ExitedEarly, LlamactlError, NoFitError, OutOfMemoryAtLoad, UsageError
+from llamactl.errors import ExitCode, ExitedEarly, LlamactlError, NoFitError, NoRoomYet, OutOfMemoryAtLoad, UsageError
 from llamactl.gpu.inventory import Inventory
 from llamactl.estimate import load_params
 from llamactl.model.params import ModelParams
@@ -25,7 +25,7 @@ from llamactl.learn import observe
 from llamactl.learn.calibrate import Observation
 from llamactl.learn.store import CalibrationStore
 from llamactl.model.memory import Placement, estimate
-from llamactl.placement import Fit, Plan, Policy, RunningInstance, plan
+from llamactl.placement import FIT_RANK, Fit, Plan, Policy, RunningInstance, fits_beside, plan
 from llamactl import scheduler
 from llamactl.servers import procs, runner
 from llamactl.servers.command import ServerCommand, build_command, check_extra_args
@@ -41,6 +41,7 @@ log = logging.getLogger(__name__)
 
 PORT_SEARCH = 1000
 MEMORY_RELEASE_TIMEOUT_S = 10.0
+MAX_REPLANS = 50  # a launch re-plans each time another one records first; this many means something is wrong
 
 
 @dataclass(frozen=True)
@@ -59,6 +60,9 @@ class LaunchRequest:
     started_by: str = "cli"
     protected: frozenset[str] = frozenset()  # instances that must not be evicted (requests in flight, not ours)
     may_evict: bool = True  # act on the plan's eviction proposal
+    # instances whose memory will come free (the proxy's own: busy, starting, stopping): a plan worse than
+    # the one without them raises NoRoomYet instead of running partially or on the CPU
+    wait_for: frozenset[str] = frozenset()
     api_key: str | None = None  # reaches llama-server as LLAMA_API_KEY, never on argv
 
 
@@ -77,11 +81,34 @@ class Launched:
     evicted: tuple[str, ...] = field(default=())
 
 
-def running_for_placement(instances: dict[str, Instance], protected: frozenset[str] = frozenset()) -> list[RunningInstance]:
+def running_for_placement(instances: dict[str, Instance], protected: frozenset[str] = frozenset(),
+                          inv: Inventory | None = None) -> list[RunningInstance]:
+    """The state's live instances (starting, ready, busy, stopping) as placement counts them on `inv`.
+
+    The inventory is this box (simulated, or NVML) unless it was read from a file: another box as it was
+    measured, whose used/free figures stand alone. A simulated GPU never shows what runs, so every instance
+    is promised memory there; on NVML an instance counts as shown once its process appears on its GPUs.
+    """
+    if inv is not None and inv.source not in ("nvml", "simulated"):
+        return []
     return [RunningInstance(name=i.name, gpu_bytes=i.gpu_bytes(), last_used=i.last_used,
                             idle=i.status is Status.READY and i.name not in protected,
-                            starting=i.status is Status.STARTING, pids=(i.pid,) if i.pid else ())
+                            starting=i.status is Status.STARTING, pids=(i.pid,) if i.pid else (),
+                            visible=_shown(i, inv))
             for i in instances.values() if i.live]
+
+
+def _shown(inst: Instance, inv: Inventory | None) -> bool | None:
+    if inv is None:
+        return None
+    if inv.source == "simulated":
+        return False
+    if inst.status is Status.STARTING:
+        return False
+    listed = [g for g in inv.gpus if g.index in inst.gpu_ids and g.processes]
+    if not listed:  # NVML lists no process (a container's pid namespace, an old driver): trust its figures
+        return True
+    return any(p.pid == inst.pid for g in listed for p in g.processes)
 
 
 def seats_of(instances: dict[str, Instance], protected: frozenset[str] = frozenset()) -> dict[str, scheduler.Seat]:
@@ -122,7 +149,23 @@ def plan_for(req: LaunchRequest, inv: Inventory, instances: dict[str, Instance],
              params: ModelParams | None = None) -> Plan:
     params = params if params is not None else load_params(req.model, req.settings)
     others = {n: i for n, i in instances.items() if n != req.name or not req.replace_existing}
-    return plan(params, req.settings, inv.usable, req.policy, running_for_placement(others, req.protected))
+    return plan(params, req.settings, inv.usable, req.policy, running_for_placement(others, req.protected, inv))
+
+
+def check_room(req: LaunchRequest, params: ModelParams, inv: Inventory, instances: dict[str, Instance],
+               the_plan: Plan) -> None:
+    """NoRoomYet when `the_plan` is worse than the plan without the instances in req.wait_for (their memory
+    will come free): the caller waits for them rather than run partially or on the CPU."""
+    if not req.wait_for:
+        return
+    holding = {n for n, i in instances.items() if n in req.wait_for and i.live and any(i.gpu_bytes().values())}
+    if not holding:
+        return
+    without = plan_for(req, inv, {n: i for n, i in instances.items() if n not in holding}, params)
+    if FIT_RANK[the_plan.fit] < FIT_RANK[without.fit]:
+        names = ", ".join(sorted(holding))
+        raise NoRoomYet(f"GPU memory is held by {names} (busy, starting or stopping); it would run {without.fit.value} "
+                        f"without them, {the_plan.fit.value} now", tuple(sorted(holding)))
 
 
 def stop_instances(store: StateStore, names: Sequence[str], *, grace_s: float = runner.DEFAULT_GRACE_S) -> list[str]:
@@ -222,6 +265,7 @@ def launch(store: StateStore, req: LaunchRequest, binary: str, caps: ServerCaps,
     tried: list[str] = []
     last_tail = first_cause = ""
     evicted: tuple[str, ...] = ()
+    replans = 0
     while True:
         inv = inventory_fn()
         the_plan, gone = _plan_and_make_room(store, req, params, inv, instances, seats, inventory_fn, grace_s)
@@ -234,9 +278,19 @@ def launch(store: StateStore, req: LaunchRequest, binary: str, caps: ServerCaps,
                 raise OutOfMemoryAtLoad(f"{req.name}: {first_cause} with {tried[0]}, and a plan that leaves more "
                                         f"room does not fit: {reasons}", last_tail)
             raise NoFitError(f"{req.model.name} does not fit: " + reasons)
+        check_room(req, params, inv, store.snapshot() if req.wait_for else instances, the_plan)
         ctx = observation_context(req, params, the_plan, inv, caps)
         try:
-            return _start(store, req, the_plan, ctx, binary, caps, inv, api_key, progress, grace_s, evicted)
+            return _start(store, req, params, the_plan, ctx, binary, caps, inv, api_key, progress, grace_s, evicted)
+        except _Claimed:
+            # another launch recorded its claim between our plan and our record: plan again with it counted
+            replans += 1
+            if replans > MAX_REPLANS:
+                raise LlamactlError(f"{req.name}: other launches kept taking the memory planned for it "
+                                    f"({MAX_REPLANS} plans); try again") from None
+            instances = store.snapshot()
+            seats = seats_of(instances, req.protected)
+            continue
         except OutOfMemoryAtLoad as exc:
             if "SIGKILL" in str(exc) and not _host_memory_tight(the_plan, req.policy):
                 # plenty of RAM left: someone else killed it, not the kernel's OOM killer; nothing to learn
@@ -273,10 +327,14 @@ def _plan_and_make_room(store: StateStore, req: LaunchRequest, params: ModelPara
     return plan_for(req, inventory_fn(), store.snapshot(), params), evicted
 
 
-def _start(store: StateStore, req: LaunchRequest, the_plan: Plan, ctx: "observe.Context", binary: str,
-           caps: ServerCaps, inv: Inventory, api_key: str | None, progress: Callable[[float, str], None] | None,
-           grace_s: float, evicted: tuple[str, ...]) -> Launched:
-    """Spawn and record in one locked edit, wait until ready, observe."""
+class _Claimed(Exception):
+    """The plan no longer fits beside what the state holds now (another launch recorded first)."""
+
+
+def _start(store: StateStore, req: LaunchRequest, params: ModelParams, the_plan: Plan, ctx: "observe.Context",
+           binary: str, caps: ServerCaps, inv: Inventory, api_key: str | None,
+           progress: Callable[[float, str], None] | None, grace_s: float, evicted: tuple[str, ...]) -> Launched:
+    """Re-check the plan against the claims, spawn and record in one locked edit, wait until ready, observe."""
     assert the_plan.estimate is not None
     log_path = store.log_path(req.name)
     child: runner.Child | None = None
@@ -285,6 +343,9 @@ def _start(store: StateStore, req: LaunchRequest, the_plan: Plan, ctx: "observe.
             live = current.get(req.name)
             if live is not None and live.live:
                 raise UsageError(f"an instance named {req.name!r} was started meanwhile (pid {live.pid})")
+            others = running_for_placement({n: i for n, i in current.items() if n != req.name}, req.protected, inv)
+            if not fits_beside(the_plan, inv.usable, others, req.policy):
+                raise _Claimed()
             port = req.port if req.port is not None else pick_port(current, req.port_start, req.host)
             if req.port is not None:
                 holder = next((i.name for i in current.values() if i.live and i.port == port), None)

@@ -34,7 +34,7 @@ def wait_for(check, timeout_s: float = 5.0) -> bool:
 
 class Proxy:
     def __init__(self, tmp: Path, models: dict[str, list[str]], extra_config: str = "", *, keep: bool = False,
-                 poll: str = "0.3s") -> None:
+                 poll: str = "0.3s", gpus: str = "none") -> None:
         self.tmp = tmp
         self.state = tmp / "state"
         wrapper = tmp / "llama-server"
@@ -48,7 +48,7 @@ class Proxy:
             lines += [f"[models.{name}]", f'path = "{model}"', f"args = {json.dumps(args)}"]
         self.config = tmp / "config.toml"
         self.config.write_text("\n".join(lines) + "\n")
-        self.env = {**os.environ, "LLAMACTL_STATE_DIR": str(self.state), "LLAMACTL_GPUS": "none",
+        self.env = {**os.environ, "LLAMACTL_STATE_DIR": str(self.state), "LLAMACTL_GPUS": gpus,
                     "LLAMACTL_CACHE_DIR": str(tmp / "cache"), "LLAMA_SERVER": str(wrapper)}
         self.argv = [sys.executable, "-m", "llamactl", "--config", str(self.config), "proxy", "--grace", "5s"]
         if keep:
@@ -98,9 +98,10 @@ class Proxy:
 def make_proxy(tmp_path: Path):
     started: list[Proxy] = []
 
-    def make(models: dict[str, list[str]], extra: str = "", keep: bool = False, poll: str = "0.3s") -> Proxy:
+    def make(models: dict[str, list[str]], extra: str = "", keep: bool = False, poll: str = "0.3s",
+             gpus: str = "none") -> Proxy:
         (tmp_path / f"p{len(started)}").mkdir()
-        proxy = Proxy(tmp_path / f"p{len(started)}", models, extra, keep=keep, poll=poll)
+        proxy = Proxy(tmp_path / f"p{len(started)}", models, extra, keep=keep, poll=poll, gpus=gpus)
         started.append(proxy)
         return proxy
 
@@ -123,7 +124,7 @@ def test_routes_models_health_and_unknown(make_proxy) -> None:
     assert missing.status_code == 404
     error = missing.json()["error"]
     assert error["code"] == "model_not_found" and "alpha, beta" in error["message"]
-    bad = httpx.post(f"{proxy.url}/v1/chat/completions", content=b"{nope", timeout=5)
+    bad = httpx.post(f"{proxy.url}/v1/chat/completions", content=b"{nope", headers={"Content-Type": "application/json"}, timeout=5)
     assert bad.status_code == 400 and bad.json()["error"]["type"] == "invalid_request_error"
     assert wait_for(lambda: proxy.metric("llamactl_requests_total", model="alpha", status="200") == 1)
 
@@ -441,7 +442,7 @@ def _read_until_closed(sock, timeout_s: float) -> tuple[bytes, float]:
 
 def test_a_client_that_never_finishes_its_headers_is_cut(make_proxy) -> None:
     proxy = make_proxy({"alpha": []}, 'header_timeout = "1s"')
-    sock = _raw(proxy, b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n")
+    sock = _raw(proxy, b"POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n")
     got, waited = _read_until_closed(sock, 10)
     assert got == b"" and waited < 8, (got, waited)  # closed by the proxy, not by our timeout
     assert httpx.get(f"{proxy.url}/health").status_code == 200
@@ -449,7 +450,7 @@ def test_a_client_that_never_finishes_its_headers_is_cut(make_proxy) -> None:
 
 def test_a_body_that_never_arrives_is_a_408(make_proxy) -> None:
     proxy = make_proxy({"alpha": []}, 'body_timeout = "1s"')
-    sock = _raw(proxy, b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+    sock = _raw(proxy, b"POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
                        b"Content-Length: 100\r\n\r\n{\"model\": ")
     got, waited = _read_until_closed(sock, 10)
     assert got.startswith(b"HTTP/1.1 408") and b"request_timeout" in got and waited < 8, (got, waited)
@@ -463,7 +464,7 @@ def test_every_request_is_logged_and_counted_aborted_streams_too(make_proxy) -> 
     assert proxy.post("slow", max_tokens=1).status_code == 200  # loaded
     def request(max_tokens: int) -> bytes:
         body = json.dumps({"model": "slow", "messages": [], "stream": True, "max_tokens": max_tokens}).encode()
-        return (b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+        return (b"POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
                 b"Content-Length: " + str(len(body)).encode() + b"\r\n\r\n" + body)
 
     for _ in range(12):  # read the first chunk, then hang up mid-stream

@@ -130,13 +130,59 @@ def test_max_instances_stops_the_least_recently_used_idle_one_first(tmp_path: Pa
     async def go():
         pool.release(await pool.acquire("a"))
         busy = await pool.acquire("b")  # b keeps a request in flight
-        await pool.acquire("c")
+        c = await pool.acquire("c")
         assert pool.slots["a"].phase is Status.STOPPED and busy.phase is Status.READY
-        with pytest.raises(ModelUnavailableError, match="max_instances"):
-            await pool.acquire("a")  # b and c both busy now
+        queued = asyncio.ensure_future(pool.acquire("a"))  # b and c both busy now: a waits for a seat
+        await until(lambda: pool.slots["a"].waiting == 1)
+        assert not queued.done() and pool.slots["a"].phase is Status.STOPPED
+        pool.release(busy)  # b is idle: a takes its seat
+        assert (await queued) is pool.slots["a"]
+        assert pool.slots["b"].phase is Status.STOPPED and c.phase is Status.READY
 
     asyncio.run(go())
-    assert fake.calls == [("launch", "a"), ("launch", "b"), ("stop", "a"), ("launch", "c")]
+    assert fake.calls == [("launch", "a"), ("launch", "b"), ("stop", "a"), ("launch", "c"), ("stop", "b"),
+                          ("launch", "a")]
+
+
+def test_a_request_that_finds_every_seat_busy_waits_at_most_the_load_timeout(tmp_path: Path) -> None:
+    fake = FakeEffects()
+    pool = make_pool(tmp_path, fake, max_instances=1, load_timeout_s=1.0, poll_interval_s=0.1)
+
+    async def go():
+        await pool.acquire("a")
+        with pytest.raises(ModelUnavailableError, match=r"max_instances \(1\) reached; held by a; waited 1 s"):
+            await pool.acquire("b")
+        assert pool.slots["b"].waiting == 0
+
+    asyncio.run(go())
+    assert fake.calls == [("launch", "a")]
+
+
+def test_a_victim_is_claimed_with_the_start_so_no_request_is_admitted_to_it(tmp_path: Path) -> None:
+    """max_instances: the start that stops `a` claims it in the same step; a request for `a` that arrives
+    before the stop begins waits for it (it used to be admitted, and then three instances ran)."""
+    fake = FakeEffects()
+    fake.gate["stop a"] = threading.Event()
+    pool = make_pool(tmp_path, fake, max_instances=2)
+
+    async def go():
+        pool.release(await pool.acquire("a"))
+        pool.release(await pool.acquire("b"))
+        pool.slots["b"].last_used = pool.slots["a"].last_used + 1  # a is the least recently used
+        c = asyncio.ensure_future(pool.acquire("c"))
+        await asyncio.sleep(0)  # c's decision ran: a is claimed
+        assert pool.slots["a"].phase is Status.STOPPING
+        again = asyncio.ensure_future(pool.acquire("a"))
+        await until(lambda: ("stop", "a") in fake.calls)
+        assert pool.slots["a"].in_flight == 0
+        await asyncio.sleep(0.1)  # time in which a wrong pool would launch c beside a that still runs
+        assert ("launch", "c") not in fake.calls and set(fake.running) == {"a", "b"}  # c's seat is a's
+        fake.gate["stop a"].set()
+        await c  # meanwhile the waiting request for a took the idle b's seat
+        pool.release(await again)
+        assert set(fake.running) == {"a", "c"}
+
+    asyncio.run(go())
 
 
 def test_memory_evictions_come_from_the_plan_and_spare_busy_instances(tmp_path: Path) -> None:

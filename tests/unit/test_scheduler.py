@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 
 from llamactl.lifecycle import Status
-from llamactl.scheduler import (Limits, Refuse, Seat, Start, Use, Wait, decide, expired, memory_victims,
-                                protected)
+from llamactl.scheduler import (Limits, Queue, Refuse, Seat, Start, Use, Wait, decide, expired, memory_victims,
+                                over_limit, protected)
 
 R, S, G, P = Status.READY, Status.STARTING, Status.STOPPED, Status.STOPPING
 
@@ -33,10 +33,17 @@ def seats(*rows: Seat) -> dict[str, Seat]:
     ("max_instances: starting ones count and stay",
      seats(Seat("a"), Seat("b", S), Seat("c", R, last_used=9)), Limits(max_instances=2), Start("a", ("c",))),
     ("max_instances: not ours count and stay",
-     seats(Seat("a"), Seat("b", R, ours=False)), Limits(max_instances=1), Refuse("busy", "")),
-    ("max_instances: every one busy", seats(Seat("a"), Seat("b", R, in_flight=2)), Limits(max_instances=1),
-     Refuse("busy", "")),
-    ("max_instances: stopping ones do not count", seats(Seat("a"), Seat("b", P)), Limits(max_instances=1), Start("a")),
+     seats(Seat("a"), Seat("b", R, ours=False)), Limits(max_instances=1), Queue("a", "")),
+    ("max_instances: every one busy: wait for a seat", seats(Seat("a"), Seat("b", R, in_flight=2)),
+     Limits(max_instances=1), Queue("a", "")),
+    ("max_instances: queued ones stay", seats(Seat("a"), Seat("b", R, waiting=1)), Limits(max_instances=1),
+     Queue("a", "")),
+    ("max_instances: stopping ones hold their seat until gone", seats(Seat("a"), Seat("b", P)),
+     Limits(max_instances=1), Queue("a", "")),
+    ("max_instances: starting ones hold theirs", seats(Seat("a"), Seat("b", S)), Limits(max_instances=1),
+     Queue("a", "")),
+    ("max_instances: a stopping one's seat is not taken twice",
+     seats(Seat("a"), Seat("b", P), Seat("c", R, last_used=1)), Limits(max_instances=2), Start("a", ("c",))),
     ("max_instances lowered by a reload: several go",
      seats(Seat("a"), Seat("b", R, last_used=1), Seat("c", R, last_used=2), Seat("d", R, last_used=3)),
      Limits(max_instances=1), Start("a", ("b", "c", "d"))),
@@ -45,6 +52,8 @@ def test_decide(name: str, table: dict[str, Seat], limits: Limits, want) -> None
     got = decide("a", table, limits)
     if isinstance(want, Refuse):
         assert isinstance(got, Refuse) and got.kind == want.kind, name
+    elif isinstance(want, Queue):
+        assert isinstance(got, Queue) and got.model == want.model and "max_instances" in got.reason, name
     else:
         assert got == want, name
 
@@ -68,3 +77,15 @@ def test_protected_and_expired() -> None:
     assert expired(table, ttl, now=11.0) == ("idle",)
     assert expired(table, {**ttl, "idle": None}, now=11.0) == ()
     assert expired(table, ttl, now=9.0) == ()
+
+
+@pytest.mark.parametrize(("table", "limit", "want"), [
+    (seats(Seat("a", R, last_used=1), Seat("b", R, last_used=2), Seat("c", R, last_used=3)), 1, ("a", "b")),
+    (seats(Seat("a", R, last_used=1, in_flight=1), Seat("b", R, last_used=2), Seat("c", R, last_used=3)), 1, ("b", "c")),
+    (seats(Seat("a", R, in_flight=1), Seat("b", S), Seat("c", R, last_used=3)), 1, ("c",)),  # the rest once idle
+    (seats(Seat("a", R), Seat("b", P)), 2, ()),
+    (seats(Seat("a", R), Seat("b", P), Seat("c", R, last_used=1)), 2, ("a",)),
+    (seats(Seat("a", R)), None, ()),
+])
+def test_over_limit_stops_idle_ones_least_recently_used_first(table, limit, want) -> None:
+    assert over_limit(table, Limits(max_instances=limit)) == want
