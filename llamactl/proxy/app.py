@@ -157,7 +157,7 @@ def build_app(pool: Pool, inventory_fn: Callable[[], Inventory], *, keep_instanc
         finally:
             if task is not None:
                 in_flight.pop(task, None)
-        status = CLIENT_CLOSED if request.get("client_gone") else response.status
+        status = CLIENT_CLOSED if request.get("client_gone") else request.get("relay_status", response.status)
         _access_log(request, status, time.monotonic() - started, log_json)
         if request.method == "POST" and request.path in MODEL_ROUTES:
             recent.append({"at": time.time(), "model": one_line(str(request["model"]), 80), "status": status,

@@ -62,6 +62,9 @@ def done_seen(carry: bytes, piece: bytes) -> tuple[bool, bytes]:
     return _DONE in window, window[-(len(_DONE) - 1):]
 
 
+UPSTREAM_DIED = 502  # a stream its instance cut: logged and counted as the upstream's failure, not the client's
+
+
 async def relay(request: web.Request, session: aiohttp.ClientSession, url: str, body: bytes,
                 api_key: str | None, started: float) -> tuple[web.StreamResponse, Outcome]:
     import time
@@ -126,8 +129,14 @@ async def relay(request: web.Request, session: aiohttp.ClientSession, url: str, 
                 return response, outcome
             event = {"error": {"message": f"upstream instance failed mid-stream: {exc}", "type": "server_error",
                                "code": "upstream_error"}}
-            await response.write(f"data: {json.dumps(event)}\n\n".encode())
-        request["relay_done"] = answered or not outcome.upstream_died  # the whole answer went out: a close now is no abort
+            # the 200 went out with the headers; what is logged and counted is what happened: an upstream error
+            outcome.status = request["relay_status"] = UPSTREAM_DIED
+            try:
+                await response.write(f"data: {json.dumps(event)}\n\n".encode())
+            except (ConnectionResetError, aiohttp.ClientConnectionResetError):
+                pass
+        # the whole answer (or the error event that ends a cut one) went out: a close now is no abort
+        request["relay_done"] = True
         outcome.usage = tail_usage()
         try:
             await response.write_eof()

@@ -8,6 +8,7 @@ state file's lock; slow work (spawning, readiness, stopping) happens outside it.
 from __future__ import annotations
 
 import logging
+import signal
 import socket
 import time
 from collections.abc import Callable, Sequence
@@ -384,15 +385,24 @@ def _start(store: StateStore, req: LaunchRequest, params: ModelParams, the_plan:
     try:
         ready_s = runner.wait_ready(child, port, str(req.model), req.timeout_s, host=req.host, progress=progress)
     except (runner.LaunchError, KeyboardInterrupt) as exc:
+        ended_by = child.proc.poll()  # before our own stop: how it ended, if it did
         runner.stop_child(child.proc, grace_s=min(grace_s, 5.0))
         with store.edit() as current:
-            if req.name in current and current[req.name].pid == child.pid:
+            # gone, another process's, or being stopped by an `evict` (which removes the entry next)
+            # (an entry the reconcile just marked dead counts when a signal, not an exit code, ended the process)
+            signalled = ended_by == -signal.SIGTERM  # how llamactl stops (a SIGKILL at load is the OOM killer)
+            taken = (req.name not in current or current[req.name].pid != child.pid
+                     or current[req.name].status is Status.STOPPING
+                     or (current[req.name].status is Status.DEAD and signalled and not isinstance(exc, KeyboardInterrupt)))
+            if not taken:
                 if isinstance(exc, (KeyboardInterrupt, OutOfMemoryAtLoad)):
                     del current[req.name]  # an out-of-memory failure is recorded as an observation instead
                 else:
                     current[req.name] = replace(current[req.name], status=Status.FAILED)
         if isinstance(exc, KeyboardInterrupt):
             raise _interrupted(req.name, child.pid) from None
+        if taken:  # it was stopped by whoever removed its entry: that is the news, not the signal it died of
+            raise _entry_removed(req.name) from None
         if isinstance(exc, OutOfMemoryAtLoad):
             exc.log_text = observe.read_log_from(log_path, log_offset)  # type: ignore[attr-defined]
         raise
@@ -404,9 +414,13 @@ def _start(store: StateStore, req: LaunchRequest, params: ModelParams, the_plan:
             current[req.name] = inst
     if mine is None or mine.pid != child.pid:  # evicted or replaced by another llamactl while it loaded
         runner.stop_child(child.proc, grace_s=min(grace_s, 5.0))
-        raise runner.LaunchError(f"{req.name}: its state entry was removed while it loaded (evicted or replaced "
-                                 "by another llamactl); the llama-server just started was stopped")
+        raise _entry_removed(req.name)
     return Launched(inst, the_plan, cmd, ready_s, evicted)
+
+
+def _entry_removed(name: str) -> "runner.LaunchError":
+    return runner.LaunchError(f"{name}: its state entry was removed while it loaded (evicted or replaced by another "
+                              "llamactl); the llama-server just started was stopped")
 
 
 def trim_logs(store: StateStore, instances: dict[str, Instance]) -> None:

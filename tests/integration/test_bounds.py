@@ -245,3 +245,21 @@ def test_plan_counts_what_runs_on_a_simulated_gpu(tmp_path: Path) -> None:
         assert json.loads(other_box.stdout)["fit"] == "gpu", other_box.stdout
     finally:
         run("evict", "--all")
+
+
+def test_a_launch_evicted_while_it_loads_says_so(tmp_path: Path) -> None:
+    config, env = _write_models(tmp_path, "a")
+    run = lambda *argv: subprocess.run([sys.executable, "-m", "llamactl", "--config", str(config), *argv],  # noqa: E731
+                                       env=env, capture_output=True, text=True, timeout=120)
+    launch = subprocess.Popen([sys.executable, "-m", "llamactl", "--config", str(config), "launch", "a", "--",
+                               "--fake-ready-after", "30"], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                              text=True)
+    try:
+        assert wait_for(lambda: len(tagged_instances(tmp_path / "state")) == 1, 30)
+        assert run("evict", "a").returncode == 0
+        _, err = launch.communicate(timeout=60)
+    finally:
+        if launch.poll() is None:
+            launch.kill()
+    assert launch.returncode == 1
+    assert "its state entry was removed while it loaded" in err and "code -15" not in err, err

@@ -193,6 +193,10 @@ def test_upstream_crash_mid_stream_ends_with_error_then_relaunches(make_proxy) -
                        json={"model": "flaky", "messages": [], "stream": True, "max_tokens": 20}, timeout=30)
     events = [line for line in reply.text.splitlines() if line.startswith("data: ")]
     assert len(events) == 6 and "upstream_error" in events[-1]
+    # the client read to the end: an upstream error, logged and counted as such (it used to be a 499)
+    assert wait_for(lambda: proxy.metric("llamactl_requests_total", model="flaky", status="502") == 1)
+    assert proxy.metric("llamactl_requests_total", model="flaky", status="499") == 0
+    assert "model=flaky status=502" in proxy.logs()
     deadline = time.monotonic() + 10
     while time.monotonic() < deadline and proxy.instances()[0]["state"] != "stopped":
         time.sleep(0.1)

@@ -180,3 +180,59 @@ def test_dense_models_never_get_n_cpu_moe(llama8b) -> None:
 def test_given_n_cpu_moe_is_kept(qwen3moe) -> None:
     result = plan(qwen3moe, replace(CTX8K, n_cpu_moe=48), gpus("24GiB"), Policy())
     assert result.fit is Fit.GPU and result.n_cpu_moe == 48
+
+
+def _inst(name: str, gib: int, status: str = "ready", pid: int = 4242):
+    from llamactl.servers.state import Instance, Status
+
+    return Instance(name=name, model="/m.gguf", port=9000, pid=pid, create_time=1.0, gpu_ids=(0,),
+                    estimated_bytes={"GPU0": gib * GiB}, status=Status(status), last_used=1.0)
+
+
+def _nvml_gpu(total: int, free: int, pids: tuple[int, ...] = ()) -> Gpu:
+    from llamactl.gpu.inventory import GpuProcess
+
+    return replace(_gpu(total, free), processes=tuple(GpuProcess(p, None) for p in pids))
+
+
+@pytest.mark.parametrize(("source", "gpu", "status", "fit"), [
+    # a simulated GPU shows nothing of what runs: every live instance is promised memory there
+    ("simulated", _gpu(8 * GiB, 8 * GiB), "ready", Fit.PARTIAL),
+    ("simulated", _gpu(8 * GiB, 8 * GiB), "busy", Fit.PARTIAL),
+    ("simulated", _gpu(8 * GiB, 8 * GiB), "stopping", Fit.PARTIAL),  # until its process is gone
+    ("simulated", _gpu(8 * GiB, 8 * GiB), "starting", Fit.PARTIAL),
+    # NVML: its process on the GPU means its memory is in `used` already: not counted twice
+    ("nvml", _nvml_gpu(8 * GiB, 4 * GiB, pids=(4242,)), "ready", Fit.PARTIAL),
+    ("nvml", _nvml_gpu(8 * GiB, 8 * GiB, pids=(4242,)), "ready", Fit.GPU),
+    # NVML lists processes, not ours yet: promised on top of what it shows
+    ("nvml", _nvml_gpu(8 * GiB, 8 * GiB, pids=(1,)), "ready", Fit.PARTIAL),
+    ("nvml", _nvml_gpu(8 * GiB, 8 * GiB), "ready", Fit.GPU),  # NVML lists no process at all: its figures stand
+    ("nvml", _nvml_gpu(8 * GiB, 8 * GiB), "starting", Fit.PARTIAL),
+    # a --gpus-file is another box as it was measured: this box's instances are not added
+    ("/tmp/inv.json", _gpu(8 * GiB, 8 * GiB), "ready", Fit.GPU),
+])
+def test_what_runs_counts_where_the_inventory_is_this_box(llama8b, source, gpu, status, fit) -> None:
+    from llamactl.gpu.inventory import Inventory
+    from llamactl.servers.launcher import running_for_placement
+
+    inv = Inventory((gpu,), source)
+    running = running_for_placement({"other": _inst("other", 4, status)}, inv=inv)
+    assert plan(llama8b, CTX8K, inv.gpus, Policy(), running).fit is fit
+
+
+def test_an_eviction_on_a_simulated_gpu_relieves_the_promise_once(llama8b) -> None:
+    """Evicting an instance that the inventory does not show frees its promise, not free memory on top."""
+    from llamactl.gpu.inventory import Inventory
+    from llamactl.placement import fits_beside
+    from llamactl.servers.launcher import running_for_placement
+
+    inv = Inventory((_gpu(8 * GiB, 8 * GiB),), "simulated")
+    both = running_for_placement({"a": _inst("a", 1), "b": _inst("b", 3)}, inv=inv)  # a: least recently used
+    result = plan(llama8b, CTX8K, inv.gpus, Policy(), both)
+    # ~5.5 GiB needed: without a, 8 - 3 = 5 GiB is still short, so b must go too (counting a's 1 GiB as freed
+    # on top of removing its promise would have said a alone is enough)
+    assert result.fit is Fit.PARTIAL and result.evict == ("a", "b")
+    alone = plan(llama8b, CTX8K, inv.gpus, Policy(), [])
+    assert alone.fit is Fit.GPU
+    assert fits_beside(alone, inv.gpus, [], Policy())
+    assert not fits_beside(alone, inv.gpus, both[1:], Policy())  # a claim recorded meanwhile: plan again
