@@ -119,6 +119,15 @@ def build_app(pool: Pool, inventory_fn: Callable[[], Inventory], *, keep_instanc
     pool.on_change = on_change
     shutting_down = {"now": False}
 
+    def count_unforwarded(request: web.Request, status: int) -> None:
+        """A model request refused or abandoned before forwarding (400, 403, 404, 408, 413, 415, 429, a start
+        that failed) counts in llamactl_requests_total like every other; a model not configured as `-`."""
+        if request.path not in MODEL_ROUTES or request.get("counted"):
+            return
+        known = pool.config.lookup(str(request["model"])) if request["model"] != "-" else None
+        metrics.requests.labels(known.name if known is not None else "-", str(status)).inc()
+        request["counted"] = True
+
     @web.middleware
     async def errors_and_auth(request: web.Request, handler: Callable) -> web.StreamResponse:
         started = time.monotonic()
@@ -153,12 +162,14 @@ def build_app(pool: Pool, inventory_fn: Callable[[], Inventory], *, keep_instanc
             # client that closed right after the stream's end got the whole answer: its status stands
             status = request["relay_status"] if request.get("relay_done") else (503 if shutting_down["now"] else CLIENT_CLOSED)
             _access_log(request, status, time.monotonic() - started, log_json)
+            count_unforwarded(request, status)
             raise
         finally:
             if task is not None:
                 in_flight.pop(task, None)
         status = CLIENT_CLOSED if request.get("client_gone") else request.get("relay_status", response.status)
         _access_log(request, status, time.monotonic() - started, log_json)
+        count_unforwarded(request, status)
         if request.method == "POST" and request.path in MODEL_ROUTES:
             recent.append({"at": time.time(), "model": one_line(str(request["model"]), 80), "status": status,
                            "ms": round((time.monotonic() - started) * 1000, 1), "tokens": request.get("tokens")})
@@ -212,6 +223,7 @@ def build_app(pool: Pool, inventory_fn: Callable[[], Inventory], *, keep_instanc
             name = known.name if known is not None else "-"  # never a client's text as a metric label
             status = request["relay_status"] if request.get("relay_done") else CLIENT_CLOSED
             metrics.requests.labels(name, str(status)).inc()
+            request["counted"] = True
             raise
 
     async def _forward(request: web.Request, requested: str, body: bytes, started: float) -> web.StreamResponse:
@@ -228,12 +240,14 @@ def build_app(pool: Pool, inventory_fn: Callable[[], Inventory], *, keep_instanc
                 if await pool.mark_dead(slot, "unreachable") and attempt == 0:
                     continue
                 metrics.requests.labels(name, "502").inc()
+                request["counted"] = True
                 raise
             finally:
                 pool.release(slot)
         if outcome.upstream_died:
             await pool.mark_dead(slot, "died mid-stream", wait_s=3.0)
         metrics.requests.labels(name, str(CLIENT_CLOSED if request.get("client_gone") else outcome.status)).inc()
+        request["counted"] = True
         metrics.latency.labels(name).observe(time.monotonic() - started)
         if outcome.ttfb_s is not None:
             metrics.ttfb.labels(name).observe(outcome.ttfb_s)

@@ -100,3 +100,17 @@ def test_listening_beyond_loopback_without_keys_is_refused(tmp_path) -> None:
     config.write_text('host = "0.0.0.0"\n')
     ok = subprocess.run(env_argv + ["--insecure-no-auth"], capture_output=True, text=True, timeout=60)
     assert ok.returncode == 0 and "anyone who reaches it" in ok.stderr
+
+
+def test_requests_refused_before_forwarding_are_counted(make_proxy) -> None:
+    proxy = make_proxy({"alpha": []}, 'max_body = "2KiB"')
+    url = f"{proxy.url}/v1/chat/completions"
+    assert httpx.post(url, json={"model": "nosuch", "messages": []}, timeout=10).status_code == 404
+    assert httpx.post(url, content=b"{nope", headers={"Content-Type": "application/json"}, timeout=10).status_code == 400
+    assert httpx.post(url, content=b"{}", headers={"Content-Type": "text/plain"}, timeout=10).status_code == 415
+    assert httpx.post(url, json={"model": "alpha"}, headers={"Origin": "http://evil.example"}, timeout=10).status_code == 403
+    assert httpx.post(url, json={"model": "alpha", "x": "y" * 4096}, timeout=10).status_code == 413
+    for status, n in (("404", 1), ("400", 1), ("415", 1), ("403", 1), ("413", 1)):
+        assert proxy.metric("llamactl_requests_total", model="-", status=status) == n, status
+    assert proxy.post("alpha", max_tokens=1).status_code == 200
+    assert proxy.metric("llamactl_requests_total", model="alpha", status="200") == 1  # counted once, not twice
