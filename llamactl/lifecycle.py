@@ -23,5 +23,29 @@ class Status(str, Enum):
     FAILED = "failed"
 
 
+class IllegalTransition(Exception):
+    """A status or slot-phase change the lifecycle does not allow: a bug in llamactl, never the user's."""
+
+
+S = Status
+# what each status may become; `stopped` for a slot means "no instance" (a state entry is removed instead)
+TRANSITIONS: dict[Status, frozenset[Status]] = {
+    S.STOPPED: frozenset({S.STARTING, S.READY}),  # a start; or a running instance adopted (routed to)
+    S.STARTING: frozenset({S.READY, S.FAILED, S.STOPPING, S.DEAD, S.STOPPED}),  # stopped: a failed start
+    S.READY: frozenset({S.BUSY, S.STOPPING, S.DEAD, S.STOPPED}),  # stopped: a slot whose process died
+    S.BUSY: frozenset({S.READY, S.STOPPING, S.DEAD}),
+    S.STOPPING: frozenset({S.STOPPED, S.DEAD}),
+    S.DEAD: frozenset({S.FAILED}),  # the reconcile saw it gone; its launcher knows it never became ready
+    S.FAILED: frozenset(),
+}
+
+
+def check(old: Status, new: Status) -> Status:
+    """`new`, if `old` may become it (staying is always allowed); IllegalTransition otherwise."""
+    if new is not old and new not in TRANSITIONS[old]:
+        raise IllegalTransition(f"{old.value} → {new.value} is not a lifecycle transition")
+    return new
+
+
 LIVE = frozenset({Status.STARTING, Status.READY, Status.BUSY, Status.STOPPING})
 SLOT = (Status.STOPPED, Status.STARTING, Status.READY, Status.STOPPING)  # a slot's phases

@@ -79,15 +79,16 @@ def refresh(store: StateStore) -> list[tuple[Instance, client.Live | None]]:
         if seen.slots_busy:
             update = replace(update, last_used=now)
         if inst.status is Status.STARTING and seen.healthy:
-            update = replace(update, status=Status.READY)
+            update = update.moved(Status.READY)
         if update != inst:
             changed[inst.name] = update
     if changed:
         with store.edit() as current:
             for name, update in changed.items():
                 if name in current and current[name].pid == update.pid:
-                    current[name] = replace(current[name], activity=update.activity, last_used=update.last_used,
-                                            status=update.status if current[name].status is Status.STARTING else current[name].status)
+                    now_status = current[name].status
+                    current[name] = current[name].moved(update.status if now_status is Status.STARTING else now_status,
+                                                        activity=update.activity, last_used=update.last_used)
         instances = store.instances()
     return [(i, polled.get(i.name)) for i in sorted(instances.values(), key=lambda i: i.name)]
 

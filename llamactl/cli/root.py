@@ -139,8 +139,29 @@ def hoist_globals(argv: list[str]) -> list[str]:
     return before + moved + [command] + kept
 
 
+def _json_asked(argv: list[str]) -> bool:
+    """`--json` anywhere before a literal `--` (global or the subcommand's)."""
+    return "--json" in (argv[:argv.index("--")] if "--" in argv else argv)
+
+
+def _fail(message: str, code: int, kind: str, as_json: bool) -> None:
+    """One failure, rendered once: a line on stderr, or under --json a JSON object on stdout; then exit."""
+    if as_json:
+        import json
+
+        try:
+            sys.stdout.write(json.dumps({"error": {"type": kind, "message": message, "exit_code": code}}) + "\n")
+            sys.stdout.flush()
+        except (BrokenPipeError, ValueError):
+            pass
+    else:
+        print(f"llamactl: {message}" if kind == "internal" else f"llamactl: error: {message}", file=sys.stderr)
+    sys.exit(code)
+
+
 def main() -> None:
-    """Console entry point: run the app, map errors to one line and an exit code."""
+    """Console entry point: run the app, map errors to one line (or one JSON object) and an exit code."""
+    as_json = _json_asked(sys.argv[1:])
     try:
         code = app(args=_optional_values(hoist_globals(sys.argv[1:])), prog_name="llamactl", standalone_mode=False)
         sys.exit(code if isinstance(code, int) else 0)
@@ -153,13 +174,11 @@ def main() -> None:
         if type(exc).__name__ == "NoArgsIsHelpError":
             sys.exit(int(ExitCode.OK))  # `llamactl` alone printed its help
         message = exc.format_message() if hasattr(exc, "format_message") else str(exc)
-        print(f"llamactl: error: {message} (see --help)", file=sys.stderr)
-        sys.exit(int(getattr(exc, "exit_code", ExitCode.USAGE)))
+        _fail(f"{message} (see --help)", int(getattr(exc, "exit_code", ExitCode.USAGE)), "usage", as_json)
     except LlamactlError as exc:
         if _debug["on"]:
             traceback.print_exc()
-        print(f"llamactl: error: {exc}", file=sys.stderr)
-        sys.exit(int(exc.exit_code))
+        _fail(str(exc), int(exc.exit_code), _kind(exc), as_json)
     except KeyboardInterrupt:
         print("llamactl: interrupted", file=sys.stderr)
         sys.exit(int(ExitCode.INTERRUPTED))
@@ -169,5 +188,13 @@ def main() -> None:
     except Exception as exc:  # a bug: one line unless --debug
         if _debug["on"]:
             traceback.print_exc()
-        print(f"llamactl: internal error: {type(exc).__name__}: {exc} (rerun with --debug for a traceback)", file=sys.stderr)
-        sys.exit(int(ExitCode.FAILURE))
+        _fail(f"internal error: {type(exc).__name__}: {exc} (rerun with --debug for a traceback)",
+              int(ExitCode.FAILURE), "internal", as_json)
+
+
+def _kind(exc: LlamactlError) -> str:
+    """The error's type for JSON: its class name in snake case without "error" (UsageError → usage)."""
+    import re
+
+    name = type(exc).__name__.removesuffix("Error") or "llamactl"
+    return re.sub(r"(?<!^)(?=[A-Z])", "_", name).lower()

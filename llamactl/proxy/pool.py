@@ -31,7 +31,7 @@ from llamactl.resolve import Overrides, policy_for, resolve
 from llamactl.servers import launcher, procs, runner
 from llamactl.servers.probe import ServerCaps
 from llamactl.servers.state import Instance, StateStore, Status
-from llamactl import scheduler
+from llamactl import lifecycle, scheduler
 
 __all__ = ["Pool", "PoolStats", "Slot"]
 
@@ -141,7 +141,7 @@ class ProcessEffects:
                     continue
                 last = max(inst.last_used, last_used)
                 if (inst.status, inst.last_used) != (status, last):
-                    instances[name] = replace(inst, status=status, last_used=last)
+                    instances[name] = inst.moved(status, last_used=last)
 
 
 class Pool:
@@ -172,8 +172,6 @@ class Pool:
         slot = self.slots[model.name]
         queued_until: float | None = None
         while True:
-            if slot.phase in (Status.STARTING, Status.STOPPING) and (slot.task is None or slot.task.done()):
-                slot.phase = Status.STOPPED  # a finished task left its phase behind: nothing is in progress
             decision = scheduler.decide(model.name, self.seats(), self._limits())
             if isinstance(decision, scheduler.Use) and slot.instance is not None:
                 slot.in_flight += 1
@@ -199,7 +197,7 @@ class Pool:
                 # or be admitted to a victim from here on
                 stopping = [t for t in (self._begin_stop(self.slots[v], "max_instances") for v in decision.stop)
                             if t is not None]
-                slot.phase = Status.STARTING  # now, so the next request waits on this start (single flight)
+                self._move(slot, Status.STARTING)  # now, so the next request waits on this start (single flight)
                 slot.task = asyncio.ensure_future(self._start(slot, stopping))
             assert slot.task is not None
             slot.waiting += 1
@@ -224,9 +222,7 @@ class Pool:
             await asyncio.sleep(0.05)
         if slot.instance is not None and not await asyncio.to_thread(self.effects.alive, slot.instance):
             log.warning("%s: instance is gone (%s); the next request relaunches it", slot.model.name, why)
-            self.events.add("crash", slot.model.name, why)
-            slot.phase, slot.instance = Status.STOPPED, None
-            self._changed()
+            self._move(slot, Status.STOPPED, event=("crash", why), instance=None)
             return True
         return slot.instance is None
 
@@ -250,6 +246,16 @@ class Pool:
         return True
 
     # --- lifecycle (owner-only) -----------------------------------------------------------------
+
+    def _move(self, slot: Slot, phase: Status, *, event: tuple[str, str] | None = None, **fields: object) -> None:
+        """The one place a slot's phase changes: checked against the lifecycle's transitions, then the event
+        (kind, detail) for top and the page, and the change notice that wakes waiting requests."""
+        slot.phase = lifecycle.check(slot.phase, phase)
+        for key, value in fields.items():
+            setattr(slot, key, value)
+        if event is not None:
+            self.events.add(event[0], slot.model.name, event[1])
+        self._changed()
 
     def _changed(self) -> None:
         waiters, self._waiters = self._waiters, []
@@ -284,13 +290,12 @@ class Pool:
         its seat and memory until the process is gone), and run it in a task; None if nothing runs."""
         if slot.instance is None:
             if slot.phase is Status.READY:
-                slot.phase = Status.STOPPED
+                self._move(slot, Status.STOPPED)
             return None
         if slot.phase is Status.STOPPING and slot.task is not None and not slot.task.done():
             return slot.task  # already going
-        slot.phase = Status.STOPPING
+        self._move(slot, Status.STOPPING)
         slot.task = asyncio.ensure_future(self._stop_body(slot, reason, slot.instance.name))
-        self._changed()
         return slot.task
 
     async def _stop(self, slot: Slot, reason: str) -> None:
@@ -304,11 +309,10 @@ class Pool:
         except Exception as exc:  # the entry stays in the state; ps/evict see what is left
             log.error("%s: stopping it failed: %s", slot.model.name, exc)
         finally:
-            slot.phase, slot.instance, slot.ours = Status.STOPPED, None, False
             self.stats.evictions[reason] = self.stats.evictions.get(reason, 0) + 1
             log.info("%s: stopped (%s)", slot.model.name, reason)
-            self.events.add("evict" if reason not in ("shutdown",) else "stopped", slot.model.name, reason)
-            self._changed()
+            self._move(slot, Status.STOPPED, event=("evict" if reason != "shutdown" else "stopped", reason),
+                       instance=None, ours=False)
 
     def _request(self, slot: Slot, protected: frozenset[str], inv: Inventory) -> launcher.LaunchRequest:
         """The launch of this slot's model, resolved as every door resolves it (resolve.py)."""
@@ -338,8 +342,7 @@ class Pool:
         if env is None:
             return False
         slot.api_key = env.get(runner.API_KEY_ENV) or None
-        slot.instance, slot.phase = inst, Status.READY
-        slot.ours = _started_by_proxy(inst, env)
+        self._move(slot, Status.READY, instance=inst, ours=_started_by_proxy(inst, env))
         # idle time counts from the instance's last recorded use (the poller keeps it current), so a TTL
         # that ran out while no proxy watched stops it at the next poll
         slot.last_used = inst.last_used or time.time()
@@ -408,8 +411,6 @@ class Pool:
 
     async def _start(self, slot: Slot, stopping: list[asyncio.Future[None]] | tuple = ()) -> None:
         name = slot.model.name
-        slot.phase = Status.STARTING
-        self._changed()
         started = time.monotonic()
         deadline = started + self.config.load_timeout_s
         try:
@@ -434,18 +435,18 @@ class Pool:
                 elif time.monotonic() >= deadline:
                     raise ModelUnavailableError(f"{name}: {why}; waited {self.config.load_timeout_s:g} s")
                 await self._wait_change(min(deadline - time.monotonic(), self.config.poll_interval_s, 0.5))
-            slot.instance, slot.phase, slot.ours = instance, Status.READY, True
             slot.last_used = time.time()
             self._count(name, "ok")
             log.info("%s: ready on port %s in %.1f s", name, instance.port, time.monotonic() - started)
-            self.events.add("ready", name, f"port {instance.port}, {time.monotonic() - started:.1f} s")
+            self._move(slot, Status.READY, event=("ready", f"port {instance.port}, {time.monotonic() - started:.1f} s"),
+                       instance=instance, ours=True)
         except GGUFError as exc:  # the file went missing or bad since the config was read: no paths to clients
-            slot.phase, slot.instance = Status.STOPPED, None
+            self._move(slot, Status.STOPPED, instance=None)
             self._count(name, "failed")
             log.error("%s: %s", name, exc)
             raise ModelUnavailableError(f"{name}: its model file is missing or unreadable (details in the proxy's log)") from None
         except BaseException as exc:
-            slot.phase, slot.instance = Status.STOPPED, None
+            self._move(slot, Status.STOPPED, instance=None)
             for kind, (result, answer) in _LAUNCH_FAILURES.items():
                 if isinstance(exc, kind):
                     self._count(name, result)
@@ -472,9 +473,7 @@ class Pool:
             inst = slot.instance
             if not await asyncio.to_thread(self.effects.alive, inst):
                 log.warning("%s: instance (pid %s) is gone", slot.model.name, inst.pid)
-                self.events.add("crash", slot.model.name, f"pid {inst.pid} is gone")
-                slot.phase, slot.instance = Status.STOPPED, None
-                self._changed()
+                self._move(slot, Status.STOPPED, event=("crash", f"pid {inst.pid} is gone"), instance=None)
                 continue
         ttls = {name: s.model.ttl_s if s.model.ttl_s is not None else self.config.idle_ttl_s
                 for name, s in self.slots.items()}

@@ -179,7 +179,7 @@ def stop_instances(store: StateStore, names: Sequence[str], *, grace_s: float = 
         targets = {n: instances[n] for n in names if n in instances}
         for name, inst in targets.items():
             if inst.live:
-                instances[name] = replace(inst, status=Status.STOPPING)
+                instances[name] = inst.moved(Status.STOPPING)
     stopped = []
     for name, inst in targets.items():
         if not inst.live or inst.pid is None:
@@ -398,7 +398,7 @@ def _start(store: StateStore, req: LaunchRequest, params: ModelParams, the_plan:
                 if isinstance(exc, (KeyboardInterrupt, OutOfMemoryAtLoad)):
                     del current[req.name]  # an out-of-memory failure is recorded as an observation instead
                 else:
-                    current[req.name] = replace(current[req.name], status=Status.FAILED)
+                    current[req.name] = current[req.name].moved(Status.FAILED)
         if isinstance(exc, KeyboardInterrupt):
             raise _interrupted(req.name, child.pid) from None
         if taken:  # it was stopped by whoever removed its entry: that is the news, not the signal it died of
@@ -410,7 +410,7 @@ def _start(store: StateStore, req: LaunchRequest, params: ModelParams, the_plan:
     with store.edit() as current:
         mine = current.get(req.name)
         if mine is not None and mine.pid == child.pid:
-            inst = replace(mine, status=Status.READY, last_used=time.time(), actual_bytes=actual)
+            inst = mine.moved(Status.READY, last_used=time.time(), actual_bytes=actual)
             current[req.name] = inst
     if mine is None or mine.pid != child.pid:  # evicted or replaced by another llamactl while it loaded
         runner.stop_child(child.proc, grace_s=min(grace_s, 5.0))

@@ -33,6 +33,7 @@ from typing import TypedDict
 import psutil
 
 from llamactl.errors import LlamactlError
+from llamactl import lifecycle
 from llamactl.lifecycle import LIVE, Status
 from llamactl.servers import procs
 from llamactl.servers.names import check_name, name_for, valid_name
@@ -89,6 +90,10 @@ class Instance:
     status: Status = Status.STARTING
     activity: int = 0  # llama-server's token counters at the last poll: a change means it was used
     host: str = "127.0.0.1"
+
+    def moved(self, status: Status, **changes: object) -> "Instance":
+        """This entry with a new status (checked against the lifecycle's transitions) and other changes."""
+        return replace(self, status=lifecycle.check(self.status, status), **changes)  # type: ignore[arg-type]
 
     @property
     def live(self) -> bool:
@@ -404,13 +409,13 @@ def reconcile(instances: dict[str, Instance], state_dir: Path, now: float | None
             out[name] = inst
         elif inst.pid is None:
             stale = now - inst.started_at > UNSPAWNED_GRACE_S
-            out[name] = replace(inst, status=Status.DEAD) if stale else inst
+            out[name] = inst.moved(Status.DEAD) if stale else inst
         else:
             verdict = procs.check(inst.claim(state_dir))
             if verdict.ownership is Ownership.OURS:
                 out[name] = inst
             elif verdict.ownership is Ownership.GONE:
-                out[name] = replace(inst, status=Status.DEAD)
+                out[name] = inst.moved(Status.DEAD)
             elif not quiet:
                 log.warning("state entry %r dropped: %s (not ours, left alone)", name, verdict.reason)
     for proc in _tagged_processes(state_dir) if adopt else ():

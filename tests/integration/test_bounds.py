@@ -263,3 +263,46 @@ def test_a_launch_evicted_while_it_loads_says_so(tmp_path: Path) -> None:
             launch.kill()
     assert launch.returncode == 1
     assert "its state entry was removed while it loaded" in err and "code -15" not in err, err
+
+
+def test_a_model_that_fits_once_a_busy_one_is_done_waits_for_the_gpu(make_proxy) -> None:  # noqa: F811
+    """A GPU that holds one of two models; a is busy streaming when b is asked for: b waits for a's stream to
+    end, then a goes (memory) and b runs wholly on the GPU — not partially or on the CPU beside it."""
+    probe = make_proxy({"a": []})
+    each = _estimate(probe.config, {**probe.env, "LLAMACTL_GPUS": "none"}, "a")
+    probe.stop()
+    proxy = make_proxy({"a": ["--fake-chunk-delay", "0.2"], "b": []}, 'gpu_overhead = "0MiB"',
+                       gpus=f"1x{math.ceil(1.5 * each / 1024)}KiB")
+    result: dict[str, object] = {}
+    streaming = threading.Thread(target=lambda: result.update(a=_stream_n(proxy.url, "a", 15)))
+    streaming.start()
+    assert wait_for(lambda: any(i["name"] == "a" and i["in_flight"] for i in proxy.instances()), 20)
+    reply = proxy.post("b", max_tokens=1)
+    streaming.join(60)
+    assert reply.status_code == 200
+    status, body = result["a"]  # type: ignore[misc]
+    assert status == 200 and "data: [DONE]" in body and '"error"' not in body  # a's stream was not cut
+    b = next(i for i in proxy.instances() if i["name"] == "b")
+    assert b["gpu_ids"] == [0], b  # the whole model on the GPU, once a's memory was free
+    assert "a: stopped (memory)" in proxy.logs()
+
+
+def _stream_n(url: str, model: str, tokens: int) -> tuple[int, str]:
+    with httpx.stream("POST", f"{url}/v1/chat/completions", timeout=120,
+                      json={"model": model, "messages": [], "stream": True, "max_tokens": tokens}) as reply:
+        return reply.status_code, reply.read().decode()
+
+
+def test_launch_dry_run_prints_the_port_a_launch_would_take(tmp_path: Path) -> None:
+    import socket
+
+    config, env = _write_models(tmp_path, "a")
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen(1)
+        port = taken.getsockname()[1]
+        out = subprocess.run([sys.executable, "-m", "llamactl", "--config", str(config), "launch", "a", "--dry-run",
+                              "--port-start", str(port), "--json"], env=env, capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    argv = json.loads(out.stdout)["argv"]
+    assert int(argv[argv.index("--port") + 1]) != port

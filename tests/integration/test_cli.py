@@ -186,3 +186,27 @@ def test_gpus_file_duplicate_index_and_lost_gpu(tmp_path: Path, model: Path) -> 
                                 {"index": 1, "memory_total_bytes": 24 * 2**30}]))
     data = json.loads(run("plan", str(model), "--gpus-file", str(path), "--json").stdout)
     assert data["gpu_ids"] == [1]  # the lost GPU round-trips as lost, not as a healthy empty one
+
+
+def test_json_errors_are_json_on_stdout_with_the_same_exit_code(tmp_path) -> None:
+    import json as _json
+    import subprocess as _sp
+    import sys as _sys
+
+    def run(*argv: str) -> _sp.CompletedProcess[str]:
+        return _sp.run([_sys.executable, "-m", "llamactl", *argv], capture_output=True, text=True, timeout=60,
+                       env={**__import__("os").environ, "LLAMACTL_STATE_DIR": str(tmp_path / "s")})
+
+    for argv, code, kind in ((("estimate", str(tmp_path / "none.gguf"), "--json"), 2, "usage"),
+                             (("--json", "plan", "--bogus"), 2, "usage"),
+                             (("evict", "nosuch", "--json"), None, None)):
+        out = run(*argv)
+        text = run(*[a for a in argv if a != "--json"])
+        if out.returncode == 0:
+            continue
+        error = _json.loads(out.stdout)["error"]
+        assert out.returncode == text.returncode == error["exit_code"], (argv, out.stdout, text.stderr)
+        assert error["message"] and "\n" not in error["message"] and error["message"] in text.stderr
+        if kind:
+            assert error["type"] == kind and out.returncode == code
+        assert out.stderr == ""
