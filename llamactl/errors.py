@@ -173,3 +173,15 @@ class UnsupportedMediaError(ProxyError):
     """A state-changing request whose body is not declared JSON (a page's "simple" cross-site request)."""
 
     http_status, kind, code = 415, "invalid_request_error", "unsupported_media_type"
+
+
+class StateError(LlamactlError):
+    """The state dir cannot be used (permissions, not a directory)."""
+
+
+class PlantedFileError(StateError):
+    """A path in the state dir is not a regular file of ours (a FIFO, a symlink, a directory, a device)."""
+
+    def __init__(self, path: object, what: str) -> None:
+        super().__init__(f"{path}: {what}, not a regular file; remove it (llamactl never reads through it)")
+        self.path, self.what = path, what

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import sys
 import time
 
@@ -10,6 +11,7 @@ import typer
 from llamactl.cli.common import state_store
 from llamactl.cli.complete import instance_names
 from llamactl.errors import UsageError
+from llamactl.servers import files
 from llamactl.servers.runner import tail
 from llamactl.servers.state import check_name
 
@@ -23,12 +25,16 @@ def command(
     """Print an instance's log."""
     store = state_store(ctx)
     path = store.log_path(check_name(name, "instance name"))  # derived from the name, never read from the state
-    if not path.exists():
-        raise UsageError(f"no log for {name!r} (looked in {path})")
+    try:
+        fd = files.open_regular(path, os.O_RDONLY)  # a planted link, FIFO or device is refused, not read
+    except FileNotFoundError:
+        raise UsageError(f"no log for {name!r} (looked in {path})") from None
+    except OSError as exc:
+        raise UsageError(f"cannot read {path}: {exc.strerror or exc}") from None
     out = sys.stdout
-    with open(path, "rb") as fh:
+    with os.fdopen(fd, "rb") as fh:
         if lines:
-            out.write(tail(path, lines) + "\n")
+            out.write(tail(path, lines) + "\n")  # reads only the file's last 64 KiB
             fh.seek(0, 2)
         else:
             for chunk in iter(lambda: fh.read(65536), b""):

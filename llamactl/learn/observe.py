@@ -86,11 +86,12 @@ def logged_terms(buffers: BufferLog, names: Sequence[str]) -> dict[str, int]:
 
 
 def read_log_from(path: Path, offset: int) -> str:
+    from llamactl.errors import PlantedFileError
+    from llamactl.servers import files
+
     try:
-        with open(path, "rb") as fh:
-            fh.seek(offset)
-            return fh.read(LOG_READ_LIMIT).decode("utf-8", "replace")
-    except OSError:
+        return files.read_from(path, offset, LOG_READ_LIMIT).decode("utf-8", "replace")
+    except (OSError, PlantedFileError):
         return ""
 
 

@@ -20,7 +20,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from llamactl.errors import ExitedEarly, LaunchError, NotReadyInTime, OutOfMemoryAtLoad, exited_early  # noqa: F401  (re-exported)
-from llamactl.servers import client, procs
+from llamactl.errors import PlantedFileError
+from llamactl.servers import client, files, procs
 
 POLL_INTERVAL_S = 0.1
 DEFAULT_GRACE_S = 10.0
@@ -48,7 +49,9 @@ def open_log(log_path: Path, *, shared: bool = False) -> int:
         if not log_path.parent.is_dir():
             log_path.parent.mkdir(mode=dir_mode, parents=True, exist_ok=True)
             os.chmod(log_path.parent, dir_mode | (0o2000 if shared else 0))  # past the umask
-        fd = os.open(log_path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, file_mode)
+        fd = files.open_regular(log_path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, file_mode)
+    except PlantedFileError as exc:
+        raise LaunchError(f"cannot open the log {exc}") from None
     except OSError as exc:
         raise LaunchError(f"cannot open the log {log_path}: {exc.strerror or exc}") from None
     if shared:
@@ -120,8 +123,8 @@ def trim_log(log_path: Path, max_bytes: int = LOG_MAX_BYTES, keep_bytes: int = L
     writes during the cut may come before the kept tail.
     """
     try:
-        fd = os.open(log_path, os.O_RDWR | os.O_APPEND | os.O_NOFOLLOW | os.O_CLOEXEC)
-    except OSError:
+        fd = files.open_regular(log_path, os.O_RDWR | os.O_APPEND)
+    except (OSError, PlantedFileError):  # missing, or not a file of ours: nothing to cut
         return False
     try:
         size = os.fstat(fd).st_size
@@ -141,12 +144,8 @@ def trim_log(log_path: Path, max_bytes: int = LOG_MAX_BYTES, keep_bytes: int = L
 def tail(log_path: Path, lines: int = 12) -> str:
     """The last lines of a log file (bounded read: logs can be large)."""
     try:
-        with open(log_path, "rb") as fh:
-            fh.seek(0, os.SEEK_END)
-            size = fh.tell()
-            fh.seek(max(0, size - 64 * 1024))
-            text = fh.read().decode("utf-8", "replace")
-    except OSError:
+        text = files.read_tail(log_path, 64 * 1024).decode("utf-8", "replace")
+    except (OSError, PlantedFileError):
         return ""
     return "\n".join(text.rstrip("\n").splitlines()[-lines:])
 

@@ -32,10 +32,10 @@ from typing import TypedDict
 
 import psutil
 
-from llamactl.errors import LlamactlError
+from llamactl.errors import LlamactlError, PlantedFileError, StateError
 from llamactl import lifecycle
 from llamactl.lifecycle import LIVE, Status
-from llamactl.servers import procs
+from llamactl.servers import files, procs
 from llamactl.servers.names import check_name, name_for, valid_name
 from llamactl.servers.procs import INSTANCE_ENV, STATE_DIR_ENV, Claim, Ownership
 
@@ -189,9 +189,6 @@ def _byte_map(value: object) -> bool:
             and all(isinstance(k, str) and len(k) <= 8 and _is_int(v) and 0 <= v < 2**62 for k, v in value.items()))
 
 
-class StateError(LlamactlError):
-    """The state dir cannot be used (permissions, not a directory)."""
-
 
 def _flag_value(argv: tuple[str, ...], *names: str) -> str | None:
     for i, arg in enumerate(argv):
@@ -255,7 +252,13 @@ class StateStore:
     def _locked(self) -> Iterator[None]:
         dir_st = self._ensure_dir()
         try:
-            fd = os.open(self.lock_path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, self.file_mode)
+            try:
+                fd = files.open_regular(self.lock_path, os.O_RDWR | os.O_CREAT, self.file_mode)
+            except PlantedFileError as exc:  # not a lock of ours: set it aside and take a real one
+                self._planted(self.lock_path, exc)
+                fd = files.open_regular(self.lock_path, os.O_RDWR | os.O_CREAT, self.file_mode)
+        except PlantedFileError:
+            raise
         except OSError as exc:
             raise StateError(f"cannot use state dir {self.dir}: {self.lock_path.name}: {exc.strerror or exc}") from None
         try:
@@ -269,14 +272,17 @@ class StateStore:
         """The recorded instances, each validated; bad entries dropped and the file copied aside, with a warning
         (`keep_aside=False`, for lock-free readers: skipped quietly, left for the next writer to handle)."""
         try:
-            fd = os.open(self.path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+            fd = files.open_regular(self.path, os.O_RDONLY)
         except FileNotFoundError:
+            return {}
+        except PlantedFileError as exc:
+            # a FIFO, link or directory in its place: moved aside like a corrupt file, so ps and evict go on
+            if keep_aside:
+                self._planted(self.path, exc)
             return {}
         except OSError as exc:
             raise StateError(f"cannot read {self.path}: {exc.strerror or exc}") from None
         with os.fdopen(fd, "rb") as fh:
-            if not stat.S_ISREG(os.fstat(fh.fileno()).st_mode):
-                raise StateError(f"cannot read {self.path}: not a regular file")
             raw = fh.read(MAX_STATE_BYTES + 1)
         try:
             if len(raw) > MAX_STATE_BYTES:
@@ -308,6 +314,13 @@ class StateStore:
             self._set_aside("bad entries dropped: " + "; ".join(bad[:5]) + (f" (+{len(bad) - 5} more)" if len(bad) > 5 else ""),
                             move=False)
         return good
+
+    def _planted(self, path: Path, exc: PlantedFileError) -> None:
+        try:
+            aside = files.move_aside(path)
+        except OSError as err:
+            raise StateError(f"{exc}; could not move it aside ({err.strerror or err})") from None
+        log.warning("%s: %s, not a regular file; moved aside to %s", path, exc.what, aside.name)
 
     def _set_aside(self, why: str, *, move: bool) -> None:
         aside = self.path.with_name(f"{STATE_NAME}.bad-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}")
