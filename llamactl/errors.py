@@ -185,3 +185,7 @@ class PlantedFileError(StateError):
     def __init__(self, path: object, what: str) -> None:
         super().__init__(f"{path}: {what}, not a regular file; remove it (llamactl never reads through it)")
         self.path, self.what = path, what
+
+
+class RemoteError(LlamactlError):
+    """A remote proxy (`top --url`) could not be read: refused, timed out, not JSON, the wrong shape."""

@@ -76,20 +76,89 @@ def _diff_events(events: EventLog, before: dict[str, dict] | None, now: dict[str
         events.add("stopped", name, "no longer in the state file")
 
 
+REMOTE_MAX_BYTES = 16 * 2**20  # a /status of hundreds of instances is a few hundred KiB
+REMOTE_DEADLINE_S = 10.0  # the whole reply, however slowly it trickles
+
+
 def remote(url: str, api_key: str | None, timeout_s: float = 5.0) -> dict[str, Any]:
-    """A running proxy's snapshot (its /status)."""
+    """A running proxy's snapshot (its /status), read as untrusted input: a deadline and a size bound on the
+    reply, its shape checked, and no field taken for a local path (a remote `log` is dropped)."""
+    import json
+    import time
+
     import httpx
 
-    headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
-    reply = httpx.get(url.rstrip("/") + "/status", headers=headers, timeout=timeout_s)
-    if reply.status_code == 401:
-        from llamactl.errors import UsageError
+    from llamactl.errors import RemoteError
 
-        raise UsageError(f"{url}: the proxy wants an API key (--api-key or LLAMACTL_API_KEY)")
-    reply.raise_for_status()
-    data = reply.json()
-    data.setdefault("source", url)
+    if not url.startswith(("http://", "https://")):
+        raise RemoteError(f"{url}: not an http:// or https:// URL")
+    headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+    deadline = time.monotonic() + REMOTE_DEADLINE_S
+    body = bytearray()
+    try:
+        with httpx.stream("GET", url.rstrip("/") + "/status", headers=headers, timeout=timeout_s) as reply:
+            if reply.status_code == 401:
+                raise RemoteError(f"{url}: the proxy refused the API key" if api_key else
+                                  f"{url}: the proxy wants an API key (--api-key or LLAMACTL_API_KEY)")
+            if reply.status_code != 200:
+                raise RemoteError(f"{url}: /status answered HTTP {reply.status_code}")
+            for chunk in reply.iter_raw():
+                body += chunk
+                if len(body) > REMOTE_MAX_BYTES:
+                    raise RemoteError(f"{url}: /status is larger than {REMOTE_MAX_BYTES // 2**20} MiB")
+                if time.monotonic() > deadline:
+                    raise RemoteError(f"{url}: /status did not arrive within {REMOTE_DEADLINE_S:g} s")
+    except httpx.InvalidURL as exc:
+        raise RemoteError(f"{url}: not a usable URL ({exc})") from None
+    except httpx.ConnectError:
+        raise RemoteError(f"{url}: nothing answers there (connection refused or no route)") from None
+    except httpx.TimeoutException:
+        raise RemoteError(f"{url}: no answer within {timeout_s:g} s") from None
+    except httpx.HTTPError as exc:
+        raise RemoteError(f"{url}: {type(exc).__name__}: {exc}") from None
+    try:
+        data = json.loads(bytes(body))
+    except (ValueError, RecursionError):
+        raise RemoteError(f"{url}: /status is not JSON (is this a llamactl proxy?)") from None
+    if not isinstance(data, dict) or not isinstance(data.get("instances"), list) or not all(
+            isinstance(i, dict) and isinstance(i.get("name"), str) for i in data["instances"]):
+        raise RemoteError(f"{url}: /status is not a llamactl proxy's snapshot (unexpected shape)")
+    data["instances"] = [_typed(i, _INSTANCE_NUMBERS, ("name", "model", "state")) for i in data["instances"]]
+    gpus = data.get("gpus") if isinstance(data.get("gpus"), list) else []
+    data["gpus"] = [_typed(g, _GPU_NUMBERS, ("name", "error")) for g in gpus
+                    if isinstance(g, dict) and _number(g.get("index")) and _number(g.get("memory_total_bytes"))]
+    for key in ("events", "requests", "history"):
+        data[key] = [e for e in data.get(key) or [] if isinstance(e, dict)] if isinstance(data.get(key), list) else []
+    data["source"] = url
     return data
+
+
+_INSTANCE_NUMBERS = ("pid", "port", "in_flight", "queued", "idle_s", "ttl_s", "ttl_left_s", "last_used",
+                     "tokens_per_s", "slots_busy", "slots_total", "estimated_bytes", "actual_bytes")
+_GPU_NUMBERS = ("index", "memory_total_bytes", "memory_used_bytes", "memory_free_bytes", "utilization_gpu",
+                "utilization_memory", "temperature_c", "power_w")
+
+
+def _number(value: object) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and value == value and abs(value) < 1e18
+
+
+def _typed(entry: dict[str, Any], numbers: tuple[str, ...], texts: tuple[str, ...]) -> dict[str, Any]:
+    """A remote entry with the fields the views draw checked: numbers are numbers (else None), texts are
+    strings (else their repr); a `log` (a path on that machine) dropped, never opened here."""
+    out = {k: v for k, v in entry.items() if k != "log"}
+    for key in numbers:
+        if key in out and not _number(out[key]):
+            out[key] = None
+    for key in texts:
+        if key in out and out[key] is not None and not isinstance(out[key], str):
+            out[key] = repr(out[key])[:80]
+    if not isinstance(out.get("gpu_ids"), list) or not all(isinstance(i, int) for i in out.get("gpu_ids", [])):
+        out["gpu_ids"] = []
+    devices = out.get("devices") if isinstance(out.get("devices"), dict) else {}
+    out["devices"] = {str(k): {f: (v.get(f) if _number(v.get(f)) else None) for f in ("estimated_bytes", "actual_bytes")}
+                      for k, v in devices.items() if isinstance(v, dict)}
+    return out
 
 
 def gpu_segments(gpu: dict[str, Any], instances: list[dict[str, Any]]) -> list[tuple[str, int, str]]:

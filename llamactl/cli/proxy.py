@@ -43,7 +43,7 @@ def _check(cfg: config_mod.Config, as_json: bool) -> None:
         render.emit_json({"config": str(cfg.source) if cfg.source else None, "host": cfg.host, "port": cfg.port,
                           "models": out, "problems": problems})
     else:
-        print(f"config: {cfg.source or '(none: defaults)'}; listening on {cfg.host}:{cfg.port}")
+        print(render.safe(f"config: {cfg.source or '(none: defaults)'}; listening on {cfg.host}:{cfg.port}"))
         if rows:
             print(render.table(rows, ["MODEL", "PATH", "ALIASES", "CTX", "NGL", "TTL", "FILE"], align_right_from=3))
         else:

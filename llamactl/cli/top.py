@@ -24,6 +24,7 @@ from typing import TYPE_CHECKING, Any, Optional
 import typer
 
 from llamactl import views
+from llamactl.render import safe_tree
 from llamactl.cli.common import state_store
 from llamactl.units import format_bytes, format_duration
 
@@ -230,10 +231,10 @@ def command(
     def snapshot() -> dict[str, Any]:
         nonlocal previous
         if url:
-            return views.remote(url, api_key)
+            return safe_tree(views.remote(url, api_key))  # type: ignore[return-value]
         snap = views.local(store, lambda: inventory.resolve(None, None), events, previous)
         previous = {i["name"]: i for i in snap["instances"]}
-        return snap
+        return safe_tree(snap)  # type: ignore[return-value]  # names and models drawn as text
 
     from rich.console import Console
 
