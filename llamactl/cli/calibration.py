@@ -137,6 +137,7 @@ def command(
     file: Optional[str] = typer.Argument(None, metavar="[FILE]", help="export: where to write (default: stdout); import: what to read (- = stdin)."),
     model: Optional[str] = typer.Option(None, "--model", help="show/reset: only this GGUF file's observations."),
     yes: bool = typer.Option(False, "--yes", "-y", help="reset: do not ask."),
+    replace_old: bool = typer.Option(False, "--replace", help="import: let the import push the oldest observations out."),
     json_output: bool = typer.Option(False, "--json", help="Machine-readable JSON."),
 ) -> None:
     """What earlier launches measured (per model, GPU overhead, compute corrections); reset, export, import.
@@ -188,15 +189,24 @@ def command(
             raise UsageError("import needs a FILE (as `llamactl calibration export FILE` writes; - for stdin)")
         rows = _read_import(file)
         good, bad = [], 0
+        now = time.time()
         for row in rows:
             try:
-                obs = observation_from_row(row)
+                obs = observation_from_row(row, now=now)
             except (ValueError, TypeError):
                 bad += 1
                 continue
             good.append(obs if obs.uid else None)
         valid = [o for o in good if o is not None]
         bad += len(good) - len(valid)
+        from llamactl.learn.store import MAX_ROWS
+
+        fresh = store.new_among(o.uid for o in valid if o.uid)
+        held = store.count()
+        lost = min(held, held + fresh - MAX_ROWS)
+        if lost > 0 and not replace_old:
+            raise UsageError(f"importing {fresh} new observations would push {lost} of the {held} in the store out "
+                             f"(it keeps the newest {MAX_ROWS}); pass --replace to allow it")
         added = store.add(valid)
         print(f"imported {added} observations ({len(valid) - added} already present"
               + (f", {bad} invalid skipped" if bad else "") + ")")

@@ -327,8 +327,13 @@ def observation_to_row(o: Observation) -> dict[str, Any]:
     return data
 
 
-def observation_from_row(data: Any) -> Observation:
-    """A validated Observation from its JSON form (an exported file is input: check everything)."""
+EARLIEST_AT = 1_672_531_200.0  # 2023-01-01: no llamactl observation is older
+FUTURE_SLACK_S = 86_400.0  # clocks of the exporting box may run a little ahead
+
+
+def observation_from_row(data: Any, *, now: float | None = None) -> Observation:
+    """A validated Observation from its JSON form (an exported file is input: check everything). With `now`,
+    its time must lie between 2023 and a day past `now`."""
     if not isinstance(data, dict):
         raise ValueError("not an object")
 
@@ -359,6 +364,8 @@ def observation_from_row(data: Any) -> Observation:
     if not isinstance(settings, dict):
         raise ValueError("settings: expected an object")
     shortfall_device = text("shortfall_device", 16, optional=True)
+    if now is not None and not EARLIEST_AT <= number("at") <= now + FUTURE_SLACK_S:
+        raise ValueError("at: not a plausible time")
     return Observation(
         model_key=text("model_key", 128), model_path=text("model_path"), arch=text("arch", 64), backend=backend,
         settings_key=text("settings_key", 64), settings=settings, partial=bool(data.get("partial")),

@@ -66,13 +66,43 @@ class CalibrationStore:
 
     @contextmanager
     def _connect(self, *, create: bool) -> Iterator[sqlite3.Connection | None]:
-        """A connection, or None when there is no store (and `create` is False)."""
+        """A connection, or None when there is no store (and `create` is False). A damaged file, or one
+        with another schema, is moved aside and (when creating) a new one begun: the command goes on."""
+        conn = None
+        for attempt in range(2):
+            conn = self._open(create=create)
+            if conn is None:
+                break
+            try:
+                conn.execute(f"PRAGMA busy_timeout = {int(BUSY_TIMEOUT_S * 1000)}")
+                self._prepare(conn)
+                break
+            except sqlite3.DatabaseError as exc:
+                conn.close()
+                conn = None
+                if attempt == 0 and _damaged(exc):
+                    self._set_aside(exc)
+                    continue
+                raise CalibrationError(f"calibration store {self.path}: {exc}") from None
+        if conn is None:
+            yield None
+            return
+        try:
+            yield conn
+        except sqlite3.DatabaseError as exc:
+            if _damaged(exc):
+                self._set_aside(exc)
+                raise CalibrationError(f"calibration store damaged ({exc}); moved aside") from None
+            raise CalibrationError(f"calibration store {self.path}: {exc}") from None
+        finally:
+            conn.close()
+
+    def _open(self, *, create: bool) -> sqlite3.Connection | None:
         try:
             st = os.lstat(self.path)
         except FileNotFoundError:
             if not create:
-                yield None
-                return
+                return None
             self.dir.mkdir(parents=True, exist_ok=True, mode=0o700)
             try:  # created here, with our mode and never through a planted link
                 os.close(os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC,
@@ -82,22 +112,18 @@ class CalibrationStore:
             st = os.lstat(self.path)
         if not stat.S_ISREG(st.st_mode):
             raise CalibrationError(f"{self.path} is not a regular file (a link or something else); calibration not used")
-        conn = sqlite3.connect(self.path, timeout=BUSY_TIMEOUT_S, isolation_level=None)
+        return sqlite3.connect(self.path, timeout=BUSY_TIMEOUT_S, isolation_level=None)
+
+    def _set_aside(self, exc: BaseException) -> None:
+        aside = self.path.with_name(f"{FILE_NAME}.bad-{time.strftime('%Y%m%dT%H%M%S')}-{os.getpid()}")
         try:
-            conn.execute(f"PRAGMA busy_timeout = {int(BUSY_TIMEOUT_S * 1000)}")
-            self._prepare(conn)
-            yield conn
-        except sqlite3.DatabaseError as exc:
-            conn.close()
-            if "not a database" in str(exc) or "malformed" in str(exc):
-                aside = self.path.with_name(f"{FILE_NAME}.bad-{time.strftime('%Y%m%dT%H%M%S')}")
-                os.replace(self.path, aside)
-                log.warning("%s was not a usable database (%s); moved aside to %s, starting afresh",
-                            self.path, exc, aside.name)
-                raise CalibrationError(f"calibration store damaged ({exc}); moved aside to {aside.name}") from None
-            raise CalibrationError(f"calibration store {self.path}: {exc}") from None
-        finally:
-            conn.close()
+            os.replace(self.path, aside)
+        except FileNotFoundError:
+            return  # another llamactl moved it first
+        except OSError as err:
+            raise CalibrationError(f"calibration store {self.path}: {exc}; could not move it aside ({err})") from None
+        log.warning("%s was not a usable calibration store (%s); moved aside to %s, starting afresh",
+                    self.path, exc, aside.name)
 
     def _prepare(self, conn: sqlite3.Connection) -> None:
         """Create the schema on a new file. SQLite answers a journal-mode change that meets another writer
@@ -108,6 +134,9 @@ class CalibrationStore:
             try:
                 version = conn.execute("PRAGMA user_version").fetchone()[0]
                 if version == SCHEMA:
+                    have = {row[1] for row in conn.execute("PRAGMA table_info(observations)")}
+                    if have != _COLUMNS:  # the right number, the wrong tables: someone else's database
+                        raise sqlite3.DatabaseError(f"wrong schema (observations has {sorted(have) or 'no columns'})")
                     return
                 if version > SCHEMA:
                     raise CalibrationError(f"{self.path} has schema {version}, newer than this llamactl ({SCHEMA}); "
@@ -189,6 +218,19 @@ class CalibrationStore:
                     log.debug("calibration row skipped: %s", exc)
             return out
 
+    def new_among(self, uids: Iterable[str]) -> int:
+        """How many of these uids the store does not hold yet."""
+        wanted = list(dict.fromkeys(uids))
+        with self._connect(create=False) as conn:
+            if conn is None:
+                return len(wanted)
+            held = 0
+            for i in range(0, len(wanted), 500):
+                part = wanted[i:i + 500]
+                held += conn.execute(f"SELECT COUNT(*) FROM observations WHERE uid IN ({','.join('?' * len(part))})",
+                                     part).fetchone()[0]
+            return len(wanted) - held
+
     def count(self) -> int:
         with self._connect(create=False) as conn:
             return 0 if conn is None else int(conn.execute("SELECT COUNT(*) FROM observations").fetchone()[0])
@@ -205,6 +247,15 @@ class CalibrationStore:
                 cur = conn.execute("DELETE FROM observations WHERE model_key = ?", (model_key,))
             conn.execute("COMMIT")
             return cur.rowcount
+
+
+_COLUMNS = {"id", "uid", "at", "outcome", "model_key", "arch", "backend", "settings_key", "gpu_names", "driver",
+            "build", "body"}
+_DAMAGE = ("not a database", "malformed", "wrong schema", "no such table", "no such column", "file is not")
+
+
+def _damaged(exc: BaseException) -> bool:
+    return any(words in str(exc) for words in _DAMAGE)
 
 
 def _busy(exc: sqlite3.OperationalError) -> bool:

@@ -182,10 +182,48 @@ def test_a_planted_link_is_refused_and_a_damaged_store_moved_aside(tmp_path: Pat
     assert target.read_text() == "precious"
     (tmp_path / "state" / "calibration.db").unlink()
     (tmp_path / "state" / "calibration.db").write_bytes(b"not a database, just bytes" * 100)
-    with pytest.raises(CalibrationError, match="moved aside"):
-        CalibrationStore(tmp_path / "state").count()
+    assert CalibrationStore(tmp_path / "state").count() == 0  # moved aside; the read goes on with no store
     assert list((tmp_path / "state").glob("calibration.db.bad-*"))
     assert CalibrationStore(tmp_path / "state").count() == 0
+
+
+@pytest.mark.parametrize("kind", ["garbage", "wrong-schema"])
+def test_a_damaged_or_foreign_store_is_moved_aside_and_the_command_succeeds(env: "Env", kind: str) -> None:
+    import sqlite3
+
+    env.state.mkdir()
+    db = env.state / "calibration.db"
+    if kind == "garbage":
+        db.write_bytes(b"SQLite format 3\x00" + b"\xff" * 4096)
+    else:  # a database of the right user_version with other tables: "no such column" at the first query
+        conn = sqlite3.connect(db)
+        conn.executescript("CREATE TABLE observations (id INTEGER, other TEXT); PRAGMA user_version = %d;"
+                           % __import__("llamactl.learn.store", fromlist=["SCHEMA"]).SCHEMA)
+        conn.close()
+    out = env.run("calibration", "--json")
+    assert out.returncode == 0, out.stderr
+    assert json.loads(out.stdout)["models"] == [] and "moved aside" in out.stderr
+    assert list(env.state.glob("calibration.db.bad-*"))
+
+
+def test_an_import_that_would_push_observations_out_is_refused(env: "Env", monkeypatch: pytest.MonkeyPatch) -> None:
+    from llamactl.learn.calibrate import observation_to_row
+
+    store = CalibrationStore(env.state)
+    env.state.mkdir(exist_ok=True)
+    base = _plain()
+    store.add([replace(base, at=1.7e9 + i, uid=f"old{i}") for i in range(5)])
+    rows = [observation_to_row(replace(base, at=1.75e9 + i, uid=f"new{i}")) for i in range(MAX_ROWS)]
+    rows += [observation_to_row(replace(base, at=at, uid=f"bad{i}")) for i, at in enumerate((1e308, -1e308, 0.0))]
+    path = env.tmp / "import.json"
+    path.write_text(json.dumps({"format": "llamactl-calibration", "observations": rows}))
+    out = env.run("calibration", "import", str(path))
+    assert out.returncode == 2, out.stderr
+    assert f"importing {MAX_ROWS} new observations would push 5 of the 5" in out.stderr and "--replace" in out.stderr
+    assert store.count() == 5  # nothing changed
+    out = env.run("calibration", "import", str(path), "--replace")
+    assert out.returncode == 0 and "3 invalid skipped" in out.stdout, (out.stdout, out.stderr)
+    assert store.count() == MAX_ROWS and not [o for o in store.all() if o.uid.startswith(("old", "bad"))]
 
 
 class Env:
