@@ -189,3 +189,9 @@ class PlantedFileError(StateError):
 
 class RemoteError(LlamactlError):
     """A remote proxy (`top --url`) could not be read: refused, timed out, not JSON, the wrong shape."""
+
+
+class BodyTooLargeError(ProxyError):
+    """A request body over a bound: of bytes (max_body) or of JSON values."""
+
+    http_status, kind, code = 413, "invalid_request_error", "request_too_large"

@@ -24,10 +24,10 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, gene
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
 from llamactl.config import Config
-from llamactl.errors import (AuthError, ForbiddenError, LlamactlError, ProxyError, RequestTimeoutError,
-                             UnsupportedMediaError, UpstreamError, one_line)
+from llamactl.errors import (AuthError, BodyTooLargeError, ForbiddenError, LlamactlError, ProxyError,
+                             RequestTimeoutError, UnsupportedMediaError, UpstreamError, one_line)
 from llamactl.gpu.inventory import Inventory
-from llamactl.proxy import browsers, forward
+from llamactl.proxy import bodies, browsers, forward
 from llamactl.lifecycle import SLOT, Status
 from llamactl.proxy.pool import Pool
 from llamactl.servers import client
@@ -176,6 +176,7 @@ def build_app(pool: Pool, inventory_fn: Callable[[], Inventory], *, keep_instanc
         return response
 
     app = web.Application(middlewares=[errors_and_auth], client_max_size=MAX_BODY_HARD)
+    parser = bodies.Parser()
     app[POOL_KEY] = pool
     app[METRICS_KEY] = metrics
     app[STATE_KEY] = {"inventory": None, "history": history, "live": {}}
@@ -205,13 +206,14 @@ def build_app(pool: Pool, inventory_fn: Callable[[], Inventory], *, keep_instanc
 
     async def model_request(request: web.Request) -> web.StreamResponse:
         body = await read_body(request)
-        try:  # a large body is parsed off the event loop: /health and streams go on meanwhile
-            payload = await asyncio.to_thread(json.loads, body) if len(body) > 2**20 else json.loads(body or b"{}")
-        except ValueError:
-            raise LlamactlError("request body is not valid JSON") from None
-        except RecursionError:
-            raise LlamactlError("request body is nested too deeply") from None
-        requested = payload.get("model") if isinstance(payload, dict) else None
+        # a large body is counted and parsed in another process: /health and streams go on meanwhile
+        verdict, requested = await parser.model_of(body)
+        if verdict == "too_many":
+            raise BodyTooLargeError(f"request body has more than {bodies.MAX_VALUES} JSON values")
+        if verdict == "invalid":
+            raise LlamactlError("request body is not valid JSON")
+        if verdict == "deep":
+            raise LlamactlError("request body is nested too deeply")
         if not isinstance(requested, str) or not requested:
             raise LlamactlError("request body needs a \"model\" naming a configured model")
         request["model"] = requested
@@ -390,6 +392,7 @@ def build_app(pool: Pool, inventory_fn: Callable[[], Inventory], *, keep_instanc
             await asyncio.gather(poller, return_exceptions=True)
             await pool.shutdown(keep_instances)
             await app[SESSION_KEY].close()
+            parser.close()
 
     async def drain(app: web.Application) -> None:
         """At SIGTERM (no new connections by now): in-flight requests get exactly `grace_s` to finish, then
