@@ -35,6 +35,7 @@ from llamactl.model.synth import ModelSpec, write_model  # noqa: E402
 from llamactl.servers.buffers import free_port  # noqa: E402
 from llamactl.servers.client import wait_healthy  # noqa: E402
 from tests.fakes.procs import tagged_instances  # noqa: E402
+from tests.fakes.binary import fake_server_binary  # noqa: E402
 
 FAKE = ROOT / "tests" / "fakes" / "fake_llama_server.py"
 MODELS = ("alpha", "beta", "gamma")
@@ -47,9 +48,7 @@ class Run:
         # fixes its schedule
         self.tmp, self.rng, self.chaos_rng = tmp, random.Random(seed), random.Random(seed)
         self.state = tmp / "state"
-        wrapper = tmp / "llama-server"
-        wrapper.write_text(f"#!/bin/sh\nexec {sys.executable} {FAKE} \"$@\"\n")
-        wrapper.chmod(0o755)
+        wrapper = fake_server_binary()  # an executable named llama-server
         model = write_model(tmp / "tiny.gguf", ModelSpec(n_vocab=300))
         self.port, self.port_start = free_port(), free_port()
         lines = [f"port = {self.port}", f"port_start = {self.port_start}", 'poll_interval = "0.3s"', "max_instances = 2",

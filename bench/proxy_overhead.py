@@ -19,6 +19,7 @@ import signal
 import statistics
 import subprocess
 import sys
+import sysconfig
 import tempfile
 import time
 from pathlib import Path
@@ -32,6 +33,7 @@ sys.path.insert(0, str(ROOT))
 from llamactl.model.synth import ModelSpec, write_model  # noqa: E402
 from llamactl.servers.buffers import free_port  # noqa: E402
 from llamactl.servers.client import wait_healthy  # noqa: E402
+from tests.fakes.binary import fake_server_binary  # noqa: E402
 
 
 def cpu_s(proc: psutil.Process) -> float:
@@ -125,9 +127,8 @@ def main() -> int:
     n_chunks = 300 if args.quick else 2000
     with tempfile.TemporaryDirectory() as tmp_name:
         tmp = Path(tmp_name)
-        wrapper = tmp / "llama-server"
-        wrapper.write_text(f"#!/bin/sh\nexec {sys.executable} {ROOT / 'bench' / 'fake_sse_server.py'} \"$@\"\n")
-        wrapper.chmod(0o755)
+        # an executable named llama-server (llamactl checks the name) running the aiohttp fake
+        wrapper = fake_server_binary(ROOT / "bench" / "fake_sse_server.py")
         model = write_model(tmp / "tiny.gguf", ModelSpec(n_vocab=300))
         port = free_port()
         colds_n = args.rounds + 2
@@ -135,7 +136,8 @@ def main() -> int:
                                          f'[models.hot]\npath = "{model}"\n'
                                          + "".join(f'[models.cold{i}]\npath = "{model}"\n' for i in range(colds_n)))
         env = {**os.environ, "LLAMACTL_STATE_DIR": str(tmp / "state"), "LLAMACTL_GPUS": "none",
-               "LLAMA_SERVER": str(wrapper), "LLAMACTL_CACHE_DIR": str(tmp / "cache")}
+               "LLAMA_SERVER": str(wrapper), "LLAMACTL_CACHE_DIR": str(tmp / "cache"),
+               "PYTHONPATH": sysconfig.get_paths()["purelib"]}  # the fake's aiohttp, for the embedded Python
         proxy = subprocess.Popen([sys.executable, "-m", "llamactl", "--config", str(tmp / "config.toml"), "proxy"],
                                  env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         base = f"http://127.0.0.1:{port}"

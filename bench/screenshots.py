@@ -24,6 +24,7 @@ from llamactl.cli.top import Screen, render  # noqa: E402
 from llamactl.model.synth import ModelSpec, write_model  # noqa: E402
 from llamactl.servers.buffers import free_port  # noqa: E402
 from llamactl.servers.client import wait_healthy  # noqa: E402
+from tests.fakes.binary import fake_server_binary  # noqa: E402
 
 FAKE = ROOT / "tests" / "fakes" / "fake_llama_server.py"
 
@@ -35,14 +36,13 @@ def main() -> None:
     args.out.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory() as tmp_name:
         tmp = Path(tmp_name)
-        wrapper = tmp / "llama-server"
-        wrapper.write_text(f"#!/bin/sh\nexec {sys.executable} {FAKE} --fake-chunk-delay 0.01 \"$@\"\n")
-        wrapper.chmod(0o755)
+        wrapper = fake_server_binary()  # an executable named llama-server (llamactl checks the name)
         small = write_model(tmp / "qwen-0.5b.gguf", ModelSpec(n_vocab=4096, n_embd=256, n_layer=4))
         big = write_model(tmp / "llama-8b.gguf", ModelSpec(n_vocab=8192, n_embd=512, n_layer=8))
         port = free_port()
         config = tmp / "config.toml"
         config.write_text(f'port = {port}\nport_start = {free_port()}\npoll_interval = "1s"\nidle_ttl = "30m"\n'
+                          f'[defaults]\nargs = ["--fake-chunk-delay", "0.01"]\n'
                           f'[models.chat]\npath = "{big}"\naliases = ["gpt-4o-mini"]\nctx_size = 8192\n'
                           f'[models.small]\npath = "{small}"\nctx_size = 4096\n'
                           f'[models.embed]\npath = "{small}"\nembedding = true\nctx_size = 2048\n')

@@ -23,6 +23,7 @@ import psutil  # noqa: E402
 
 from llamactl.servers.procs import INSTANCE_ENV, STATE_DIR_ENV  # noqa: E402
 from llamactl.servers.state import Instance, StateStore, Status  # noqa: E402
+from tests.fakes.binary import server_named_sleep  # noqa: E402
 
 
 def main() -> int:
@@ -34,7 +35,8 @@ def main() -> int:
     with tempfile.TemporaryDirectory() as tmp:
         store = StateStore(Path(tmp) / "state")
         others = [subprocess.Popen(["sleep", "600"]) for _ in range(args.procs)]
-        ours = [subprocess.Popen(["sleep", "600"], start_new_session=True,
+        sleeper = str(server_named_sleep(Path(tmp)))  # llamactl only counts a llama.cpp server's executable
+        ours = [subprocess.Popen([sleeper, "600"], start_new_session=True,
                                  env={**os.environ, INSTANCE_ENV: f"m{i}", STATE_DIR_ENV: str(store.dir.resolve())})
                 for i in range(args.instances)]
         try:

@@ -157,6 +157,9 @@ def build_app(pool: Pool, inventory_fn: Callable[[], Inventory], *, keep_instanc
                 raise
         except LlamactlError as exc:
             response = error_response(exc, 400)
+        except Exception as exc:  # a bug: one logged traceback, and an OpenAI-shaped 500 for the client
+            log.exception("internal error on %s %s", request.method, one_line(request.path, 200))
+            response = error_response(ProxyError(f"internal error: {type(exc).__name__} (see the proxy's log)"))
         except asyncio.CancelledError:
             # the client went away (or the shutdown's grace ran out): logged and counted all the same; a
             # client that closed right after the stream's end got the whole answer: its status stands

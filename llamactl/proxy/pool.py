@@ -387,6 +387,10 @@ class Pool:
         memory it needs is held by instances that will free it."""
         name = slot.model.name
         instances = await asyncio.to_thread(self.effects.instances)
+        # the file says busy until the next poll writes it back; the pool knows which of ours are idle now
+        seats = self.seats()
+        instances = {n: (i.moved(Status.READY) if i.status is Status.BUSY and n in seats and seats[n].evictable else i)
+                     for n, i in instances.items()}
         inv = await asyncio.to_thread(self.effects.inventory)
         # resolved off the loop: it reads the header and the calibration store
         req = await asyncio.to_thread(self._request, slot, scheduler.protected(self.seats()) | {name}, inv)

@@ -409,12 +409,17 @@ def _start(store: StateStore, req: LaunchRequest, params: ModelParams, the_plan:
     actual = record_ready(store, ctx, observe.read_loaded_log(log_path, log_offset), child.pid)
     with store.edit() as current:
         mine = current.get(req.name)
-        if mine is not None and mine.pid == child.pid:
+        if mine is not None and mine.pid == child.pid and mine.status is Status.STARTING:
             inst = mine.moved(Status.READY, last_used=time.time(), actual_bytes=actual)
             current[req.name] = inst
-    if mine is None or mine.pid != child.pid:  # evicted or replaced by another llamactl while it loaded
+    if mine is None or mine.pid != child.pid or mine.status is Status.STOPPING:
+        # evicted or replaced by another llamactl while it loaded
         runner.stop_child(child.proc, grace_s=min(grace_s, 5.0))
         raise _entry_removed(req.name)
+    if mine.status is not Status.STARTING:  # the reconcile found it gone: it died the moment it was ready
+        runner.stop_child(child.proc, grace_s=min(grace_s, 5.0))
+        raise runner.exited_early(f"llama-server exited just after it became ready (code {child.proc.poll()})",
+                                  observe.read_log_from(log_path, log_offset))
     return Launched(inst, the_plan, cmd, ready_s, evicted)
 
 

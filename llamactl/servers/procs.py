@@ -5,9 +5,12 @@ fact: anybody who can write the state dir can plant one. A process is ours
 only when all of these hold, checked against the kernel at the moment of use:
 the pid is > 1 and not llamactl itself or its group; the process runs (not a
 zombie); its create time equals the recorded one; and its environment carries
-the tag llamactl gave the child (instance name + resolved state dir). A create
-time can be copied from /proc/PID/stat; another user's environment cannot be
-read, nor a running process's environment changed.
+the tag llamactl gave the child (instance name + resolved state dir); and its
+executable is a llama.cpp server (named `llama-server` or `ggml-rpc-server`:
+the state file, which anyone who can write the dir may plant, cannot make a
+`sleep` or a shell that carries the tags ours). A create time can be copied
+from /proc/PID/stat; another user's environment cannot be read, nor a running
+process's environment changed.
 
 Signals go through a pidfd, so a pid that dies and is reused between the check
 and the signal is never hit; `killpg` only when the process leads its own
@@ -32,6 +35,12 @@ log = logging.getLogger(__name__)
 INSTANCE_ENV = "LLAMACTL_INSTANCE"  # every child carries its instance name ...
 STATE_DIR_ENV = "LLAMACTL_STATE_DIR"  # ... and the state dir that records it
 CREATE_TIME_TOLERANCE_S = 0.05
+SERVER_NAMES = ("llama-server", "ggml-rpc-server", "rpc-server")  # what llamactl starts (any suffix: -cuda, ...)
+
+
+def is_server(exe: str) -> bool:
+    """Whether an executable's path names a llama.cpp server (a binary replaced on disk reads "... (deleted)")."""
+    return os.path.basename(exe.removesuffix(" (deleted)")).startswith(SERVER_NAMES)
 KILL_WAIT_S = 5.0
 
 
@@ -88,6 +97,7 @@ def check(claim: Claim) -> Verdict:
         if abs(proc.create_time() - claim.create_time) >= CREATE_TIME_TOLERANCE_S:
             return Verdict(Ownership.GONE, "exited (pid reused by another process)")
         env = proc.environ()
+        exe = proc.exe()
         pgid = os.getpgid(claim.pid)
     except (psutil.NoSuchProcess, psutil.ZombieProcess, ProcessLookupError):
         return Verdict(Ownership.GONE, "exited")
@@ -95,6 +105,9 @@ def check(claim: Claim) -> Verdict:
         return Verdict(Ownership.FOREIGN, f"pid {claim.pid} belongs to another user")
     if env.get(INSTANCE_ENV) != claim.name or env.get(STATE_DIR_ENV) != claim.state_dir:
         return Verdict(Ownership.FOREIGN, f"pid {claim.pid} carries no llamactl tag for {claim.name!r}")
+    if not is_server(exe):
+        name = os.path.basename(exe) or "an unknown program"
+        return Verdict(Ownership.FOREIGN, f"pid {claim.pid} runs {name[:60]!r}, not a llama.cpp server")
     leads = pgid == claim.pid and pgid > 1 and pgid != os.getpgrp()
     return Verdict(Ownership.OURS, leads_group=leads)
 
@@ -134,7 +147,12 @@ def send(claim: Claim, sig: signal.Signals) -> Verdict:
             return verdict
         try:
             if verdict.leads_group:
-                os.killpg(claim.pid, sig)  # its group is the session llamactl created for it
+                # its group is the session llamactl created for it. The group is signalled by number, so first
+                # make sure, through the pidfd, that the leader checked is still there: while it lives its
+                # pid (the group's id) cannot be given to anyone else
+                if fd is not None:
+                    signal.pidfd_send_signal(fd, 0)
+                os.killpg(claim.pid, sig)
             elif fd is not None:
                 signal.pidfd_send_signal(fd, sig)
             else:

@@ -200,6 +200,9 @@ def _flag_value(argv: tuple[str, ...], *names: str) -> str | None:
     return None
 
 
+_warned: dict[str, bool] = {}  # state dirs already warned about in this process
+
+
 class StateStore:
     """The state file of one state dir.
 
@@ -224,6 +227,11 @@ class StateStore:
             raise StateError(f"cannot use state dir {self.dir}: {exc.strerror or exc}") from None
         if not stat.S_ISDIR(st.st_mode):
             raise StateError(f"cannot use state dir {self.dir}: not a directory")
+        if st.st_mode & stat.S_IWOTH and not _warned.get(str(self.dir)):
+            _warned[str(self.dir)] = True
+            log.warning("state dir %s is writable by every user (mode %o): anyone on this machine can plant "
+                        "entries and files in it; `chmod o-w` it (a dir shared by a group is group-writable only, "
+                        "see docs/operations.md)", self.dir, stat.S_IMODE(st.st_mode))
         return st
 
     @property
@@ -463,7 +471,7 @@ def _tagged_processes(state_dir: Path) -> list[dict]:
                 continue
             env = proc.environ()
             name = env.get(INSTANCE_ENV)
-            if not valid_name(name) or env.get(STATE_DIR_ENV) != wanted:
+            if not valid_name(name) or env.get(STATE_DIR_ENV) != wanted or not procs.is_server(proc.exe()):
                 continue
             found.append({"pid": proc.pid, "name": name, "create_time": proc.info["create_time"], "argv": proc.cmdline()})
         except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):

@@ -20,6 +20,7 @@ import pytest
 from llamactl.model.synth import ModelSpec, write_model
 from tests.fakes.procs import tagged_instances
 from tests.integration.test_proxy import FAKE, make_proxy, wait_for  # noqa: F401  (make_proxy: the fixture)
+from tests.fakes.binary import fake_server_binary
 
 LIVE = ("starting", "ready", "busy", "stopping")
 
@@ -79,16 +80,14 @@ def test_sixteen_clients_never_exceed_seats_or_memory_and_no_stream_is_cut(make_
     """Three models, a simulated GPU that holds two of them, max_instances = 2, a 1 s TTL: sixteen clients
     asking for a random model. Sampled all along: ≤ 2 llama-server processes, ≤ 2 instances in /status,
     the claimed estimates ≤ the GPU; every stream ends with [DONE] and no error event."""
-    probe = make_proxy({"a": []})  # only to learn the estimate with the same config lines
-    gpu = 0
-    env = {**probe.env, "LLAMACTL_GPUS": "none"}
-    each = _estimate(probe.config, env, "a")
+    probe = make_proxy({"a": []}, 'gpu_overhead = "0MiB"')  # only to learn the estimate with the same settings
+    each = _estimate(probe.config, {**probe.env, "LLAMACTL_GPUS": "none"}, "a")
     probe.stop()
     gpu_kib = math.ceil(2.5 * each / 1024)  # two of the three models fit, not three
     chunked = ["--fake-chunk-delay", "0.03"]
     proxy = make_proxy({"a": chunked, "b": chunked, "c": chunked},
                        'max_instances = 2\nidle_ttl = "1s"\ngpu_overhead = "0MiB"\nmax_queue = 1000\n'
-                       'load_timeout = "60s"', gpus=f"1x{gpu_kib}KiB")
+                       'load_timeout = "60s"', gpus=f"1x{gpu_kib}KiB", defaults='margin = "0MiB"')
     sampler = Sampler(proxy.state, proxy.url)
     sampler.start()
     results: list[tuple[str, int, str]] = []
@@ -113,6 +112,7 @@ def test_sixteen_clients_never_exceed_seats_or_memory_and_no_stream_is_cut(make_
     assert max(sampler.processes) <= 2, f"processes sampled: {sampler.processes}"
     assert max(sampler.listed) <= 2, f"/status instances with a process: {sampler.listed}"
     assert max(sampler.claimed) <= gpu, f"claimed {max(sampler.claimed)} of {gpu} bytes"
+    assert max(sampler.claimed) >= 2 * each * 0.99, sampler.claimed  # the GPU held two at times: memory was in play
     bad = [(m, s, b[-300:]) for m, s, b in results if s != 200 or "data: [DONE]" not in b or '"error"' in b]
     assert not bad, bad[:3]
     assert {m for m, _, _ in results} == {"a", "b", "c"}
@@ -188,9 +188,7 @@ def test_unloading_a_starting_model_says_it_could_not(make_proxy) -> None:  # no
 
 def _write_models(tmp: Path, names: str) -> tuple[Path, dict[str, str]]:
     model = write_model(tmp / "tiny.gguf", ModelSpec(n_vocab=300))
-    wrapper = tmp / "llama-server"
-    wrapper.write_text(f"#!/bin/sh\nexec {sys.executable} {FAKE} \"$@\"\n")
-    wrapper.chmod(0o755)
+    wrapper = fake_server_binary()  # an executable named llama-server
     config = tmp / "config.toml"
     lines = ['gpu_overhead = "0MiB"', "[defaults]", "ctx_size = 256", 'margin = "0MiB"']
     for name in names:
@@ -268,11 +266,11 @@ def test_a_launch_evicted_while_it_loads_says_so(tmp_path: Path) -> None:
 def test_a_model_that_fits_once_a_busy_one_is_done_waits_for_the_gpu(make_proxy) -> None:  # noqa: F811
     """A GPU that holds one of two models; a is busy streaming when b is asked for: b waits for a's stream to
     end, then a goes (memory) and b runs wholly on the GPU — not partially or on the CPU beside it."""
-    probe = make_proxy({"a": []})
+    probe = make_proxy({"a": []}, 'gpu_overhead = "0MiB"')
     each = _estimate(probe.config, {**probe.env, "LLAMACTL_GPUS": "none"}, "a")
     probe.stop()
     proxy = make_proxy({"a": ["--fake-chunk-delay", "0.2"], "b": []}, 'gpu_overhead = "0MiB"',
-                       gpus=f"1x{math.ceil(1.5 * each / 1024)}KiB")
+                       gpus=f"1x{math.ceil(1.5 * each / 1024)}KiB", defaults='margin = "0MiB"')
     result: dict[str, object] = {}
     streaming = threading.Thread(target=lambda: result.update(a=_stream_n(proxy.url, "a", 15)))
     streaming.start()
@@ -283,8 +281,9 @@ def test_a_model_that_fits_once_a_busy_one_is_done_waits_for_the_gpu(make_proxy)
     status, body = result["a"]  # type: ignore[misc]
     assert status == 200 and "data: [DONE]" in body and '"error"' not in body  # a's stream was not cut
     b = next(i for i in proxy.instances() if i["name"] == "b")
-    assert b["gpu_ids"] == [0], b  # the whole model on the GPU, once a's memory was free
-    assert "a: stopped (memory)" in proxy.logs()
+    # the whole model on the GPU (not partially), once a's memory was free
+    assert b["gpu_ids"] == [0] and b["devices"]["GPU0"]["estimated_bytes"] >= 0.99 * each, (b, proxy.logs())
+    assert "a: stopped (memory)" in proxy.logs(), proxy.logs()
 
 
 def _stream_n(url: str, model: str, tokens: int) -> tuple[int, str]:

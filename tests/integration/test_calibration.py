@@ -31,6 +31,7 @@ from llamactl.servers.probe import ServerCaps
 from llamactl.units import GiB, MiB
 from tests.fakes.fake_pynvml import FakeGpu, make
 from tests.fakes.procs import tagged_instances
+from tests.fakes.binary import fake_server_binary
 
 FAKE = Path(__file__).resolve().parents[1] / "fakes" / "fake_llama_server.py"
 CAPS = ServerCaps("llama-server", "0.0.0-test (build 1)", None, frozenset())
@@ -230,9 +231,7 @@ class Env:
     def __init__(self, tmp: Path) -> None:
         self.tmp = tmp
         self.state = tmp / "state"
-        wrapper = tmp / "llama-server"
-        wrapper.write_text(f"#!/bin/sh\nexec {sys.executable} {FAKE} \"$@\"\n")
-        wrapper.chmod(0o755)
+        wrapper = fake_server_binary()  # an executable named llama-server
         self.model = write_model(tmp / "tiny.gguf", ModelSpec(n_vocab=300))
         self.env = {**os.environ, "LLAMACTL_STATE_DIR": str(self.state), "LLAMACTL_CACHE_DIR": str(tmp / "cache"),
                     "LLAMA_SERVER": str(wrapper)}

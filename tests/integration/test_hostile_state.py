@@ -274,3 +274,37 @@ def test_check_refuses_implausible_claims() -> None:
     finally:
         sleeper.kill()
         sleeper.wait()
+
+
+IMPOSTOR = r'''
+import json, os, subprocess, sys, time
+import psutil
+from llamactl.servers.state import Instance, StateStore, Status
+state = sys.argv[1]
+store = StateStore(__import__("pathlib").Path(state))
+tags = {**os.environ, "LLAMACTL_INSTANCE": "x", "LLAMACTL_STATE_DIR": str(store.dir.resolve()) if store.dir.exists()
+        else (os.makedirs(state) or str(store.dir.resolve()))}
+leader = subprocess.Popen(["bash", "-c", "sleep 300 & sleep 301"], env=tags, start_new_session=True)
+time.sleep(0.3)
+with store.edit() as instances:  # a plausible planted entry: pid and create time copied, the tags it carries
+    instances["x"] = Instance(name="x", model="/m.gguf", port=9000, pid=leader.pid, status=Status.READY,
+                              create_time=psutil.Process(leader.pid).create_time())
+env = {**os.environ, "LLAMACTL_STATE_DIR": state}
+ps = subprocess.run([sys.executable, "-m", "llamactl", "ps", "--json"], capture_output=True, text=True, env=env)
+ev = subprocess.run([sys.executable, "-m", "llamactl", "evict", "--all"], capture_output=True, text=True, env=env)
+group = [p for p in psutil.process_iter() if p.pid != os.getpid() and os.getpgid(p.pid) == leader.pid]
+print(json.dumps({"ps": ps.stdout, "ps_err": ps.stderr, "evict_rc": ev.returncode, "evict_err": ev.stderr,
+                  "leader_alive": leader.poll() is None, "group": len(group)}))
+'''
+
+
+def test_an_impostor_with_the_tags_but_another_executable_is_not_ours(tmp_path: Path) -> None:
+    """`env LLAMACTL_INSTANCE=x LLAMACTL_STATE_DIR=... setsid bash -c 'sleep 300 & sleep 301'` with a planted
+    entry: not shown as an instance, never signalled (it used to be a ready instance whose group evict
+    killed). Run in a PID namespace: a regression kills only the namespace."""
+    out = in_pid_namespace([sys.executable, "-c", IMPOSTOR, str(tmp_path / "state")])
+    assert out.returncode == 0, out.stderr
+    report = json.loads(out.stdout.strip().splitlines()[-1])
+    assert json.loads(report["ps"]) == [], report
+    assert "not a llama.cpp server" in report["ps_err"] and "bash" in report["ps_err"]
+    assert report["evict_rc"] == 0 and report["leader_alive"] and report["group"] >= 2, report

@@ -20,6 +20,7 @@ from llamactl.model.synth import ModelSpec, write_model
 from llamactl.servers.buffers import free_port
 from llamactl.servers.state import INSTANCE_ENV, STATE_DIR_ENV
 from tests.fakes.procs import tagged_instances
+from tests.fakes.binary import fake_server_binary
 
 FAKE = Path(__file__).resolve().parents[1] / "fakes" / "fake_llama_server.py"
 
@@ -27,9 +28,7 @@ FAKE = Path(__file__).resolve().parents[1] / "fakes" / "fake_llama_server.py"
 class Env:
     def __init__(self, tmp: Path) -> None:
         self.state = tmp / "state"
-        self.wrapper = tmp / "llama-server"
-        self.wrapper.write_text(f"#!/bin/sh\nexec {sys.executable} {FAKE} \"$@\"\n")
-        self.wrapper.chmod(0o755)
+        self.wrapper = fake_server_binary()  # an executable named llama-server
         self.model = write_model(tmp / "tiny.gguf", ModelSpec(n_vocab=300))
         self.port_start = free_port()
         self.env = {**os.environ, "LLAMACTL_STATE_DIR": str(self.state), "LLAMACTL_GPUS": "none",

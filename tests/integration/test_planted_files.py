@@ -81,3 +81,12 @@ def test_a_planted_log_is_refused_by_launch_and_logs(env: Env, kind: str) -> Non
     shown = run(env, "logs", "a", "-n", "5")
     assert shown.returncode != 0 and "not a regular file" in shown.stderr and "secret-hash" not in shown.stdout
     assert run(env, "ps", "--json").stdout.strip() == "[]"  # nothing left running or recorded
+
+
+def test_a_world_writable_state_dir_draws_a_warning(env: Env) -> None:  # noqa: F811
+    env.state.mkdir(parents=True, exist_ok=True)
+    os.chmod(env.state, 0o777)
+    out = run(env, "ps")
+    assert out.returncode == 0 and "writable by every user" in out.stderr and "chmod o-w" in out.stderr
+    os.chmod(env.state, 0o700)
+    assert "writable by every user" not in run(env, "ps").stderr

@@ -19,6 +19,7 @@ from llamactl.model.synth import ModelSpec, write_model
 from llamactl.servers.buffers import free_port
 from llamactl.servers.client import wait_healthy
 from tests.fakes.procs import tagged_instances
+from tests.fakes.binary import fake_server_binary
 
 FAKE = Path(__file__).resolve().parents[1] / "fakes" / "fake_llama_server.py"
 
@@ -34,16 +35,14 @@ def wait_for(check, timeout_s: float = 5.0) -> bool:
 
 class Proxy:
     def __init__(self, tmp: Path, models: dict[str, list[str]], extra_config: str = "", *, keep: bool = False,
-                 poll: str = "0.3s", gpus: str = "none") -> None:
+                 poll: str = "0.3s", gpus: str = "none", defaults: str = "") -> None:
         self.tmp = tmp
         self.state = tmp / "state"
-        wrapper = tmp / "llama-server"
-        wrapper.write_text(f"#!/bin/sh\nexec {sys.executable} {FAKE} \"$@\"\n")
-        wrapper.chmod(0o755)
+        wrapper = fake_server_binary()  # an executable named llama-server
         model = write_model(tmp / "tiny.gguf", ModelSpec(n_vocab=300))
         self.port = free_port()
         lines = [f"port = {self.port}", f"port_start = {free_port()}", f'poll_interval = "{poll}"', extra_config,
-                 "[defaults]", "ctx_size = 256"]
+                 "[defaults]", "ctx_size = 256", defaults]
         for name, args in models.items():
             lines += [f"[models.{name}]", f'path = "{model}"', f"args = {json.dumps(args)}"]
         self.config = tmp / "config.toml"
@@ -99,9 +98,9 @@ def make_proxy(tmp_path: Path):
     started: list[Proxy] = []
 
     def make(models: dict[str, list[str]], extra: str = "", keep: bool = False, poll: str = "0.3s",
-             gpus: str = "none") -> Proxy:
+             gpus: str = "none", defaults: str = "") -> Proxy:
         (tmp_path / f"p{len(started)}").mkdir()
-        proxy = Proxy(tmp_path / f"p{len(started)}", models, extra, keep=keep, poll=poll, gpus=gpus)
+        proxy = Proxy(tmp_path / f"p{len(started)}", models, extra, keep=keep, poll=poll, gpus=gpus, defaults=defaults)
         started.append(proxy)
         return proxy
 

@@ -13,12 +13,14 @@ import psutil
 
 from llamactl.servers.procs import INSTANCE_ENV, STATE_DIR_ENV
 from llamactl.servers.state import Instance, StateStore, Status
+from tests.fakes.binary import server_named_sleep
 
 
 def test_snapshot_takes_no_lock_writes_nothing_adopts_nothing(tmp_path: Path) -> None:
     store = StateStore(tmp_path / "state")
     tag = {INSTANCE_ENV: "stray", STATE_DIR_ENV: str(store.dir.resolve())}
-    recorded = subprocess.Popen(["sleep", "60"], start_new_session=True,
+    sleeper = str(server_named_sleep(tmp_path))  # llamactl only counts a llama.cpp server's executable
+    recorded = subprocess.Popen([sleeper, "60"], start_new_session=True,
                                 env={**os.environ, **tag, INSTANCE_ENV: "known"})
     stray = None
     try:
@@ -28,7 +30,7 @@ def test_snapshot_takes_no_lock_writes_nothing_adopts_nothing(tmp_path: Path) ->
                                           create_time=psutil.Process(recorded.pid).create_time())
             instances["gone"] = Instance(name="gone", model="m", port=9001, pid=recorded.pid, status=Status.READY,
                                          create_time=1.0)  # its process is long gone (pid reused)
-        stray = subprocess.Popen(["sleep", "60"], start_new_session=True, env={**os.environ, **tag})
+        stray = subprocess.Popen([sleeper, "60"], start_new_session=True, env={**os.environ, **tag})
         time.sleep(0.2)
         before = (store.path.stat().st_mtime_ns, store.path.read_bytes())
         fd = os.open(store.lock_path, os.O_RDWR)

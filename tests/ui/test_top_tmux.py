@@ -15,6 +15,7 @@ import pytest
 from llamactl.model.synth import ModelSpec, write_model
 from llamactl.servers.buffers import free_port
 from tests.fakes.procs import tagged_instances
+from tests.fakes.binary import fake_server_binary
 
 FAKE = Path(__file__).resolve().parents[1] / "fakes" / "fake_llama_server.py"
 
@@ -23,9 +24,7 @@ FAKE = Path(__file__).resolve().parents[1] / "fakes" / "fake_llama_server.py"
 def term(tmp_path: Path):
     if shutil.which("tmux") is None:
         pytest.fail("these tests need tmux (apt install tmux; .ci/run installs it)", pytrace=False)
-    wrapper = tmp_path / "llama-server"
-    wrapper.write_text(f"#!/bin/sh\nexec {sys.executable} {FAKE} \"$@\"\n")
-    wrapper.chmod(0o755)
+    wrapper = fake_server_binary()  # an executable named llama-server
     env = {**os.environ, "LLAMACTL_STATE_DIR": str(tmp_path / "state"), "LLAMACTL_GPUS": "none",
            "LLAMACTL_CACHE_DIR": str(tmp_path / "cache"), "LLAMA_SERVER": str(wrapper), "TERM": "xterm-256color"}
     model = write_model(tmp_path / "tiny.gguf", ModelSpec(n_vocab=300))
