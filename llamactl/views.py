@@ -120,6 +120,14 @@ def remote(url: str, api_key: str | None, timeout_s: float = 5.0) -> dict[str, A
         data = json.loads(bytes(body))
     except (ValueError, RecursionError):
         raise RemoteError(f"{url}: /status is not JSON (is this a llamactl proxy?)") from None
+    return checked_snapshot(data, url)
+
+
+def checked_snapshot(data: Any, url: str) -> dict[str, Any]:
+    """A remote /status document as the views may draw it: its shape checked (RemoteError otherwise), the
+    fields they use typed, a remote log path dropped."""
+    from llamactl.errors import RemoteError
+
     if not isinstance(data, dict) or not isinstance(data.get("instances"), list) or not all(
             isinstance(i, dict) and isinstance(i.get("name"), str) for i in data["instances"]):
         raise RemoteError(f"{url}: /status is not a llamactl proxy's snapshot (unexpected shape)")
@@ -127,7 +135,11 @@ def remote(url: str, api_key: str | None, timeout_s: float = 5.0) -> dict[str, A
     gpus = data.get("gpus") if isinstance(data.get("gpus"), list) else []
     data["gpus"] = [_typed(g, _GPU_NUMBERS, ("name", "error")) for g in gpus
                     if isinstance(g, dict) and _number(g.get("index")) and _number(g.get("memory_total_bytes"))]
-    for key in ("events", "requests", "history"):
+    events = data.get("events") if isinstance(data.get("events"), list) else []
+    data["events"] = [{"at": e.get("at") if _number(e.get("at")) and 0 <= e["at"] < 2**33 else 0.0,
+                       "kind": str(e.get("kind", "-"))[:20], "model": str(e.get("model", "-"))[:80],
+                       "detail": str(e.get("detail", ""))[:200]} for e in events if isinstance(e, dict)]
+    for key in ("requests", "history"):
         data[key] = [e for e in data.get(key) or [] if isinstance(e, dict)] if isinstance(data.get(key), list) else []
     data["source"] = url
     return data

@@ -24,7 +24,7 @@ settings.register_profile("dev", max_examples=100, deadline=2000, database=None,
                           print_blob=True, suppress_health_check=[HealthCheck.too_slow])
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
 
-FAMILIES = ("gguf", "config", "state", "scheduler")
+FAMILIES = ("gguf", "config", "state", "scheduler", "hostile_inputs")
 _started = time.monotonic()
 
 
