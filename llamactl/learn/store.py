@@ -111,7 +111,9 @@ class CalibrationStore:
                 pass
             st = os.lstat(self.path)
         if not stat.S_ISREG(st.st_mode):
-            raise CalibrationError(f"{self.path} is not a regular file (a link or something else); calibration not used")
+            from llamactl.servers.files import what_is
+
+            raise CalibrationError(f"{self.path}: {what_is(st.st_mode)}, not a regular file; calibration not used")
         return sqlite3.connect(self.path, timeout=BUSY_TIMEOUT_S, isolation_level=None)
 
     def _set_aside(self, exc: BaseException) -> None:

@@ -90,3 +90,15 @@ def test_a_world_writable_state_dir_draws_a_warning(env: Env) -> None:  # noqa: 
     assert out.returncode == 0 and "writable by every user" in out.stderr and "chmod o-w" in out.stderr
     os.chmod(env.state, 0o700)
     assert "writable by every user" not in run(env, "ps").stderr
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_a_planted_calibration_store_is_refused_at_once(env: Env, kind: str) -> None:  # noqa: F811
+    plant(env.state / "calibration.db", kind, env.state.parent / "elsewhere")
+    out = run(env, "calibration")
+    assert out.returncode == 1 and "calibration.db" in out.stderr and "not a regular file" in out.stderr, out.stderr
+    assert len(out.stderr.strip().splitlines()) == 1
+    assert not (env.state.parent / "elsewhere").exists()
+    # a launch plans with the formula alone and goes on
+    assert env.launch("a").returncode == 0
+    assert run(env, "evict", "--all").returncode == 0
