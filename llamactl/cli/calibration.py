@@ -134,7 +134,7 @@ def _read_import(path: str) -> list[Any]:
 def command(
     ctx: typer.Context,
     action: Action = typer.Argument(Action.show, help="show (default), reset, export [FILE], import FILE."),
-    file: Optional[str] = typer.Argument(None, metavar="[FILE]", help="export: where to write (default: stdout); import: what to read (- = stdin)."),
+    file: Optional[str] = typer.Argument(None, metavar="FILE", help="export: where to write (default: stdout); import: what to read (- = stdin)."),
     model: Optional[str] = typer.Option(None, "--model", help="show/reset: only this GGUF file's observations."),
     yes: bool = typer.Option(False, "--yes", "-y", help="reset: do not ask."),
     replace_old: bool = typer.Option(False, "--replace", help="import: let the import push the oldest observations out."),

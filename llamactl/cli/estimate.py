@@ -174,7 +174,7 @@ def print_devices(est: MemoryEstimate, capacity: dict[str, int] | None = None) -
 @with_options(SERVER, INVENTORY)
 def command(
     ctx: typer.Context,
-    models: list[str] = typer.Argument(..., metavar="MODEL...", autocompletion=model_names,
+    models: list[str] = typer.Argument(..., metavar="MODEL", autocompletion=model_names,
                                        help="GGUF files (any shard of a split model) or model names from the config."),
     json_output: bool = typer.Option(False, "--json", help="Machine-readable JSON."),
     *,

@@ -19,7 +19,7 @@ from llamactl.units import format_duration, parse_duration
 
 def command(
     ctx: typer.Context,
-    names: Optional[list[str]] = typer.Argument(None, metavar="[NAME...]", help="Instances to stop.",
+    names: Optional[list[str]] = typer.Argument(None, metavar="NAME", help="Instances to stop.",
                                                 autocompletion=instance_names),
     all_: bool = typer.Option(False, "--all", help="Stop every instance."),
     idle: Optional[str] = typer.Option(None, "--idle", help="Stop instances idle longer than this, e.g. 30m."),

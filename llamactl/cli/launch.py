@@ -38,7 +38,7 @@ def command(
     ctx: typer.Context,
     model: str = typer.Argument(..., metavar="MODEL", help="GGUF file, or a model name from the config.",
                                 autocompletion=model_names),
-    extra: Optional[list[str]] = typer.Argument(None, metavar="[-- EXTRA...]", help="Extra llama-server arguments."),
+    extra: Optional[list[str]] = typer.Argument(None, metavar="-- EXTRA", help="Extra llama-server arguments."),
     name: Optional[str] = typer.Option(None, "--name", help="Instance name (default: the config's name, else the file stem)."),
     replace_existing: bool = typer.Option(False, "--replace", help="Stop a live instance of that name first."),
     port: Optional[int] = typer.Option(None, "--port", min=1, max=65535, help="Port (default: first free from --port-start)."),

@@ -92,7 +92,7 @@ def command(
     ctx: typer.Context,
     model: str = typer.Argument(..., metavar="MODEL", autocompletion=model_names,
                                 help="GGUF file (any shard of a split model), or a model name from the config."),
-    extra: Optional[list[str]] = typer.Argument(None, metavar="[-- EXTRA...]", help="Extra llama-server arguments."),
+    extra: Optional[list[str]] = typer.Argument(None, metavar="-- EXTRA", help="Extra llama-server arguments."),
     port: Optional[int] = typer.Option(None, "--port", min=1, max=65535,
                                        help="Port for the llama-server command line (default: the config's port_start)."),
     server_bin: Optional[str] = typer.Option(None, "--server-bin", help="llama-server binary (else $LLAMA_SERVER, PATH)."),

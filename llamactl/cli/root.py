@@ -11,6 +11,7 @@ from typing import Optional
 import typer
 
 from llamactl import DIST_NAME, __version__
+from llamactl.cli import helpfmt
 from llamactl.errors import ExitCode, LlamactlError
 
 app = typer.Typer(
@@ -19,6 +20,7 @@ app = typer.Typer(
     no_args_is_help=True,
     add_completion=True,
     pretty_exceptions_enable=False,
+    rich_markup_mode=None,  # plain help, as git and ripgrep print it: no type column, no boxes
     context_settings={"help_option_names": ["-h", "--help"]},
 )
 
@@ -84,6 +86,7 @@ def _register() -> None:
 
 
 _register()
+helpfmt.install()
 
 
 def _optional_values(argv: list[str]) -> list[str]:

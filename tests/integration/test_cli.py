@@ -210,3 +210,25 @@ def test_json_errors_are_json_on_stdout_with_the_same_exit_code(tmp_path) -> Non
         if kind:
             assert error["type"] == kind and out.returncode == code
         assert out.stderr == ""
+
+
+def test_help_reads_like_a_unix_tool(tmp_path) -> None:
+    """Every command's help at 80 columns: flags show no value, value options a name for it, no Python type
+    tags (`<str>`, `<int range>`, `<list[str]>`, `<bool>`), no boxes, no line over 80 columns."""
+    import os as _os
+    import re as _re
+    import subprocess as _sp
+    import sys as _sys
+
+    commands = ["", "gpus", "estimate", "plan", "launch", "ps", "evict", "logs", "proxy", "install-server", "demo",
+                "calibration", "top"]
+    for command in commands:
+        argv = [_sys.executable, "-m", "llamactl", *([command] if command else []), "--help"]
+        out = _sp.run(argv, capture_output=True, text=True, timeout=60, env={**_os.environ, "COLUMNS": "80"})
+        assert out.returncode == 0, (command, out.stderr)
+        text = out.stdout
+        assert not _re.search(r"<(str|int|float|bool|list|Path|path)[^>]*>", text), (command, text)
+        assert "╭" not in text and "│" not in text, command
+        assert all(len(line) <= 80 for line in text.splitlines()), (command, [l for l in text.splitlines() if len(l) > 80])
+        flags = [line for line in text.splitlines() if _re.match(r"\s+--(all|json|dry-run|once|replace)\b", line)]
+        assert all(not _re.match(r"\s+--[\w-]+ [A-Z<]", line) for line in flags), (command, flags)
