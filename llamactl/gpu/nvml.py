@@ -1,13 +1,17 @@
 """The only importer of pynvml: init once, every query through one function with a default.
 
 Importing this module never fails. A failed init is remembered and reported
-as a reason string to callers who ask for GPUs; an optional field that fails
-becomes None (logged at debug level).
+as a reason string to callers who ask for GPUs; an optional field whose NVML
+call fails (NVMLError only: anything else is a bug and goes through) becomes
+None, logged at debug level. Memory comes from the v2 call where the driver has
+it (its `used` leaves out driver-reserved memory), else v1; processes are the
+compute and the graphics ones.
 """
 
 from __future__ import annotations
 
 import logging
+import sys
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import TypeVar
@@ -73,13 +77,34 @@ def _describe(exc: BaseException) -> str:
     return text.rstrip(".")
 
 
+def _nvml_error() -> type[BaseException]:
+    """pynvml's NVMLError (every NVML failure derives from it); only that is a missing field: anything else
+    is a bug and goes through."""
+    error = getattr(sys.modules.get("pynvml"), "NVMLError", None)
+    return error if isinstance(error, type) and issubclass(error, BaseException) else OSError
+
+
 def query(fn: Callable[[], T], default: T | None = None, *, what: str = "") -> T | None:
-    """Call an NVML function; a failure gives `default` (optional fields are None, not errors)."""
+    """Call an NVML function; an NVML failure gives `default` (optional fields are None, not errors)."""
     try:
         return fn()
-    except Exception as exc:
+    except _nvml_error() as exc:
         log.debug("NVML %s failed: %s", what or getattr(fn, "__name__", "query"), exc)
         return default
+
+
+def _memory(nv: object, handle: object) -> object | None:
+    """Memory with the v2 call where the driver has it (≥ 510): its `used` leaves out what the driver reserves
+    for itself, which v1 counts as used (so "other programs' use" looked larger than it is); else v1."""
+    version = getattr(nv, "nvmlMemory_v2", None)
+    if version is not None:
+        try:
+            return nv.nvmlDeviceGetMemoryInfo(handle, version=version)  # type: ignore[attr-defined]
+        except TypeError:  # a binding without the version argument
+            pass
+        except _nvml_error() as exc:  # NotSupported / FunctionNotFound on older drivers
+            log.debug("NVML v2 memory not available (%s); using v1", exc)
+    return query(lambda: nv.nvmlDeviceGetMemoryInfo(handle), what="memory")  # type: ignore[attr-defined]
 
 
 def devices() -> tuple[list[NvmlDevice], str | None]:
@@ -97,13 +122,18 @@ def _device(pynvml: object, index: int) -> NvmlDevice:
     nv = pynvml
     try:
         handle = nv.nvmlDeviceGetHandleByIndex(index)  # type: ignore[attr-defined]
-    except Exception as exc:
+    except _nvml_error() as exc:  # a lost GPU: an entry with its error, not a crashed listing
         return NvmlDevice(index, None, None, None, None, None, None, None, None, None, (), error=_describe(exc))
-    memory = query(lambda: nv.nvmlDeviceGetMemoryInfo(handle), what="memory")  # type: ignore[attr-defined]
+    memory = _memory(nv, handle)
     util = query(lambda: nv.nvmlDeviceGetUtilizationRates(handle), what="utilization")  # type: ignore[attr-defined]
     temp = query(lambda: nv.nvmlDeviceGetTemperature(handle, nv.NVML_TEMPERATURE_GPU), what="temperature")  # type: ignore[attr-defined]
     power_mw = query(lambda: nv.nvmlDeviceGetPowerUsage(handle), what="power")  # type: ignore[attr-defined]
-    procs = query(lambda: nv.nvmlDeviceGetComputeRunningProcesses(handle), [], what="processes") or []  # type: ignore[attr-defined]
+    # compute and graphics contexts both hold memory (Xorg on a workstation GPU is a graphics one); a process
+    # with both appears twice, and use_by_pid adds them up
+    procs = (query(lambda: nv.nvmlDeviceGetComputeRunningProcesses(handle), [], what="processes") or [])  # type: ignore[attr-defined]
+    if hasattr(nv, "nvmlDeviceGetGraphicsRunningProcesses"):
+        procs = list(procs) + list(query(lambda: nv.nvmlDeviceGetGraphicsRunningProcesses(handle), [],  # type: ignore[attr-defined]
+                                         what="graphics processes") or [])
     name = query(lambda: nv.nvmlDeviceGetName(handle), what="name")  # type: ignore[attr-defined]
     uuid = query(lambda: nv.nvmlDeviceGetUUID(handle), what="uuid")  # type: ignore[attr-defined]
     return NvmlDevice(

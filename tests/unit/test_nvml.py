@@ -99,3 +99,24 @@ def test_use_by_pid_adds_a_process_up_per_gpu_and_leaves_out_unknown_figures(fak
     assert reason is None
     assert nvml.use_by_pid(devices) == {4242: {0: 4 * GiB, 1: 2 * GiB}}
     assert nvml.use_by_pid(inventory.live().gpus) == {4242: {0: 4 * GiB, 1: 2 * GiB}}  # the inventory's GPUs too
+
+
+@pytest.mark.parametrize(("v2", "used", "free"), [(True, 10 * GiB, 130 * GiB), (False, 11 * GiB, 130 * GiB)])
+def test_memory_with_the_v2_call_where_the_driver_has_it(fake_nvml, v2: bool, used: int, free: int) -> None:
+    """A new driver: v2's `used` leaves out the 1 GiB the driver reserves; an old one (no v2): v1's figures."""
+    fake_nvml([FakeGpu(total=141 * GiB, used=10 * GiB, reserved=1 * GiB)], v2=v2)
+    (gpu,) = inventory.live().gpus
+    assert (gpu.memory_used_bytes, gpu.memory_free_bytes) == (used, free)
+
+
+def test_graphics_processes_are_listed_and_summed_with_compute_ones(fake_nvml) -> None:
+    fake_nvml([FakeGpu(pids=[(4242, 2 * GiB)], graphics=[(999, 300 * 2**20), (4242, 100 * 2**20)])])
+    (gpu,) = inventory.live().gpus
+    assert sorted(p.pid for p in gpu.processes) == [999, 4242, 4242]
+    assert nvml.use_by_pid(inventory.live().gpus)[4242] == {0: 2 * GiB + 100 * 2**20}
+
+
+def test_a_non_nvml_exception_is_not_hidden_as_a_missing_field(fake_nvml) -> None:
+    fake_nvml([FakeGpu()], bug=KeyError("a bug in a binding"))
+    with pytest.raises(KeyError):
+        inventory.live()
