@@ -285,8 +285,12 @@ def _settings(r: _Reader, table: dict[str, Any], where: str, base: ServerSetting
 def _check_keys(r: _Reader, table: dict[str, Any], allowed: set[str], where: str) -> None:
     for key in table:
         if key not in allowed:
+            import difflib
+
             full = f"{where}.{key}" if where else key
-            raise r.fail(full, f"unknown key (known: {', '.join(sorted(allowed))})")
+            near = difflib.get_close_matches(str(key), sorted(allowed), n=1, cutoff=0.6)
+            raise r.fail(full, f"unknown key; did you mean `{near[0]}`?" if near else
+                         f"unknown key (known: {', '.join(sorted(allowed))})")
 
 
 def _from_seed_json(data: dict[str, Any]) -> dict[str, Any]:

@@ -13,7 +13,7 @@ class ExitCode(IntEnum):
     """Documented process exit codes (docs/usage.md)."""
 
     OK = 0
-    FAILURE = 1  # a runtime failure, or a command that is not built yet
+    FAILURE = 1  # a runtime failure or an internal error
     USAGE = 2  # bad usage or input: flags, sizes, files that are not GGUF
     PARTIAL_FIT = 3  # plan: runs only partially offloaded or on the CPU
     NO_FIT = 4  # the model does not fit the inventory at all
@@ -46,6 +46,10 @@ class UsageError(LlamactlError):
     exit_code = ExitCode.USAGE
 
 
+class NameTaken(UsageError):
+    """An instance of that name is live (started by another llamactl, perhaps a moment ago)."""
+
+
 class GGUFError(UsageError):
     """A file that is not a readable GGUF model (names the file and the fault)."""
 
@@ -75,12 +79,6 @@ class NoRoomYet(LlamactlError):
     def __init__(self, message: str, holders: tuple[str, ...] = ()) -> None:
         super().__init__(message)
         self.holders = holders
-
-
-class NotBuiltError(LlamactlError):
-    """A subcommand whose issue has not landed yet."""
-
-    exit_code = ExitCode.FAILURE
 
 
 class LaunchError(LlamactlError):

@@ -67,8 +67,15 @@ def command(
                                          port_start=port_start, extra_args=extra_args, name=name))
     instance_name = spec.name
     store = state_store(ctx)
-    binary = find_server(server_bin, cfg.server_bin)
-    caps = probe(binary)
+    if dry_run:  # what it would run, binary or not (as `plan`): a missing one is a note, not a failure
+        from llamactl.cli.plan import server_caps
+
+        binary, caps, binary_note = server_caps(server_bin, cfg.server_bin)
+        if binary_note:
+            render.note(f"note: {binary_note}")
+    else:
+        binary = find_server(server_bin, cfg.server_bin)
+        caps = probe(binary)
     req = request_for(spec, policy_for(spec, inv.inventory, state_dir=store.dir, build=caps.version), port=port,
                       timeout_s=parse_duration(timeout, what="--timeout"), wait=not no_wait,
                       replace_existing=replace_existing, api_key=api_key)

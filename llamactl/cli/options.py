@@ -123,7 +123,6 @@ SERVER = OptionGroup("settings", (
 @dataclass(frozen=True)
 class InventoryOptions:
     inventory: inventory.Inventory
-    gpu_overhead_bytes: int
     given: dict[str, Any]  # PlacementSpec fields given (gpu_overhead_bytes)
 
 
@@ -132,7 +131,7 @@ def _inventory(gpus, gpus_file, gpu_overhead, no_calibration, given: frozenset[s
     placement: dict[str, Any] = {"gpu_overhead_bytes": overhead} if "gpu_overhead" in given else {}
     if no_calibration:
         placement["calibration"] = False
-    return InventoryOptions(inventory.resolve(gpus, gpus_file), overhead, placement)
+    return InventoryOptions(inventory.resolve(gpus, gpus_file), placement)
 
 
 INVENTORY = OptionGroup("inv", (

@@ -21,8 +21,16 @@ from llamactl.resolve import resolve
 from llamactl.units import format_duration, parse_duration, parse_size
 
 
-def _check(cfg: config_mod.Config, as_json: bool) -> None:
+def _check(cfg: config_mod.Config, as_json: bool, server_bin: str | None = None) -> None:
     rows, problems, out = [], [], []
+    from llamactl.errors import LlamactlError
+    from llamactl.servers.probe import find_server, probe
+
+    try:  # what the proxy would start: a binary that is there and is llama-server
+        binary = str(probe(find_server(server_bin, cfg.server_bin)).path)
+    except LlamactlError as exc:
+        binary = None
+        problems.append(f"llama-server: {exc}")
     for name, model in sorted(cfg.models.items()):
         try:  # what a launch checks before it starts anything: the header, LoRA files, settings vs the model
             spec = resolve(cfg, name)
@@ -41,9 +49,10 @@ def _check(cfg: config_mod.Config, as_json: bool) -> None:
                      format_duration(model.ttl_s if model.ttl_s is not None else cfg.idle_ttl_s), ok])
     if as_json:
         render.emit_json({"config": str(cfg.source) if cfg.source else None, "host": cfg.host, "port": cfg.port,
-                          "models": out, "problems": problems})
+                          "server_bin": binary, "models": out, "problems": problems})
     else:
-        print(render.safe(f"config: {cfg.source or '(none: defaults)'}; listening on {cfg.host}:{cfg.port}"))
+        print(render.safe(f"config: {cfg.source or '(none: defaults)'}; listening on {cfg.host}:{cfg.port}; "
+                          f"llama-server: {binary or 'not usable'}"))
         if rows:
             print(render.table(rows, ["MODEL", "PATH", "ALIASES", "CTX", "NGL", "TTL", "FILE"], align_right_from=3))
         else:
@@ -76,7 +85,7 @@ def command(
         cfg = replace(cfg, host=host or cfg.host, port=port or cfg.port)
     _check_exposure(cfg, insecure_no_auth)
     if check:
-        _check(cfg, wants_json(ctx, json_output))
+        _check(cfg, wants_json(ctx, json_output), server_bin)
         return
     if log_format not in ("text", "json"):
         raise UsageError(f"--log-format must be text or json, got {log_format!r}")

@@ -174,8 +174,9 @@ def main() -> None:
         print("llamactl: interrupted", file=sys.stderr)
         sys.exit(int(ExitCode.INTERRUPTED))
     except typer.TyperException as exc:  # bad usage: one line, like our own UsageError
-        if type(exc).__name__ == "NoArgsIsHelpError":
-            sys.exit(int(ExitCode.OK))  # `llamactl` alone printed its help
+        if type(exc).__name__ == "NoArgsIsHelpError":  # `llamactl` alone: the usage, and a usage error (as rg)
+            print(exc.format_message() if hasattr(exc, "format_message") else str(exc), file=sys.stderr)
+            sys.exit(int(ExitCode.USAGE))
         message = exc.format_message() if hasattr(exc, "format_message") else str(exc)
         _fail(f"{message} (see --help)", int(getattr(exc, "exit_code", ExitCode.USAGE)), "usage", as_json)
     except LlamactlError as exc:

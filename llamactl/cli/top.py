@@ -216,7 +216,7 @@ def _evict(ctx: typer.Context, screen: Screen, name: str, url: str | None, api_k
 
 def command(
     ctx: typer.Context,
-    interval: float = typer.Option(1.0, "--interval", "-n", min=0.2, help="Seconds between refreshes."),
+    interval: float = typer.Option(1.0, "--interval", "-d", min=0.2, help="Seconds between refreshes (as procps top -d)."),
     url: Optional[str] = typer.Option(None, "--url", help="A running proxy to watch (its /status), e.g. http://127.0.0.1:8080."),
     api_key: Optional[str] = typer.Option(None, "--api-key", envvar="LLAMACTL_API_KEY", help="The proxy's API key, if it has api_keys."),
     once: bool = typer.Option(False, "--once", help="Print one snapshot and exit."),

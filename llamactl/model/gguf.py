@@ -66,7 +66,6 @@ _SCALAR_FORMATS = {
 _SCALAR_SIZES = {vt: struct.calcsize("<" + fmt) for vt, fmt in _SCALAR_FORMATS.items()}
 _U32 = struct.Struct("<I")
 _U64 = struct.Struct("<Q")
-_I32 = struct.Struct("<i")
 _SPLIT_RE = re.compile(r"^(?P<prefix>.*)-(?P<index>\d{5})-of-(?P<count>\d{5})\.gguf$")
 
 

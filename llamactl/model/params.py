@@ -89,10 +89,6 @@ class ModelParams:
     draft: "ModelParams | None" = None  # the draft model loaded beside it (-md), if any
     projector: "ProjectorParams | None" = None  # the vision projector loaded beside it (--mmproj), if any
 
-    @property
-    def n_gqa_max(self) -> int:
-        return max((h // kv for h, kv in zip(self.n_head, self.n_head_kv) if kv), default=1)
-
     def n_embd_k_gqa(self, layer: int) -> int:
         return self.n_embd_head_k * self.n_head_kv[layer]
 

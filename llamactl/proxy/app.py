@@ -20,8 +20,11 @@ from importlib import resources
 
 import aiohttp
 from aiohttp import web
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, disable_created_metrics, generate_latest
+from prometheus_client.core import CounterMetricFamily
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
+
+disable_created_metrics()  # Prometheus' conventions: counters end in _total, no extra _created series
 
 from llamactl.config import Config
 from llamactl.errors import (AuthError, BodyTooLargeError, ForbiddenError, LlamactlError, ProxyError,
@@ -61,8 +64,8 @@ class Metrics:
         self.tokens = Counter("llamactl_tokens", "Tokens reported by upstream usage", ["model", "kind"], registry=r)
         self.queue = Gauge("llamactl_queue_depth", "Requests waiting for a model to load", ["model"], registry=r)
         self.instances = Gauge("llamactl_instances", "Proxy instances by state", ["state"], registry=r)
-        self.launches = Gauge("llamactl_launches", "Launches by model and result", ["model", "result"], registry=r)
-        self.evictions = Gauge("llamactl_evictions", "Evictions by reason", ["reason"], registry=r)
+        self.pool_counts = _PoolCounters()  # launches and evictions, counted by the pool
+        r.register(self.pool_counts)
         self.gpu_used = Gauge("llamactl_gpu_memory_used_bytes", "GPU memory used", ["gpu"], registry=r)
 
     def refresh(self, pool: Pool, inventory: Inventory | None) -> None:
@@ -70,13 +73,28 @@ class Metrics:
             self.instances.labels(phase.value).set(sum(1 for s in pool.slots.values() if s.phase is phase))
         for name, slot in pool.slots.items():
             self.queue.labels(name).set(slot.waiting)
-        for (model, result), count in pool.stats.launches.items():
-            self.launches.labels(model, result).set(count)
-        for reason, count in pool.stats.evictions.items():
-            self.evictions.labels(reason).set(count)
+        self.pool_counts.stats = pool.stats
         if inventory is not None:
             for gpu in inventory.gpus:
                 self.gpu_used.labels(str(gpu.index)).set(gpu.memory_used_bytes)
+
+
+class _PoolCounters:
+    """The pool's launch and eviction counts as Prometheus counters (`llamactl_launches_total`, ...)."""
+
+    def __init__(self) -> None:
+        self.stats: object | None = None
+
+    def collect(self):
+        launches = CounterMetricFamily("llamactl_launches", "Launches by model and result", labels=["model", "result"])
+        evictions = CounterMetricFamily("llamactl_evictions", "Evictions (stops) by reason", labels=["reason"])
+        if self.stats is not None:
+            for (model, result), count in self.stats.launches.items():  # type: ignore[attr-defined]
+                launches.add_metric([model, result], count)
+            for reason, count in self.stats.evictions.items():  # type: ignore[attr-defined]
+                evictions.add_metric([reason], count)
+        yield launches
+        yield evictions
 
 
 def _authorized(header: str, keys: tuple[str, ...]) -> bool:

@@ -23,7 +23,7 @@ from typing import Protocol
 
 from llamactl.config import Config, ModelConfig
 from llamactl.errors import (GGUFError, ProxyError, LaunchError, LlamactlError, LoadTimeoutError, ModelUnavailableError, NoFitError,
-                             NoRoomYet, NotReadyInTime, OutOfMemoryAtLoad, QueueFullError, UnknownModelError, UpstreamError)
+                             NameTaken, NoRoomYet, NotReadyInTime, OutOfMemoryAtLoad, QueueFullError, UnknownModelError, UpstreamError)
 from llamactl import views
 from llamactl.gpu.inventory import Inventory
 from llamactl.placement import Plan
@@ -374,10 +374,11 @@ class Pool:
         return frozenset(n for n, seat in self.seats().items()
                          if n != name and seat.ours and seat.phase is not Status.STOPPED and not seat.evictable)
 
-    async def _loading_elsewhere(self, slot: Slot) -> str | None:
+    @staticmethod
+    def _loading_elsewhere(slot: Slot, instances: dict[str, Instance]) -> str | None:
         """An instance of this name that another llamactl (a CLI launch) is starting or stopping: never ours to
         stop; the proxy routes to it once ready (or starts its own once it is gone)."""
-        inst = (await asyncio.to_thread(self.effects.instances)).get(slot.model.name)
+        inst = instances.get(slot.model.name)
         if inst is not None and inst.status in (Status.STARTING, Status.STOPPING):
             return f"an instance of it is {inst.status.value} outside this proxy (pid {inst.pid})"
         return None
@@ -422,9 +423,11 @@ class Pool:
                 await asyncio.gather(*(asyncio.shield(t) for t in stopping), return_exceptions=True)
             announced = False
             while True:
-                if await self._adopt_running(slot):
+                # one read decides: ready there → route to it; loading there → wait; nothing → launch
+                instances = await asyncio.to_thread(self.effects.instances)
+                if await self._adopt_running(slot, instances):
                     return
-                why = await self._loading_elsewhere(slot)
+                why = self._loading_elsewhere(slot, instances)
                 if why is None:
                     if not announced:
                         self.events.add("launch", name, "on demand")
@@ -436,6 +439,10 @@ class Pool:
                         if time.monotonic() >= deadline:
                             raise NoRoomYet(f"{exc}; waited {self.config.load_timeout_s:g} s", exc.holders) from None
                         why = None
+                    except NameTaken as exc:  # another llamactl started it a moment ago: route to it, or wait
+                        if time.monotonic() >= deadline:
+                            raise ModelUnavailableError(f"{name}: {exc}") from None
+                        why = str(exc)
                 elif time.monotonic() >= deadline:
                     raise ModelUnavailableError(f"{name}: {why}; waited {self.config.load_timeout_s:g} s")
                 await self._wait_change(min(deadline - time.monotonic(), self.config.poll_interval_s, 0.5))

@@ -1,7 +1,7 @@
 """Launch and stop instances: plan, make room, reserve a port, spawn, wait, record — and the reverse.
 
 The one place that changes an instance's recorded lifecycle for the CLI
-(`launch`, `evict`) and, later, the proxy. Each state change happens under the
+(`launch`, `evict`) and the proxy. Each state change happens under the
 state file's lock; slow work (spawning, readiness, stopping) happens outside it.
 """
 
@@ -17,7 +17,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from llamactl.config import DEFAULT_PORT_START
-from llamactl.errors import ExitCode, ExitedEarly, LlamactlError, NoFitError, NoRoomYet, OutOfMemoryAtLoad, UsageError
+from llamactl.errors import (ExitCode, ExitedEarly, LlamactlError, NameTaken, NoFitError, NoRoomYet, OutOfMemoryAtLoad,
+                             UsageError)
 from llamactl.gpu.inventory import Inventory
 from llamactl.estimate import load_params
 from llamactl.model.params import ModelParams
@@ -257,7 +258,7 @@ def launch(store: StateStore, req: LaunchRequest, binary: str, caps: ServerCaps,
     if not isinstance(scheduler.decide(req.name, seats, scheduler.Limits(max_queue=1)), scheduler.Start):
         existing = instances[req.name]  # ready (Use) or starting/stopping (Wait): one process per name
         if not req.replace_existing:
-            raise UsageError(f"an instance named {req.name!r} is already {existing.status.value} "
+            raise NameTaken(f"an instance named {req.name!r} is already {existing.status.value} "
                              f"(pid {existing.pid}, port {existing.port}); use --replace or another --name")
         stop_instances(store, [req.name], grace_s=grace_s)
         instances = store.snapshot()  # liveness is enough now: adoption ran in the read above
@@ -343,7 +344,7 @@ def _start(store: StateStore, req: LaunchRequest, params: ModelParams, the_plan:
         with store.edit() as current:
             live = current.get(req.name)
             if live is not None and live.live:
-                raise UsageError(f"an instance named {req.name!r} was started meanwhile (pid {live.pid})")
+                raise NameTaken(f"an instance named {req.name!r} was started meanwhile (pid {live.pid})")
             others = running_for_placement({n: i for n, i in current.items() if n != req.name}, req.protected, inv)
             if not fits_beside(the_plan, inv.usable, others, req.policy):
                 raise _Claimed()

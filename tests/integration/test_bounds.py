@@ -305,3 +305,12 @@ def test_launch_dry_run_prints_the_port_a_launch_would_take(tmp_path: Path) -> N
     assert out.returncode == 0, out.stderr
     argv = json.loads(out.stdout)["argv"]
     assert int(argv[argv.index("--port") + 1]) != port
+
+
+def test_launch_dry_run_works_without_a_llama_server(tmp_path: Path) -> None:
+    config, env = _write_models(tmp_path, "a")
+    env = {**env, "LLAMA_SERVER": str(tmp_path / "missing"), "PATH": "/usr/bin:/bin"}
+    out = subprocess.run([sys.executable, "-m", "llamactl", "--config", str(config), "launch", "a", "--dry-run"],
+                         env=env, capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    assert "llama-server --model" in out.stdout and "note:" in out.stderr

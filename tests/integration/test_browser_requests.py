@@ -92,13 +92,16 @@ def test_listening_beyond_loopback_without_keys_is_refused(tmp_path) -> None:
     config = tmp_path / "c.toml"
     config.write_text('host = "0.0.0.0"\n')
     env_argv = [sys.executable, "-m", "llamactl", "--config", str(config), "proxy", "--check"]
-    out = subprocess.run(env_argv, capture_output=True, text=True, timeout=60)
+    from tests.fakes.binary import fake_server_binary
+
+    env = {**__import__("os").environ, "LLAMA_SERVER": str(fake_server_binary())}
+    out = subprocess.run(env_argv, capture_output=True, text=True, timeout=60, env=env)
     assert out.returncode == 2 and "without api_keys" in out.stderr and "--insecure-no-auth" in out.stderr
     assert "Traceback" not in out.stderr
     config.write_text('host = "0.0.0.0"\napi_keys = ["k1"]\n')
-    assert subprocess.run(env_argv, capture_output=True, text=True, timeout=60).returncode == 0
+    assert subprocess.run(env_argv, capture_output=True, text=True, timeout=60, env=env).returncode == 0
     config.write_text('host = "0.0.0.0"\n')
-    ok = subprocess.run(env_argv + ["--insecure-no-auth"], capture_output=True, text=True, timeout=60)
+    ok = subprocess.run(env_argv + ["--insecure-no-auth"], capture_output=True, text=True, timeout=60, env=env)
     assert ok.returncode == 0 and "anyone who reaches it" in ok.stderr
 
 
@@ -160,6 +163,44 @@ def test_a_wide_body_is_refused_unparsed_and_the_loop_keeps_answering(make_proxy
     assert str(MAX_VALUES) in replies[0].json()["error"]["message"]
     grown = max(peak) - before
     assert grown < 4 * 4 * len(body), f"RSS grew by {grown / 2**20:.0f} MiB for 4 x {len(body) / 2**20:.0f} MiB"
-    # generous for a busy 2-core box; a parse on the proxy's interpreter held /health for 1.5-4 s
-    assert max(latencies) < 0.5, f"/health took up to {max(latencies):.2f} s ({len(latencies)} samples)"
+    # the median, which a busy 2-core box's spikes do not move (bench/wide_body.py measures the rest): a parse on
+    # the proxy's interpreter held /health for 0.76 s at the median and 3.1 s at most
+    median = sorted(latencies)[len(latencies) // 2]
+    assert median < 0.3, f"/health took {median:.2f} s at the median, {max(latencies):.2f} s at most"
     assert proxy.post("alpha", max_tokens=1).status_code == 200  # and a normal request goes on
+
+
+def test_metrics_follow_prometheus_conventions(make_proxy) -> None:
+    """Counters end in _total, no _created series, units in the names of timings and sizes; lint on the
+    real exposition after traffic (a launch, a request, a refused one)."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    proxy = make_proxy({"alpha": []})
+    assert proxy.post("alpha", max_tokens=1).status_code == 200
+    assert proxy.post("nosuch").status_code == 404
+    text = httpx.get(f"{proxy.url}/metrics", timeout=10).text
+    families = {f.name: f for f in text_string_to_metric_families(text)}
+    assert not [line for line in text.splitlines() if "_created" in line.split(" ")[0]]
+    for family in families.values():
+        assert family.name.startswith("llamactl_")
+        if family.type == "counter":
+            assert all(s.name.endswith("_total") for s in family.samples), family.name
+        if family.type == "histogram":
+            assert family.name.endswith("_seconds"), family.name
+    assert {"llamactl_requests", "llamactl_launches", "llamactl_evictions", "llamactl_tokens"} <= {
+        n for n, f in families.items() if f.type == "counter"}
+    assert proxy.metric("llamactl_launches_total", model="alpha", result="ok") == 1
+
+
+def test_proxy_check_catches_a_missing_binary_and_suggests_the_nearest_key(tmp_path) -> None:
+    import os
+
+    config = tmp_path / "c.toml"
+    config.write_text("")
+    env = {**os.environ, "LLAMA_SERVER": str(tmp_path / "nothing-here"), "PATH": "/usr/bin:/bin"}
+    argv = [sys.executable, "-m", "llamactl", "--config", str(config), "proxy", "--check"]
+    out = subprocess.run(argv, capture_output=True, text=True, timeout=60, env=env)
+    assert out.returncode == 2 and "llama-server" in out.stderr, out.stderr
+    config.write_text('idle_tl = "5m"\n')
+    typo = subprocess.run(argv, capture_output=True, text=True, timeout=60, env=env)
+    assert typo.returncode == 2 and "did you mean `idle_ttl`?" in typo.stderr, typo.stderr

@@ -232,3 +232,11 @@ def test_help_reads_like_a_unix_tool(tmp_path) -> None:
         assert all(len(line) <= 80 for line in text.splitlines()), (command, [l for l in text.splitlines() if len(l) > 80])
         flags = [line for line in text.splitlines() if _re.match(r"\s+--(all|json|dry-run|once|replace)\b", line)]
         assert all(not _re.match(r"\s+--[\w-]+ [A-Z<]", line) for line in flags), (command, flags)
+
+
+def test_no_arguments_prints_the_usage_and_exits_2() -> None:
+    import subprocess as _sp
+    import sys as _sys
+
+    out = _sp.run([_sys.executable, "-m", "llamactl"], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 2 and "Usage: llamactl" in (out.stdout + out.stderr)

@@ -245,7 +245,9 @@ def test_untracked_child_is_adopted(env: Env) -> None:
                             env={**env.env, INSTANCE_ENV: "orphan", STATE_DIR_ENV: str(env.state.resolve())},
                             stdout=subprocess.DEVNULL, start_new_session=True)
     try:
-        time.sleep(1.0)
+        deadline = time.monotonic() + 10  # until its environment is readable (the exec is done) and ps adopts it
+        while time.monotonic() < deadline and not env.ps():
+            time.sleep(0.05)
         (inst,) = env.ps()
         assert (inst["name"], inst["pid"], inst["port"], inst["started_by"]) == ("orphan", proc.pid, port, "adopted")
         assert env.run("evict", "orphan", "--grace", "2s").returncode == 0

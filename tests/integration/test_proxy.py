@@ -138,7 +138,7 @@ def test_concurrent_cold_requests_launch_once(make_proxy) -> None:
         return [r.status_code for r in replies]
 
     assert asyncio.run(burst()) == [200] * 12
-    assert proxy.metric("llamactl_launches", model="alpha", result="ok") == 1
+    assert proxy.metric("llamactl_launches_total", model="alpha", result="ok") == 1
     assert len(proxy.tagged()) == 1
 
 
@@ -170,7 +170,7 @@ def test_load_failures_map_by_type_timeout_504_exit_502_oom_503(make_proxy) -> N
     assert "out of memory while loading" in huge.json()["error"]["message"]
     assert time.monotonic() - start < 20
     for model, result in (("stuck", "timeout"), ("broken", "failed"), ("huge", "oom")):
-        assert proxy.metric("llamactl_launches", model=model, result=result) == 1, model
+        assert proxy.metric("llamactl_launches_total", model=model, result=result) == 1, model
     assert not proxy.tagged()
 
 
@@ -202,7 +202,7 @@ def test_upstream_crash_mid_stream_ends_with_error_then_relaunches(make_proxy) -
     assert proxy.instances()[0]["state"] == "stopped"
     again = proxy.post("flaky", max_tokens=2)  # non-streaming: no crash; a new process serves it
     assert again.status_code == 200
-    assert proxy.metric("llamactl_launches", model="flaky", result="ok") == 2
+    assert proxy.metric("llamactl_launches_total", model="flaky", result="ok") == 2
 
 
 def test_idle_ttl_evicts_but_never_a_busy_instance(make_proxy) -> None:
@@ -215,12 +215,12 @@ def test_idle_ttl_evicts_but_never_a_busy_instance(make_proxy) -> None:
     assert chunks > 40
     states = {i["model"]: i["state"] for i in proxy.instances()}
     assert states["quick"] == "stopped"  # idle past its TTL
-    assert proxy.metric("llamactl_launches", model="busy", result="ok") == 1  # never evicted mid-stream
+    assert proxy.metric("llamactl_launches_total", model="busy", result="ok") == 1  # never evicted mid-stream
     deadline = time.monotonic() + 10
     while time.monotonic() < deadline and {i["state"] for i in proxy.instances()} != {"stopped"}:
         time.sleep(0.2)
     assert {i["state"] for i in proxy.instances()} == {"stopped"}
-    assert proxy.metric("llamactl_evictions", reason="ttl") == 2
+    assert proxy.metric("llamactl_evictions_total", reason="ttl") == 2
 
 
 def test_max_instances_evicts_the_lru_idle_one(make_proxy) -> None:
@@ -229,7 +229,7 @@ def test_max_instances_evicts_the_lru_idle_one(make_proxy) -> None:
     assert proxy.post("b").status_code == 200
     states = {i["model"]: i["state"] for i in proxy.instances()}
     assert states == {"a": "stopped", "b": "ready"}
-    assert proxy.metric("llamactl_evictions", reason="max_instances") == 1
+    assert proxy.metric("llamactl_evictions_total", reason="max_instances") == 1
 
 
 def test_api_keys(make_proxy) -> None:
@@ -287,8 +287,9 @@ def test_hand_started_instance_is_routed_to_not_evicted(make_proxy, tmp_path: Pa
     pid = json.loads(subprocess.run([sys.executable, "-m", "llamactl", "ps", "--json"], env=proxy.env,
                                     capture_output=True, text=True).stdout)[0]["pid"]
     assert proxy.post("alpha").status_code == 200
-    assert proxy.metric("llamactl_launches", model="alpha", result="ok") == 0  # routed, not launched
-    time.sleep(2.5)
+    assert proxy.metric("llamactl_launches_total", model="alpha", result="ok") == 0  # routed, not launched
+    # idle for twice its TTL, with several polls meanwhile (a condition on the proxy's own clock, not a sleep)
+    assert wait_for(lambda: (next(i for i in proxy.instances() if i["name"] == "alpha")["idle_s"] or 0) >= 2.0, 15)
     assert psutil.pid_exists(pid)  # adopt = false: the TTL does not apply to it
     assert proxy.stop() == 0 and psutil.pid_exists(pid)  # and shutdown leaves it alone
     subprocess.run([sys.executable, "-m", "llamactl", "evict", "--all"], env=proxy.env, capture_output=True)
@@ -342,7 +343,7 @@ def test_a_restarted_proxy_adopts_what_the_killed_one_started(make_proxy) -> Non
     models = {m["id"]: m["status"] for m in httpx.get(f"{proxy.url}/v1/models").json()["data"]}
     assert models == {"alpha": "ready", "beta": "stopped"}
     assert proxy.post("alpha").status_code == 200  # routed with the key read back from the instance
-    assert proxy.metric("llamactl_launches", model="alpha", result="ok") == 0
+    assert proxy.metric("llamactl_launches_total", model="alpha", result="ok") == 0
     assert proxy.post("beta").status_code == 200  # max_instances = 1: the adopted alpha counts and is evicted
     assert wait_for(lambda: not psutil.pid_exists(alpha_pid) or psutil.Process(alpha_pid).status() == psutil.STATUS_ZOMBIE)
     beta_pid = {i["model"]: i for i in proxy.instances()}["beta"]["pid"]
@@ -418,7 +419,7 @@ def test_an_instance_evicted_from_another_shell_is_relaunched_not_a_502(make_pro
     assert out.returncode == 0 and "stopped alpha" in out.stdout
     reply = proxy.post("alpha")
     assert reply.status_code == 200, reply.text
-    assert proxy.metric("llamactl_launches", model="alpha", result="ok") == 2
+    assert proxy.metric("llamactl_launches_total", model="alpha", result="ok") == 2
 
 
 # --- slow and vanishing clients, dying upstreams, signals (issue 11) --------------------------------------
@@ -497,7 +498,7 @@ def test_a_stream_whose_instance_dies_is_followed_by_a_relaunch_every_time(make_
         assert reply.status_code == 200 and "upstream_error" in reply.text, round_
         again = proxy.post("flaky", max_tokens=2)  # at once: no waiting for the poller
         assert again.status_code == 200, (round_, again.text)
-    assert proxy.metric("llamactl_launches", model="flaky", result="ok") == 6
+    assert proxy.metric("llamactl_launches_total", model="flaky", result="ok") == 6
 
 
 def test_sigterm_gives_streams_exactly_the_grace(make_proxy) -> None:

@@ -24,14 +24,14 @@ def test_snapshot_takes_no_lock_writes_nothing_adopts_nothing(tmp_path: Path) ->
                                 env={**os.environ, **tag, INSTANCE_ENV: "known"})
     stray = None
     try:
-        time.sleep(0.2)
+        _until_tagged(recorded.pid)
         with store.edit() as instances:
             instances["known"] = Instance(name="known", model="m", port=9000, pid=recorded.pid, status=Status.READY,
                                           create_time=psutil.Process(recorded.pid).create_time())
             instances["gone"] = Instance(name="gone", model="m", port=9001, pid=recorded.pid, status=Status.READY,
                                          create_time=1.0)  # its process is long gone (pid reused)
         stray = subprocess.Popen([sleeper, "60"], start_new_session=True, env={**os.environ, **tag})
-        time.sleep(0.2)
+        _until_tagged(stray.pid)
         before = (store.path.stat().st_mtime_ns, store.path.read_bytes())
         fd = os.open(store.lock_path, os.O_RDWR)
         fcntl.flock(fd, fcntl.LOCK_EX)  # another command holds the lock
@@ -52,3 +52,16 @@ def test_snapshot_takes_no_lock_writes_nothing_adopts_nothing(tmp_path: Path) ->
                 continue
             proc.kill()
             proc.wait()
+
+
+def _until_tagged(pid: int, timeout_s: float = 10.0) -> None:
+    """Until the child has exec'd with its environment (what a scan reads), not a fixed pause."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        try:
+            if INSTANCE_ENV in psutil.Process(pid).environ():
+                return
+        except psutil.Error:
+            pass
+        time.sleep(0.01)
+    raise AssertionError(f"pid {pid} never showed its tags")

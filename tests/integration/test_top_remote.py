@@ -146,7 +146,9 @@ def test_ps_and_proxy_check_print_escapes_not_control_characters(tmp_path: Path)
     write_model(model, ModelSpec(n_vocab=300))
     config = tmp_path / "c.toml"
     config.write_text(f'[models.a]\npath = "{model}"\naliases = ["x\\u202egpt"]\n')
-    env = {**os.environ, "LLAMACTL_STATE_DIR": str(state)}
+    from tests.fakes.binary import fake_server_binary
+
+    env = {**os.environ, "LLAMACTL_STATE_DIR": str(state), "LLAMA_SERVER": str(fake_server_binary())}
     for argv in (["ps"], ["--config", str(config), "proxy", "--check"]):
         out = subprocess.run([sys.executable, "-m", "llamactl", *argv], capture_output=True, text=True, timeout=60,
                              env=env)

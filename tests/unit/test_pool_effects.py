@@ -233,3 +233,29 @@ def test_the_queue_is_bounded(tmp_path: Path) -> None:
         await asyncio.gather(*waiters)
 
     asyncio.run(go())
+
+
+def test_an_instance_another_llamactl_just_made_ready_is_routed_to(tmp_path: Path) -> None:
+    """The race CI met: the pool read the state (nothing ready), a CLI launch became ready, the pool's launch
+    then found the name taken. It must route to that instance, not answer 503."""
+    from llamactl.errors import NameTaken
+
+    class Racing(FakeEffects):
+        def launch(self, req):
+            self.calls.append(("launch", req.name))
+            self.running[req.name] = Instance(name=req.name, model="m", port=9100, pid=4343, create_time=1.0,
+                                              status=Status.READY, started_by="cli")
+            raise NameTaken(f"an instance named {req.name!r} was started meanwhile (pid 4343)")
+
+        def environ(self, inst):
+            return {"LLAMACTL_STARTED_BY": "cli"}
+
+    fake = Racing()
+    pool = make_pool(tmp_path, fake)
+
+    async def go():
+        slot = await pool.acquire("a")
+        assert slot.instance is not None and slot.instance.pid == 4343 and not slot.ours
+
+    asyncio.run(go())
+    assert fake.calls == [("launch", "a")]
