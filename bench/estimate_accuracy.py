@@ -6,8 +6,8 @@ Usage: python bench/estimate_accuracy.py [--server PATH] [--realistic] [--markdo
 For each case the real llama-server (CPU) loads the model at `--verbosity 4`; the truth is the sum of
 its model, KV, recurrent-state, compute and output buffers. Compared:
   llamactl  — `llamactl estimate --gpus none`, buffers only (the host runtime overhead is left out)
-  seed      — the seed spec's formula (its gguf_utils.estimate_vram_mb with every layer on the GPU:
-              (file MiB + 650 + n_kv_heads·ctx·n_embd·2/MiB · n_layers) · 1.2 + 577)
+  rule      — a rule of thumb found in early llama.cpp wrappers, with every layer on the GPU:
+              (file MiB + 650 + n_kv_heads·ctx·n_embd·2/MiB · n_layers) · 1.2 + 577
   naive     — file size + 2·n_layers·ctx·n_kv_heads·head_dim·2 bytes (the usual back-of-envelope)
 """
 
@@ -98,7 +98,7 @@ def cases(realistic: bool) -> list[Case]:
     return out
 
 
-def seed_formula(params: ModelParams, ctx: int) -> int:
+def rule_of_thumb(params: ModelParams, ctx: int) -> int:
     size_mb = params.file_bytes / MiB
     kv_factor = max(params.n_head_kv) * ctx * params.n_embd * 2 / MiB
     return int(((size_mb + 650 + kv_factor * params.n_layer) * 1.2 + 577) * MiB)
@@ -134,14 +134,14 @@ def main() -> int:
                     row.append(f"{ours[term] / MiB:.2f}/{truth[term] / MiB:.2f} ({err:+.1f}%)")
                 else:
                     row.append("-")
-            for name, value in (("llamactl", sum(ours.values())), ("seed", seed_formula(params, resolved.n_ctx)),
+            for name, value in (("llamactl", sum(ours.values())), ("rule of thumb", rule_of_thumb(params, resolved.n_ctx)),
                                 ("naive", naive_formula(params, resolved.n_ctx))):
                 err = 100.0 * (value - total_truth) / total_truth
                 worst[f"total {name}"] = max(worst.get(f"total {name}", 0.0), abs(err))
                 row.append(f"{err:+.1f}%")
             rows.append(row)
             print(" | ".join(row) if not args.markdown else "| " + " | ".join(row) + " |", flush=True)
-    header = ["case"] + [f"{t} est/log MiB" for t in TERMS] + ["total: llamactl", "seed formula", "naive"]
+    header = ["case"] + [f"{t} est/log MiB" for t in TERMS] + ["total: llamactl", "rule of thumb", "naive"]
     if args.markdown:
         print("\n| " + " | ".join(header) + " |\n|" + "---|" * len(header))
         for row in rows:
