@@ -117,9 +117,10 @@ class CalibrationStore:
         return sqlite3.connect(self.path, timeout=BUSY_TIMEOUT_S, isolation_level=None)
 
     def _set_aside(self, exc: BaseException) -> None:
-        aside = self.path.with_name(f"{FILE_NAME}.bad-{time.strftime('%Y%m%dT%H%M%S')}-{os.getpid()}")
+        from llamactl.servers import files
+
         try:
-            os.replace(self.path, aside)
+            aside = files.move_aside(self.path)
         except FileNotFoundError:
             return  # another llamactl moved it first
         except OSError as err:

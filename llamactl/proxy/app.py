@@ -137,14 +137,14 @@ def build_app(pool: Pool, inventory_fn: Callable[[], Inventory], *, keep_instanc
     pool.on_change = on_change
     shutting_down = {"now": False}
 
-    def count_unforwarded(request: web.Request, status: int) -> None:
-        """A model request refused or abandoned before forwarding (400, 403, 404, 408, 413, 415, 429, a start
-        that failed) counts in llamactl_requests_total like every other; a model not configured as `-`."""
-        if request.path not in MODEL_ROUTES or request.get("counted"):
+    def count(request: web.Request, status: int) -> None:
+        """Every model request in llamactl_requests_total, with the status its access-log line has: answered,
+        refused before forwarding (400, 403, 404, 408, 413, 415, 429, a start that failed), cut or abandoned.
+        A model that is not configured counts as `-` (never a client's text as a label)."""
+        if request.path not in MODEL_ROUTES:
             return
         known = pool.config.lookup(str(request["model"])) if request["model"] != "-" else None
         metrics.requests.labels(known.name if known is not None else "-", str(status)).inc()
-        request["counted"] = True
 
     @web.middleware
     async def errors_and_auth(request: web.Request, handler: Callable) -> web.StreamResponse:
@@ -183,14 +183,14 @@ def build_app(pool: Pool, inventory_fn: Callable[[], Inventory], *, keep_instanc
             # client that closed right after the stream's end got the whole answer: its status stands
             status = request["relay_status"] if request.get("relay_done") else (503 if shutting_down["now"] else CLIENT_CLOSED)
             _access_log(request, status, time.monotonic() - started, log_json)
-            count_unforwarded(request, status)
+            count(request, status)
             raise
         finally:
             if task is not None:
                 in_flight.pop(task, None)
         status = CLIENT_CLOSED if request.get("client_gone") else request.get("relay_status", response.status)
         _access_log(request, status, time.monotonic() - started, log_json)
-        count_unforwarded(request, status)
+        count(request, status)
         if request.method == "POST" and request.path in MODEL_ROUTES:
             recent.append({"at": time.time(), "model": one_line(str(request["model"]), 80), "status": status,
                            "ms": round((time.monotonic() - started) * 1000, 1), "tokens": request.get("tokens")})
@@ -238,16 +238,7 @@ def build_app(pool: Pool, inventory_fn: Callable[[], Inventory], *, keep_instanc
         if not isinstance(requested, str) or not requested:
             raise LlamactlError("request body needs a \"model\" naming a configured model")
         request["model"] = requested
-        started = time.monotonic()
-        try:
-            return await _forward(request, requested, body, started)
-        except asyncio.CancelledError:
-            known = pool.config.lookup(requested)
-            name = known.name if known is not None else "-"  # never a client's text as a metric label
-            status = request["relay_status"] if request.get("relay_done") else CLIENT_CLOSED
-            metrics.requests.labels(name, str(status)).inc()
-            request["counted"] = True
-            raise
+        return await _forward(request, requested, body, time.monotonic())
 
     async def _forward(request: web.Request, requested: str, body: bytes, started: float) -> web.StreamResponse:
         for attempt in range(2):
@@ -262,15 +253,11 @@ def build_app(pool: Pool, inventory_fn: Callable[[], Inventory], *, keep_instanc
                 # forgotten and this request starts it again, once
                 if await pool.mark_dead(slot, "unreachable") and attempt == 0:
                     continue
-                metrics.requests.labels(name, "502").inc()
-                request["counted"] = True
                 raise
             finally:
                 pool.release(slot)
         if outcome.upstream_died:
             await pool.mark_dead(slot, "died mid-stream", wait_s=3.0)
-        metrics.requests.labels(name, str(CLIENT_CLOSED if request.get("client_gone") else outcome.status)).inc()
-        request["counted"] = True
         metrics.latency.labels(name).observe(time.monotonic() - started)
         if outcome.ttfb_s is not None:
             metrics.ttfb.labels(name).observe(outcome.ttfb_s)
@@ -460,8 +447,8 @@ def _preflight(request: web.Request, config: Config) -> web.Response:
     allow = browsers.cors_origin(request.headers.get("Origin"), config.allowed_origins)
     if allow is None:
         raise ForbiddenError("cross-origin requests are refused; add the page's origin to allowed_origins")
-    return web.Response(status=204, headers={
-        "Access-Control-Allow-Origin": allow, "Vary": "Origin", "Access-Control-Allow-Methods": "GET, POST",
+    return web.Response(status=204, headers={  # Allow-Origin and Vary: _secure_headers, as on every response
+        "Access-Control-Allow-Methods": "GET, POST",
         "Access-Control-Allow-Headers": browsers.CORS_ALLOW_HEADERS,
         "Access-Control-Max-Age": str(browsers.CORS_MAX_AGE_S)})
 

@@ -144,6 +144,12 @@ class ProcessEffects:
                     instances[name] = inst.moved(status, last_used=last)
 
 
+async def _finished(stops: list[asyncio.Future[None]] | tuple) -> None:
+    """Until these stops (claimed earlier, possibly awaited elsewhere too) are done; a failed one is logged there."""
+    if stops:
+        await asyncio.gather(*(asyncio.shield(t) for t in stops), return_exceptions=True)
+
+
 class Pool:
     def __init__(self, config: Config, store: StateStore, binary: str, caps: ServerCaps,
                  inventory_fn: Callable[[], Inventory], *, repack_types: frozenset[str] = frozenset(),
@@ -402,8 +408,7 @@ class Pool:
             task = self._begin_stop(other, "memory") if other is not None else asyncio.ensure_future(self._stop_other(victim))
             if task is not None:
                 stopping.append(task)
-        if stopping:
-            await asyncio.gather(*(asyncio.shield(t) for t in stopping), return_exceptions=True)
+        await _finished(stopping)
         # room was made above, under the proxy's rules; the launch itself evicts nothing more, and re-checks
         # its plan against every claim when it records the instance
         req = replace(req, may_evict=False, wait_for=self._holding(name))
@@ -419,8 +424,7 @@ class Pool:
         started = time.monotonic()
         deadline = started + self.config.load_timeout_s
         try:
-            if stopping:  # the max_instances victims claimed with this start
-                await asyncio.gather(*(asyncio.shield(t) for t in stopping), return_exceptions=True)
+            await _finished(stopping)  # the max_instances victims claimed with this start
             announced = False
             while True:
                 # one read decides: ready there → route to it; loading there → wait; nothing → launch
@@ -438,11 +442,9 @@ class Pool:
                     except NoRoomYet as exc:
                         if time.monotonic() >= deadline:
                             raise NoRoomYet(f"{exc}; waited {self.config.load_timeout_s:g} s", exc.holders) from None
-                        why = None
                     except NameTaken as exc:  # another llamactl started it a moment ago: route to it, or wait
                         if time.monotonic() >= deadline:
                             raise ModelUnavailableError(f"{name}: {exc}") from None
-                        why = str(exc)
                 elif time.monotonic() >= deadline:
                     raise ModelUnavailableError(f"{name}: {why}; waited {self.config.load_timeout_s:g} s")
                 await self._wait_change(min(deadline - time.monotonic(), self.config.poll_interval_s, 0.5))
@@ -498,9 +500,7 @@ class Pool:
                 stopping.append(self._begin_stop(slot, "config changed"))  # restarted with the new settings on demand
         stopping += [self._begin_stop(self.slots[name], "max_instances")
                      for name in scheduler.over_limit(self.seats(), self._limits())]  # a lowered max_instances
-        running = [t for t in stopping if t is not None]
-        if running:
-            await asyncio.gather(*(asyncio.shield(t) for t in running), return_exceptions=True)
+        await _finished([t for t in stopping if t is not None])
         for slot in self.slots.values():
             if slot.instance is None:
                 slot.stale = False

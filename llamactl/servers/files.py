@@ -71,8 +71,13 @@ def read_from(path: Path, offset: int, max_bytes: int) -> bytes:
         os.close(fd)
 
 
+def aside_name(path: Path) -> Path:
+    """Where a bad file at `path` is kept: `path.bad-STAMP-PID` beside it."""
+    return path.with_name(f"{path.name}.bad-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}")
+
+
 def move_aside(path: Path) -> Path:
-    """Rename whatever is at `path` to `path.bad-STAMP-PID` (a link is moved, not followed); the new name."""
-    aside = path.with_name(f"{path.name}.bad-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}")
+    """Rename whatever is at `path` to its aside name (a link is moved, not followed); the new name."""
+    aside = aside_name(path)
     os.replace(path, aside)
     return aside

@@ -283,7 +283,7 @@ def launch(store: StateStore, req: LaunchRequest, binary: str, caps: ServerCaps,
         check_room(req, params, inv, store.snapshot() if req.wait_for else instances, the_plan)
         ctx = observation_context(req, params, the_plan, inv, caps)
         try:
-            return _start(store, req, params, the_plan, ctx, binary, caps, inv, api_key, progress, grace_s, evicted)
+            return _start(store, req, the_plan, ctx, binary, caps, inv, api_key, progress, grace_s, evicted)
         except _Claimed:
             # another launch recorded its claim between our plan and our record: plan again with it counted
             replans += 1
@@ -333,9 +333,9 @@ class _Claimed(Exception):
     """The plan no longer fits beside what the state holds now (another launch recorded first)."""
 
 
-def _start(store: StateStore, req: LaunchRequest, params: ModelParams, the_plan: Plan, ctx: "observe.Context",
-           binary: str, caps: ServerCaps, inv: Inventory, api_key: str | None,
-           progress: Callable[[float, str], None] | None, grace_s: float, evicted: tuple[str, ...]) -> Launched:
+def _start(store: StateStore, req: LaunchRequest, the_plan: Plan, ctx: "observe.Context", binary: str,
+           caps: ServerCaps, inv: Inventory, api_key: str | None, progress: Callable[[float, str], None] | None,
+           grace_s: float, evicted: tuple[str, ...]) -> Launched:
     """Re-check the plan against the claims, spawn and record in one locked edit, wait until ready, observe."""
     assert the_plan.estimate is not None
     log_path = store.log_path(req.name)

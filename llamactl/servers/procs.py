@@ -35,13 +35,13 @@ log = logging.getLogger(__name__)
 INSTANCE_ENV = "LLAMACTL_INSTANCE"  # every child carries its instance name ...
 STATE_DIR_ENV = "LLAMACTL_STATE_DIR"  # ... and the state dir that records it
 CREATE_TIME_TOLERANCE_S = 0.05
+KILL_WAIT_S = 5.0
 SERVER_NAMES = ("llama-server", "ggml-rpc-server", "rpc-server")  # what llamactl starts (any suffix: -cuda, ...)
 
 
 def is_server(exe: str) -> bool:
     """Whether an executable's path names a llama.cpp server (a binary replaced on disk reads "... (deleted)")."""
     return os.path.basename(exe.removesuffix(" (deleted)")).startswith(SERVER_NAMES)
-KILL_WAIT_S = 5.0
 
 
 class Ownership(str, Enum):

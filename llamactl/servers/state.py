@@ -189,7 +189,6 @@ def _byte_map(value: object) -> bool:
             and all(isinstance(k, str) and len(k) <= 8 and _is_int(v) and 0 <= v < 2**62 for k, v in value.items()))
 
 
-
 def _flag_value(argv: tuple[str, ...], *names: str) -> str | None:
     for i, arg in enumerate(argv):
         if arg in names and i + 1 < len(argv):
@@ -265,8 +264,6 @@ class StateStore:
             except PlantedFileError as exc:  # not a lock of ours: set it aside and take a real one
                 self._planted(self.lock_path, exc)
                 fd = files.open_regular(self.lock_path, os.O_RDWR | os.O_CREAT, self.file_mode)
-        except PlantedFileError:
-            raise
         except OSError as exc:
             raise StateError(f"cannot use state dir {self.dir}: {self.lock_path.name}: {exc.strerror or exc}") from None
         try:
@@ -331,7 +328,7 @@ class StateStore:
         log.warning("%s: %s, not a regular file; moved aside to %s", path, exc.what, aside.name)
 
     def _set_aside(self, why: str, *, move: bool) -> None:
-        aside = self.path.with_name(f"{STATE_NAME}.bad-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}")
+        aside = files.aside_name(self.path)
         try:
             if move:
                 os.replace(self.path, aside)
