@@ -16,8 +16,8 @@ from pathlib import Path
 from typing import Any
 
 from llamactl.errors import UsageError
-from llamactl.model.settings import (FLASH_ATTN_MODES, KV_CACHE_TYPES, MAX_CTX, MAX_LAYERS, MAX_SEQ, ServerSettings,
-                                     parse_tensor_overrides, parse_tensor_split)
+from llamactl.model import registry
+from llamactl.model.registry import ServerSettings
 from llamactl.placement import PlacementSpec, Strategy
 from llamactl.units import parse_duration, parse_size
 from llamactl.servers.names import name_for, valid_name
@@ -84,15 +84,10 @@ _GLOBAL_KEYS = {"server_bin", "host", "port", "port_start", "max_instances", "id
                 "load_timeout", "header_timeout", "body_timeout", "max_queue", "max_body", "api_keys", "allowed_hosts", "allowed_origins", "instance_api_keys", "adopt", "models_dir",
                 "gpu_util_threshold", "gpu_mem_threshold", "gpu_overhead", "host_memory", "calibration", "defaults",
                 "models"}
-# every llama-server setting `estimate` takes (its flag's long name, without a leading "no_" where the
-# setting is on by default: kv_offload, repack; no_mmap as llama-server's --no-mmap), and placement
-_SETTING_KEYS = {"ctx_size", "n_gpu_layers", "cache_type_k", "cache_type_v", "flash_attn", "parallel", "args",
-                 "kv_unified", "batch_size", "ubatch_size", "embedding", "reranking", "n_cpu_moe", "override_tensor",
-                 "swa_full", "no_mmap", "kv_offload", "repack", "tensor_split",
-                 "strategy", "max_gpus", "gpus", "no_partial", "margin", "calibration",
-                 "model_draft", "n_gpu_layers_draft", "cache_type_k_draft", "cache_type_v_draft", "mmproj",
-                 "no_mmproj_offload"}
-_MODEL_KEYS = _SETTING_KEYS | {"path", "ttl", "aliases", "lora"}
+# every llama-server setting of the registry, the placement keys and extra arguments
+_PLACEMENT_KEYS = {"strategy", "max_gpus", "gpus", "no_partial", "margin", "calibration"}
+_SETTING_KEYS = set(registry.config_keys(model=False)) | _PLACEMENT_KEYS | {"args"}
+_MODEL_KEYS = set(registry.config_keys(model=True)) | _PLACEMENT_KEYS | {"args", "path", "ttl", "aliases"}
 
 
 class _Reader:
@@ -197,78 +192,10 @@ def _size(r: _Reader, table: dict[str, Any], key: str, full: str, limit: int = 2
     return size
 
 
-def _settings(r: _Reader, table: dict[str, Any], where: str, base: ServerSettings) -> tuple[ServerSettings, tuple[str, ...]]:
-    updates: dict[str, Any] = {}
-    if "ctx_size" in table:
-        value = r.get(table, "ctx_size", f"{where}.ctx_size", int)
-        if not 0 <= value <= MAX_CTX:
-            raise r.fail(f"{where}.ctx_size", f"out of range: {value} (0 = the model's trained context, at most {MAX_CTX})")
-        updates["ctx_size"] = value
-    for key, attr in (("n_gpu_layers", "n_gpu_layers"), ("n_gpu_layers_draft", "draft_n_gpu_layers")):
-        if key in table:
-            value = table[key]
-            if value in ("all", "auto", -1):
-                updates[attr] = None
-            elif isinstance(value, int) and not isinstance(value, bool) and value >= 0:
-                updates[attr] = value
-            else:
-                raise r.fail(f"{where}.{key}", f"expected a number >= 0 or 'all', got {value!r}")
-    for key, attr in (("cache_type_k", "cache_type_k"), ("cache_type_v", "cache_type_v"),
-                      ("cache_type_k_draft", "draft_cache_type_k"), ("cache_type_v_draft", "draft_cache_type_v")):
-        if key in table:
-            value = str(r.get(table, key, f"{where}.{key}", str)).lower()
-            if value not in KV_CACHE_TYPES:
-                raise r.fail(f"{where}.{key}", f"unknown cache type {value!r} (allowed: {', '.join(KV_CACHE_TYPES)})")
-            updates[attr] = value
-    for key, attr in (("model_draft", "draft_model"), ("mmproj", "mmproj")):
-        if key in table:
-            file = _expand(r, r.get(table, key, f"{where}.{key}", str), f"{where}.{key}")
-            updates[attr] = str(file if file.is_absolute() else r.path.parent / file)
-    if "no_mmproj_offload" in table:
-        updates["mmproj_offload"] = not r.get(table, "no_mmproj_offload", f"{where}.no_mmproj_offload", bool)
-    if "flash_attn" in table:
-        value = table["flash_attn"]
-        value = {True: "on", False: "off"}.get(value, value) if isinstance(value, bool) else str(value).lower()
-        if value not in FLASH_ATTN_MODES:
-            raise r.fail(f"{where}.flash_attn", f"expected on, off or auto, got {table['flash_attn']!r}")
-        updates["flash_attn"] = value
-    for key, high in (("parallel", MAX_SEQ), ("batch_size", 2**20), ("ubatch_size", 2**20)):
-        if key in table:
-            value = r.get(table, key, f"{where}.{key}", int)
-            if not 1 <= value <= high:
-                raise r.fail(f"{where}.{key}", f"must be in 1..{high}, got {value}")
-            updates[key] = value
-    if "n_cpu_moe" in table:
-        value = table["n_cpu_moe"]
-        if value == "all":
-            updates["n_cpu_moe"] = MAX_LAYERS
-        elif isinstance(value, int) and not isinstance(value, bool) and value >= 0:
-            updates["n_cpu_moe"] = value
-        else:
-            raise r.fail(f"{where}.n_cpu_moe", f"expected a number >= 0 or 'all', got {value!r}")
-    if "override_tensor" in table:
-        items = r.get(table, "override_tensor", f"{where}.override_tensor", list)
-        if not all(isinstance(i, str) for i in items):
-            raise r.fail(f"{where}.override_tensor", "expected a list of \"REGEX=BUFFER\" strings")
-        try:
-            updates["tensor_overrides"] = tuple(o for i in items for o in parse_tensor_overrides(i))
-        except UsageError as exc:
-            raise r.fail(f"{where}.override_tensor", str(exc)) from None
-    for key in ("kv_unified", "embedding", "reranking", "swa_full", "kv_offload", "repack"):
-        if key in table:
-            updates[key] = r.get(table, key, f"{where}.{key}", bool)
-    if "no_mmap" in table:
-        updates["mmap"] = not r.get(table, "no_mmap", f"{where}.no_mmap", bool)
-    if "tensor_split" in table:
-        value = table["tensor_split"]
-        text = ",".join(str(v) for v in value) if isinstance(value, list) else value
-        if not isinstance(text, str) or (isinstance(value, list) and not all(
-                isinstance(v, (int, float)) and not isinstance(v, bool) for v in value)):
-            raise r.fail(f"{where}.tensor_split", f"expected a list of shares like [3, 1], got {value!r}")
-        try:
-            updates["tensor_split"] = parse_tensor_split(text)
-        except UsageError as exc:
-            raise r.fail(f"{where}.tensor_split", str(exc)) from None
+def _settings(r: _Reader, table: dict[str, Any], where: str, base: ServerSettings,
+              model: bool = False) -> tuple[ServerSettings, tuple[str, ...]]:
+    settings = registry.from_config(table, base, r.path.parent, model=model,
+                                    fail=lambda key, message: r.fail(f"{where}.{key}", message))
     args = r.get(table, "args", f"{where}.args", list, None)
     if args is not None and not all(isinstance(a, str) for a in args):
         raise r.fail(f"{where}.args", "expected a list of strings")
@@ -279,7 +206,7 @@ def _settings(r: _Reader, table: dict[str, Any], where: str, base: ServerSetting
             check_extra_args(args, config=True)
         except UsageError as exc:
             raise r.fail(f"{where}.args", str(exc)) from None
-    return replace(base, **updates), tuple(args or ())
+    return settings, tuple(args or ())
 
 
 def _check_keys(r: _Reader, table: dict[str, Any], allowed: set[str], where: str) -> None:
@@ -463,7 +390,7 @@ def load(path: Path | None, *, required: bool = False) -> Config:
             raise r.fail(where, "a model name is an instance name: letters, digits, '.', '_' and '-' (starting with "
                                 "a letter or digit, at most 128); give other spellings as aliases")
         _check_keys(r, table, _MODEL_KEYS, where)
-        settings, args = _settings(r, table, where, base)
+        settings, args = _settings(r, table, where, base, model=True)
         placement = _placement(r, table, where, base_placement)
         if "path" in table:
             model_path = _expand(r, r.get(table, "path", f"{where}.path", str), f"{where}.path")
@@ -473,12 +400,6 @@ def load(path: Path | None, *, required: bool = False) -> Config:
             model_path = models[name].path
         else:
             raise r.fail(where, "missing key path")
-        lora = r.get(table, "lora", f"{where}.lora", list, [])
-        if not all(isinstance(a, str) and a for a in lora):
-            raise r.fail(f"{where}.lora", "expected a list of adapter file paths")
-        if lora:  # relative to the config file, like path
-            settings = replace(settings, lora=tuple(
-                str(p if p.is_absolute() else path.parent / p) for p in (_expand(r, a, f"{where}.lora") for a in lora)))
         aliases = r.get(table, "aliases", f"{where}.aliases", list, [])
         if not all(isinstance(a, str) and a and len(a) <= 256 for a in aliases):
             raise r.fail(f"{where}.aliases", "expected a list of non-empty names")

@@ -10,6 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass, replace
 from functools import lru_cache
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from llamactl.errors import UsageError
 from llamactl.learn.calibrate import Learned
@@ -18,6 +19,9 @@ from llamactl.model.gguf import read_header
 from llamactl.model.memory import REPACK_TYPES_BY_FEATURE, MemoryEstimate, Placement, estimate
 from llamactl.model.params import ModelParams, lora_tensors, model_params
 from llamactl.model.settings import ServerSettings, parse_tensor_split, resolve  # noqa: F401  (re-exported)
+
+if TYPE_CHECKING:
+    from llamactl.resolve import Door
 
 
 @dataclass(frozen=True)
@@ -78,12 +82,13 @@ def load_params(path: str | Path, settings: ServerSettings) -> ModelParams:
 
 
 def estimate_model(path: str | Path, settings: ServerSettings, inv: Inventory, *, gpu_overhead_bytes: int,
-                   repack_types: frozenset[str], learned: "Learned | None" = None) -> EstimateResult:
+                   repack_types: frozenset[str], learned: "Learned | None" = None,
+                   params: ModelParams | None = None) -> EstimateResult:
     n_gpus = len(inv.usable)
     split = split_for(inv, settings.tensor_split) if n_gpus else ()
     placement = Placement(n_gpus=n_gpus, tensor_split=split, gpu_overhead_bytes=gpu_overhead_bytes,
                           cpu_repack_types=repack_types)
-    params = load_params(path, settings)
+    params = params or load_params(path, settings)
     resolved = resolve(settings, params, n_gpus)
     est = estimate(params, resolved, placement)
     if learned is not None:
@@ -91,3 +96,11 @@ def estimate_model(path: str | Path, settings: ServerSettings, inv: Inventory, *
 
         est = calibrated(est, learned, [g.name for g in inv.usable])
     return EstimateResult(Path(path), params, est, split)
+
+
+def estimate_door(door: "Door", inv: Inventory) -> EstimateResult:
+    """A resolved model's memory on every usable device of `inv`, with its policy's overhead, repacking and
+    calibration: the figures `plan` uses on the same devices."""
+    policy = door.policy
+    return estimate_model(door.spec.path, door.spec.settings, inv, gpu_overhead_bytes=policy.gpu_overhead_bytes,
+                          repack_types=policy.cpu_repack_types, learned=policy.learned, params=door.params)

@@ -9,9 +9,10 @@ Precedence, field by field: the command line > `[models.NAME]` > `[defaults]`
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from llamactl.config import Config, ModelConfig
 from llamactl.errors import UsageError
@@ -22,6 +23,10 @@ from llamactl.model.params import ModelParams
 from llamactl.model.settings import ServerSettings
 from llamactl.placement import PlacementSpec, Policy
 from llamactl.servers.names import check_name, name_for
+
+if TYPE_CHECKING:
+    from llamactl.servers.launcher import LaunchRequest
+    from llamactl.servers.probe import Server
 
 
 @dataclass(frozen=True)
@@ -83,6 +88,44 @@ def resolve(cfg: Config, model: str | Path, given: Overrides = Overrides()) -> M
         port_start=given.port_start if given.port_start is not None else cfg.port_start,
         ttl_s=ttl_s, aliases=aliases, configured=configured is not None,
     )
+
+
+@dataclass(frozen=True)
+class Door:
+    """Everything a door (`estimate`, `plan`, `launch`, the proxy) needs for one model, decided once: the spec,
+    the GGUF header read once, the placement policy (host memory, margin, strategy, calibration for this
+    llama-server build) and the server it runs. Every door plans, estimates and builds argv from this."""
+
+    spec: ModelSpec
+    params: ModelParams
+    policy: Policy
+    server: "Server | None"  # None: not looked up (an estimate that learned nothing needs no build)
+
+    def request(self, **kw: Any) -> "LaunchRequest":
+        """The launch of this model (`plan` and `launch --dry-run` print its command, the proxy runs it)."""
+        from llamactl.servers.launcher import request_for
+
+        return request_for(self.spec, self.policy, params=self.params, **kw)
+
+
+def open_door(cfg: Config, model: str | Path, given: Overrides, inv: Inventory, state_dir: Path | None,
+              server: "Server | Callable[[], Server]", cpu_repack_types: frozenset[str] | None = None, *,
+              need_server: bool = True) -> Door:
+    """Resolve `model`, read its header once and complete its policy on `inv` for the server's build. A
+    `server` given as a function is looked up after the model (a bad name is the error to report first), and
+    without `need_server` only when the build matters (calibration to read)."""
+    from llamactl.estimate import load_params
+    from llamactl.learn.store import FILE_NAME
+
+    spec = resolve(cfg, model, given)
+    params = load_params(spec.path, spec.settings)
+    calibrated = state_dir is not None and spec.placement.calibration and (state_dir / FILE_NAME).exists()
+    if callable(server) and (need_server or calibrated):
+        server = server()
+    found = None if callable(server) else server
+    policy = policy_for(spec, inv, cpu_repack_types, state_dir=state_dir, params=params,
+                        build=found.build if found is not None else None)
+    return Door(spec, params, policy, found)
 
 
 def policy_for(spec: ModelSpec, inv: Inventory, cpu_repack_types: frozenset[str] | None = None, *,

@@ -10,8 +10,10 @@ from llamactl import render
 from llamactl.cli.common import load_config, state_store, wants_json
 from llamactl.cli.complete import model_names
 from llamactl.cli.options import INVENTORY, SERVER, InventoryOptions, SettingsFlags, with_options
-from llamactl.estimate import EstimateResult, estimate_model, host_repack_types
-from llamactl.resolve import Overrides, learned_for_spec, resolve
+from llamactl.estimate import EstimateResult, estimate_door
+from llamactl.resolve import Overrides, open_door
+from llamactl.servers.probe import locate
+from llamactl.model import registry
 from llamactl.model.memory import MemoryEstimate
 from llamactl.model.params import ModelParams
 from llamactl.model.settings import Resolved
@@ -39,23 +41,7 @@ def result_json(result: EstimateResult) -> dict[str, object]:
             "context_length": model.n_ctx_train,
             "tied_output": model.tied_output,
         },
-        "settings": {
-            "ctx_size": res.n_ctx,
-            "ctx_size_per_slot": res.n_ctx_seq,
-            "parallel": res.n_seq_max,
-            "kv_unified": res.kv_unified,
-            "n_gpu_layers": res.n_gpu_layers,
-            "tensor_split": _shares(result.tensor_split),
-            "flash_attn": "on" if res.flash_attn else "off",
-            "cache_type_k": res.cache_type_k,
-            "cache_type_v": res.cache_type_v,
-            "batch_size": res.n_batch,
-            "ubatch_size": res.n_ubatch,
-            "swa_full": res.swa_full,
-            "kv_offload": res.kv_offload,
-            "mmap": res.mmap,
-            "repack": res.repack,
-        },
+        "settings": {**registry.resolved_json(res), "tensor_split": _shares(result.tensor_split)},
         "devices": [
             {
                 "device": d.device,
@@ -187,12 +173,10 @@ def command(
     """
     cfg = load_config(ctx)
     given = Overrides(settings=settings.given, placement=inv.given)
-    specs = [resolve(cfg, model, given) for model in models]
     state_dir = state_store(ctx).dir
-    results = [estimate_model(spec.path, spec.settings, inv.inventory, gpu_overhead_bytes=spec.placement.gpu_overhead_bytes,
-                              repack_types=host_repack_types(),
-                              learned=learned_for_spec(spec, inv.inventory, state_dir) if spec.placement.calibration else None)
-               for spec in specs]
+    doors = [open_door(cfg, model, given, inv.inventory, state_dir, lambda: locate(None, cfg.server_bin, required=False),
+                       need_server=False) for model in models]
+    results = [estimate_door(door, inv.inventory) for door in doors]
     if wants_json(ctx, json_output):
         payload = [result_json(r) for r in results]
         render.emit_json(payload[0] if len(payload) == 1 else payload)

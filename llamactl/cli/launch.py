@@ -15,10 +15,10 @@ from llamactl.cli.options import INVENTORY, POLICY, SERVER, InventoryOptions, Se
 from llamactl.config import DEFAULT_PORT_START
 from llamactl.gpu import inventory
 from llamactl.servers import runner
-from llamactl.resolve import Overrides, policy_for, resolve
+from llamactl.resolve import Overrides, open_door
 from llamactl.servers.command import check_extra_args
 from llamactl.servers.launcher import pick_port, command_for, launch, plan_for, request_for, split_secrets
-from llamactl.servers.probe import find_server, probe
+from llamactl.servers.probe import locate
 from llamactl.units import format_bytes, parse_duration
 
 
@@ -63,27 +63,23 @@ def command(
     cfg = load_config(ctx)
     extra_args, api_key = split_secrets(extra or [])
     check_extra_args(extra_args)  # before the probe: a refused flag costs nothing
-    spec = resolve(cfg, model, Overrides(settings=settings.given, placement={**inv.given, **placement},
-                                         port_start=port_start, extra_args=extra_args, name=name))
-    instance_name = spec.name
     store = state_store(ctx)
-    if dry_run:  # what it would run, binary or not (as `plan`): a missing one is a note, not a failure
-        from llamactl.cli.plan import server_caps
-
-        binary, caps, binary_note = server_caps(server_bin, cfg.server_bin)
-        if binary_note:
-            render.note(f"note: {binary_note}")
-    else:
-        binary = find_server(server_bin, cfg.server_bin)
-        caps = probe(binary)
-    req = request_for(spec, policy_for(spec, inv.inventory, state_dir=store.dir, build=caps.version), port=port,
-                      timeout_s=parse_duration(timeout, what="--timeout"), wait=not no_wait,
-                      replace_existing=replace_existing, api_key=api_key)
+    door = open_door(cfg, model, Overrides(settings=settings.given, placement={**inv.given, **placement},
+                                           port_start=port_start, extra_args=extra_args, name=name),
+                     inv.inventory, store.dir, lambda: locate(server_bin, cfg.server_bin, required=not dry_run))
+    spec, server = door.spec, door.server
+    assert server is not None
+    if server.note:  # a dry run prints what it would run, binary or not
+        render.note(f"note: {server.note}")
+    instance_name = spec.name
+    req = door.request(port=port, timeout_s=parse_duration(timeout, what="--timeout"), wait=not no_wait,
+                       replace_existing=replace_existing, api_key=api_key)
     if dry_run:
         current = store.snapshot()
         the_plan = plan_for(req, inv.inventory, current)
         # the port a launch would take now (the first free one), not merely where the search starts
-        cmd = command_for(req, the_plan, binary, caps, inv.inventory, port or pick_port(current, spec.port_start, req.host))
+        cmd = command_for(req, the_plan, server.binary, server.caps, inv.inventory,
+                          port or pick_port(current, spec.port_start, req.host))
         if wants_json(ctx, json_output):
             render.emit_json({"name": instance_name, "argv": list(cmd.argv), "env": cmd.env, "evict": list(the_plan.evict)})
         else:
@@ -93,7 +89,7 @@ def command(
         return
     fresh = (lambda: inventory.resolve(None, None)) if inv.inventory.source == "nvml" else (lambda: inv.inventory)
     try:
-        done = launch(store, req, str(binary), caps, fresh, progress=_progress(instance_name),
+        done = launch(store, req, server.binary, server.caps, fresh, progress=_progress(instance_name),
                       grace_s=parse_duration(grace, what="--grace"))
     except runner.LaunchError as exc:
         if runner.is_terminal():

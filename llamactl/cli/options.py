@@ -17,11 +17,10 @@ from typing import Any, Optional
 import typer
 
 from llamactl.errors import UsageError
-from llamactl.model.settings import parse_tensor_split
 from llamactl.gpu import inventory
 from llamactl.placement import DEFAULT_MARGIN_BYTES, DEFAULT_MEM_THRESHOLD, DEFAULT_UTIL_THRESHOLD, Strategy
 from llamactl.model.memory import DEFAULT_GPU_OVERHEAD_BYTES
-from llamactl.model.settings import LLAMACTL_DEFAULT_CTX, MAX_LAYERS, ServerSettings, parse_tensor_overrides
+from llamactl.model import registry
 from llamactl.units import parse_size
 
 
@@ -36,88 +35,60 @@ def _opt(name: str, annotation: Any, default: Any) -> inspect.Parameter:
     return inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=default, annotation=annotation)
 
 
-def parse_ngl(text: Optional[str], flag: str = "-ngl/--n-gpu-layers") -> Optional[int]:
-    if text is None or text.lower() in ("all", "auto", "-1", "-2"):
-        return None
-    try:
-        value = int(text)
-    except ValueError:
-        raise UsageError(f"{flag} must be a number, 'all' or 'auto', got {text!r}") from None
-    if value < 0:
-        raise UsageError(f"{flag} must be >= 0, got {value}")
-    return value
-
-
 @dataclass(frozen=True)
 class SettingsFlags:
-    """llama-server flags: all of them (defaults filled in), and the ServerSettings fields given."""
+    """The llama-server settings given on the command line: ServerSettings field → value."""
 
-    settings: ServerSettings
     given: dict[str, Any]
 
 
-# option name → the ServerSettings field it sets
-_SETTING_FIELD = {"no_kv_offload": "kv_offload", "no_mmap": "mmap", "no_repack": "repack", "cpu_moe": "n_cpu_moe",
-                  "override_tensor": "tensor_overrides", "model_draft": "draft_model",
-                  "n_gpu_layers_draft": "draft_n_gpu_layers", "cache_type_k_draft": "draft_cache_type_k",
-                  "cache_type_v_draft": "draft_cache_type_v", "no_mmproj_offload": "mmproj_offload"}
+def _complete(options: tuple[str, ...]) -> Callable[[str], list[str]]:
+    return lambda incomplete: [o for o in options if o.startswith(incomplete)]
 
 
-def _server_settings(ctx_size, n_gpu_layers, tensor_split, cache_type_k, cache_type_v, flash_attn, parallel,
-                     kv_unified, batch_size, ubatch_size, swa_full, no_kv_offload, no_mmap, no_repack,
-                     embedding, reranking, n_cpu_moe, cpu_moe, lora, override_tensor, model_draft=None,
-                     n_gpu_layers_draft=None, cache_type_k_draft="f16", cache_type_v_draft="f16", mmproj=None,
-                     no_mmproj_offload=False, given: frozenset[str] = frozenset()) -> SettingsFlags:
-    if n_cpu_moe is not None and n_cpu_moe < 0:
-        raise UsageError(f"--n-cpu-moe must be >= 0, got {n_cpu_moe}")
-    if cpu_moe:
-        n_cpu_moe = MAX_LAYERS  # every layer's experts (resolve() clamps to the model's layers)
-    settings = ServerSettings(
-        n_cpu_moe=n_cpu_moe, lora=tuple(lora or ()),
-        tensor_overrides=tuple(o for value in override_tensor or () for o in parse_tensor_overrides(value)),
-        ctx_size=ctx_size, n_gpu_layers=parse_ngl(n_gpu_layers), tensor_split=parse_tensor_split(tensor_split),
-        cache_type_k=cache_type_k.lower(), cache_type_v=cache_type_v.lower(), flash_attn=flash_attn.lower(),
-        parallel=parallel, kv_unified=kv_unified, batch_size=batch_size, ubatch_size=ubatch_size,
-        swa_full=swa_full, kv_offload=not no_kv_offload, mmap=not no_mmap, repack=not no_repack,
-        embedding=embedding, reranking=reranking, draft_model=model_draft,
-        draft_n_gpu_layers=parse_ngl(n_gpu_layers_draft, "-ngld/--n-gpu-layers-draft"),
-        draft_cache_type_k=cache_type_k_draft.lower(), draft_cache_type_v=cache_type_v_draft.lower(),
-        mmproj=mmproj, mmproj_offload=not no_mmproj_offload,
-    )
-    if "cpu_moe" in given and not cpu_moe:
-        given = given - {"cpu_moe"}
-    fields_given = {_SETTING_FIELD.get(name, name) for name in given}
-    return SettingsFlags(settings, {f: getattr(settings, f) for f in fields_given})
+def _setting_params(s: registry.Setting) -> list[inspect.Parameter]:
+    """One registry entry as Typer options: llama-server's flag names, a value name, the default in the help."""
+    kind = s.kind
+    if isinstance(kind, registry.Flag) and s.tristate:
+        on, off = s.flags[0::2], s.flags[1::2]
+        decls = [f"{a}/{b}" for a, b in zip(on, off)]
+        return [_opt(s.field, Optional[bool], typer.Option(None, *decls, help=s.help))]
+    if isinstance(kind, registry.Flag):
+        params = [_opt(s.field, bool, typer.Option(False, *s.flags, help=s.help))]
+    else:
+        default = s.described_default()
+        help_text = s.help + (f"  [default: {default}]" if default and "default:" not in s.help else "")
+        many = isinstance(kind, (registry.Files, registry.Overrides))
+        extra = {"autocompletion": _complete(kind.choices())} if kind.choices() else {}
+        params = [_opt(s.field, Optional[list[str]] if many else Optional[str],
+                       typer.Option(None, *s.flags, metavar=kind.metavar, help=help_text, **extra))]
+    if s.shortcut is not None:
+        flags, _, help_text = s.shortcut
+        params.append(_opt(f"{s.field}_shortcut", bool, typer.Option(False, *flags, help=help_text)))
+    return params
 
 
-SERVER = OptionGroup("settings", (
-    _opt("ctx_size", int, typer.Option(LLAMACTL_DEFAULT_CTX, "-c", "--ctx-size", help="Context size; 0 = the model's trained context.")),
-    _opt("n_gpu_layers", Optional[str], typer.Option(None, "-ngl", "--n-gpu-layers", "--gpu-layers", help="Layers on GPU: N or all (default: all)."),),
-    _opt("tensor_split", Optional[str], typer.Option(None, "-ts", "--tensor-split", help="Split across GPUs, e.g. 3,1.")),
-    _opt("cache_type_k", str, typer.Option("f16", "-ctk", "--cache-type-k", help="KV cache type for K.")),
-    _opt("cache_type_v", str, typer.Option("f16", "-ctv", "--cache-type-v", help="KV cache type for V.")),
-    _opt("flash_attn", str, typer.Option("auto", "-fa", "--flash-attn", help="on, off or auto (resolved as the server would).")),
-    _opt("parallel", Optional[int], typer.Option(None, "-np", "--parallel", help="Slots; unset = 4 sharing one unified cache.")),
-    _opt("kv_unified", Optional[bool], typer.Option(None, "-kvu/-no-kvu", "--kv-unified/--no-kv-unified", help="One KV cache shared by all slots.")),
-    _opt("batch_size", int, typer.Option(2048, "-b", "--batch-size", help="Logical batch size.")),
-    _opt("ubatch_size", int, typer.Option(512, "-ub", "--ubatch-size", help="Physical batch size.")),
-    _opt("swa_full", bool, typer.Option(False, "--swa-full", help="Full-size cache for sliding-window layers.")),
-    _opt("no_kv_offload", bool, typer.Option(False, "-nkvo", "--no-kv-offload", help="Keep the KV cache on the host.")),
-    _opt("no_mmap", bool, typer.Option(False, "--no-mmap", help="Load weights into RAM (llama-server --load-mode none).")),
-    _opt("no_repack", bool, typer.Option(False, "-nr", "--no-repack", help="No CPU_REPACK copies of quantized weights.")),
-    _opt("embedding", bool, typer.Option(False, "--embedding", "--embeddings", help="An embeddings server (llama-server --embedding).")),
-    _opt("reranking", bool, typer.Option(False, "--reranking", "--rerank", help="A reranker (llama-server --reranking: /v1/rerank).")),
-    _opt("n_cpu_moe", Optional[int], typer.Option(None, "-ncmoe", "--n-cpu-moe", help="MoE: keep the experts of the first N layers on the CPU (plan picks N when unset).")),
-    _opt("cpu_moe", bool, typer.Option(False, "-cmoe", "--cpu-moe", help="MoE: keep every layer's experts on the CPU.")),
-    _opt("override_tensor", Optional[list[str]], typer.Option(None, "-ot", "--override-tensor", metavar="REGEX=BUFFER,...", help="Tensors matching REGEX on BUFFER: CPU or CUDA<i> (repeatable).")),
-    _opt("lora", Optional[list[str]], typer.Option(None, "--lora", metavar="FILE", help="LoRA adapter loaded with the model (repeatable).")),
-    _opt("model_draft", Optional[str], typer.Option(None, "-md", "--model-draft", metavar="FILE", help="Draft model for speculative decoding (same vocabulary).")),
-    _opt("n_gpu_layers_draft", Optional[str], typer.Option(None, "-ngld", "--n-gpu-layers-draft", help="Draft layers on GPU: N or all (default: all when the model is wholly on GPUs, else 0).")),
-    _opt("cache_type_k_draft", str, typer.Option("f16", "-ctkd", "--cache-type-k-draft", help="Draft KV cache type for K.")),
-    _opt("cache_type_v_draft", str, typer.Option("f16", "-ctvd", "--cache-type-v-draft", help="Draft KV cache type for V.")),
-    _opt("mmproj", Optional[str], typer.Option(None, "-mm", "--mmproj", metavar="FILE", help="Vision projector (multimodal models).")),
-    _opt("no_mmproj_offload", bool, typer.Option(False, "--no-mmproj-offload", help="Keep the vision projector on the host.")),
-), _server_settings)
+def _given_setting(s: registry.Setting, raw: Any) -> Any:
+    """The field's value for what the command line gave (a flag's presence, a value's text)."""
+    if isinstance(s.kind, registry.Flag):
+        return raw if s.tristate else not s.invert
+    if isinstance(raw, list):
+        return tuple(v for text in raw for v in s.from_text(text))
+    return s.from_text(raw)
+
+
+def _server_settings(given: frozenset[str] = frozenset(), **values: Any) -> SettingsFlags:
+    out: dict[str, Any] = {}
+    for s in registry.SETTINGS:
+        raw = values[s.field]
+        if raw not in (None, False, []):
+            out[s.field] = _given_setting(s, raw)
+        elif s.shortcut is not None and values[f"{s.field}_shortcut"]:
+            out[s.field] = s.shortcut[1]
+    return SettingsFlags(out)
+
+
+SERVER = OptionGroup("settings", tuple(p for s in registry.SETTINGS for p in _setting_params(s)), _server_settings)
 
 
 @dataclass(frozen=True)

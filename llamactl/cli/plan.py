@@ -15,28 +15,15 @@ from llamactl.cli.common import load_config, state_store, wants_json
 from llamactl.cli.estimate import print_devices, print_summary
 from llamactl.cli.complete import model_names
 from llamactl.cli.options import INVENTORY, POLICY, SERVER, InventoryOptions, SettingsFlags, with_options
-from llamactl.errors import ExitCode, LlamactlError
-from llamactl.estimate import load_params
+from llamactl.errors import ExitCode
 from llamactl.model.params import ModelParams
-from llamactl.placement import Fit, Plan, plan
-from llamactl.servers.command import ASSUMED_FLAGS, ServerCommand, build_command, check_extra_args
-from llamactl.servers.launcher import cuda_devices, running_for_placement
-from llamactl.resolve import Overrides, policy_for, resolve
-from llamactl.servers.probe import ServerCaps, find_server, probe
+from llamactl.placement import Fit, Plan
+from llamactl.servers.command import ServerCommand, check_extra_args
+from llamactl.servers.launcher import command_for, plan_for
+from llamactl.resolve import Overrides, open_door
+from llamactl.servers.probe import locate
 
 _EXIT = {Fit.GPU: ExitCode.OK, Fit.PARTIAL: ExitCode.PARTIAL_FIT, Fit.CPU: ExitCode.PARTIAL_FIT, Fit.NONE: ExitCode.NO_FIT}
-
-
-def server_caps(server_bin: str | None, configured: str | None = None) -> tuple[str, ServerCaps, str | None]:
-    """The binary to put in argv and what it supports; without one, a current build is assumed."""
-    try:
-        binary = find_server(server_bin, configured)
-        return str(binary), probe(binary), None
-    except LlamactlError as exc:
-        if server_bin:
-            raise
-        caps = ServerCaps("llama-server", "assumed", None, ASSUMED_FLAGS)
-        return "llama-server", caps, f"{exc}; the command assumes a current llama-server"
 
 
 def decision(result: Plan, model: str) -> str:
@@ -108,26 +95,23 @@ def command(
     """
     cfg = load_config(ctx)
     check_extra_args(list(extra or []))
-    spec = resolve(cfg, model, Overrides(settings=settings.given, placement={**inv.given, **placement},
-                                         extra_args=tuple(extra or ())))
-    params = load_params(spec.path, spec.settings)
-    policy = policy_for(spec, inv.inventory, state_dir=state_store(ctx).dir, params=params)
+    store = state_store(ctx)
+    door = open_door(cfg, model, Overrides(settings=settings.given, placement={**inv.given, **placement},
+                                           extra_args=tuple(extra or ())),
+                     inv.inventory, store.dir, lambda: locate(server_bin, cfg.server_bin, required=False))
+    assert door.server is not None
+    spec, req = door.spec, door.request()
     # llamactl's own instances on this box (NVML, or a simulated inventory standing for it) are accounted
     # exactly and proposed for eviction; a --gpus-file describes another box as it was measured
-    running = running_for_placement(state_store(ctx).snapshot(), inv=inv.inventory)
-    result = plan(params, spec.settings, inv.inventory.usable, policy, running)
+    result = plan_for(req, inv.inventory, store.snapshot())
     cmd = None
-    note = inv.inventory.note
-    if result.resolved is not None:
-        binary, caps, binary_note = server_caps(server_bin, cfg.server_bin)
-        note = "; ".join(n for n in (note, binary_note) if n) or None
-        cmd = build_command(binary, spec.path, result.resolved, caps, port=port or spec.port_start,
-                            tensor_split=result.tensor_split, cuda_devices=cuda_devices(result.gpu_ids, inv.inventory),
-                            extra=spec.args)
+    note = "; ".join(n for n in (inv.inventory.note, door.server.note) if n) or None
+    if result.resolved is not None:  # the command `launch` runs: byte for byte but the port it finds free
+        cmd = command_for(req, result, door.server.binary, door.server.caps, inv.inventory, port or spec.port_start)
     if wants_json(ctx, json_output):
         render.emit_json(plan_json(result, cmd))
     else:
-        _print_human(result, cmd, str(spec.path), params, note)
+        _print_human(result, cmd, str(spec.path), door.params, note)
     raise typer.Exit(int(_EXIT[result.fit]))
 
 

@@ -1,63 +1,24 @@
-"""llama-server settings that change memory, and how the server resolves their defaults.
+"""How llama-server resolves its settings' defaults.
 
-`ServerSettings` holds what the user asked for, in llama-server's own terms
-(None = the server's default). `resolve()` turns it into `Resolved`: the exact
+`ServerSettings` (declared by the registry, model/registry.py) holds what the user asked for, in
+llama-server's own terms (None = the server's default). `resolve()` turns it into `Resolved`: the exact
 values llama-server will run with (padded context, slots, unified cache, flash
 attention on or off), which is what both the estimate and the argv use.
 """
 
 from __future__ import annotations
 
-import math
-import re
 from dataclasses import dataclass
 
 from llamactl.model import quants
 
 from llamactl.errors import UsageError
 from llamactl.model.params import ModelParams
+from llamactl.model.registry import (FLASH_ATTN_MODES, KV_CACHE_TYPES, LLAMACTL_DEFAULT_CTX, MAX_CTX,  # noqa: F401
+                                     MAX_LAYERS, MAX_SEQ, ServerSettings, parse_tensor_overrides, parse_tensor_split)
 
-LLAMACTL_DEFAULT_CTX = 4096  # llamactl's own default; llama-server's -c 0 means the trained context
 SERVER_AUTO_SLOTS = 4  # llama-server with -np unset: 4 slots sharing one unified KV cache
 CTX_PAD = 256
-MAX_SEQ = 256  # LLAMA_MAX_SEQ: llama.cpp refuses more slots
-MAX_CTX = 2**31 - 1  # llama-server parses -c as a 32-bit int
-MAX_LAYERS = 100_000  # more than any model has: "all layers" for --cpu-moe
-KV_CACHE_TYPES = ("f32", "f16", "bf16", "q8_0", "q4_0", "q4_1", "iq4_nl", "q5_0", "q5_1")
-FLASH_ATTN_MODES = ("on", "off", "auto")
-
-
-@dataclass(frozen=True)
-class ServerSettings:
-    """Memory-relevant llama-server flags as given (None: llama-server's default)."""
-
-    ctx_size: int = LLAMACTL_DEFAULT_CTX  # -c; 0 = the model's trained context
-    n_gpu_layers: int | None = None  # -ngl; None = every layer (llamactl passes it explicitly)
-    tensor_split: tuple[float, ...] | None = None  # -ts
-    cache_type_k: str = "f16"
-    cache_type_v: str = "f16"
-    flash_attn: str = "auto"
-    parallel: int | None = None  # -np; None = 4 slots, unified cache
-    kv_unified: bool | None = None  # -kvu / -no-kvu
-    batch_size: int = 2048
-    ubatch_size: int = 512
-    swa_full: bool = False
-    kv_offload: bool = True  # -nkvo turns it off
-    mmap: bool = True  # --no-mmap = llama-server's `--load-mode none`
-    repack: bool = True  # --no-repack turns CPU_REPACK off
-    embedding: bool = False  # --embedding: an embeddings server
-    reranking: bool = False  # --reranking: a reranker (an embeddings server with rank pooling)
-    n_cpu_moe: int | None = None  # --n-cpu-moe: experts of the first N layers stay on the CPU; None = unset
-    lora: tuple[str, ...] = ()  # --lora adapter files, loaded with the model
-    # -ot PATTERN=BUFFER: (regex, buffer type) in llama.cpp's names: "CPU" or "CUDA<i>" (i-th visible GPU)
-    tensor_overrides: tuple[tuple[str, str], ...] = ()
-    # a draft model for speculative decoding (-md), with its own layers on GPUs (-ngld) and cache types
-    draft_model: str | None = None
-    draft_n_gpu_layers: int | None = None  # None: every layer when the main model is wholly on GPUs, else none
-    draft_cache_type_k: str = "f16"  # -ctkd
-    draft_cache_type_v: str = "f16"  # -ctvd
-    mmproj: str | None = None  # --mmproj: a vision projector
-    mmproj_offload: bool = True  # --no-mmproj-offload keeps it on the host
 
 
 @dataclass(frozen=True)
@@ -91,23 +52,6 @@ class Resolved:
     draft_cache_type_v: str = "f16"
     mmproj: str | None = None
     mmproj_offload: bool = True
-
-
-def parse_tensor_overrides(value: str) -> list[tuple[str, str]]:
-    """llama-server's `-ot PATTERN=BUFFER[,PATTERN=BUFFER...]`, patterns checked as regular expressions."""
-    out = []
-    for item in value.split(","):
-        pattern, sep, target = item.partition("=")
-        if not sep or not pattern or not target:
-            raise UsageError(f"-ot/--override-tensor {item!r}: expected REGEX=BUFFER, e.g. 'ffn_.*_exps=CPU'")
-        if target != "CPU" and not (target.startswith("CUDA") and target[4:].isdigit()):
-            raise UsageError(f"-ot/--override-tensor {item!r}: buffer {target!r} is not modelled (use CPU or CUDA<i>)")
-        try:
-            re.compile(pattern)
-        except re.error as exc:
-            raise UsageError(f"-ot/--override-tensor {item!r}: bad regular expression ({exc})") from None
-        out.append((pattern, target))
-    return out
 
 
 def pad(value: int, to: int) -> int:
@@ -207,18 +151,3 @@ def resolve(settings: ServerSettings, model: ModelParams, n_gpus: int) -> Resolv
         draft_cache_type_k=settings.draft_cache_type_k, draft_cache_type_v=settings.draft_cache_type_v,
         mmproj=settings.mmproj, mmproj_offload=settings.mmproj_offload,
     )
-
-
-def parse_tensor_split(text: str | None) -> tuple[float, ...] | None:
-    """`-ts 3,1` (llama.cpp also takes `/`); a colon is refused: llama-server parses `50:50` as one value."""
-    if text is None:
-        return None
-    if ":" in text:
-        raise UsageError(f"-ts/--tensor-split {text!r}: separate shares with commas (3,1); llama-server reads '50:50' as one number")
-    try:
-        shares = tuple(float(part) for part in text.replace("/", ",").split(",") if part.strip())
-    except ValueError:
-        raise UsageError(f"-ts/--tensor-split {text!r}: expected numbers separated by commas") from None
-    if not shares or len(shares) > 1024 or any(not math.isfinite(s) or s < 0 or s > 1e12 for s in shares) or sum(shares) <= 0:
-        raise UsageError(f"-ts/--tensor-split {text!r}: shares must be >= 0 and not all zero")
-    return shares

@@ -27,9 +27,9 @@ from llamactl.errors import (GGUFError, ProxyError, LaunchError, LlamactlError, 
 from llamactl import views
 from llamactl.gpu.inventory import Inventory
 from llamactl.placement import Plan
-from llamactl.resolve import Overrides, policy_for, resolve
+from llamactl.resolve import Door, Overrides, open_door
+from llamactl.servers.probe import Server, ServerCaps
 from llamactl.servers import launcher, procs, runner
-from llamactl.servers.probe import ServerCaps
 from llamactl.servers.state import Instance, StateStore, Status
 from llamactl import lifecycle, scheduler
 
@@ -89,6 +89,7 @@ class Effects(Protocol):
 
     def instances(self) -> dict[str, Instance]: ...  # the state, reconciled
     def inventory(self) -> Inventory: ...
+    def door(self, config: Config, model: str, given: Overrides, inv: Inventory) -> Door: ...  # resolved, header read
     def plan(self, req: launcher.LaunchRequest, inv: Inventory, instances: dict[str, Instance]) -> Plan: ...
     def launch(self, req: launcher.LaunchRequest) -> Instance: ...  # spawn, wait until ready, record
     def stop(self, name: str) -> None: ...  # TERM → KILL, reap, drop from the state
@@ -101,14 +102,19 @@ class ProcessEffects:
     """The real effects: llama-server processes, the state file, the inventory."""
 
     def __init__(self, store: StateStore, binary: str, caps: ServerCaps, inventory_fn: Callable[[], Inventory],
-                 grace_s: float = runner.DEFAULT_GRACE_S) -> None:
+                 grace_s: float = runner.DEFAULT_GRACE_S, repack_types: frozenset[str] = frozenset()) -> None:
         self.store, self.binary, self.caps, self.inventory_fn, self.grace_s = store, binary, caps, inventory_fn, grace_s
+        self.server = Server(binary, caps)  # its build is a key of learned GPU overheads
+        self.repack_types = repack_types
 
     def instances(self) -> dict[str, Instance]:
         return self.store.instances()
 
     def inventory(self) -> Inventory:
         return self.inventory_fn()
+
+    def door(self, config: Config, model: str, given: Overrides, inv: Inventory) -> Door:
+        return open_door(config, model, given, inv, self.store.dir, self.server, self.repack_types)
 
     def plan(self, req: launcher.LaunchRequest, inv: Inventory, instances: dict[str, Instance]) -> Plan:
         return launcher.plan_for(req, inv, instances)
@@ -157,10 +163,8 @@ class Pool:
                  effects: Effects | None = None) -> None:
         self.config = config
         self.store = store
-        self.repack_types = repack_types
-        self.build = getattr(caps, "version", None)  # the llama-server build, a key of learned GPU overheads
         self.gpu_overhead_bytes = gpu_overhead_bytes
-        self.effects: Effects = effects or ProcessEffects(store, binary, caps, inventory_fn, grace_s)
+        self.effects: Effects = effects or ProcessEffects(store, binary, caps, inventory_fn, grace_s, repack_types)
         self.slots: dict[str, Slot] = {name: Slot(model) for name, model in config.models.items()}
         self.stats = PoolStats()
         self.events = views.EventLog()  # launch, ready, stop and why, out of memory, crash: for top and the page
@@ -324,14 +328,12 @@ class Pool:
         """The launch of this slot's model, resolved as every door resolves it (resolve.py)."""
         overrides = Overrides(placement={"gpu_overhead_bytes": self.gpu_overhead_bytes}
                               if self.gpu_overhead_bytes is not None else {})
-        spec = resolve(self.config, slot.model.name, overrides)
+        door = self.effects.door(self.config, slot.model.name, overrides, inv)
         if self.config.instance_api_keys:
             slot.api_key = secrets.token_urlsafe(24)
-        return launcher.request_for(spec, policy_for(spec, inv, self.repack_types, state_dir=self.store.dir,
-                                                          build=self.build),
-                                    api_key=slot.api_key if self.config.instance_api_keys else None,
-                                    timeout_s=self.config.load_timeout_s, started_by="proxy",
-                                    replace_existing=self.config.adopt, protected=protected)
+        return door.request(api_key=slot.api_key if self.config.instance_api_keys else None,
+                            timeout_s=self.config.load_timeout_s, started_by="proxy",
+                            replace_existing=self.config.adopt, protected=protected)
 
     async def _adopt_running(self, slot: Slot, instances: dict[str, Instance] | None = None) -> bool:
         """Route to a live instance of this model's name (started by hand, or by an earlier proxy).

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from llamactl.errors import UsageError
+from llamactl.model import registry
 from llamactl.model.settings import Resolved
 from llamactl.servers.probe import ServerCaps
 
@@ -53,61 +54,11 @@ def build_command(
     alias: str | None = None,
 ) -> ServerCommand:
     caps.require(*REQUIRED_FLAGS)
-    argv = [
-        str(binary), "--model", str(model), "--host", host, "--port", str(port),
-        "--ctx-size", str(resolved.ctx_size),
-        "--n-gpu-layers", str(resolved.n_gpu_layers),
-        "--flash-attn", "on" if resolved.flash_attn else "off",
-        "--parallel", str(resolved.n_seq_max),
-        "--cache-type-k", resolved.cache_type_k,
-        "--cache-type-v", resolved.cache_type_v,
-        "--batch-size", str(resolved.n_batch),
-        "--ubatch-size", str(resolved.n_ubatch),
-    ]
-    if resolved.kv_unified or resolved.n_seq_max > 1:
-        caps.require("--kv-unified", "--no-kv-unified")
-        argv.append("--kv-unified" if resolved.kv_unified else "--no-kv-unified")
+    argv = [str(binary), "--model", str(model), "--host", host, "--port", str(port), *registry.argv(resolved, caps)]
     if caps.supports("--fit"):
         argv += ["--fit", "off"]  # its dry run would otherwise rewrite the flags we left unset
     if caps.supports("--metrics"):
         argv.append("--metrics")
-    if resolved.swa_full:
-        argv.append("--swa-full")
-    if resolved.reranking:  # the server's /v1/rerank: embeddings with rank pooling
-        caps.require("--reranking")
-        argv.append("--reranking")
-    elif resolved.embedding:
-        argv.append("--embedding")
-    if not resolved.kv_offload:
-        argv.append("--no-kv-offload")
-    if not resolved.mmap:
-        caps.require("--load-mode")
-        argv += ["--load-mode", "none"]
-    if not resolved.repack:
-        caps.require("--no-repack")
-        argv.append("--no-repack")
-    for adapter in resolved.lora:
-        caps.require("--lora")
-        argv += ["--lora", str(adapter)]
-    if resolved.tensor_overrides:  # before --n-cpu-moe: llama.cpp takes the first matching override
-        caps.require("--override-tensor")
-        argv += ["--override-tensor", ",".join(f"{p}={t}" for p, t in resolved.tensor_overrides)]
-    if resolved.n_cpu_moe:
-        caps.require("--n-cpu-moe")
-        argv += ["--n-cpu-moe", str(resolved.n_cpu_moe)]
-    if resolved.draft_model is not None:
-        caps.require("--model-draft", "--n-gpu-layers-draft")
-        argv += ["--model-draft", str(resolved.draft_model), "--n-gpu-layers-draft", str(resolved.draft_n_gpu_layers)]
-        if caps.supports("--cache-type-k-draft"):
-            argv += ["--cache-type-k-draft", resolved.draft_cache_type_k, "--cache-type-v-draft", resolved.draft_cache_type_v]
-        if caps.supports("--spec-type"):  # a draft model is there to be used: this build needs it said
-            argv += ["--spec-type", "draft-simple"]
-    if resolved.mmproj is not None:
-        caps.require("--mmproj")
-        argv += ["--mmproj", str(resolved.mmproj)]
-        if not resolved.mmproj_offload:
-            caps.require("--no-mmproj-offload")
-            argv.append("--no-mmproj-offload")
     if tensor_split and len(tensor_split) > 1:
         argv += ["--tensor-split", ",".join(_fmt_share(s) for s in tensor_split)]
     if alias and caps.supports("--alias"):
@@ -145,29 +96,13 @@ _MEMORY_FLAGS = {
 }
 # llama-server's presets (--fim-qwen-7b-spec, --gpt-oss-20b-default, ...) pick models and drafts
 _PRESET_PREFIXES = ("--fim-", "--gpt-oss-", "--embd-", "--vision-")
-# flags llamactl sets itself: (its own option, the config key) to use instead
+# flags llamactl sets itself besides the registry's settings: (its own option, the config key) to use instead
 _OWN = {
     ("-m", "--model"): ("MODEL", "path"), ("--host",): ("--host", "host"), ("--port",): ("--port", "port_start"),
-    ("-c", "--ctx-size"): ("-c", "ctx_size"), ("-ngl", "--gpu-layers", "--n-gpu-layers"): ("-ngl", "n_gpu_layers"),
-    ("-fa", "--flash-attn"): ("-fa", "flash_attn"), ("-np", "--parallel"): ("-np", "parallel"),
-    ("-ctk", "--cache-type-k"): ("-ctk", "cache_type_k"), ("-ctv", "--cache-type-v"): ("-ctv", "cache_type_v"),
-    ("-b", "--batch-size"): ("-b", "batch_size"), ("-ub", "--ubatch-size"): ("-ub", "ubatch_size"),
-    ("-kvu", "--kv-unified", "-no-kvu", "--no-kv-unified"): ("-kvu/-no-kvu", "kv_unified"),
-    ("-ts", "--tensor-split"): ("-ts", "tensor_split"), ("-fit", "--fit"): ("plan (llamactl places the model)", "gpus, max_gpus"),
-    ("--swa-full",): ("--swa-full", "swa_full"), ("-nkvo", "--no-kv-offload", "-kvo", "--kv-offload"): ("-nkvo", "kv_offload"),
-    ("-lm", "--load-mode", "--no-mmap", "--mmap"): ("--no-mmap", "no_mmap"), ("-nr", "--no-repack", "--repack"): ("-nr", "repack"),
-    ("--embedding", "--embeddings"): ("--embedding", "embedding"), ("--rerank", "--reranking"): ("--reranking", "reranking"),
-    ("-ncmoe", "--n-cpu-moe", "-cmoe", "--cpu-moe"): ("--n-cpu-moe", "n_cpu_moe"), ("--lora",): ("--lora", "lora"),
-    ("-ot", "--override-tensor"): ("-ot", "override_tensor"),
-    ("-md", "--model-draft", "--spec-draft-model"): ("-md", "model_draft"),
-    ("-mm", "--mmproj"): ("--mmproj", "mmproj"),
-    ("--mmproj-offload", "--no-mmproj-offload"): ("--no-mmproj-offload", "no_mmproj_offload"),
-    ("-ngld", "--gpu-layers-draft", "--n-gpu-layers-draft", "--spec-draft-ngl"): ("-ngld", "n_gpu_layers_draft"),
-    ("-ctkd", "--cache-type-k-draft", "--spec-draft-type-k"): ("-ctkd", "cache_type_k_draft"),
-    ("-ctvd", "--cache-type-v-draft", "--spec-draft-type-v"): ("-ctvd", "cache_type_v_draft"),
+    ("-fit", "--fit"): ("plan (llamactl places the model)", "gpus, max_gpus"),
     ("-a", "--alias"): ("--name (the instance name is the alias)", "the [models.NAME] name"),
 }
-_OWN_FLAGS = {flag: use for flags, use in _OWN.items() for flag in flags}
+_OWN_FLAGS = {**registry.own_flags(), **{flag: use for flags, use in _OWN.items() for flag in flags}}
 
 
 def check_extra_args(extra: Sequence[str], *, config: bool = False) -> None:

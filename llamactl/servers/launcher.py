@@ -66,6 +66,7 @@ class LaunchRequest:
     # the one without them raises NoRoomYet instead of running partially or on the CPU
     wait_for: frozenset[str] = frozenset()
     api_key: str | None = None  # reaches llama-server as LLAMA_API_KEY, never on argv
+    params: ModelParams | None = field(default=None, compare=False, repr=False)  # the header, when read already
 
 
 def request_for(spec: "ModelSpec", policy: Policy, **kw: object) -> LaunchRequest:
@@ -149,7 +150,7 @@ def pick_port(instances: dict[str, Instance], start: int, host: str) -> int:
 
 def plan_for(req: LaunchRequest, inv: Inventory, instances: dict[str, Instance],
              params: ModelParams | None = None) -> Plan:
-    params = params if params is not None else load_params(req.model, req.settings)
+    params = params or req.params or load_params(req.model, req.settings)
     others = {n: i for n, i in instances.items() if n != req.name or not req.replace_existing}
     return plan(params, req.settings, inv.usable, req.policy, running_for_placement(others, req.protected, inv))
 
@@ -252,7 +253,7 @@ def launch(store: StateStore, req: LaunchRequest, binary: str, caps: ServerCaps,
     api_key = req.api_key or extra_key
     req = replace(req, extra=extra)
     check_extra_args(req.extra)
-    params = load_params(req.model, req.settings)  # the header, read once: a bad file fails before anything starts
+    params = req.params or load_params(req.model, req.settings)  # read once: a bad file fails before anything starts
     instances = store.instances()
     seats = seats_of(instances, req.protected)
     if not isinstance(scheduler.decide(req.name, seats, scheduler.Limits(max_queue=1)), scheduler.Start):

@@ -150,3 +150,34 @@ def probe(binary: Path, *, use_cache: bool = True) -> ServerCaps:
     except OSError:
         pass  # a cache we cannot write only costs a re-probe next time
     return caps
+
+
+@dataclass(frozen=True)
+class Server:
+    """The llama-server a door runs: its argv[0], what it supports, and why a current build is assumed
+    when none was found (`note`)."""
+
+    binary: str
+    caps: ServerCaps
+    note: str | None = None
+
+    @property
+    def build(self) -> str | None:
+        """The build to key calibration by: None when assumed (what any build measured applies)."""
+        return None if self.note else self.caps.version
+
+
+def locate(explicit: str | None = None, configured: str | None = None, *, required: bool = True) -> Server:
+    """The binary and its capabilities; where not `required` and none is found (a plan on a CI runner), a
+    current llama-server is assumed and the note says so. An explicit --server-bin is always required."""
+    from llamactl.errors import LlamactlError
+    from llamactl.servers.command import ASSUMED_FLAGS
+
+    try:
+        binary = find_server(explicit, configured)
+        return Server(str(binary), probe(binary))
+    except LlamactlError as exc:
+        if required or explicit:
+            raise
+        return Server("llama-server", ServerCaps("llama-server", "assumed", None, ASSUMED_FLAGS),
+                      f"{exc}; the command assumes a current llama-server")

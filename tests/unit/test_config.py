@@ -63,7 +63,7 @@ lora = ["adapters/style.gguf", "/abs/other.gguf"]
     ("gpu_mem_threshold = 2\n", "gpu_mem_threshold"),
     ("[models.m]\npath = \"m.gguf\"\nlora = \"a.gguf\"\n", "models.m.lora"),
     ("[defaults]\nlora = [\"a.gguf\"]\n", "defaults.lora: unknown key"),
-    ("[defaults]\noverride_tensor = [\"ffn=Metal\"]\n", "defaults.override_tensor: -ot/--override-tensor 'ffn=Metal'"),
+    ("[defaults]\noverride_tensor = [\"ffn=Metal\"]\n", "defaults.override_tensor: 'ffn=Metal': buffer 'Metal' is not modelled"),
     ("[models.m]\npath = \"m.gguf\"\nn_cpu_moe = -2\n", "config.toml:3: models.m.n_cpu_moe: expected a number >= 0 or 'all'"),
     ("this is = not toml [", "invalid TOML"),
     ("[models.\"a/b\"]\npath = \"m.gguf\"\n", "models.a/b: a model name is an instance name"),

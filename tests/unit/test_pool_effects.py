@@ -13,8 +13,9 @@ from llamactl.config import Config, ModelConfig
 from llamactl.errors import LoadTimeoutError, ModelUnavailableError, NotReadyInTime, OutOfMemoryAtLoad, QueueFullError
 from llamactl.gpu.inventory import Inventory
 from llamactl.model.settings import ServerSettings
-from llamactl.placement import Fit, Plan
+from llamactl.placement import Fit, Plan, Policy
 from llamactl.proxy.pool import Pool
+from llamactl.resolve import Door, resolve
 from llamactl.servers.state import Instance, StateStore, Status
 
 pytestmark = pytest.mark.timeout(20)
@@ -37,6 +38,9 @@ class FakeEffects:
 
     def inventory(self):
         return Inventory(gpus=(), source="simulated")
+
+    def door(self, config, model, given, inv):
+        return Door(resolve(config, model, given), params=None, policy=Policy(), server=None)  # type: ignore[arg-type]
 
     def plan(self, req, inv, instances):
         return Plan(fit=Fit.CPU, gpu_ids=(), tensor_split=None, resolved=None, estimate=None, capacities=(),
