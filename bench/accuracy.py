@@ -21,11 +21,11 @@ from llamactl.model.gguf import read_header  # noqa: E402
 from llamactl.model.memory import Placement, estimate  # noqa: E402
 from llamactl.model.params import ModelParams, model_params  # noqa: E402
 from llamactl.model.settings import ServerSettings, resolve  # noqa: E402
-from llamactl.model.synth import REALISTIC, ModelSpec, write_model  # noqa: E402
 from llamactl.servers.buffers import free_port, measure  # noqa: E402
 from llamactl.servers.command import build_command  # noqa: E402
 from llamactl.servers.probe import find_server, probe  # noqa: E402
 from llamactl.units import MiB  # noqa: E402
+from tests.synth import REALISTIC, ModelSpec, write_model  # noqa: E402
 
 TERMS = ("weights", "kv", "compute", "output")
 

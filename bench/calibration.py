@@ -25,10 +25,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench.rpc_devices import start_rpc  # noqa: E402
 from llamactl.learn.calibrate import TERMS  # noqa: E402
 from llamactl.learn.store import CalibrationStore  # noqa: E402
-from llamactl.model.synth import write_model  # noqa: E402
 from llamactl.servers.buffers import free_port  # noqa: E402
 from llamactl.servers.probe import find_server  # noqa: E402
 from tests.e2e.test_rpc_devices import MODELS  # noqa: E402
+from tests.synth import write_model  # noqa: E402
 
 CASES = {  # model, flags, RPC devices
     "cpu llama": ("llama", ["--gpus", "none", "-c", "4096"], 0),

@@ -20,7 +20,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from llamactl.learn.calibrate import DeviceObservation, Observation  # noqa: E402
 from llamactl.learn.store import CalibrationStore  # noqa: E402
-from llamactl.model.synth import ModelSpec, write_model  # noqa: E402
+from tests.synth import ModelSpec, write_model  # noqa: E402
 
 
 def fill(state: Path, rows: int) -> None:

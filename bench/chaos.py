@@ -31,11 +31,11 @@ import httpx
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from llamactl.model.synth import ModelSpec, write_model  # noqa: E402
 from llamactl.servers.buffers import free_port  # noqa: E402
 from llamactl.servers.client import wait_healthy  # noqa: E402
 from tests.fakes.procs import tagged_instances  # noqa: E402
 from tests.fakes.binary import fake_server_binary  # noqa: E402
+from tests.synth import ModelSpec, write_model  # noqa: E402
 
 FAKE = ROOT / "tests" / "fakes" / "fake_llama_server.py"
 MODELS = ("alpha", "beta", "gamma")

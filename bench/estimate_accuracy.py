@@ -28,9 +28,9 @@ from accuracy import measure_case  # noqa: E402
 from llamactl.errors import UsageError  # noqa: E402
 from llamactl.model.params import ModelParams  # noqa: E402
 from llamactl.model.settings import ServerSettings, resolve  # noqa: E402
-from llamactl.model.synth import REALISTIC, ModelSpec  # noqa: E402
 from llamactl.servers.probe import find_server  # noqa: E402
 from llamactl.units import MiB  # noqa: E402
+from tests.synth import REALISTIC, ModelSpec  # noqa: E402
 
 TERMS = ("weights", "kv", "recurrent", "compute", "output")
 
@@ -47,7 +47,7 @@ class Case:
 def cases(realistic: bool) -> list[Case]:
     base = ModelSpec(n_vocab=4096, n_embd=256, n_layer=4, n_head=8, n_head_kv=4, n_ff=768)
     archs: dict[str, ModelSpec] = {"llama": base, "qwen2": replace(base, arch="qwen2")}
-    extra = {  # architectures the generator may know (see llamactl/model/synth.py)
+    extra = {  # architectures the generator may know (see tests/synth.py)
         "qwen3": dict(arch="qwen3", head_dim=64),
         "gemma3": dict(arch="gemma3", head_dim=64, n_swa=128, tied_output=True, n_layer=6),
         "qwen3moe": dict(arch="qwen3moe", head_dim=64, n_expert=8, n_expert_used=2, n_ff_exp=256),

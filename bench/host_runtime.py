@@ -9,19 +9,21 @@ from __future__ import annotations
 import argparse
 import sys
 import tempfile
+from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from llamactl.model.demo_model import write_demo_model  # noqa: E402
 from llamactl.model.gguf import read_header  # noqa: E402
 from llamactl.model.params import model_params  # noqa: E402
 from llamactl.model.settings import ServerSettings, resolve  # noqa: E402
-from llamactl.model.synth import REALISTIC, ModelSpec, demo_spec, write_model  # noqa: E402
 from llamactl.servers.buffers import free_port, measure  # noqa: E402
 from llamactl.servers.command import build_command  # noqa: E402
 from llamactl.servers.probe import find_server, probe  # noqa: E402
 from llamactl.units import MiB  # noqa: E402
+from tests.synth import REALISTIC, ModelSpec, write_model  # noqa: E402
 
 
 def main() -> int:
@@ -29,11 +31,14 @@ def main() -> int:
     parser.add_argument("--server", default=None)
     args = parser.parse_args()
     binary = find_server(args.server)
-    models = {"512-token vocab": (ModelSpec(), False), "32k vocab (demo)": (demo_spec(), False),
-              "152k vocab + merges (qwen2.5-0.5b Q8_0)": (replace(REALISTIC["qwen2.5-0.5b"], weight_type="Q8_0"), True)}
+    qwen = replace(REALISTIC["qwen2.5-0.5b"], weight_type="Q8_0")
+    writers: dict[str, Callable[[Path], Path]] = {
+        "512-token vocab": lambda path: write_model(path, ModelSpec()),
+        "32k vocab (demo)": write_demo_model,
+        "152k vocab + merges (qwen2.5-0.5b Q8_0)": lambda path: write_model(path, qwen, sparse=True)}
     with tempfile.TemporaryDirectory() as tmp:
-        for label, (spec, sparse) in models.items():
-            path = write_model(Path(tmp) / "m.gguf", spec, sparse=sparse)
+        for label, write in writers.items():
+            path = write(Path(tmp) / "m.gguf")
             params = model_params(read_header(path))
             port = free_port()
             cmd = build_command(binary, path, resolve(ServerSettings(ctx_size=4096), params, 0), probe(binary),

@@ -20,8 +20,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from llamactl.model.synth import ModelSpec, write_model  # noqa: E402
 from tests.ggufbytes import hostile_files  # noqa: E402
+from tests.synth import ModelSpec, write_model  # noqa: E402
 
 PEAK = ("import json, resource, subprocess, sys; r = subprocess.run(sys.argv[1:], capture_output=True); "
         "print(json.dumps([r.returncode, resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss]))")

@@ -14,13 +14,14 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from llamactl.model.demo_model import write_demo_model  # noqa: E402
 from llamactl.model.gguf import read_header  # noqa: E402
 from llamactl.model.params import model_params  # noqa: E402
 from llamactl.model.settings import ServerSettings, resolve  # noqa: E402
-from llamactl.model.synth import ModelSpec, demo_spec, write_model  # noqa: E402
 from llamactl.servers.buffers import free_port, measure  # noqa: E402
 from llamactl.servers.command import build_command  # noqa: E402
 from llamactl.servers.probe import find_server, probe  # noqa: E402
+from tests.synth import ModelSpec, write_model  # noqa: E402
 
 
 def ready_s(binary: Path, path: Path) -> float:
@@ -38,7 +39,7 @@ def main() -> int:
     binary = find_server(args.server)
     with tempfile.TemporaryDirectory() as tmp:
         small = write_model(Path(tmp) / "v512.gguf", ModelSpec())
-        demo = write_model(Path(tmp) / "demo-v32k.gguf", demo_spec())
+        demo = write_demo_model(Path(tmp) / "demo-v32k.gguf")
         times: dict[str, list[float]] = {"512-token vocab (baseline)": [], "32000-token vocab (demo model)": []}
         for _ in range(args.runs):
             times["512-token vocab (baseline)"].append(ready_s(binary, small))

@@ -30,10 +30,10 @@ import psutil
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from llamactl.model.synth import ModelSpec, write_model  # noqa: E402
 from llamactl.servers.buffers import free_port  # noqa: E402
 from llamactl.servers.client import wait_healthy  # noqa: E402
 from tests.fakes.binary import fake_server_binary  # noqa: E402
+from tests.synth import ModelSpec, write_model  # noqa: E402
 
 
 def cpu_s(proc: psutil.Process) -> float:

@@ -24,13 +24,12 @@ from llamactl.model.gguf import read_header  # noqa: E402
 from llamactl.model.memory import Placement, estimate  # noqa: E402
 from llamactl.model.params import model_params  # noqa: E402
 from llamactl.model.settings import resolve  # noqa: E402
-from llamactl.model.synth import write_model  # noqa: E402
 from llamactl.servers.buffers import free_port, measure  # noqa: E402
 from llamactl.servers.command import build_command  # noqa: E402
 from llamactl.servers.probe import find_server, probe  # noqa: E402
 from llamactl.units import MiB  # noqa: E402
-from llamactl.model.synth import REALISTIC  # noqa: E402
 from tests.e2e.test_rpc_devices import CASES, FIT_CASES, MODELS, N_DEVICES, RPC_NAMES, _fit_args, _port_open  # noqa: E402
+from tests.synth import REALISTIC, write_model  # noqa: E402
 
 
 def start_rpc(binary: Path) -> tuple[list[subprocess.Popen[bytes]], list[str]]:

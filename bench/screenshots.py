@@ -21,10 +21,10 @@ sys.path.insert(0, str(ROOT))
 
 from llamactl import views  # noqa: E402
 from llamactl.cli.top import Screen, render  # noqa: E402
-from llamactl.model.synth import ModelSpec, write_model  # noqa: E402
 from llamactl.servers.buffers import free_port  # noqa: E402
 from llamactl.servers.client import wait_healthy  # noqa: E402
 from tests.fakes.binary import fake_server_binary  # noqa: E402
+from tests.synth import ModelSpec, write_model  # noqa: E402
 
 FAKE = ROOT / "tests" / "fakes" / "fake_llama_server.py"
 

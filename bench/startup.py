@@ -20,7 +20,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from llamactl.model.synth import ModelSpec, write_model  # noqa: E402
+from tests.synth import ModelSpec, write_model  # noqa: E402
 
 SPEC = ModelSpec(arch="qwen2", n_vocab=152064, n_embd=64, n_layer=2, n_head=4, n_head_kv=2, n_ff=128,
                  tokenizer="gpt2", n_merges=150_000)

@@ -34,11 +34,11 @@ def command(
     try:
         header = read_header(path)
     except GGUFError:  # missing, or damaged: write it again (to a temp name, then rename)
-        from llamactl.model.synth import demo_spec, write_model  # the generator (numpy): only when it writes
+        from llamactl.model.demo_model import write_demo_model  # imports gguf (numpy): only when it writes
 
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-        write_model(tmp, demo_spec())
+        write_demo_model(tmp)
         os.replace(tmp, path)
         header = read_header(path)
     print(f"demo model: {path}")

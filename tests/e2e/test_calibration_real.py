@@ -20,10 +20,10 @@ import pytest
 
 from llamactl.learn.calibrate import TERMS
 from llamactl.learn.store import CalibrationStore
-from llamactl.model.synth import write_model
 from llamactl.servers.buffers import free_port
 from tests.e2e.test_rpc_devices import BASE, rpc_endpoints  # noqa: F401  (the RPC servers, a module fixture)
 from tests.fakes.procs import tagged_instances
+from tests.synth import write_model
 
 TOLERANCE = 0.005
 

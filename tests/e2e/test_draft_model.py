@@ -12,12 +12,12 @@ from llamactl.estimate import load_params
 from llamactl.learn.observe import device_buffers, logged_terms
 from llamactl.model.memory import Placement, estimate
 from llamactl.model.settings import ServerSettings, resolve
-from llamactl.model.synth import ModelSpec, draft_spec, write_model
 from llamactl.servers.buffers import free_port, measure
 from llamactl.servers.command import build_command
 from llamactl.units import MiB
 from tests.e2e.test_rpc_devices import rpc_endpoints  # noqa: F401  (module fixture: the RPC servers)
 from tests.e2e.launch_then_plan import launch_then_plan
+from tests.synth import ModelSpec, draft_spec, write_model
 
 MAIN = ModelSpec(n_vocab=4096, n_embd=512, n_layer=6, n_head=8, n_head_kv=4, n_ff=1024)
 CASES = {  # GPUs, -ngl, -ngld, -ts, -np

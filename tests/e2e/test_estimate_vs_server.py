@@ -13,15 +13,16 @@ import pytest
 
 from llamactl.errors import UsageError
 from llamactl.estimate import host_repack_types, load_params
+from llamactl.model.demo_model import write_demo_model
 from llamactl.model.gguf import read_header
 from llamactl.model.memory import Placement, estimate
 from llamactl.model.params import model_params
 from llamactl.model.settings import ServerSettings, resolve
-from llamactl.model.synth import REALISTIC, ModelSpec, demo_spec, write_lora, write_model
 from llamactl.servers.buffers import free_port, measure
 from llamactl.servers.client import wait_healthy
 from llamactl.servers.command import build_command
 from llamactl.units import MiB
+from tests.synth import REALISTIC, ModelSpec, write_lora, write_model
 
 BASE = ModelSpec(n_vocab=4096, n_embd=256, n_layer=4, n_head=8, n_head_kv=4, n_ff=768)
 MODELS = {
@@ -186,7 +187,7 @@ def test_generated_models_generate_text(server_binary, server_caps, model_dir, m
 
 
 def test_cli_estimate_json_matches_server(server_binary, server_caps, tmp_path: Path) -> None:
-    path = write_model(tmp_path / "demo.gguf", demo_spec())
+    path = write_demo_model(tmp_path / "demo.gguf")
     out = subprocess.run([sys.executable, "-m", "llamactl", "estimate", str(path), "--gpus", "none", "-c", "2048", "--json"],
                          capture_output=True, text=True, check=True)
     data = json.loads(out.stdout)

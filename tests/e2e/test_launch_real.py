@@ -11,12 +11,12 @@ from pathlib import Path
 import httpx
 import psutil
 
-from llamactl.model.synth import demo_spec, write_model
+from llamactl.model.demo_model import write_demo_model
 from llamactl.servers.buffers import free_port
 
 
 def test_launch_real_server(server_binary: Path, tmp_path: Path) -> None:
-    model = write_model(tmp_path / "demo.gguf", demo_spec())
+    model = write_demo_model(tmp_path / "demo.gguf")
     env = {**os.environ, "LLAMACTL_STATE_DIR": str(tmp_path / "state"), "LLAMACTL_GPUS": "none",
            "LLAMA_SERVER": str(server_binary), "LLAMACTL_CACHE_DIR": str(tmp_path / "cache")}
 

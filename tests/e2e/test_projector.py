@@ -12,12 +12,12 @@ import pytest
 from llamactl.estimate import load_params
 from llamactl.model.memory import Placement, estimate
 from llamactl.model.settings import ServerSettings, resolve
-from llamactl.model.synth import ModelSpec, write_model, write_projector
 from llamactl.servers.buffers import free_port, measure
 from llamactl.servers.command import build_command
 from llamactl.units import MiB
 from tests.e2e.test_rpc_devices import rpc_endpoints  # noqa: F401  (module fixture: the RPC servers)
 from tests.e2e.launch_then_plan import launch_then_plan
+from tests.synth import ModelSpec, write_model, write_projector
 
 TEXT = ModelSpec(arch="gemma3", n_vocab=4096, n_embd=256, n_layer=4, n_head=4, n_head_kv=2, n_ff=512, head_dim=64,
                  n_swa=128, tied_output=True)

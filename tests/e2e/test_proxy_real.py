@@ -12,15 +12,16 @@ import httpx
 import openai
 import pytest
 
-from llamactl.model.synth import ModelSpec, demo_spec, write_model
+from llamactl.model.demo_model import write_demo_model
 from llamactl.servers.buffers import free_port
 from llamactl.servers.client import wait_healthy
+from tests.synth import ModelSpec, write_model
 
 
 @pytest.fixture(scope="module")
 def proxy(server_binary: Path, tmp_path_factory: pytest.TempPathFactory):
     tmp = tmp_path_factory.mktemp("proxy")
-    demo = write_model(tmp / "demo.gguf", demo_spec())
+    demo = write_demo_model(tmp / "demo.gguf")
     small = write_model(tmp / "small.gguf", ModelSpec(n_vocab=2048, n_embd=128, n_layer=2, n_head=4, n_head_kv=2, n_ff=256))
     port = free_port()
     (tmp / "config.toml").write_text(

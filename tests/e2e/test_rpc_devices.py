@@ -26,10 +26,10 @@ from llamactl.model.memory import Placement, estimate, pipeline_parallel
 from llamactl.model.params import model_params
 from llamactl.model.settings import ServerSettings, resolve
 from llamactl.estimate import load_params
-from llamactl.model.synth import ModelSpec, write_lora, write_model
 from llamactl.servers.buffers import free_port, measure
 from llamactl.servers.command import build_command
 from llamactl.units import MiB
+from tests.synth import ModelSpec, write_lora, write_model
 
 N_DEVICES = 3
 RPC_NAMES = ("ggml-rpc-server", "rpc-server")
@@ -196,7 +196,7 @@ def _fit_args(resolved, split) -> list[str]:
 
 @pytest.mark.parametrize("case", list(FIT_CASES))
 def test_llama_fit_params_agrees_per_device(server_binary, rpc_endpoints, tmp_path, case) -> None:
-    from llamactl.model.synth import REALISTIC
+    from tests.synth import REALISTIC
 
     key, weight_type, n_gpus, settings, split = FIT_CASES[case]
     fit = server_binary.parent / "llama-fit-params"

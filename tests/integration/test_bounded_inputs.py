@@ -46,7 +46,7 @@ def test_gpus_file_only_a_bounded_regular_file(tmp_path: Path, kind: str) -> Non
                                    ["--gpus", "8GiB", "--gpu-util-threshold", "101"],
                                    ["--gpus", "8GiB", "--gpu-mem-threshold", "nan"]])
 def test_flag_values_are_bounded(tmp_path: Path, flags: list[str]) -> None:
-    from llamactl.model.synth import ModelSpec, write_model
+    from tests.synth import ModelSpec, write_model
 
     model = write_model(tmp_path / "m.gguf", ModelSpec(n_vocab=300))
     one_line_usage_error(run("plan", str(model), "--gpus", "none", *flags) if "--gpus" not in flags

@@ -17,10 +17,10 @@ from pathlib import Path
 import httpx
 import pytest
 
-from llamactl.model.synth import ModelSpec, write_model
 from tests.fakes.procs import tagged_instances
 from tests.integration.test_proxy import FAKE, make_proxy, wait_for  # noqa: F401  (make_proxy: the fixture)
 from tests.fakes.binary import fake_server_binary
+from tests.synth import ModelSpec, write_model
 
 LIVE = ("starting", "ready", "busy", "stopping")
 

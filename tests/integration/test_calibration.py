@@ -23,7 +23,6 @@ from llamactl.learn.calibrate import DeviceObservation, Observation
 from llamactl.learn.store import MAX_ROWS, CalibrationError, CalibrationStore
 from llamactl.model.memory import DEFAULT_GPU_OVERHEAD_BYTES
 from llamactl.model.settings import ServerSettings
-from llamactl.model.synth import ModelSpec, write_model
 from llamactl.placement import Fit, PlacementSpec, plan
 from llamactl.servers import launcher
 from llamactl.servers.buffers import free_port
@@ -32,6 +31,7 @@ from llamactl.units import GiB, MiB
 from tests.fakes.fake_pynvml import FakeGpu, make
 from tests.fakes.procs import tagged_instances
 from tests.fakes.binary import fake_server_binary
+from tests.synth import ModelSpec, write_model
 
 FAKE = Path(__file__).resolve().parents[1] / "fakes" / "fake_llama_server.py"
 CAPS = ServerCaps("llama-server", "0.0.0-test (build 1)", None, frozenset())

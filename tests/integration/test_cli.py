@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from llamactl.model.synth import ModelSpec, write_model
+from tests.synth import ModelSpec, write_model
 
 
 def run(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:

@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from llamactl.model.synth import REALISTIC, write_model
 from tests.integration.test_cli import run
+from tests.synth import REALISTIC, write_model
 
 KEYS = {"fit", "gpu_ids", "tensor_split", "n_gpu_layers", "n_cpu_moe", "argv", "env", "devices", "evict", "reasons", "calibration"}
 

@@ -15,11 +15,11 @@ import httpx
 import psutil
 import pytest
 
-from llamactl.model.synth import ModelSpec, write_model
 from llamactl.servers.buffers import free_port
 from llamactl.servers.client import wait_healthy
 from tests.fakes.procs import tagged_instances
 from tests.fakes.binary import fake_server_binary
+from tests.synth import ModelSpec, write_model
 
 FAKE = Path(__file__).resolve().parents[1] / "fakes" / "fake_llama_server.py"
 

@@ -141,7 +141,7 @@ def test_ps_and_proxy_check_print_escapes_not_control_characters(tmp_path: Path)
         instances["a"] = Instance(name="a", model="/m\x1b]0;pwned\x07\u202e.gguf", port=1, pid=None, create_time=None,
                                   status=Status.FAILED)
     model = tmp_path / "m.gguf"
-    from llamactl.model.synth import ModelSpec, write_model
+    from tests.synth import ModelSpec, write_model
 
     write_model(model, ModelSpec(n_vocab=300))
     config = tmp_path / "c.toml"

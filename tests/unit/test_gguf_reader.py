@@ -12,9 +12,9 @@ import pytest
 
 from llamactl.errors import GGUFError
 from llamactl.model.gguf import read_array, read_header
-from llamactl.model.synth import ModelSpec, write_model
 from tests.ggufbytes import (ARRAY, FLOAT32, GGUFBytes, kv_i32_array, kv_str, kv_str_array, kv_u32, minimal, s,
                              tensor_info)
+from tests.synth import ModelSpec, write_model
 
 
 def write(tmp_path: Path, data: bytes, name: str = "m.gguf") -> Path:
@@ -134,7 +134,7 @@ def test_split_model_missing_shard(tmp_path: Path) -> None:
 
 def test_reader_never_reads_tensor_data(tmp_path: Path) -> None:
     # a sparse file: 4.6 GB of declared data, a few MiB on disk
-    from llamactl.model.synth import REALISTIC
+    from tests.synth import REALISTIC
     from dataclasses import replace
 
     path = write_model(tmp_path / "big.gguf", replace(REALISTIC["llama3-8b"], weight_type="Q4_0"), sparse=True)

@@ -11,8 +11,8 @@ from llamactl.model.gguf import read_header
 from llamactl.model.memory import Placement, estimate, layer_devices
 from llamactl.model.params import model_params
 from llamactl.model.settings import ServerSettings, resolve
-from llamactl.model.synth import REALISTIC, ModelSpec, write_model
 from llamactl.units import GiB, MiB
+from tests.synth import REALISTIC, ModelSpec, write_model
 
 
 @pytest.fixture(scope="module")
@@ -184,7 +184,7 @@ def test_granitehybrid_splits_state_and_kv_by_layer(tmp_path) -> None:
 def test_lora_tensors_land_with_their_base_layers(tmp_path) -> None:
     from llamactl.errors import UnsupportedModelError
     from llamactl.estimate import load_params
-    from llamactl.model.synth import write_lora
+    from tests.synth import write_lora
 
     spec = ModelSpec(n_vocab=512, n_embd=64, n_layer=4, n_head=4, n_head_kv=2, n_ff=128)
     model = write_model(tmp_path / "m.gguf", spec)

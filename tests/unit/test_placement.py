@@ -11,9 +11,9 @@ from llamactl.model.gguf import read_header
 from llamactl.model.memory import Placement, estimate
 from llamactl.model.params import model_params
 from llamactl.model.settings import ServerSettings, resolve
-from llamactl.model.synth import REALISTIC, write_model
 from llamactl.placement import Fit, Policy, RunningInstance, Strategy, plan
 from llamactl.units import GiB
+from tests.synth import REALISTIC, write_model
 
 CTX8K = ServerSettings(ctx_size=8192)  # Llama-3-8B Q4_0 at 8k: ~5.45 GiB on one GPU with 400 MiB overhead
 

@@ -39,7 +39,7 @@ def test_unknown_types_are_refused() -> None:
 
 def test_light_commands_import_no_numpy_aiohttp_httpx_or_the_generator(tmp_path) -> None:
     """What a Tab of completion, --version, ps, gpus, evict and logs load: no heavy library."""
-    heavy = ("numpy", "aiohttp", "httpx", "llamactl.model.synth", "gguf")
+    heavy = ("numpy", "aiohttp", "httpx", "llamactl.model.demo_model", "gguf")
     probe = ("import sys, runpy\n"
              "sys.argv = ['llamactl'] + sys.argv[1:]\n"
              "try:\n"

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from llamactl.model.gguf import GGUFHeader, read_header
-from llamactl.model.synth import REALISTIC, ModelSpec, write_model
+from tests.synth import REALISTIC, ModelSpec, write_model
 
 QWEN3 = ModelSpec(arch="qwen3", n_embd=256, n_head=4, n_head_kv=2, head_dim=128, n_ff=512)
 QWEN3MOE = ModelSpec(arch="qwen3moe", n_embd=128, n_head=4, n_head_kv=2, head_dim=64, n_ff=256,

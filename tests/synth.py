@@ -2,7 +2,9 @@
 
 This module has one job: produce GGUF files with a chosen architecture
 layout (random weights, or a "sparse" file with no tensor data at all) so
-tests, benchmarks and the README demo do not need to download real models.
+tests and benchmarks do not need to download real models. It is not part
+of the package: the demo's one model is llamactl/model/demo_model.py, whose
+SentencePiece vocabulary and random-tensor writing this module shares.
 """
 
 from __future__ import annotations
@@ -31,17 +33,18 @@ from gguf.constants import (
 )
 from gguf.quants import quant_shape_to_byte_shape, quantize
 
-__all__ = ["ModelSpec", "REALISTIC", "demo_spec", "write_lora", "write_model"]
+from llamactl.model.demo_model import (
+    MIN_VOCAB,
+    RMS_EPS,
+    TensorPlan,
+    add_spm_vocab,
+    random_tensor,
+    write_random_tensors,
+)
 
-_RMS_EPS = 1e-5
-# Small weights keep activations tiny, so random models never produce NaNs.
-_WEIGHT_SCALE = 0.02
+__all__ = ["ModelSpec", "REALISTIC", "draft_spec", "write_lora", "write_model", "write_projector"]
+
 _QUANT_VERSION = 2
-
-# Three special tokens plus 256 byte tokens: the least a byte-fallback
-# SentencePiece vocabulary needs to tokenize any input.
-_N_SPECIAL = 3
-MIN_VOCAB = _N_SPECIAL + 256
 # gpt2 vocabulary: byte tokens fill ids 0..255, then end-of-text, then filler.
 _GPT2_EOT = 256
 _GPT2_BASE = 257
@@ -281,7 +284,7 @@ def write_model(
         if sparse:
             _write_sparse(writer, out, plan)
         else:
-            _write_dense(writer, plan, np.random.default_rng(seed))
+            write_random_tensors(writer, plan, np.random.default_rng(seed), values=_random_tensor)
     finally:
         writer.close()
     return out
@@ -600,7 +603,7 @@ def _add_head_counts(writer: GGUFWriter, spec: ModelSpec) -> None:
 
 def _add_decoder_hparams(writer: GGUFWriter, spec: ModelSpec) -> None:
     _add_head_counts(writer, spec)
-    writer.add_layer_norm_rms_eps(_RMS_EPS)
+    writer.add_layer_norm_rms_eps(RMS_EPS)
     writer.add_rope_dimension_count(spec.head_size)
     writer.add_rope_freq_base(spec.rope_freq_base)
 
@@ -622,7 +625,7 @@ def _add_mla_hparams(writer: GGUFWriter, spec: ModelSpec) -> None:
     writer.add_feed_forward_length(spec.n_ff)
     writer.add_head_count(spec.n_head)
     writer.add_head_count_kv(1)
-    writer.add_layer_norm_rms_eps(_RMS_EPS)
+    writer.add_layer_norm_rms_eps(RMS_EPS)
     writer.add_rope_dimension_count(spec.n_rot)
     writer.add_rope_freq_base(spec.rope_freq_base)
 
@@ -648,7 +651,7 @@ def _add_ssm_hparams(writer: GGUFWriter, spec: ModelSpec) -> None:
     # No attention and no dense FFN: zero counts, as the HF converter writes.
     writer.add_feed_forward_length(0)
     writer.add_head_count(0)
-    writer.add_layer_norm_rms_eps(_RMS_EPS)
+    writer.add_layer_norm_rms_eps(RMS_EPS)
     _add_ssm_sizes(writer, spec)
 
 
@@ -658,7 +661,7 @@ def _add_hybrid_hparams(writer: GGUFWriter, spec: ModelSpec) -> None:
     writer.add_feed_forward_length(spec.n_ff_exp if spec.n_expert else spec.n_ff)
     writer.add_head_count(spec.n_head)
     writer.add_head_count_kv([spec.kv_heads(il) for il in range(spec.n_layer)])
-    writer.add_layer_norm_rms_eps(_RMS_EPS)
+    writer.add_layer_norm_rms_eps(RMS_EPS)
     writer.add_rope_dimension_count(spec.head_size)
     writer.add_rope_scaling_finetuned(False)
     _add_ssm_sizes(writer, spec)
@@ -696,35 +699,13 @@ def _add_vocab(writer: GGUFWriter, spec: ModelSpec) -> None:
         writer.add_token_merges(_gpt2_merges(spec.n_merges))
         writer.add_bos_token_id(_GPT2_EOT)
         writer.add_eos_token_id(_GPT2_EOT)
+        writer.add_token_list(tokens)
+        writer.add_token_types(types)
+        writer.add_token_scores([0.0] * spec.n_vocab)
     else:
-        tokens, types = _spm_vocab(spec.n_vocab)
-        writer.add_tokenizer_model("llama")
-        writer.add_unk_token_id(0)
-        writer.add_bos_token_id(1)
-        writer.add_eos_token_id(2)
-    writer.add_token_list(tokens)
-    writer.add_token_types(types)
-    writer.add_token_scores([0.0] * spec.n_vocab)
+        add_spm_vocab(writer, spec.n_vocab)
     if _ARCHES[spec.arch] in _ENCODER_ARCHES:
         writer.add_token_type_count(_N_TOKEN_TYPES)
-
-
-def _spm_vocab(n_vocab: int) -> tuple[list[str], list[int]]:
-    tokens = ["<unk>", "<s>", "</s>"] + [f"<0x{b:02X}>" for b in range(256)]
-    tokens += itertools.islice(_spm_filler(), n_vocab - len(tokens))
-    types = [TokenType.UNKNOWN, TokenType.CONTROL, TokenType.CONTROL] + [TokenType.BYTE] * 256
-    types += [TokenType.NORMAL] * (n_vocab - len(types))
-    return tokens, [int(t) for t in types]
-
-
-def _spm_filler() -> Iterator[str]:
-    # Letter strings, bare and with the SentencePiece word marker, so prompts
-    # tokenize into pieces rather than only byte fallbacks.
-    letters = "abcdefghijklmnopqrstuvwxyz"
-    for length in itertools.count(1):
-        words = ["".join(p) for p in itertools.product(letters, repeat=length)]
-        yield from words
-        yield from ("\u2581" + w for w in words)
 
 
 _PRINTABLE_BYTES = (*range(0x21, 0x7F), *range(0xA1, 0xAD), *range(0xAE, 0x100))
@@ -765,8 +746,6 @@ def _gpt2_merges(n_merges: int) -> list[str]:
 
 
 # --- tensors ----------------------------------------------------------------
-
-TensorPlan = tuple[str, tuple[int, ...], GGMLQuantizationType]
 
 
 def _tensor_name(arch: MODEL_ARCH, tensor: MODEL_TENSOR, suffix: str | None, bid: int | None = None) -> str:
@@ -1060,55 +1039,36 @@ def write_lora(path: str | os.PathLike[str], spec: ModelSpec, *, rank: int = 8, 
         raise ValueError(f"rank must be positive, got {rank}")
     qtype = _weight_qtype(weight_type, sparse=False)
     _validate(spec, qtype)
-    base = {name: shape for name, shape, _ in _tensor_plan(spec, qtype)}
+    plan = list(_lora_plan(spec, qtype, rank, targets))
+    if not plan:
+        raise ValueError(f"no tensor of this model matches the LoRA targets {list(targets)}")
     out = pathlib.Path(path)
     writer = GGUFWriter(out, spec.arch)
     writer.add_type("adapter")
     writer.add_string("adapter.type", "lora")
     writer.add_float32("adapter.lora.alpha", alpha)
-    rng = np.random.default_rng(seed)
-    found = False
-    for name, shape in base.items():
-        if len(shape) != 2 or not any(name.endswith(f".{t}.weight") for t in targets):
-            continue
-        found = True
-        n_out, n_in = shape  # numpy order
-        for suffix, lora_shape in (("lora_a", (rank, n_in)), ("lora_b", (n_out, rank))):
-            values = rng.standard_normal(lora_shape, dtype=np.float32) * np.float32(_WEIGHT_SCALE)
-            writer.add_tensor(f"{name}.{suffix}", quantize(values, qtype), raw_dtype=qtype)
-    if not found:
-        raise ValueError(f"no tensor of this model matches the LoRA targets {list(targets)}")
     try:
-        writer.write_header_to_file()
-        writer.write_kv_data_to_file()
-        writer.write_tensors_to_file()
+        write_random_tensors(writer, plan, np.random.default_rng(seed))
     finally:
         writer.close()
     return out
 
 
-def _write_dense(writer: GGUFWriter, plan: Sequence[TensorPlan], rng: np.random.Generator) -> None:
-    for name, shape, qtype in plan:
-        writer.add_tensor(name, _random_tensor(name, shape, qtype, rng), raw_dtype=qtype)
-    writer.write_header_to_file()
-    writer.write_kv_data_to_file()
-    writer.write_tensors_to_file()
+def _lora_plan(spec: ModelSpec, qtype: GGMLQuantizationType, rank: int, targets: Sequence[str]) -> Iterator[TensorPlan]:
+    for name, shape, _ in _tensor_plan(spec, qtype):
+        if len(shape) == 2 and any(name.endswith(f".{t}.weight") for t in targets):
+            n_out, n_in = shape  # numpy order
+            yield f"{name}.lora_a", (rank, n_in), qtype
+            yield f"{name}.lora_b", (n_out, rank), qtype
 
 
 def _random_tensor(
     name: str, shape: tuple[int, ...], qtype: GGMLQuantizationType, rng: np.random.Generator
 ) -> np.ndarray:
-    # Unit norm weights and zero norm biases keep normalization an identity
-    # scale, as in a trained model.
-    if name.endswith("norm.weight"):
-        return np.ones(shape, dtype=np.float32)
-    if name.endswith("norm.bias"):
-        return np.zeros(shape, dtype=np.float32)
     # mamba's A is -exp(A_log) < 0: a decaying state, as in a trained model.
     if name.endswith(".ssm_a"):
         return -np.ones(shape, dtype=np.float32)
-    values = rng.standard_normal(shape, dtype=np.float32) * np.float32(_WEIGHT_SCALE)
-    return quantize(values, qtype)
+    return random_tensor(name, shape, qtype, rng)
 
 
 def _write_sparse(writer: GGUFWriter, path: pathlib.Path, plan: Sequence[TensorPlan]) -> None:
@@ -1230,18 +1190,6 @@ REALISTIC: dict[str, ModelSpec] = {
         rope_freq_base=10000000.0, name="qwen3-next-80b-a3b",
     ),
 }
-
-
-def demo_spec() -> ModelSpec:
-    """A small model with a real-sized vocabulary for the README demo.
-
-    Q4_0 with a tied output keeps the 32k x 256 embedding (the bulk of the
-    file) near 4.6 MB; the whole file is about 6 MB.
-    """
-    return ModelSpec(
-        arch="llama", n_vocab=32000, n_embd=256, n_layer=4, n_head=8, n_head_kv=4,
-        n_ff=512, n_ctx_train=4096, tied_output=True, weight_type="Q4_0", name="demo",
-    )
 
 
 def draft_spec(main: ModelSpec, n_layer: int = 2) -> ModelSpec:
