@@ -123,8 +123,11 @@ def check_extra_args(extra: Sequence[str], *, config: bool = False) -> None:
             raise UsageError(f"extra argument {flag} is set by llamactl; use llamactl's own {option} instead")
 
 
-# What a current llama-server supports, assumed when planning without a binary at hand (CI fit checks).
-ASSUMED_FLAGS = frozenset(REQUIRED_FLAGS) | {"--kv-unified", "--no-kv-unified", "--fit", "--metrics", "--swa-full",
-                                             "--no-kv-offload", "--load-mode", "--no-repack", "--tensor-split",
-                                             "--verbosity", "--model", "--n-cpu-moe", "--lora",
-                                             "--override-tensor", "--reranking"}
+# What a current llama-server supports (the build `llamactl install-server` makes), assumed when planning
+# without a binary at hand (CI fit checks): the command printed is the one that build runs
+# (tests/e2e/test_doors.py compares them).
+ASSUMED_FLAGS = frozenset(REQUIRED_FLAGS) | {
+    "--kv-unified", "--no-kv-unified", "--fit", "--metrics", "--swa-full", "--no-kv-offload", "--load-mode",
+    "--no-repack", "--tensor-split", "--verbosity", "--model", "--n-cpu-moe", "--lora", "--override-tensor",
+    "--reranking", "--embedding", "--alias", "--model-draft", "--n-gpu-layers-draft", "--cache-type-k-draft",
+    "--cache-type-v-draft", "--spec-type", "--mmproj", "--no-mmproj-offload"}
