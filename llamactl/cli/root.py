@@ -2,21 +2,21 @@
 
 from __future__ import annotations
 
-import logging
 import sys
-import traceback
 from dataclasses import dataclass
 from typing import Optional
 
 import typer
 
 from llamactl import DIST_NAME, __version__
-from llamactl.cli import helpfmt
+from llamactl.cli import coerce, helpfmt
+from llamactl.cli.commands import COMMANDS, LazyGroup
 from llamactl.errors import ExitCode, LlamactlError
 
 app = typer.Typer(
     name="llamactl",
     help="Run llama.cpp's llama-server on NVIDIA GPUs: estimate, plan, launch, track, evict, proxy.",
+    cls=LazyGroup,  # subcommands are listed from a table and imported when they run
     no_args_is_help=True,
     add_completion=True,
     pretty_exceptions_enable=False,
@@ -60,6 +60,8 @@ def root(
     debug: bool = typer.Option(False, "--debug", help="Log details and show tracebacks."),
     version: bool = typer.Option(False, "--version", callback=_version, is_eager=True, help="Print the version."),
 ) -> None:
+    import logging  # here, not at the top: `--version` and a Tab of completion never log
+
     _debug["on"] = debug
     if debug:
         logging.basicConfig(level=logging.DEBUG, format="%(name)s: %(message)s", force=True)
@@ -68,29 +70,14 @@ def root(
     ctx.obj = Globals(json=json_output, state_dir=state_dir, config=config, debug=debug)
 
 
-def _register() -> None:
-    from llamactl.cli import calibration, demo, estimate, evict, gpus, install, launch, logs, plan, proxy, ps, top
-
-    gpus.register(app)
-    estimate.register(app)
-    plan.register(app)
-    launch.register(app)
-    ps.register(app)
-    evict.register(app)
-    logs.register(app)
-    proxy.register(app)
-    install.register(app)
-    demo.register(app)
-    calibration.register(app)
-    top.register(app)
-
-
-_register()
 helpfmt.install()
+coerce.install()
 
 
 def _optional_values(argv: list[str]) -> list[str]:
     """Let `--watch` stand alone (`--watch [SECONDS]`): Click options cannot make their value optional."""
+    if "--watch" not in argv:
+        return argv
     from llamactl.cli.gpus import WATCH_DEFAULT_S
 
     out = list(argv)
@@ -113,7 +100,7 @@ HOISTED = ("--config", "--state-dir")  # global options with a value, users also
 def hoist_globals(argv: list[str]) -> list[str]:
     """`llamactl proxy --config F` means `llamactl --config F proxy` (as llama-swap's `--config`): move the
     global options given after the subcommand's name before it, up to a literal `--`."""
-    names = {c.name for c in app.registered_commands}
+    names = set(COMMANDS)
     i = 0
     while i < len(argv) and argv[i] not in names:
         if argv[i] == "--":
@@ -180,8 +167,7 @@ def main() -> None:
         message = exc.format_message() if hasattr(exc, "format_message") else str(exc)
         _fail(f"{message} (see --help)", int(getattr(exc, "exit_code", ExitCode.USAGE)), "usage", as_json)
     except LlamactlError as exc:
-        if _debug["on"]:
-            traceback.print_exc()
+        _traceback_if_debug()
         _fail(str(exc), int(exc.exit_code), _kind(exc), as_json)
     except KeyboardInterrupt:
         print("llamactl: interrupted", file=sys.stderr)
@@ -190,10 +176,16 @@ def main() -> None:
         sys.stderr.close()  # the reader went away (e.g. `| head`): not an error
         sys.exit(int(ExitCode.OK))
     except Exception as exc:  # a bug: one line unless --debug
-        if _debug["on"]:
-            traceback.print_exc()
+        _traceback_if_debug()
         _fail(f"internal error: {type(exc).__name__}: {exc} (rerun with --debug for a traceback)",
               int(ExitCode.FAILURE), "internal", as_json)
+
+
+def _traceback_if_debug() -> None:
+    if _debug["on"]:
+        import traceback  # loaded only when asked for
+
+        traceback.print_exc()
 
 
 def _kind(exc: LlamactlError) -> str:

@@ -221,9 +221,9 @@ def test_help_reads_like_a_unix_tool(tmp_path) -> None:
     import subprocess as _sp
     import sys as _sys
 
-    commands = ["", "gpus", "estimate", "plan", "launch", "ps", "evict", "logs", "proxy", "install-server", "demo",
-                "calibration", "top"]
-    for command in commands:
+    from llamactl.cli.commands import COMMANDS
+
+    for command in ["", *COMMANDS]:
         argv = [_sys.executable, "-m", "llamactl", *([command] if command else []), "--help"]
         out = _sp.run(argv, capture_output=True, text=True, timeout=60, env={**_os.environ, "COLUMNS": "80"})
         assert out.returncode == 0, (command, out.stderr)
@@ -233,6 +233,26 @@ def test_help_reads_like_a_unix_tool(tmp_path) -> None:
         assert all(len(line) <= 80 for line in text.splitlines()), (command, [l for l in text.splitlines() if len(l) > 80])
         flags = [line for line in text.splitlines() if _re.match(r"\s+--(all|json|dry-run|once|replace)\b", line)]
         assert all(not _re.match(r"\s+--[\w-]+ [A-Z<]", line) for line in flags), (command, flags)
+
+
+def test_every_command_module_is_listed_with_its_own_summary() -> None:
+    """The root lists commands from a table without importing them (start-up): every module that registers a
+    command is in it, under the command's own name, with the first paragraph of the command's own help, and
+    `--help` lists them all."""
+    import ast
+
+    from llamactl.cli.commands import COMMANDS, load
+
+    cli_dir = Path(__file__).resolve().parents[2] / "llamactl" / "cli"
+    registering = {path.stem for path in cli_dir.glob("*.py")
+                   if any(isinstance(node, ast.FunctionDef) and node.name == "register"
+                          for node in ast.parse(path.read_text()).body)}
+    assert registering == {module for module, _ in COMMANDS.values()}
+    for name, (_, summary) in COMMANDS.items():
+        command = load(name)
+        assert (command.name, command.get_short_help_str(10_000)) == (name, summary)
+    listed = run("--help").stdout.split("Commands:\n")[1].splitlines()
+    assert [line.split()[0] for line in listed] == list(COMMANDS)
 
 
 def test_no_arguments_prints_the_usage_and_exits_2() -> None:

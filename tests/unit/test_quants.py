@@ -2,12 +2,10 @@
 
 from __future__ import annotations
 
-import subprocess
-import sys
-
 from gguf.constants import GGML_QUANT_SIZES, GGMLQuantizationType, LlamaFileType
 
 from llamactl.model import quants
+from tests.importprobe import run_and_list
 
 
 def test_every_type_we_know_is_gguf_s_with_the_same_sizes() -> None:
@@ -37,22 +35,16 @@ def test_unknown_types_are_refused() -> None:
         quants.file_type_name(9999)
 
 
-def test_light_commands_import_no_numpy_aiohttp_httpx_or_the_generator(tmp_path) -> None:
-    """What a Tab of completion, --version, ps, gpus, evict and logs load: no heavy library."""
-    heavy = ("numpy", "aiohttp", "httpx", "llamactl.model.demo_model", "gguf")
-    probe = ("import sys, runpy\n"
-             "sys.argv = ['llamactl'] + sys.argv[1:]\n"
-             "try:\n"
-             "    runpy.run_module('llamactl', run_name='__main__')\n"
-             "except SystemExit:\n"
-             "    pass\n"
-             f"print(sorted(m for m in {heavy!r} if m in sys.modules))\n")
+def test_light_commands_import_no_heavy_library_nor_other_commands(tmp_path) -> None:
+    """What a Tab of completion, --version, ps, gpus, evict and logs load: no heavy library (pydantic is Typer's,
+    see llamactl/cli/coerce.py), and no other command's module."""
+    heavy = ("numpy", "aiohttp", "httpx", "llamactl.model.demo_model", "gguf", "pydantic", "llamactl.cli.estimate",
+             "llamactl.cli.demo", "llamactl.cli.proxy", "llamactl.cli.top")
     env = {"LLAMACTL_STATE_DIR": str(tmp_path / "state"), "PATH": "/usr/bin:/bin", "HOME": str(tmp_path),
            "LLAMA_SERVER": str(tmp_path / "no-llama-server")}
     complete = {"_LLAMACTL_COMPLETE": "complete_bash", "COMP_WORDS": "llamactl ev", "COMP_CWORD": "1"}
     for argv, extra in ((["--version"], {}), (["ps"], {}), (["ps", "--help"], {}), (["gpus", "--gpus", "none"], {}),
                         (["evict", "--all"], {}), (["logs", "--help"], {}), ([], complete)):
-        out = subprocess.run([sys.executable, "-c", probe, *argv], capture_output=True, text=True, timeout=60,
-                             env={**env, **extra})
-        assert out.stdout.strip().splitlines()[-1] == "[]", (argv, out.stdout[-500:], out.stderr[-500:])
-    assert "evict" in out.stdout  # the completion answered
+        stdout, loaded, out = run_and_list(argv, heavy, env={**env, **extra})
+        assert loaded == [], (argv, stdout[-500:], out.stderr[-500:])
+    assert "evict" in stdout  # the completion answered
