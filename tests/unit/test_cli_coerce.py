@@ -10,7 +10,7 @@ from typer._coercion import build_runtime_param, resolve_type_descriptor
 from typer.models import OptionInfo
 
 from llamactl.cli.coerce import NOT_PLAIN, plain
-from llamactl.model.synth import ModelSpec, write_model
+from tests.synth import ModelSpec, write_model
 from tests.importprobe import run_and_list
 
 
