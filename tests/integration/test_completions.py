@@ -47,3 +47,9 @@ def test_model_and_instance_names(tmp_path: Path) -> None:
         instances["chat-b"] = Instance(name="chat-b", model="m", port=2, status=Status.DEAD)
     assert complete("llamactl evict chat", {"LLAMACTL_STATE_DIR": str(state)}) == ["chat-a", "chat-b"]
     assert complete(f"llamactl --state-dir {state} logs chat-b") == ["chat-b"]
+
+
+def test_setting_values_complete_from_the_registry() -> None:
+    assert complete("llamactl estimate m.gguf -ctk q8") == ["q8_0"]
+    assert complete("llamactl plan m.gguf --flash-attn ") == ["on", "off", "auto"]
+    assert complete("llamactl launch m.gguf -ngl a") == ["all", "auto"]
