@@ -35,8 +35,8 @@ class EventLog:
 
 def local(store: Any, inventory_fn: Callable[[], Any], events: EventLog, previous: dict[str, dict] | None) -> dict[str, Any]:
     """A snapshot from this machine: the state file reconciled and polled (as `ps`), NVML (as `gpus`)."""
-    from llamactl.cli.gpus import gpus_json
-    from llamactl.cli.ps import actual_bytes, devices, drift, refresh, shown_status
+    from llamactl.gpu.inventory import to_json
+    from llamactl.servers.refresh import actual_bytes, devices, drift, refresh, shown_status
 
     rows = refresh(store)
     inv = inventory_fn()
@@ -57,7 +57,7 @@ def local(store: Any, inventory_fn: Callable[[], Any], events: EventLog, previou
             "started_by": inst.started_by, "log": str(store.log_path(inst.name)),
         })
     _diff_events(events, previous, {i["name"]: i for i in instances})
-    return {"source": str(store.dir), "at": now, "gpus": gpus_json(inv), "gpu_note": inv.note,
+    return {"source": str(store.dir), "at": now, "gpus": to_json(inv), "gpu_note": inv.note,
             "instances": instances, "events": events.json(), "requests": [], "rates": {}}
 
 
