@@ -6,10 +6,10 @@ import time
 
 import typer
 
-from llamactl import render
+from llamactl import render, views
 from llamactl.cli.common import state_store, wants_json
-from llamactl.servers.refresh import actual_bytes, devices, drift, gpu_use_by_pid, refresh, shown_status
-from llamactl.servers.state import Instance, Status
+from llamactl.servers.refresh import actual_bytes, drift, gpu_use_by_pid, refresh
+from llamactl.servers.state import Status
 from llamactl.units import format_bytes, format_duration
 
 
@@ -28,47 +28,37 @@ def command(
         rows = [(i, s) for i, s in rows if i.status not in (Status.DEAD, Status.FAILED)]
     gpu_use = gpu_use_by_pid() if any(i.gpu_ids for i, _ in rows) else None
     now = time.time()
+    shown = [views.from_instance(i, s, actual_bytes=actual_bytes(i, gpu_use), drift=drift(i),
+                                 log_path=str(store.log_path(i.name)), now=now) for i, s in rows]
     if wants_json(ctx, json_output):
-        render.emit_json([{
-            "name": i.name, "model": i.model, "status": shown_status(i, s).value, "pid": i.pid, "port": i.port,
-            "url": f"http://{i.host}:{i.port}", "gpu_ids": list(i.gpu_ids), "started_at": i.started_at,
-            "last_used": i.last_used, "started_by": i.started_by,
-            "estimated_bytes": sum(i.estimated_bytes.values()) or None, "actual_bytes": actual_bytes(i, gpu_use),
-            "slots_busy": s.slots_busy if s else None, "slots_total": s.slots_total if s else None,
-            "tokens_per_s": s.tokens_per_s if s else None, "log_path": str(store.log_path(i.name)),
-            "devices": devices(i), "drift": _drift_json(i),
-        } for i, s in rows])
+        render.emit_json([v.to_json() for v in shown])
         return
-    if not rows:
+    if not shown:
         render.note("no instances")
         return
+    print(_table(shown, now))
+    for view in shown:
+        if view.drift is not None:
+            fig = view.devices[view.drift.device]
+            print(f"! {view.name}: {view.drift.device} took {format_bytes(fig.actual_bytes)}, estimated "
+                  f"{format_bytes(fig.estimated_bytes)} ({view.drift.fraction:+.0%}); the next plan for it uses what "
+                  "was seen")
+
+
+def _table(shown: list[views.InstanceView], now: float) -> str:
     table = []
-    for inst, seen in rows:
-        actual = actual_bytes(inst, gpu_use)
-        slots = f"{seen.slots_busy}/{seen.slots_total}" if seen and seen.slots_total is not None else "-"
-        tps = f"{seen.tokens_per_s:.1f}" if seen and seen.tokens_per_s else "-"
+    for v in shown:
+        actual = format_bytes(v.actual_bytes) if v.actual_bytes is not None else ("n/a" if v.live else "-")
         table.append([
-            inst.name, inst.model.rsplit("/", 1)[-1], shown_status(inst, seen).value, inst.pid or "-", inst.port,
-            ",".join(map(str, inst.gpu_ids)) or "CPU", format_bytes(sum(inst.estimated_bytes.values()) or None),
-            (format_bytes(actual) if actual is not None else ("n/a" if inst.live else "-")) + (" !" if drift(inst) else ""),
-            slots, tps,
-            format_duration(now - inst.started_at) if inst.live else "-",
-            format_duration(now - inst.last_used) if inst.live else "-",
+            v.name, v.shown_model, v.state, v.pid or "-", v.port, ",".join(map(str, v.gpu_ids)) or "CPU",
+            format_bytes(v.estimated_bytes), actual + (" !" if v.drift else ""),
+            f"{v.slots_busy}/{v.slots_total}" if v.slots_total is not None else "-",
+            f"{v.tokens_per_s:.1f}" if v.tokens_per_s else "-",
+            format_duration(now - v.started_at) if v.live and v.started_at is not None else "-",
+            format_duration(v.idle_s) if v.idle_s is not None else "-",
         ])
-    print(render.table(table, ["NAME", "MODEL", "STATUS", "PID", "PORT", "GPUS", "EST", "ACTUAL", "SLOTS",
-                               "TOK/S", "UP", "IDLE"], align_right_from=3))
-    for inst, _ in rows:
-        worst = drift(inst)
-        if worst is not None:
-            dev, rel = worst
-            fig = devices(inst)[dev]
-            print(f"! {inst.name}: {dev} took {format_bytes(fig['actual_bytes'])}, estimated "
-                  f"{format_bytes(fig['estimated_bytes'])} ({rel:+.0%}); the next plan for it uses what was seen")
-
-
-def _drift_json(inst: Instance) -> dict[str, object] | None:
-    worst = drift(inst)
-    return None if worst is None else {"device": worst[0], "fraction": round(worst[1], 4)}
+    return render.table(table, ["NAME", "MODEL", "STATUS", "PID", "PORT", "GPUS", "EST", "ACTUAL", "SLOTS", "TOK/S",
+                                "UP", "IDLE"], align_right_from=3)
 
 
 def register(app: typer.Typer) -> None:

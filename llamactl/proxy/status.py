@@ -13,11 +13,11 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, disa
 from prometheus_client.core import CounterMetricFamily
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
-from llamactl.gpu.inventory import Inventory, to_json
+from llamactl.gpu.inventory import Inventory
 from llamactl.lifecycle import SLOT
 from llamactl.proxy.context import Proxy, proxy_of
-from llamactl.proxy.pool import Pool
-from llamactl.servers import client
+from llamactl.proxy.pool import Pool, Slot
+from llamactl.views import DeviceUse, InstanceView, Snapshot
 
 disable_created_metrics()  # Prometheus' conventions: counters end in _total, no extra _created series
 
@@ -69,32 +69,36 @@ class _PoolCounters:
         yield evictions
 
 
-def snapshot(proxy: Proxy, inv: Inventory | None) -> dict[str, object]:
-    """The live picture `llamactl top --url` and the status page draw (views.py's shape)."""
+def snapshot(proxy: Proxy, inv: Inventory | None) -> Snapshot:
+    """The live picture `llamactl top --url` and the status page draw."""
     pool = proxy.pool
     now = time.time()
-    instances = []
-    for name, slot in sorted(pool.slots.items()):
-        inst = slot.instance
-        ttl = slot.model.ttl_s if slot.model.ttl_s is not None else pool.config.idle_ttl_s
-        idle = now - slot.last_used if inst is not None and slot.last_used else None
-        instances.append({
-            "name": name, "model": name, "aliases": list(slot.model.aliases), "state": slot.phase.value,
-            "configured": name in pool.config.models, "in_flight": slot.in_flight, "queued": slot.waiting,
-            "last_used": slot.last_used or None, "idle_s": idle if not slot.in_flight else 0.0,
-            "ttl_s": ttl, "ttl_left_s": max(ttl - idle, 0.0) if ttl is not None and idle is not None else None,
-            "started_by_proxy": slot.ours, "pid": inst.pid if inst else None, "port": inst.port if inst else None,
-            "gpu_ids": list(inst.gpu_ids) if inst else [],
-            "estimated_bytes": sum(inst.estimated_bytes.values()) if inst else None,
-            "actual_bytes": sum(inst.actual_bytes.values()) or None if inst else None,
-            "devices": {d: {"estimated_bytes": inst.estimated_bytes.get(d), "actual_bytes": inst.actual_bytes.get(d)}
-                        for d in inst.estimated_bytes} if inst else {},
-            **_live_fields(proxy.live.get(name) if inst else None),
-        })
-    return {"source": "proxy", "at": now, "gpus": to_json(inv) if inv is not None else [],
-            "gpu_note": inv.note if inv is not None else None, "instances": instances,
-            "events": pool.events.json(), "requests": list(proxy.recent)[-50:], "rates": _rates(proxy, now),
-            "history": list(proxy.history), "queue": sum(s.waiting for s in pool.slots.values())}
+    instances = tuple(_instance(proxy, name, slot, now) for name, slot in sorted(pool.slots.items()))
+    return Snapshot(source="proxy", at=now, gpus=inv.gpus if inv is not None else (),
+                    gpu_note=inv.note if inv is not None else None, instances=instances, events=pool.events.recent(),
+                    requests=tuple(proxy.recent)[-50:], rates=_rates(proxy, now), history=tuple(proxy.history),
+                    queue=sum(s.waiting for s in pool.slots.values()))
+
+
+def _instance(proxy: Proxy, name: str, slot: Slot, now: float) -> InstanceView:
+    inst = slot.instance
+    ttl = slot.model.ttl_s if slot.model.ttl_s is not None else proxy.pool.config.idle_ttl_s
+    idle = now - slot.last_used if inst is not None and slot.last_used else None
+    live = proxy.live.get(name) if inst is not None else None
+    return InstanceView(
+        name=name, model=name, state=slot.phase.value, aliases=tuple(slot.model.aliases),
+        configured=name in proxy.pool.config.models, in_flight=slot.in_flight, queued=slot.waiting,
+        last_used=slot.last_used or None, idle_s=idle if not slot.in_flight else 0.0, ttl_s=ttl,
+        ttl_left_s=max(ttl - idle, 0.0) if ttl is not None and idle is not None else None,
+        started_by_proxy=slot.ours, pid=inst.pid if inst else None, port=inst.port if inst else None,
+        url=slot.base_url if inst else None, started_at=inst.started_at if inst else None,
+        started_by=inst.started_by if inst else None, gpu_ids=tuple(inst.gpu_ids) if inst else (),
+        estimated_bytes=sum(inst.estimated_bytes.values()) if inst else None,
+        actual_bytes=sum(inst.actual_bytes.values()) or None if inst else None,
+        devices={d: DeviceUse(inst.estimated_bytes.get(d), inst.actual_bytes.get(d)) for d in inst.estimated_bytes}
+        if inst else {},
+        slots_busy=live.slots_busy if live else None, slots_total=live.slots_total if live else None,
+        tokens_per_s=live.tokens_per_s if live else None)
 
 
 def _rates(proxy: Proxy, now: float) -> dict[str, dict[str, object]]:
@@ -112,15 +116,10 @@ def _rates(proxy: Proxy, now: float) -> dict[str, dict[str, object]]:
     return rates
 
 
-def _live_fields(live: client.Live | None) -> dict[str, object]:
-    return {"slots_busy": live.slots_busy if live else None, "slots_total": live.slots_total if live else None,
-            "tokens_per_s": live.tokens_per_s if live else None}
-
-
 async def status(request: web.Request) -> web.Response:
     proxy = proxy_of(request)
     inv = await asyncio.to_thread(proxy.inventory_fn)
-    return web.json_response(snapshot(proxy, inv))
+    return web.json_response(snapshot(proxy, inv).to_json())
 
 
 async def status_stream(request: web.Request) -> web.StreamResponse:
@@ -133,7 +132,7 @@ async def status_stream(request: web.Request) -> web.StreamResponse:
     while not proxy.shutting_down:
         inv = proxy.inventory or await asyncio.to_thread(proxy.inventory_fn)
         try:
-            await response.write(f"data: {json.dumps(snapshot(proxy, inv))}\n\n".encode())
+            await response.write(f"data: {json.dumps(snapshot(proxy, inv).to_json())}\n\n".encode())
         except (ConnectionResetError, aiohttp.ClientConnectionResetError):
             break
         proxy.changed.clear()
