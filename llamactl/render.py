@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import sys
 from collections.abc import Sequence
+from dataclasses import fields, is_dataclass, replace
 
 
 def emit_json(data: object, *, compact: bool = False) -> None:
@@ -34,13 +35,15 @@ def safe(text: object) -> str:
 
 
 def safe_tree(data: object) -> object:
-    """Every string in a JSON-like tree made safe() (a snapshot from a remote proxy, before it is drawn)."""
+    """Every string in a tree of JSON values and dataclasses made safe() (a snapshot, before it is drawn)."""
     if isinstance(data, str):
         return safe(data)
     if isinstance(data, dict):
         return {safe(k) if isinstance(k, str) else k: safe_tree(v) for k, v in data.items()}
-    if isinstance(data, list):
-        return [safe_tree(v) for v in data]
+    if isinstance(data, (list, tuple)):
+        return type(data)(safe_tree(v) for v in data)
+    if is_dataclass(data) and not isinstance(data, type):  # a frozen record (a view, a GPU): a copy, made safe
+        return replace(data, **{f.name: safe_tree(getattr(data, f.name)) for f in fields(data) if f.init})
     return data
 
 

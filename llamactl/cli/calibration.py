@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import os
 import stat
-import statistics
 import sys
 import time
 from enum import Enum
@@ -20,7 +19,6 @@ from llamactl.errors import UsageError
 from llamactl.units import format_bytes, format_duration
 
 if TYPE_CHECKING:  # the store and the model load on use: `llamactl --help` and other commands stay fast
-    from llamactl.learn.calibrate import Observation
     from llamactl.learn.store import CalibrationStore
 
 EXPORT_FORMAT = "llamactl-calibration"
@@ -32,48 +30,6 @@ class Action(str, Enum):
     reset = "reset"
     export = "export"
     import_ = "import"
-
-
-def summary(observations: list[Observation]) -> dict[str, Any]:
-    """Per model and settings: launches, failures, and the newest launch's formula vs logged per device;
-    the learned GPU overheads and compute corrections."""
-    from llamactl.learn import calibrate
-    from llamactl.model.memory import DEFAULT_GPU_OVERHEAD_BYTES
-
-    groups: dict[tuple[str, str], list[Observation]] = {}
-    for o in observations:
-        groups.setdefault((o.model_key, o.settings_key), []).append(o)
-    rows = []
-    for (model, key), obs in groups.items():
-        obs.sort(key=lambda o: o.at, reverse=True)
-        ready = [o for o in obs if o.outcome == "ready"]
-        newest = ready[0] if ready else obs[0]
-        rows.append({
-            "model": newest.model_path, "model_key": model, "settings_key": key, "arch": newest.arch,
-            "backend": newest.backend, "gpus": list(newest.gpu_names), "launches": len(ready),
-            "out_of_memory": len(obs) - len(ready), "last": newest.at, "build": newest.build,
-            "devices": [{"device": d.device, "estimated_bytes": sum(d.formula.get(t, 0) for t in calibrate.TERMS),
-                         "logged_bytes": d.logged_total, "nvml_bytes": d.nvml_bytes} for d in newest.devices] if ready else [],
-        })
-    rows.sort(key=lambda r: r["last"], reverse=True)
-    overhead, why = calibrate._overheads([o for o in observations if o.outcome == "ready"], DEFAULT_GPU_OVERHEAD_BYTES,
-                                         None, None)
-    samples: dict[str, list[int]] = {}
-    for o in observations:
-        for d in o.devices:
-            if d.gpu_name and d.overhead_seen is not None and d.logged_total:
-                samples.setdefault(d.gpu_name, []).append(d.overhead_seen)
-    overheads = [{"gpu": name, "launches": len(values), "median_bytes": int(statistics.median(values)),
-                  "used_bytes": int(overhead[name].value) if name in overhead else None,
-                  "note": overhead[name].text if name in overhead else why.get(name, "")}
-                 for name, values in sorted(samples.items())]
-    compute = []
-    for arch in sorted({o.arch for o in observations}):
-        for (backend, partial), basis in sorted(calibrate._compute_factors(
-                [o for o in observations if o.outcome == "ready" and o.arch == arch]).items()):
-            compute.append({"arch": arch, "backend": backend, "partial": partial, "factor": round(basis.value, 4),
-                            "launches": basis.n})
-    return {"observations": len(observations), "models": rows, "gpu_overhead": overheads, "compute": compute}
 
 
 def _print(store: CalibrationStore, data: dict[str, Any]) -> None:
@@ -149,6 +105,7 @@ def command(
     from llamactl.learn import calibrate
     from llamactl.learn.calibrate import observation_from_row, observation_to_row
     from llamactl.learn.store import CalibrationStore
+    from llamactl.learn.summary import summary
 
     st = state_store(ctx)
     store = CalibrationStore(st.dir, file_mode=st.file_mode)

@@ -10,9 +10,9 @@ import typer
 from llamactl import render
 from llamactl.cli.common import state_store, wants_json
 from llamactl.cli.complete import instance_names
-from llamactl.cli.ps import refresh
 from llamactl.errors import UsageError
 from llamactl.servers.launcher import stop_instances
+from llamactl.servers.refresh import refresh
 from llamactl.servers.state import Status
 from llamactl.units import format_duration, parse_duration
 

@@ -18,30 +18,6 @@ WATCH_DEFAULT_S = 2.0
 _CLEAR = "\x1b[H\x1b[2J"
 
 
-def gpus_json(inv: inventory.Inventory) -> list[dict[str, object]]:
-    """The schema `--gpus-file` reads back: stable keys, bytes."""
-    out: list[dict[str, object]] = []
-    for gpu in inv.gpus:
-        entry: dict[str, object] = {
-            "index": gpu.index,
-            "uuid": gpu.uuid,
-            "name": gpu.name,
-            "memory_total_bytes": gpu.memory_total_bytes,
-            "memory_used_bytes": gpu.memory_used_bytes,
-            "memory_free_bytes": gpu.memory_free_bytes,
-            "utilization_gpu": gpu.utilization_gpu,
-            "utilization_memory": gpu.utilization_memory,
-            "temperature_c": gpu.temperature_c,
-            "power_w": gpu.power_w,
-            "processes": [{"pid": p.pid, "used_memory_bytes": p.used_memory_bytes, "instance": p.instance}
-                          for p in gpu.processes],
-        }
-        if gpu.error:
-            entry["error"] = gpu.error
-        out.append(entry)
-    return out
-
-
 def _process_text(gpu: inventory.Gpu) -> str:
     parts = []
     for proc in gpu.processes:
@@ -83,7 +59,7 @@ def command(
         while True:
             inv = inventory.resolve(gpus, gpus_file)
             if as_json:
-                render.emit_json(gpus_json(inv), compact=watch is not None)
+                render.emit_json(inventory.to_json(inv), compact=watch is not None)
             else:
                 if watch is not None and tty:
                     sys.stdout.write(_CLEAR + time.strftime("%H:%M:%S") + f"  every {watch:g}s, Ctrl-C to stop\n\n")

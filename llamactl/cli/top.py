@@ -16,7 +16,7 @@ import termios
 import threading
 import time
 import tty
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Optional
@@ -32,6 +32,8 @@ if TYPE_CHECKING:  # rich loads when top runs, not with every llamactl command
     from rich.console import Group
     from rich.text import Text
 
+    from llamactl.gpu.inventory import Gpu
+
 PALETTE = ("cyan", "magenta", "green", "yellow", "blue", "red", "bright_cyan", "bright_magenta")
 SORTS = ("name", "memory", "idle")
 BAR_MIN, BAR_MAX = 20, 80
@@ -46,19 +48,19 @@ class Screen:
     show_log: bool = False
     confirm: str | None = None  # the instance `e` asked to evict, until y/n
     message: str = ""
-    snapshot: dict[str, Any] = field(default_factory=dict)
+    snapshot: views.Snapshot = field(default_factory=lambda: views.Snapshot(source="", at=0.0))
 
-    def instances(self) -> list[dict[str, Any]]:
-        rows = list(self.snapshot.get("instances", []))
+    def instances(self) -> list[views.InstanceView]:
+        rows = list(self.snapshot.instances)
         if self.sort == "memory":
-            rows.sort(key=lambda i: -(i.get("actual_bytes") or i.get("estimated_bytes") or 0))
+            rows.sort(key=lambda i: -(i.actual_bytes or i.estimated_bytes or 0))
         elif self.sort == "idle":
-            rows.sort(key=lambda i: -(i.get("idle_s") or 0))
+            rows.sort(key=lambda i: -(i.idle_s or 0))
         else:
-            rows.sort(key=lambda i: i["name"])
+            rows.sort(key=lambda i: i.name)
         return rows
 
-    def current(self) -> dict[str, Any] | None:
+    def current(self) -> views.InstanceView | None:
         rows = self.instances()
         if not rows:
             return None
@@ -66,10 +68,10 @@ class Screen:
         return rows[self.selected]
 
 
-def _bar(gpu: dict[str, Any], instances: list[dict[str, Any]], colors: dict[str, str], width: int) -> Text:
+def _bar(gpu: Gpu, instances: tuple[views.InstanceView, ...], colors: dict[str, str], width: int) -> Text:
     from rich.text import Text
 
-    total = gpu.get("memory_total_bytes") or 1
+    total = gpu.memory_total_bytes or 1
     bar = Text()
     used_cells = 0
     segments = views.gpu_segments(gpu, instances)
@@ -90,65 +92,60 @@ def render(screen: Screen, width: int = 120) -> Group:
 
     snap = screen.snapshot
     instances = screen.instances()
-    colors = {inst["name"]: PALETTE[i % len(PALETTE)] for i, inst in enumerate(sorted(snap.get("instances", []),
-                                                                                      key=lambda i: i["name"]))}
+    colors = {name: PALETTE[i % len(PALETTE)] for i, name in enumerate(sorted(i.name for i in snap.instances))}
     parts: list[Any] = []
-    stamp = time.strftime("%H:%M:%S", time.localtime(snap.get("at", time.time())))
-    source = str(snap.get("source", ""))
+    stamp = time.strftime("%H:%M:%S", time.localtime(snap.at or time.time()))
+    source = snap.source
     source = source if len(source) <= 40 else "…" + source[-39:]
     parts.append(Text.assemble(("llamactl top", "bold"), f"  {source}  {stamp}  ",
                                (f"{len(instances)} instances", "bold"),
                                "   q quit · ↑↓ select · e evict · l log · s sort: " + screen.sort))
-    gpus = snap.get("gpus", [])
-    if not gpus:
-        parts.append(Text(f"GPUs: none ({snap.get('gpu_note') or 'no NVIDIA GPU visible'})", style="grey50"))
+    if not snap.gpus:
+        parts.append(Text(f"GPUs: none ({snap.gpu_note or 'no NVIDIA GPU visible'})", style="grey50"))
     bar_width = max(BAR_MIN, min(BAR_MAX, width - 40))
-    for gpu in gpus:
-        if gpu.get("error"):
-            parts.append(Text(f"GPU {gpu['index']} {gpu.get('name', '')}: {gpu['error']}", style="red"))
+    for gpu in snap.gpus:
+        if gpu.error:
+            parts.append(Text(f"GPU {gpu.index} {gpu.name}: {gpu.error}", style="red"))
             continue
-        facts = [f"GPU {gpu['index']} {gpu.get('name', '')}",
-                 f"{format_bytes(gpu.get('memory_used_bytes'))} / {format_bytes(gpu.get('memory_total_bytes'))}"]
-        if gpu.get("utilization_gpu") is not None:
-            facts.append(f"util {gpu['utilization_gpu']}%")
-        if gpu.get("temperature_c") is not None:
-            facts.append(f"{gpu['temperature_c']}°C")
-        if gpu.get("power_w") is not None:
-            facts.append(f"{gpu['power_w']:.0f} W")
+        facts = [f"GPU {gpu.index} {gpu.name}",
+                 f"{format_bytes(gpu.memory_used_bytes)} / {format_bytes(gpu.memory_total_bytes)}"]
+        if gpu.utilization_gpu is not None:
+            facts.append(f"util {gpu.utilization_gpu}%")
+        if gpu.temperature_c is not None:
+            facts.append(f"{gpu.temperature_c}°C")
+        if gpu.power_w is not None:
+            facts.append(f"{gpu.power_w:.0f} W")
         head = Text("  ".join(facts), style="bold")
         legend = Text("  ")
-        for label, size, kind in views.gpu_segments(gpu, snap.get("instances", [])):
+        for label, size, kind in views.gpu_segments(gpu, snap.instances):
             style = colors.get(label, "white") if kind == "instance" else ("grey50" if kind == "other" else "grey30")
             legend.append(f"■ {label} {format_bytes(size)}  ", style=style)
-        parts += [head, Text.assemble("  ", _bar(gpu, snap.get("instances", []), colors, bar_width)), legend]
+        parts += [head, Text.assemble("  ", _bar(gpu, snap.instances, colors, bar_width)), legend]
     table = Table(expand=False, box=None, header_style="bold", pad_edge=False)
     for col in ("NAME", "MODEL", "STATE", "GPUS", "EST", "ACTUAL", "SLOTS", "TOK/S", "QUEUE", "IDLE", "TTL"):
         table.add_column(col, no_wrap=True, justify="right" if col in ("EST", "ACTUAL", "TOK/S", "QUEUE") else "left")
     current = screen.current()
     for inst in instances:
-        slots = (f"{inst['slots_busy']}/{inst['slots_total']}" if inst.get("slots_total") is not None
-                 else (str(inst.get("in_flight")) if inst.get("in_flight") is not None else "-"))
-        actual = views.describe_bytes(inst.get("actual_bytes")) + (" !" if inst.get("drift") else "")
-        style = "reverse" if current is not None and inst["name"] == current["name"] else ""
-        table.add_row(Text(inst["name"], style=colors.get(inst["name"], "")), str(inst.get("model", "-"))[:30],
-                      inst.get("state", "-"),
-                      (",".join(map(str, inst.get("gpu_ids") or [])) or "CPU") if inst.get("pid") else "-",
-                      views.describe_bytes(inst.get("estimated_bytes")), actual, slots,
-                      f"{inst['tokens_per_s']:.1f}" if inst.get("tokens_per_s") else "-",
-                      str(inst["queued"]) if inst.get("queued") is not None else "-",
-                      format_duration(inst["idle_s"]) if inst.get("idle_s") is not None else "-",
-                      format_duration(inst["ttl_left_s"]) if inst.get("ttl_left_s") is not None else "-", style=style)
+        slots = (f"{inst.slots_busy}/{inst.slots_total}" if inst.slots_total is not None
+                 else _or_dash(inst.in_flight, str))
+        actual = views.describe_bytes(inst.actual_bytes) + (" !" if inst.drift else "")
+        style = "reverse" if current is not None and inst.name == current.name else ""
+        table.add_row(Text(inst.name, style=colors.get(inst.name, "")), inst.shown_model[:30], inst.state,
+                      (",".join(map(str, inst.gpu_ids)) or "CPU") if inst.pid else "-",
+                      views.describe_bytes(inst.estimated_bytes), actual, slots,
+                      f"{inst.tokens_per_s:.1f}" if inst.tokens_per_s else "-", _or_dash(inst.queued, str),
+                      _or_dash(inst.idle_s, format_duration), _or_dash(inst.ttl_left_s, format_duration), style=style)
     parts.append(Panel(table if instances else Text("no instances", style="grey50"), title="instances", title_align="left"))
-    events = snap.get("events", [])[-8:]
+    events = snap.events[-8:]
     ev = Text()
     for e in events:
-        ev.append(time.strftime("%H:%M:%S ", time.localtime(e["at"])))
-        ev.append(f"{e['kind']:<9}", style="bold red" if e["kind"] in ("crash", "oom", "failed") else "bold")
-        ev.append(f" {e['model']}  {e.get('detail', '')}\n")
+        ev.append(time.strftime("%H:%M:%S ", time.localtime(e.at)))
+        ev.append(f"{e.kind:<9}", style="bold red" if e.kind in ("crash", "oom", "failed") else "bold")
+        ev.append(f" {e.model}  {e.detail}\n")
     ev.rstrip()
     parts.append(Panel(ev if events else Text("none yet", style="grey50"), title="events", title_align="left"))
     if screen.show_log and current is not None:
-        parts.append(Panel(Text(_log_tail(current)), title=f"log: {current['name']}", title_align="left"))
+        parts.append(Panel(Text(_log_tail(current)), title=f"log: {current.name}", title_align="left"))
     if screen.confirm:
         parts.append(Text(f"evict {screen.confirm}? y/n", style="bold yellow"))
     elif screen.message:
@@ -156,13 +153,16 @@ def render(screen: Screen, width: int = 120) -> Group:
     return Group(*parts)
 
 
-def _log_tail(inst: dict[str, Any], lines: int = 12) -> str:
+def _or_dash(value: float | int | None, shown: Callable[[Any], str]) -> str:
+    return shown(value) if value is not None else "-"
+
+
+def _log_tail(inst: views.InstanceView, lines: int = 12) -> str:
     from pathlib import Path
 
     from llamactl.servers.runner import tail
 
-    path = inst.get("log")
-    return tail(Path(path), lines) if path else "(no log through --url)"
+    return tail(Path(inst.log_path), lines) if inst.log_path else "(no log through --url)"
 
 
 @contextmanager
@@ -225,15 +225,15 @@ def command(
     from llamactl.gpu import inventory
 
     events = views.EventLog()
-    previous: dict[str, dict] | None = None
+    previous: dict[str, views.InstanceView] | None = None
     store = None if url else state_store(ctx)
 
-    def snapshot() -> dict[str, Any]:
+    def snapshot() -> views.Snapshot:
         nonlocal previous
         if url:
             return safe_tree(views.remote(url, api_key))  # type: ignore[return-value]
         snap = views.local(store, lambda: inventory.resolve(None, None), events, previous)
-        previous = {i["name"]: i for i in snap["instances"]}
+        previous = {i.name: i for i in snap.instances}
         return safe_tree(snap)  # type: ignore[return-value]  # names and models drawn as text
 
     from rich.console import Console
@@ -285,7 +285,7 @@ def command(
             elif key == "e":
                 current = screen.current()
                 if current is not None:
-                    screen.confirm = current["name"]
+                    screen.confirm = current.name
             live.update(render(screen, console.width), refresh=True)
 
 

@@ -2,8 +2,9 @@
 
 Simulated inventories are what let `estimate` and `plan` run for hardware that
 is not here: `--gpus none`, `--gpus 24GiB,16GiB`, `--gpus 2x80GiB`,
-`--gpus-file inv.json` (the schema `llamactl gpus --json` prints) or the env
-var LLAMACTL_GPUS with the `--gpus` syntax.
+`--gpus-file inv.json` or the env var LLAMACTL_GPUS with the `--gpus` syntax.
+The file's schema is `to_json()`'s (what `llamactl gpus --json` prints and the
+proxy's /status carries), read back, every field checked, by `from_json()`.
 """
 
 from __future__ import annotations
@@ -92,6 +93,102 @@ def _int_field(entry: dict[str, object], key: str, where: str, *, optional: bool
     return value
 
 
+def _float_field(entry: dict[str, object], key: str, where: str) -> float | None:
+    value = entry.get(key)
+    if value is None:
+        return None
+    if not isinstance(value, (int, float)) or isinstance(value, bool) or not 0 <= value < 1e9:
+        raise UsageError(f"{where}: {key!r} must be a non-negative number, got {value!r}")
+    return float(value)
+
+
+def to_json(inv: Inventory) -> list[dict[str, object]]:
+    """The schema `llamactl gpus --json` prints and `--gpus-file` reads back: stable keys, bytes."""
+    out: list[dict[str, object]] = []
+    for gpu in inv.gpus:
+        entry: dict[str, object] = {
+            "index": gpu.index,
+            "uuid": gpu.uuid,
+            "name": gpu.name,
+            "memory_total_bytes": gpu.memory_total_bytes,
+            "memory_used_bytes": gpu.memory_used_bytes,
+            "memory_free_bytes": gpu.memory_free_bytes,
+            "utilization_gpu": gpu.utilization_gpu,
+            "utilization_memory": gpu.utilization_memory,
+            "temperature_c": gpu.temperature_c,
+            "power_w": gpu.power_w,
+            "processes": [{"pid": p.pid, "used_memory_bytes": p.used_memory_bytes, "instance": p.instance}
+                          for p in gpu.processes],
+        }
+        if gpu.error:
+            entry["error"] = gpu.error
+        out.append(entry)
+    return out
+
+
+def from_json(data: object, where: str) -> Inventory:
+    """An inventory from `to_json`'s schema (a list, or an object with `gpus`), every field checked: a
+    UsageError naming `where` and the GPU otherwise."""
+    if isinstance(data, dict) and "gpus" in data:
+        data = data["gpus"]
+    if not isinstance(data, list):
+        raise UsageError(f"{where}: expected a list of GPUs as printed by `llamactl gpus --json`")
+    gpus = []
+    seen: set[int] = set()
+    for position, entry in enumerate(data):
+        gpu = gpu_from_json(entry, position, f"{where}: GPU #{position}")
+        if gpu.index in seen:
+            raise UsageError(f"{where}: GPU #{position}: index {gpu.index} appears twice")
+        seen.add(gpu.index)
+        gpus.append(gpu)
+    return Inventory(tuple(gpus), where)
+
+
+def gpu_from_json(entry: object, position: int, where: str) -> Gpu:
+    """One GPU of `to_json`'s schema, checked (UsageError naming `where`); its index defaults to `position`."""
+    if not isinstance(entry, dict):
+        raise UsageError(f"{where}: expected an object")
+    total = _int_field(entry, "memory_total_bytes", where)
+    used = _int_field(entry, "memory_used_bytes", where, optional=True)
+    free = _int_field(entry, "memory_free_bytes", where, optional=True)
+    assert total is not None
+    if free is None:
+        free = total - (used or 0)
+    if used is None:
+        used = total - free
+    if free > total:
+        raise UsageError(f"{where}: memory_free_bytes exceeds memory_total_bytes")
+    if used > total:
+        raise UsageError(f"{where}: memory_used_bytes exceeds memory_total_bytes")
+    procs = []
+    raw_procs = entry.get("processes") or []
+    if not isinstance(raw_procs, list):
+        raise UsageError(f"{where}: 'processes' must be a list")
+    for number, proc in enumerate(raw_procs):
+        pwhere = f"{where} process #{number}"
+        if not isinstance(proc, dict):
+            raise UsageError(f"{pwhere}: expected an object")
+        instance = proc.get("instance")
+        procs.append(GpuProcess(_int_field(proc, "pid", pwhere) or 0,
+                                _int_field(proc, "used_memory_bytes", pwhere, optional=True),
+                                instance if isinstance(instance, str) else None))
+    index = entry.get("index", position)
+    if isinstance(index, bool) or not isinstance(index, int) or index < 0:
+        raise UsageError(f"{where}: 'index' must be a non-negative integer, got {index!r}")
+    error = entry.get("error")
+    return Gpu(
+        index=index,
+        name=str(entry.get("name") or "GPU"),
+        memory_total_bytes=total, memory_free_bytes=free, memory_used_bytes=used,
+        uuid=entry.get("uuid") if isinstance(entry.get("uuid"), str) else None,
+        utilization_gpu=_int_field(entry, "utilization_gpu", where, optional=True),
+        utilization_memory=_int_field(entry, "utilization_memory", where, optional=True),
+        temperature_c=_int_field(entry, "temperature_c", where, optional=True),
+        power_w=_float_field(entry, "power_w", where),
+        processes=tuple(procs), simulated=True, error=error if isinstance(error, str) and error else None,
+    )
+
+
 MAX_GPUS_FILE_BYTES = 4 * 2**20  # `gpus --json` of 1024 GPUs is a few hundred KiB
 
 
@@ -114,57 +211,7 @@ def load_gpus_file(path: str | os.PathLike[str]) -> Inventory:
         raise UsageError(f"{file}: cannot read GPU inventory: {getattr(exc, 'strerror', None) or exc}") from None
     except json.JSONDecodeError as exc:
         raise UsageError(f"{file}: not valid JSON (line {exc.lineno}): {exc.msg}") from None
-    if isinstance(data, dict) and "gpus" in data:
-        data = data["gpus"]
-    if not isinstance(data, list):
-        raise UsageError(f"{file}: expected a list of GPUs as printed by `llamactl gpus --json`")
-    gpus = []
-    seen: set[int] = set()
-    for position, entry in enumerate(data):
-        where = f"{file}: GPU #{position}"
-        if not isinstance(entry, dict):
-            raise UsageError(f"{where}: expected an object")
-        total = _int_field(entry, "memory_total_bytes", where)
-        used = _int_field(entry, "memory_used_bytes", where, optional=True)
-        free = _int_field(entry, "memory_free_bytes", where, optional=True)
-        assert total is not None
-        if free is None:
-            free = total - (used or 0)
-        if used is None:
-            used = total - free
-        if free > total:
-            raise UsageError(f"{where}: memory_free_bytes exceeds memory_total_bytes")
-        if used > total:
-            raise UsageError(f"{where}: memory_used_bytes exceeds memory_total_bytes")
-        procs = []
-        raw_procs = entry.get("processes") or []
-        if not isinstance(raw_procs, list):
-            raise UsageError(f"{where}: 'processes' must be a list")
-        for number, proc in enumerate(raw_procs):
-            pwhere = f"{where} process #{number}"
-            if not isinstance(proc, dict):
-                raise UsageError(f"{pwhere}: expected an object")
-            instance = proc.get("instance")
-            procs.append(GpuProcess(_int_field(proc, "pid", pwhere) or 0,
-                                    _int_field(proc, "used_memory_bytes", pwhere, optional=True),
-                                    instance if isinstance(instance, str) else None))
-        index = entry.get("index", position)
-        if isinstance(index, bool) or not isinstance(index, int) or index < 0:
-            raise UsageError(f"{where}: 'index' must be a non-negative integer, got {index!r}")
-        if index in seen:
-            raise UsageError(f"{where}: index {index} appears twice")
-        seen.add(index)
-        error = entry.get("error")
-        gpus.append(Gpu(
-            index=index,
-            name=str(entry.get("name") or "GPU"),
-            memory_total_bytes=total, memory_free_bytes=free, memory_used_bytes=used,
-            uuid=entry.get("uuid") if isinstance(entry.get("uuid"), str) else None,
-            utilization_gpu=_int_field(entry, "utilization_gpu", where, optional=True),
-            utilization_memory=_int_field(entry, "utilization_memory", where, optional=True),
-            processes=tuple(procs), simulated=True, error=error if isinstance(error, str) and error else None,
-        ))
-    return Inventory(tuple(gpus), str(file))
+    return from_json(data, str(file))
 
 
 def instance_of(pid: int) -> str | None:

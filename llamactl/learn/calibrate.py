@@ -198,8 +198,8 @@ class Learned:
         for o in obs:
             if o.model_key == model:
                 (exact if o.outcome == "ready" else ooms).setdefault(o.settings_key, []).append(o)
-        overhead, overhead_notes = _overheads([o for o in obs if o.outcome == "ready"], default_overhead, driver, build)
-        compute = _compute_factors([o for o in obs if o.outcome == "ready" and o.arch == arch])
+        overhead, overhead_notes = gpu_overheads([o for o in obs if o.outcome == "ready"], default_overhead, driver, build)
+        compute = compute_factors([o for o in obs if o.outcome == "ready" and o.arch == arch])
         # an out-of-memory failure counts until a launch with the same settings succeeds (its figures then tell)
         ooms = {k: [o for o in v if not exact.get(k) or o.at > exact[k][0].at] for k, v in ooms.items()}
         return cls(model=model, backend=backend,
@@ -268,7 +268,7 @@ def _launches(n: int, what: str = "launch") -> str:
     return f"{n} {what}{'es' if n != 1 and what.endswith('h') else 's' if n != 1 else ''}"
 
 
-def _overheads(obs: Sequence[Observation], default: int, driver: str | None,
+def gpu_overheads(obs: Sequence[Observation], default: int, driver: str | None,
                build: str | None) -> tuple[dict[str, Basis], dict[str, str]]:
     """Per GPU model: NVML minus logged buffers, from the most specific group that has observations."""
     samples: dict[str, list[tuple[int, str | None, str]]] = {}
@@ -294,7 +294,7 @@ def _overheads(obs: Sequence[Observation], default: int, driver: str | None,
     return out, why
 
 
-def _compute_factors(obs: Sequence[Observation]) -> dict[tuple[str, bool], Basis]:
+def compute_factors(obs: Sequence[Observation]) -> dict[tuple[str, bool], Basis]:
     """Per (backend, partial): llama-server's logged compute buffers over the formula's, on devices with layers."""
     ratios: dict[tuple[str, bool], list[float]] = {}
     for o in obs:

@@ -6,7 +6,7 @@ answers. The defence, as Ollama and Jupyter have it: serve only requests whose `
 IP address, `localhost`, the bound name, or a configured `allowed_hosts` name; a rebinding page can only
 send its own domain), refuse an `Origin` that is neither this proxy nor in `allowed_origins`, and take
 state-changing requests only as `application/json` (which a page cannot send cross-site without a
-preflight the proxy does not grant). Pure functions; app.py applies them.
+preflight the proxy does not grant). Pure functions; guard.py applies them.
 """
 
 from __future__ import annotations

@@ -65,7 +65,7 @@ def _started_by_proxy(inst: Instance, env: dict[str, str]) -> bool:
 
 @dataclass
 class PoolStats:
-    """Counters the metrics endpoint reads (prometheus objects live in app.py)."""
+    """Counters the metrics endpoint reads (prometheus objects live in status.py)."""
 
     launches: dict[tuple[str, str], int] = field(default_factory=dict)  # (model, result) → count
     evictions: dict[str, int] = field(default_factory=dict)  # reason → count

@@ -55,6 +55,23 @@ def model_path(client: httpx.Client, base_url: str) -> str | None:
         return None
 
 
+def slots_of(data: object) -> tuple[int | None, int | None]:
+    """(busy, total) from a /slots reply; (None, None) when it is not a list of slots (no /slots, a key)."""
+    if not isinstance(data, list):
+        return None, None
+    return sum(1 for s in data if isinstance(s, dict) and s.get("is_processing")), len(data)
+
+
+def speed_of(metrics_text: str) -> tuple[float | None, int | None]:
+    """(tokens/s, activity) from llama-server's /metrics: the generation speed, and prompt + predicted token
+    counters (grows with every request)."""
+    metrics = {k: float(v) for k, v in _METRIC_RE.findall(metrics_text)}
+    activity = None
+    if "prompt_tokens_total" in metrics or "tokens_predicted_total" in metrics:
+        activity = int(metrics.get("prompt_tokens_total", 0) + metrics.get("tokens_predicted_total", 0))
+    return metrics.get("predicted_tokens_seconds"), activity
+
+
 def _poll(base_url: str, timeout_s: float) -> Live:
     import httpx
 
@@ -64,19 +81,13 @@ def _poll(base_url: str, timeout_s: float) -> Live:
             return Live(healthy=False)
         busy = total = tps = activity = None
         try:
-            slots = client.get(f"{base_url}/slots").json()
-            if isinstance(slots, list):
-                total = len(slots)
-                busy = sum(1 for s in slots if isinstance(s, dict) and s.get("is_processing"))
+            busy, total = slots_of(client.get(f"{base_url}/slots").json())
         except (httpx.HTTPError, ValueError):
             pass
         try:
             reply = client.get(f"{base_url}/metrics")
             if reply.status_code == 200:
-                metrics = {k: float(v) for k, v in _METRIC_RE.findall(reply.text)}
-                tps = metrics.get("predicted_tokens_seconds")
-                if "prompt_tokens_total" in metrics or "tokens_predicted_total" in metrics:
-                    activity = int(metrics.get("prompt_tokens_total", 0) + metrics.get("tokens_predicted_total", 0))
+                tps, activity = speed_of(reply.text)
         except (httpx.HTTPError, ValueError):
             pass
         return Live(healthy=code == 200, slots_busy=busy, slots_total=total, tokens_per_s=tps, activity=activity)

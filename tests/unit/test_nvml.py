@@ -76,13 +76,13 @@ def test_llamactl_instances_are_marked(fake_nvml) -> None:
 
 
 def test_gpus_table_renders_errors_and_instances(fake_nvml) -> None:
-    from llamactl.cli.gpus import gpus_json, gpus_table
+    from llamactl.cli.gpus import gpus_table
 
     fake_nvml([FakeGpu(pids=[(1, GiB)]), FakeGpu(fail={"handle"})])
     inv = inventory.live()
     table = gpus_table(inv)
     assert "error: handle failed" in table and "NVIDIA H200" in table
-    data = gpus_json(inv)
+    data = inventory.to_json(inv)
     assert data[1]["error"].startswith("handle failed") and data[0]["processes"][0]["pid"] == 1
 
 

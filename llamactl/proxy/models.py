@@ -1,0 +1,104 @@
+"""The model routes: a body read within its bounds, the model it names found, the request relayed to its instance.
+
+Also `/v1/models` (the configured models and their state) and `/health` (the proxy itself).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+from aiohttp import web
+
+from llamactl.errors import BodyTooLargeError, LlamactlError, RequestTimeoutError, UpstreamError
+from llamactl.proxy import bodies, forward
+from llamactl.proxy.context import Proxy, proxy_of
+
+MAX_BODY_HARD = 16 * 2**30  # aiohttp's own cap; the configured max_body (reloadable) is checked per request
+BODY_SECONDS_PER_MIB = 1.0  # body_timeout grows by this for each MiB a client declares
+
+
+async def read_body(request: web.Request, proxy: Proxy) -> bytes:
+    """The body within max_body (as configured now) and within body_timeout (+ a second per MiB declared)."""
+    limit = proxy.pool.config.max_body_bytes
+    declared = request.content_length
+    if declared is not None and declared > limit:
+        raise web.HTTPRequestEntityTooLarge(max_size=limit, actual_size=declared)
+    deadline = proxy.pool.config.body_timeout_s + BODY_SECONDS_PER_MIB * (declared or 0) / 2**20
+    chunks, size = [], 0
+
+    async def read_all() -> None:
+        nonlocal size
+        async for chunk in request.content.iter_any():
+            size += len(chunk)
+            if size > limit:
+                raise web.HTTPRequestEntityTooLarge(max_size=limit, actual_size=size)
+            chunks.append(chunk)
+
+    try:
+        await asyncio.wait_for(read_all(), deadline)
+    except asyncio.TimeoutError:
+        raise RequestTimeoutError(f"request body not received within {deadline:g} s") from None
+    return b"".join(chunks)
+
+
+async def model_request(request: web.Request) -> web.StreamResponse:
+    proxy = proxy_of(request)
+    body = await read_body(request, proxy)
+    # a large body is counted and parsed in another process: /health and streams go on meanwhile
+    verdict, requested = await proxy.parser.model_of(body)
+    if verdict == "too_many":
+        raise BodyTooLargeError(f"request body has more than {bodies.MAX_VALUES} JSON values")
+    if verdict == "invalid":
+        raise LlamactlError("request body is not valid JSON")
+    if verdict == "deep":
+        raise LlamactlError("request body is nested too deeply")
+    if not isinstance(requested, str) or not requested:
+        raise LlamactlError("request body needs a \"model\" naming a configured model")
+    request["model"] = requested
+    return await _forward(proxy, request, requested, body, time.monotonic())
+
+
+async def _forward(proxy: Proxy, request: web.Request, requested: str, body: bytes, started: float) -> web.StreamResponse:
+    pool, metrics = proxy.pool, proxy.metrics
+    for attempt in range(2):
+        slot = await pool.acquire(requested)
+        name = slot.model.name
+        try:
+            response, outcome = await forward.relay(request, proxy.upstream(), slot.base_url + request.path, body,
+                                                    slot.api_key, started)
+            break
+        except UpstreamError:
+            # nothing was sent yet: an instance that is gone (evicted from another shell, crashed) is
+            # forgotten and this request starts it again, once
+            if await pool.mark_dead(slot, "unreachable") and attempt == 0:
+                continue
+            raise
+        finally:
+            pool.release(slot)
+    if outcome.upstream_died:
+        await pool.mark_dead(slot, "died mid-stream", wait_s=3.0)
+    metrics.latency.labels(name).observe(time.monotonic() - started)
+    if outcome.ttfb_s is not None:
+        metrics.ttfb.labels(name).observe(outcome.ttfb_s)
+    for kind in ("prompt_tokens", "completion_tokens"):
+        if outcome.usage and kind in outcome.usage:
+            metrics.tokens.labels(name, kind.split("_")[0]).inc(outcome.usage[kind])
+    if outcome.usage:
+        request["tokens"] = outcome.usage.get("total_tokens")
+    return response
+
+
+async def models(request: web.Request) -> web.Response:
+    pool = proxy_of(request).pool
+    data = []
+    for name, slot in sorted(pool.slots.items()):
+        if name not in pool.config.models:
+            continue
+        data.append({"id": name, "object": "model", "created": 0, "owned_by": "llamactl",
+                     "aliases": list(slot.model.aliases), "status": slot.phase.value})
+    return web.json_response({"object": "list", "data": data})
+
+
+async def health(request: web.Request) -> web.Response:
+    return web.json_response({"status": "ok"})

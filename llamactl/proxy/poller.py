@@ -1,0 +1,77 @@
+"""The proxy's poller: every poll interval, the pool's round (liveness, TTLs, activity written back), then each
+ready instance's slots and speed and the GPU inventory, for /status, the page and /metrics.
+
+Instances are asked through the application's one aiohttp session, concurrently, each request within
+`client.DEFAULT_TIMEOUT_S` to connect and to read, as `ps` asks them; what they answer is parsed by the
+same functions as `ps`'s (`client.slots_of`, `client.speed_of`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import time
+
+import aiohttp
+
+from llamactl.lifecycle import Status
+from llamactl.proxy.context import Proxy
+from llamactl.servers import client
+
+log = logging.getLogger("llamactl.proxy")
+
+
+async def _get(session: aiohttp.ClientSession, url: str, timeout_s: float) -> tuple[int, bytes] | None:
+    """(status, body), or None when nothing answers in time."""
+    timeout = aiohttp.ClientTimeout(total=None, connect=timeout_s, sock_read=timeout_s)
+    try:
+        async with session.get(url, timeout=timeout, headers={"Accept-Encoding": "identity"}) as reply:
+            return reply.status, await reply.read()
+    except (aiohttp.ClientError, asyncio.TimeoutError):
+        return None
+
+
+async def poll_instance(session: aiohttp.ClientSession, base_url: str,
+                        timeout_s: float = client.DEFAULT_TIMEOUT_S) -> client.Live:
+    """What one instance says: /health, then /slots and /metrics (each may be missing)."""
+    health = await _get(session, f"{base_url}/health", timeout_s)
+    if health is None:
+        return client.Live(healthy=False)
+    busy = total = tps = activity = None
+    slots = await _get(session, f"{base_url}/slots", timeout_s)
+    if slots is not None:
+        try:
+            busy, total = client.slots_of(json.loads(slots[1]))
+        except (ValueError, RecursionError):
+            pass
+    metrics = await _get(session, f"{base_url}/metrics", timeout_s)
+    if metrics is not None and metrics[0] == 200:
+        tps, activity = client.speed_of(metrics[1].decode("utf-8", "replace"))
+    return client.Live(healthy=health[0] == 200, slots_busy=busy, slots_total=total, tokens_per_s=tps,
+                       activity=activity)
+
+
+async def poll_once(proxy: Proxy) -> None:
+    pool = proxy.pool
+    await pool.poll_once()
+    # slots busy and tokens/s of each ready instance (not those with a private key: /slots needs it)
+    ready = {n: s.base_url for n, s in pool.slots.items()
+             if s.instance is not None and s.phase is Status.READY and not s.api_key}
+    lives = await asyncio.gather(*(poll_instance(proxy.upstream(), url) for url in ready.values()))
+    proxy.live = dict(zip(ready, lives))
+    inv = await asyncio.to_thread(proxy.inventory_fn)
+    proxy.inventory = inv
+    proxy.history.append({"at": time.time(), "gpus": [
+        {"index": g.index, "used": g.memory_used_bytes, "total": g.memory_total_bytes} for g in inv.gpus]})
+
+
+async def poll_forever(proxy: Proxy) -> None:
+    while True:
+        await asyncio.sleep(proxy.pool.config.poll_interval_s)
+        try:
+            await poll_once(proxy)
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:  # the poller must outlive one bad round
+            log.error("poll failed: %s", exc)
