@@ -17,8 +17,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from llamactl.config import DEFAULT_PORT_START
-from llamactl.errors import (ExitCode, ExitedEarly, LlamactlError, NameTaken, NoFitError, NoRoomYet, OutOfMemoryAtLoad,
-                             UsageError)
+from llamactl.errors import (ExitedEarly, KilledWhileLoading, LaunchInterrupted, NameTaken, NoFitError,
+                             NoRoomYet, OutOfMemoryAtLoad, PlanOvertaken, UsageError)
 from llamactl.gpu.inventory import Inventory
 from llamactl.estimate import load_params
 from llamactl.model.params import ModelParams
@@ -284,20 +284,20 @@ def launch(store: StateStore, req: LaunchRequest, binary: str, caps: ServerCaps,
         ctx = observation_context(req, params, the_plan, inv, caps)
         try:
             return _start(store, req, the_plan, ctx, binary, caps, inv, api_key, progress, grace_s, evicted)
-        except _Claimed:
+        except PlanOvertaken:
             # another launch recorded its claim between our plan and our record: plan again with it counted
             replans += 1
             if replans > MAX_REPLANS:
-                raise LlamactlError(f"{req.name}: other launches kept taking the memory planned for it "
+                raise PlanOvertaken(f"{req.name}: other launches kept taking the memory planned for it "
                                     f"({MAX_REPLANS} plans); try again") from None
             instances = store.snapshot()
             seats = seats_of(instances, req.protected)
             continue
         except OutOfMemoryAtLoad as exc:
-            if "SIGKILL" in str(exc) and not _host_memory_tight(the_plan, req.policy):
+            if isinstance(exc, KilledWhileLoading) and not _host_memory_tight(the_plan, req.policy):
                 # plenty of RAM left: someone else killed it, not the kernel's OOM killer; nothing to learn
-                raise ExitedEarly(str(exc).split(" (the kernel")[0] + " (not for lack of memory: the host has "
-                                  "room for it)", exc.log_tail) from None
+                raise ExitedEarly(f"{exc.event} (not for lack of memory: the host has room for it)",
+                                  exc.log_tail) from None
             obs = record_oom(store, ctx, exc)
             last_tail = exc.log_tail
             first_cause = first_cause or str(exc)
@@ -329,10 +329,6 @@ def _plan_and_make_room(store: StateStore, req: LaunchRequest, params: ModelPara
     return plan_for(req, inventory_fn(), store.snapshot(), params), evicted
 
 
-class _Claimed(Exception):
-    """The plan no longer fits beside what the state holds now (another launch recorded first)."""
-
-
 def _start(store: StateStore, req: LaunchRequest, the_plan: Plan, ctx: "observe.Context", binary: str,
            caps: ServerCaps, inv: Inventory, api_key: str | None, progress: Callable[[float, str], None] | None,
            grace_s: float, evicted: tuple[str, ...]) -> Launched:
@@ -347,7 +343,7 @@ def _start(store: StateStore, req: LaunchRequest, the_plan: Plan, ctx: "observe.
                 raise NameTaken(f"an instance named {req.name!r} was started meanwhile (pid {live.pid})")
             others = running_for_placement({n: i for n, i in current.items() if n != req.name}, req.protected, inv)
             if not fits_beside(the_plan, inv.usable, others, req.policy):
-                raise _Claimed()
+                raise PlanOvertaken(f"{req.name}: another launch took the memory planned for it")
             port = req.port if req.port is not None else pick_port(current, req.port_start, req.host)
             if req.port is not None:
                 holder = next((i.name for i in current.values() if i.live and i.port == port), None)
@@ -405,7 +401,7 @@ def _start(store: StateStore, req: LaunchRequest, the_plan: Plan, ctx: "observe.
         if taken:  # it was stopped by whoever removed its entry: that is the news, not the signal it died of
             raise _entry_removed(req.name) from None
         if isinstance(exc, OutOfMemoryAtLoad):
-            exc.log_text = observe.read_log_from(log_path, log_offset)  # type: ignore[attr-defined]
+            exc.log_text = observe.read_log_from(log_path, log_offset)
         raise
     actual = record_ready(store, ctx, observe.read_loaded_log(log_path, log_offset), child.pid)
     with store.edit() as current:
@@ -488,8 +484,7 @@ def record_ready(store: StateStore, ctx: "observe.Context", log_text: str, pid: 
 
 
 def record_oom(store: StateStore, ctx: "observe.Context", exc: OutOfMemoryAtLoad) -> "Observation":
-    text = getattr(exc, "log_text", None) or exc.log_tail
-    obs = observe.observe_oom(ctx, text, killed="SIGKILL" in str(exc))
+    obs = observe.observe_oom(ctx, exc.log_text, killed=isinstance(exc, KilledWhileLoading))
     try:
         CalibrationStore(store.dir, file_mode=store.file_mode).add([obs])
     except Exception as err:
@@ -527,12 +522,6 @@ def describe_attempt(the_plan: Plan, inv: Inventory, base_margin: int) -> str:
     where = "GPU " + ",".join(map(str, the_plan.gpu_ids))
     moe = f" --n-cpu-moe {the_plan.n_cpu_moe}" if the_plan.n_cpu_moe else ""
     return f"-ngl {the_plan.n_gpu_layers}{moe} on {where} (estimate {format_bytes(gpu_total)}, {format_bytes(base_margin)} left free)"
-
-
-class LaunchInterrupted(LlamactlError):
-    """Ctrl-C while waiting for readiness: what was started has been stopped."""
-
-    exit_code = ExitCode.INTERRUPTED
 
 
 def _interrupted(name: str, pid: int) -> LaunchInterrupted:
