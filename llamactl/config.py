@@ -15,7 +15,7 @@ from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
-from llamactl.errors import UsageError
+from llamactl.errors import ConfigError, UsageError
 from llamactl.model import registry
 from llamactl.model.registry import ServerSettings
 from llamactl.placement import PlacementSpec, Strategy
@@ -74,10 +74,6 @@ class Config:
             if name in model.aliases:
                 return model
         return None
-
-
-class ConfigError(UsageError):
-    pass
 
 
 _GLOBAL_KEYS = {"server_bin", "host", "port", "port_start", "max_instances", "idle_ttl", "poll_interval",

@@ -12,6 +12,8 @@ from __future__ import annotations
 
 from enum import Enum
 
+from llamactl.errors import IllegalTransition
+
 
 class Status(str, Enum):
     STOPPED = "stopped"
@@ -21,10 +23,6 @@ class Status(str, Enum):
     STOPPING = "stopping"
     DEAD = "dead"
     FAILED = "failed"
-
-
-class IllegalTransition(Exception):
-    """A status or slot-phase change the lifecycle does not allow: a bug in llamactl, never the user's."""
 
 
 S = Status

@@ -189,8 +189,7 @@ def _traceback_if_debug() -> None:
 
 
 def _kind(exc: LlamactlError) -> str:
-    """The error's type for JSON: its class name in snake case without "error" (UsageError → usage)."""
-    import re
+    """The error's type for JSON (errors.type_name: UsageError → usage, as docs/usage.md lists them)."""
+    from llamactl.errors import type_name
 
-    name = type(exc).__name__.removesuffix("Error") or "llamactl"
-    return re.sub(r"(?<!^)(?=[A-Z])", "_", name).lower()
+    return type_name(exc)

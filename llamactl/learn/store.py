@@ -20,14 +20,11 @@ from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from llamactl.errors import LlamactlError
+from llamactl.errors import CalibrationError
 from llamactl.learn.calibrate import SCHEMA, Observation, observation_from_row, observation_to_row
 
 log = logging.getLogger(__name__)
 
-
-class CalibrationError(LlamactlError):
-    """The calibration store cannot be used (a link, damaged, a newer schema)."""
 
 FILE_NAME = "calibration.db"
 MAX_ROWS = 20_000

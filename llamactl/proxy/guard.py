@@ -18,7 +18,8 @@ from collections.abc import Callable
 from aiohttp import web
 
 from llamactl.config import Config
-from llamactl.errors import (AuthError, ForbiddenError, LlamactlError, ProxyError, RequestTimeoutError,
+from llamactl import errors
+from llamactl.errors import (AuthError, BadRequestError, ForbiddenError, LlamactlError, ProxyError, RequestTimeoutError,
                              UnsupportedMediaError, one_line)
 from llamactl.proxy import browsers
 from llamactl.proxy.context import MODEL_ROUTES, Proxy, proxy_of
@@ -39,15 +40,14 @@ def _authorized(header: str, keys: tuple[str, ...]) -> bool:
     return scheme.lower() == "bearer" and any(hmac.compare_digest(token, key.encode()) for key in keys)
 
 
-def error_response(exc: ProxyError | LlamactlError, status: int | None = None) -> web.Response:
-    if isinstance(exc, ProxyError):
-        status, kind, code = exc.http_status, exc.kind, exc.code
-    else:
-        status, kind, code = status or 400, "invalid_request_error", "bad_request"
+def error_response(exc: LlamactlError, status: int | None = None) -> web.Response:
+    """OpenAI's envelope for a failure, its status and code from errors.FAILURES (`status`: aiohttp's own)."""
+    failure = errors.failure_of(exc)
+    status = status or failure.http_status
     headers = {}
     if isinstance(exc, ProxyError) and exc.retry_after_s:
         headers["Retry-After"] = str(exc.retry_after_s)
-    body = {"error": {"message": str(exc), "type": kind, "code": code}}
+    body = {"error": {"message": str(exc), "type": errors.openai_type(status), "code": failure.code}}
     response = web.json_response(body, status=status, headers=headers)
     if isinstance(exc, RequestTimeoutError):
         response.force_close()  # the rest of a slow body is not worth waiting for
@@ -90,18 +90,18 @@ async def errors_and_auth(request: web.Request, handler: Callable) -> web.Stream
             _access_log(request, preflight.status, time.monotonic() - started, proxy.log_json)
             return preflight
         response = await handler(request)
-    except ProxyError as exc:
-        response = error_response(exc)
     except web.HTTPException as exc:
         if exc.status == 413:
-            response = error_response(LlamactlError(f"request body too large (limit {proxy.pool.config.max_body_bytes} bytes)"), 413)
+            response = error_response(BadRequestError(f"request body too large (limit {proxy.pool.config.max_body_bytes} bytes)"), 413)
         elif exc.status in (404, 405):  # OpenAI-shaped, and logged like every other request
             what = "no such route" if exc.status == 404 else f"method {request.method} not allowed"
-            response = error_response(LlamactlError(f"{what}: {request.method} {request.path[:200]}"), exc.status)
+            response = error_response(BadRequestError(f"{what}: {request.method} {request.path[:200]}"), exc.status)
         else:
             raise
-    except LlamactlError as exc:
-        response = error_response(exc, 400)
+    except LlamactlError as exc:  # typed: errors.FAILURES says whose fault (4xx the request's, 5xx ours)
+        response = error_response(exc)
+        if response.status >= 500:
+            log.error("%s %s: %s", request.method, one_line(request.path, 200), exc)
     except Exception as exc:  # a bug: one logged traceback, and an OpenAI-shaped 500 for the client
         log.exception("internal error on %s %s", request.method, one_line(request.path, 200))
         response = error_response(ProxyError(f"internal error: {type(exc).__name__} (see the proxy's log)"))

@@ -10,7 +10,7 @@ import time
 
 from aiohttp import web
 
-from llamactl.errors import BodyTooLargeError, LlamactlError, RequestTimeoutError, UpstreamError
+from llamactl.errors import BadRequestError, BodyTooLargeError, RequestTimeoutError, UpstreamError
 from llamactl.proxy import bodies, forward
 from llamactl.proxy.context import Proxy, proxy_of
 
@@ -50,11 +50,11 @@ async def model_request(request: web.Request) -> web.StreamResponse:
     if verdict == "too_many":
         raise BodyTooLargeError(f"request body has more than {bodies.MAX_VALUES} JSON values")
     if verdict == "invalid":
-        raise LlamactlError("request body is not valid JSON")
+        raise BadRequestError("request body is not valid JSON")
     if verdict == "deep":
-        raise LlamactlError("request body is nested too deeply")
+        raise BadRequestError("request body is nested too deeply")
     if not isinstance(requested, str) or not requested:
-        raise LlamactlError("request body needs a \"model\" naming a configured model")
+        raise BadRequestError("request body needs a \"model\" naming a configured model")
     request["model"] = requested
     return await _forward(proxy, request, requested, body, time.monotonic())
 

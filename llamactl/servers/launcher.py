@@ -8,16 +8,15 @@ state file's lock; slow work (spawning, readiness, stopping) happens outside it.
 from __future__ import annotations
 
 import logging
-import signal
 import socket
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Protocol
 
 from llamactl.config import DEFAULT_PORT_START
-from llamactl.errors import (ExitCode, ExitedEarly, LlamactlError, NameTaken, NoFitError, NoRoomYet, OutOfMemoryAtLoad,
+from llamactl.errors import (KilledWhileLoading, NameTaken, NoFitError, NoRoomYet, OutOfMemoryAtLoad, PlanOvertaken,
                              UsageError)
 from llamactl.gpu.inventory import Inventory
 from llamactl.estimate import load_params
@@ -29,13 +28,13 @@ from llamactl.learn.store import CalibrationStore
 from llamactl.model.memory import Placement, estimate
 from llamactl.placement import FIT_RANK, Fit, Plan, Policy, RunningInstance, fits_beside, plan
 from llamactl import scheduler
-from llamactl.servers import procs, runner
+from llamactl.servers import launch_rules, procs, runner
 from llamactl.servers.command import ServerCommand, build_command, check_extra_args
 from llamactl.servers.probe import ServerCaps
 from llamactl.units import MiB, format_bytes
 if TYPE_CHECKING:
     from llamactl.resolve import ModelSpec
-from llamactl.servers.state import INSTANCE_ENV, STATE_DIR_ENV, Instance, StateError, StateStore, Status, check_name
+from llamactl.servers.state import INSTANCE_ENV, STATE_DIR_ENV, Instance, StateStore, Status, check_name
 
 STARTED_BY_ENV = "LLAMACTL_STARTED_BY"
 
@@ -238,8 +237,50 @@ def command_for(req: LaunchRequest, the_plan: Plan, binary: str | Path, caps: Se
                          extra=req.extra, alias=req.name, verbose_buffers=True)  # buffer sizes: what it took
 
 
+class Effects(Protocol):
+    """What launch() does to the world past reading the model and the inventory, behind one small interface
+    (what to do is decided by launch_rules). ProcessLaunch is the real one; tests drive launch() with a fake."""
+
+    def instances(self) -> dict[str, Instance]: ...  # the state, reconciled with live processes
+    def snapshot(self) -> dict[str, Instance]: ...  # the state as recorded
+    def stop(self, names: Sequence[str]) -> list[str]: ...  # TERM → KILL, drop from the state; those that ran
+    def start(self, req: LaunchRequest, the_plan: Plan, ctx: "observe.Context", inv: Inventory,
+              api_key: str | None, evicted: tuple[str, ...]) -> Launched: ...  # spawn, record, wait, observe
+    def record_oom(self, ctx: "observe.Context", exc: OutOfMemoryAtLoad) -> Observation: ...
+    def host_memory_tight(self, the_plan: Plan, policy: Policy) -> bool: ...
+
+
+class ProcessLaunch:
+    """The real effects: the state file, llama-server processes, the calibration store, the host's memory."""
+
+    def __init__(self, store: StateStore, binary: str, caps: ServerCaps,
+                 progress: Callable[[float, str], None] | None, grace_s: float) -> None:
+        self.store, self.binary, self.caps, self.progress, self.grace_s = store, binary, caps, progress, grace_s
+
+    def instances(self) -> dict[str, Instance]:
+        return self.store.instances()
+
+    def snapshot(self) -> dict[str, Instance]:
+        return self.store.snapshot()
+
+    def stop(self, names: Sequence[str]) -> list[str]:
+        return stop_instances(self.store, names, grace_s=self.grace_s)
+
+    def start(self, req: LaunchRequest, the_plan: Plan, ctx: "observe.Context", inv: Inventory,
+              api_key: str | None, evicted: tuple[str, ...]) -> Launched:
+        return _start(self.store, req, the_plan, ctx, self.binary, self.caps, inv, api_key, self.progress,
+                      self.grace_s, evicted)
+
+    def record_oom(self, ctx: "observe.Context", exc: OutOfMemoryAtLoad) -> Observation:
+        return record_oom(self.store, ctx, exc)
+
+    def host_memory_tight(self, the_plan: Plan, policy: Policy) -> bool:
+        return _host_memory_tight(the_plan, policy)
+
+
 def launch(store: StateStore, req: LaunchRequest, binary: str, caps: ServerCaps, inventory_fn: Callable[[], Inventory],
-           *, progress: Callable[[float, str], None] | None = None, grace_s: float = runner.DEFAULT_GRACE_S) -> Launched:
+           *, progress: Callable[[float, str], None] | None = None, grace_s: float = runner.DEFAULT_GRACE_S,
+           effects: Effects | None = None) -> Launched:
     """Plan, make room, start and (unless req.wait is False) wait until ready. Records every step.
 
     No llama-server runs without an entry: if recording fails after the spawn, or the wait is interrupted
@@ -248,21 +289,20 @@ def launch(store: StateStore, req: LaunchRequest, binary: str, caps: ServerCaps,
     launch tried once more with the shortfall added to the room it leaves (which may evict idle instances,
     or offload fewer layers); a second failure says what was tried.
     """
+    fx = effects or ProcessLaunch(store, binary, caps, progress, grace_s)
     check_name(req.name)
     extra, extra_key = split_secrets(req.extra)
     api_key = req.api_key or extra_key
     req = replace(req, extra=extra)
     check_extra_args(req.extra)
     params = req.params or load_params(req.model, req.settings)  # read once: a bad file fails before anything starts
-    instances = store.instances()
+    instances = fx.instances()
     seats = seats_of(instances, req.protected)
-    if not isinstance(scheduler.decide(req.name, seats, scheduler.Limits(max_queue=1)), scheduler.Start):
-        existing = instances[req.name]  # ready (Use) or starting/stopping (Wait): one process per name
-        if not req.replace_existing:
-            raise NameTaken(f"an instance named {req.name!r} is already {existing.status.value} "
-                             f"(pid {existing.pid}, port {existing.port}); use --replace or another --name")
-        stop_instances(store, [req.name], grace_s=grace_s)
-        instances = store.snapshot()  # liveness is enough now: adoption ran in the read above
+    # one process per name: the scheduler starts it unless one is ready (Use) or starting/stopping (Wait)
+    free = isinstance(scheduler.decide(req.name, seats, scheduler.Limits(max_queue=1)), scheduler.Start)
+    if launch_rules.on_name(req.name, instances.get(req.name), free, req.replace_existing) is launch_rules.OnName.REPLACE:
+        fx.stop([req.name])
+        instances = fx.snapshot()  # liveness is enough now: adoption ran in the read above
         seats = seats_of(instances, req.protected)
     trim_logs(store, instances)
     tried: list[str] = []
@@ -271,7 +311,7 @@ def launch(store: StateStore, req: LaunchRequest, binary: str, caps: ServerCaps,
     replans = 0
     while True:
         inv = inventory_fn()
-        the_plan, gone = _plan_and_make_room(store, req, params, inv, instances, seats, inventory_fn, grace_s)
+        the_plan, gone = _plan_and_make_room(fx, req, params, inv, instances, seats, inventory_fn)
         evicted += gone
         if gone:
             inv = inventory_fn()
@@ -281,41 +321,39 @@ def launch(store: StateStore, req: LaunchRequest, binary: str, caps: ServerCaps,
                 raise OutOfMemoryAtLoad(f"{req.name}: {first_cause} with {tried[0]}, and a plan that leaves more "
                                         f"room does not fit: {reasons}", last_tail)
             raise NoFitError(f"{req.model.name} does not fit: " + reasons)
-        check_room(req, params, inv, store.snapshot() if req.wait_for else instances, the_plan)
+        check_room(req, params, inv, fx.snapshot() if req.wait_for else instances, the_plan)
         ctx = observation_context(req, params, the_plan, inv, caps)
         try:
-            return _start(store, req, the_plan, ctx, binary, caps, inv, api_key, progress, grace_s, evicted)
-        except _Claimed:
+            return fx.start(req, the_plan, ctx, inv, api_key, evicted)
+        except PlanOvertaken:
             # another launch recorded its claim between our plan and our record: plan again with it counted
             replans += 1
             if replans > MAX_REPLANS:
-                raise LlamactlError(f"{req.name}: other launches kept taking the memory planned for it "
+                raise PlanOvertaken(f"{req.name}: other launches kept taking the memory planned for it "
                                     f"({MAX_REPLANS} plans); try again") from None
-            instances = store.snapshot()
+            instances = fx.snapshot()
             seats = seats_of(instances, req.protected)
             continue
         except OutOfMemoryAtLoad as exc:
-            if "SIGKILL" in str(exc) and not _host_memory_tight(the_plan, req.policy):
-                # plenty of RAM left: someone else killed it, not the kernel's OOM killer; nothing to learn
-                raise ExitedEarly(str(exc).split(" (the kernel")[0] + " (not for lack of memory: the host has "
-                                  "room for it)", exc.log_tail) from None
-            obs = record_oom(store, ctx, exc)
+            tried.append(describe_attempt(the_plan, inv, req.policy.margin_bytes))
+            verdict = launch_rules.after_oom(req.name, exc, fx.host_memory_tight(the_plan, req.policy), tuple(tried))
+            obs = fx.record_oom(ctx, exc) if verdict.learn else None
+            if not verdict.retry:
+                assert verdict.error is not None
+                raise verdict.error from None
+            assert obs is not None
             last_tail = exc.log_tail
             first_cause = first_cause or str(exc)
-            tried.append(describe_attempt(the_plan, inv, req.policy.margin_bytes))
-            if len(tried) > 1:
-                raise OutOfMemoryAtLoad(f"{req.name}: out of memory while loading, twice; tried {tried[0]}, then "
-                                        f"{tried[1]}; see `llamactl logs {req.name}`", exc.log_tail) from None
             req = replace(req, policy=roomier(req.policy, the_plan, obs))
             log.warning("%s ran out of memory while loading (%s); trying once more with %s more room",
                         req.name, tried[0], format_bytes(_shortfall_or_guess(the_plan, obs)))
-            instances = store.snapshot()
+            instances = fx.snapshot()
             seats = seats_of(instances, req.protected)
 
 
-def _plan_and_make_room(store: StateStore, req: LaunchRequest, params: ModelParams, inv: Inventory,
+def _plan_and_make_room(fx: Effects, req: LaunchRequest, params: ModelParams, inv: Inventory,
                         instances: dict[str, Instance], seats: dict[str, scheduler.Seat],
-                        inventory_fn: Callable[[], Inventory], grace_s: float) -> tuple[Plan, tuple[str, ...]]:
+                        inventory_fn: Callable[[], Inventory]) -> tuple[Plan, tuple[str, ...]]:
     """The plan, after stopping the idle instances it proposes to evict (and re-planning without them)."""
     the_plan = plan_for(req, inv, instances, params)
     victims = scheduler.memory_victims(the_plan.evict, seats, adopt=True) if req.may_evict else ()
@@ -325,13 +363,9 @@ def _plan_and_make_room(store: StateStore, req: LaunchRequest, params: ModelPara
     for name in victims:
         for gpu, used in instances[name].gpu_bytes().items():
             freed[gpu] = freed.get(gpu, 0) + used
-    evicted = tuple(stop_instances(store, victims, grace_s=grace_s))
+    evicted = tuple(fx.stop(victims))
     wait_memory_released(list(freed), inventory_fn, inv, freed)
-    return plan_for(req, inventory_fn(), store.snapshot(), params), evicted
-
-
-class _Claimed(Exception):
-    """The plan no longer fits beside what the state holds now (another launch recorded first)."""
+    return plan_for(req, inventory_fn(), fx.snapshot(), params), evicted
 
 
 def _start(store: StateStore, req: LaunchRequest, the_plan: Plan, ctx: "observe.Context", binary: str,
@@ -348,7 +382,7 @@ def _start(store: StateStore, req: LaunchRequest, the_plan: Plan, ctx: "observe.
                 raise NameTaken(f"an instance named {req.name!r} was started meanwhile (pid {live.pid})")
             others = running_for_placement({n: i for n, i in current.items() if n != req.name}, req.protected, inv)
             if not fits_beside(the_plan, inv.usable, others, req.policy):
-                raise _Claimed()
+                raise PlanOvertaken(f"{req.name}: another launch took the memory planned for it")
             port = req.port if req.port is not None else pick_port(current, req.port_start, req.host)
             if req.port is not None:
                 holder = next((i.name for i in current.values() if i.live and i.port == port), None)
@@ -377,10 +411,9 @@ def _start(store: StateStore, req: LaunchRequest, the_plan: Plan, ctx: "observe.
     except BaseException as exc:
         if child is not None:  # started but not recorded: stop it, so nothing runs unseen
             runner.stop_child(child.proc, grace_s=min(grace_s, 5.0))
-            if isinstance(exc, (StateError, OSError)):
-                raise StateError(f"{exc}; the llama-server just started was stopped") from None
-            if isinstance(exc, KeyboardInterrupt):  # Ctrl-C a moment earlier than the wait: the same answer
-                raise _interrupted(req.name, child.pid) from None
+            error = launch_rules.after_failed_record(exc, req.name, child.pid)
+            if error is not exc:
+                raise error from None
         raise
     if not req.wait:
         return Launched(store.instances().get(req.name, current[req.name]), the_plan, cmd, None, evicted)
@@ -390,23 +423,13 @@ def _start(store: StateStore, req: LaunchRequest, the_plan: Plan, ctx: "observe.
         ended_by = child.proc.poll()  # before our own stop: how it ended, if it did
         runner.stop_child(child.proc, grace_s=min(grace_s, 5.0))
         with store.edit() as current:
-            # gone, another process's, or being stopped by an `evict` (which removes the entry next)
-            # (an entry the reconcile just marked dead counts when a signal, not an exit code, ended the process)
-            signalled = ended_by == -signal.SIGTERM  # how llamactl stops (a SIGKILL at load is the OOM killer)
-            taken = (req.name not in current or current[req.name].pid != child.pid
-                     or current[req.name].status is Status.STOPPING
-                     or (current[req.name].status is Status.DEAD and signalled and not isinstance(exc, KeyboardInterrupt)))
-            if not taken:
-                if isinstance(exc, (KeyboardInterrupt, OutOfMemoryAtLoad)):
-                    del current[req.name]  # an out-of-memory failure is recorded as an observation instead
-                else:
-                    current[req.name] = current[req.name].moved(Status.FAILED)
-        if isinstance(exc, KeyboardInterrupt):
-            raise _interrupted(req.name, child.pid) from None
-        if taken:  # it was stopped by whoever removed its entry: that is the news, not the signal it died of
-            raise _entry_removed(req.name) from None
-        if isinstance(exc, OutOfMemoryAtLoad):
-            exc.log_text = observe.read_log_from(log_path, log_offset)  # type: ignore[attr-defined]
+            after = launch_rules.after_failed_wait(exc, ended_by, current.get(req.name), child.pid)
+            launch_rules.apply_entry(current, req.name, after.entry)
+        error = launch_rules.answer(after.answer, exc, req.name, child.pid)
+        if error is not exc:
+            raise error from None
+        if isinstance(exc, OutOfMemoryAtLoad):  # learning reads the whole load's log, not the tail
+            exc.log_text = observe.read_log_from(log_path, log_offset)
         raise
     actual = record_ready(store, ctx, observe.read_loaded_log(log_path, log_offset), child.pid)
     with store.edit() as current:
@@ -417,17 +440,12 @@ def _start(store: StateStore, req: LaunchRequest, the_plan: Plan, ctx: "observe.
     if mine is None or mine.pid != child.pid or mine.status is Status.STOPPING:
         # evicted or replaced by another llamactl while it loaded
         runner.stop_child(child.proc, grace_s=min(grace_s, 5.0))
-        raise _entry_removed(req.name)
+        raise launch_rules.entry_removed(req.name)
     if mine.status is not Status.STARTING:  # the reconcile found it gone: it died the moment it was ready
         runner.stop_child(child.proc, grace_s=min(grace_s, 5.0))
         raise runner.exited_early(f"llama-server exited just after it became ready (code {child.proc.poll()})",
                                   observe.read_log_from(log_path, log_offset))
     return Launched(inst, the_plan, cmd, ready_s, evicted)
-
-
-def _entry_removed(name: str) -> "runner.LaunchError":
-    return runner.LaunchError(f"{name}: its state entry was removed while it loaded (evicted or replaced by another "
-                              "llamactl); the llama-server just started was stopped")
 
 
 def trim_logs(store: StateStore, instances: dict[str, Instance]) -> None:
@@ -489,8 +507,7 @@ def record_ready(store: StateStore, ctx: "observe.Context", log_text: str, pid: 
 
 
 def record_oom(store: StateStore, ctx: "observe.Context", exc: OutOfMemoryAtLoad) -> "Observation":
-    text = getattr(exc, "log_text", None) or exc.log_tail
-    obs = observe.observe_oom(ctx, text, killed="SIGKILL" in str(exc))
+    obs = observe.observe_oom(ctx, exc.log_text, killed=isinstance(exc, KilledWhileLoading))
     try:
         CalibrationStore(store.dir, file_mode=store.file_mode).add([obs])
     except Exception as err:
@@ -529,13 +546,3 @@ def describe_attempt(the_plan: Plan, inv: Inventory, base_margin: int) -> str:
     moe = f" --n-cpu-moe {the_plan.n_cpu_moe}" if the_plan.n_cpu_moe else ""
     return f"-ngl {the_plan.n_gpu_layers}{moe} on {where} (estimate {format_bytes(gpu_total)}, {format_bytes(base_margin)} left free)"
 
-
-class LaunchInterrupted(LlamactlError):
-    """Ctrl-C while waiting for readiness: what was started has been stopped."""
-
-    exit_code = ExitCode.INTERRUPTED
-
-
-def _interrupted(name: str, pid: int) -> LaunchInterrupted:
-    """Ctrl-C after the spawn, wherever it lands (recording the instance or waiting for it): one answer."""
-    return LaunchInterrupted(f"interrupted: stopped {name} (pid {pid}) before it was ready")

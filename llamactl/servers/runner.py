@@ -19,7 +19,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from llamactl.errors import ExitedEarly, LaunchError, NotReadyInTime, OutOfMemoryAtLoad, exited_early  # noqa: F401  (re-exported)
+from llamactl.errors import ExitedEarly, KilledWhileLoading, LaunchError, NotReadyInTime, OutOfMemoryAtLoad, exited_early  # noqa: F401  (re-exported)
 from llamactl.errors import PlantedFileError
 from llamactl.servers import client, files, procs
 
@@ -169,8 +169,7 @@ def wait_ready(child: Child, port: int, model_arg: str, timeout_s: float, *, hos
             elapsed = time.monotonic() - start
             code = child.proc.poll()
             if code == -signal.SIGKILL:  # nobody of ours killed it: the kernel's OOM killer, most likely
-                raise OutOfMemoryAtLoad(f"llama-server was killed by SIGKILL after {elapsed:.1f} s while loading "
-                                        "(the kernel's out-of-memory killer, most likely)", tail(child.log_path))
+                raise KilledWhileLoading(elapsed, tail(child.log_path))
             if code is not None:
                 raise exited_early(f"llama-server exited with code {code} after {elapsed:.1f} s", tail(child.log_path))
             if client.health(http, base) == 200 and client.model_path(http, base) in (model_arg, None):

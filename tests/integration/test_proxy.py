@@ -411,6 +411,17 @@ def test_a_missing_model_file_is_a_503_naming_the_model_not_the_path(make_proxy)
     assert str(proxy.tmp / "tiny.gguf") in proxy.logs()  # the operator sees the path
 
 
+def test_a_state_dir_it_cannot_use_is_a_5xx_never_the_clients_400(make_proxy) -> None:
+    proxy = make_proxy({"alpha": []})
+    (proxy.state / "state.json").write_text('{"version": 99, "instances": {}}')  # a newer llamactl's: a StateError
+    for reply in (proxy.post("alpha"),
+                  httpx.post(f"{proxy.url}/models/alpha/load", json={}, timeout=30)):
+        assert 500 <= reply.status_code < 600, reply.text
+        error = reply.json()["error"]
+        assert error["type"] == "server_error" and "newer llamactl" in error["message"]
+    assert not proxy.tagged()
+
+
 def test_an_instance_evicted_from_another_shell_is_relaunched_not_a_502(make_proxy) -> None:
     proxy = make_proxy({"alpha": []}, poll="1h")  # the poller would notice too: keep it out of the way
     assert proxy.post("alpha").status_code == 200
