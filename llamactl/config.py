@@ -17,7 +17,7 @@ from typing import Any
 
 from llamactl.errors import ConfigError, UsageError
 from llamactl.model import registry
-from llamactl.model.registry import ServerSettings
+from llamactl.model.registry import Residency, ServerSettings
 from llamactl.placement import PlacementSpec, Strategy
 from llamactl.units import parse_duration, parse_size
 from llamactl.servers.names import name_for, valid_name
@@ -37,6 +37,7 @@ class ModelConfig:
     ttl_s: float | None = None
     placement: PlacementSpec = PlacementSpec()
     aliases: tuple[str, ...] = ()
+    residency: Residency = Residency()  # preload, pin, spill, min_resident, priority
 
 
 @dataclass(frozen=True)
@@ -64,6 +65,7 @@ class Config:
     # what a model path that is not configured runs with: [defaults] over llamactl's own
     defaults: ServerSettings = ServerSettings()
     default_args: tuple[str, ...] = ()
+    residency: Residency = Residency()  # [defaults]' residency keys
     placement: PlacementSpec = PlacementSpec()  # the machine's keys and [defaults]' placement keys
 
     def lookup(self, name: str) -> ModelConfig | None:
@@ -82,8 +84,9 @@ _GLOBAL_KEYS = {"server_bin", "host", "port", "port_start", "max_instances", "id
                 "models"}
 # every llama-server setting of the registry, the placement keys and extra arguments
 _PLACEMENT_KEYS = {"strategy", "max_gpus", "gpus", "no_partial", "margin", "calibration"}
-_SETTING_KEYS = set(registry.config_keys(model=False)) | _PLACEMENT_KEYS | {"args"}
-_MODEL_KEYS = set(registry.config_keys(model=True)) | _PLACEMENT_KEYS | {"args", "path", "ttl", "aliases"}
+_RESIDENCY_KEYS = {k.key for k in registry.RESIDENCY}
+_SETTING_KEYS = set(registry.config_keys(model=False)) | _PLACEMENT_KEYS | _RESIDENCY_KEYS | {"args"}
+_MODEL_KEYS = set(registry.config_keys(model=True)) | _PLACEMENT_KEYS | _RESIDENCY_KEYS | {"args", "path", "ttl", "aliases"}
 
 
 class _Reader:
@@ -251,7 +254,7 @@ def _from_seed_json(data: dict[str, Any]) -> dict[str, Any]:
 
 
 def _scan_models_dir(directory: Path, base: ServerSettings, args: tuple[str, ...],
-                     placement: PlacementSpec) -> dict[str, ModelConfig]:
+                     placement: PlacementSpec, residency: Residency) -> dict[str, ModelConfig]:
     found: dict[str, ModelConfig] = {}
     for path in sorted(directory.glob("*.gguf")):
         stem = path.name[: -len(".gguf")]
@@ -261,7 +264,8 @@ def _scan_models_dir(directory: Path, base: ServerSettings, args: tuple[str, ...
                 continue  # a split model counts once, by its first shard
             stem = stem[: split.start()]
         name = name_for(Path(stem + ".gguf"))  # a valid instance name, whatever the file is called
-        found[name] = ModelConfig(name=name, path=path, settings=base, args=args, placement=placement)
+        found[name] = ModelConfig(name=name, path=path, settings=base, args=args, placement=placement,
+                                  residency=residency)
     return found
 
 
@@ -368,7 +372,9 @@ def load(path: Path | None, *, required: bool = False) -> Config:
     _check_keys(r, defaults_table, _SETTING_KEYS, "defaults")
     base, base_args = _settings(r, defaults_table, "defaults", ServerSettings())
     base_placement = _placement(r, defaults_table, "defaults", replace(PlacementSpec(), **machine))
-    cfg.update(defaults=base, default_args=base_args, placement=base_placement)
+    base_residency = registry.residency_from_config(defaults_table, Residency(),
+                                                    lambda key, message: r.fail(f"defaults.{key}", message))
+    cfg.update(defaults=base, default_args=base_args, placement=base_placement, residency=base_residency)
     models: dict[str, ModelConfig] = {}
     if "models_dir" in data:
         directory = _expand(r, r.get(data, "models_dir", "models_dir", str), "models_dir")
@@ -377,7 +383,7 @@ def load(path: Path | None, *, required: bool = False) -> Config:
         if not directory.is_dir():
             raise r.fail("models_dir", f"{directory} is not a directory")
         cfg["models_dir"] = directory
-        models.update(_scan_models_dir(directory, base, base_args, base_placement))
+        models.update(_scan_models_dir(directory, base, base_args, base_placement, base_residency))
     for name, table in r.get(data, "models", "models", dict, {}).items():
         where = f"models.{name}"
         if not isinstance(table, dict):
@@ -388,6 +394,8 @@ def load(path: Path | None, *, required: bool = False) -> Config:
         _check_keys(r, table, _MODEL_KEYS, where)
         settings, args = _settings(r, table, where, base, model=True)
         placement = _placement(r, table, where, base_placement)
+        residency = registry.residency_from_config(table, base_residency,
+                                                   lambda key, message: r.fail(f"{where}.{key}", message))
         if "path" in table:
             model_path = _expand(r, r.get(table, "path", f"{where}.path", str), f"{where}.path")
             if not model_path.is_absolute():
@@ -402,6 +410,7 @@ def load(path: Path | None, *, required: bool = False) -> Config:
         models[name] = ModelConfig(
             name=name, path=model_path, settings=settings, args=args if "args" in table else base_args,
             ttl_s=r.duration(table, "ttl", f"{where}.ttl"), placement=placement, aliases=tuple(aliases),
+            residency=residency,
         )
     seen: dict[str, str] = {}
     for model in models.values():

@@ -66,6 +66,10 @@ class NoFitError(LlamactlError):
     """The model does not fit the inventory."""
 
 
+class SpillRefused(NoFitError):
+    """The model has `spill = false` and would run partially or wholly on the CPU: refused, with the reasons."""
+
+
 class ServerBinaryError(LlamactlError):
     """llama-server is missing, does not run, or lacks a flag llamactl needs."""
 
@@ -236,6 +240,7 @@ FAILURES: dict[type[BaseException], Failure] = {
     GGUFError: Failure(ExitCode.USAGE, 503, _UNAVAILABLE),
     UnsupportedModelError: Failure(ExitCode.USAGE, 503, _UNAVAILABLE),
     NoFitError: Failure(ExitCode.NO_FIT, 503, _UNAVAILABLE),
+    SpillRefused: Failure(ExitCode.NO_FIT, 503, _UNAVAILABLE),
     NoRoomYet: Failure(ExitCode.NO_FIT, 503, _UNAVAILABLE),
     ServerBinaryError: Failure(ExitCode.SERVER_BINARY, 503, _UNAVAILABLE),
     LaunchError: Failure(ExitCode.FAILURE, 502, "upstream_error"),

@@ -28,6 +28,10 @@ class Seat:
     waiting: int = 0  # requests waiting for a start or stop in progress
     last_used: float = 0.0
     ours: bool = True  # it may be stopped to make room: started by this proxy, or adopt = true
+    pinned: bool = False  # never stopped by the proxy (pin = true)
+    priority: int = 0  # a model never evicts one of higher priority
+    ready_since: float | None = None  # when it became ready (for min_resident)
+    min_resident_s: float = 0.0  # not evicted for another model before it has been ready this long
 
     @property
     def running(self) -> bool:
@@ -40,7 +44,18 @@ class Seat:
 
     @property
     def evictable(self) -> bool:
-        return self.phase is Status.READY and self.ours and self.in_flight == 0 and self.waiting == 0
+        """Idle, ours and not pinned: a TTL, a lowered max_instances or another model may stop it."""
+        return self.phase is Status.READY and self.ours and self.in_flight == 0 and self.waiting == 0 and not self.pinned
+
+    def yields_to(self, other: "Seat | None", now: float | None) -> bool:
+        """Whether this seat may be stopped to make room for `other` (None: for no model, e.g. max_instances
+        lowered): evictable, not of higher priority, and ready at least min_resident (unless `now` is None)."""
+        if not self.evictable:
+            return False
+        if other is not None and self.priority > other.priority:
+            return False
+        young = now is not None and self.ready_since is not None and now - self.ready_since < self.min_resident_s
+        return not (other is not None and young)
 
 
 @dataclass(frozen=True)
@@ -89,9 +104,15 @@ class Refuse:
 Decision = Use | Wait | Start | Queue | Refuse
 
 
-def decide(model: str, seats: Mapping[str, Seat], limits: Limits) -> Decision:
-    """What a request for `model` (a configured name) does next."""
-    seat = seats.get(model, Seat(model))
+def _victim_order(seat: Seat) -> tuple[int, float]:
+    return seat.priority, seat.last_used  # lowest priority first, then least recently used
+
+
+def decide(model: str, seats: Mapping[str, Seat], limits: Limits, now: float | None = None,
+           requester: Seat | None = None) -> Decision:
+    """What a request for `model` (a configured name) does next. `requester` carries the model's priority
+    when it has no seat yet; `now` enables min_resident."""
+    seat = seats.get(model, requester or Seat(model))
     if seat.phase is Status.READY:
         return Use(model)
     if seat.waiting >= limits.max_queue:
@@ -103,12 +124,22 @@ def decide(model: str, seats: Mapping[str, Seat], limits: Limits) -> Decision:
         held = [s for s in seats.values() if s.occupies and s.model != model]
         excess = len(held) - limits.max_instances + 1
         if excess > 0:
-            candidates = sorted((s for s in held if s.evictable), key=lambda s: s.last_used)
+            candidates = sorted((s for s in held if s.yields_to(seat, now)), key=_victim_order)
             if len(candidates) < excess:
-                busy = ", ".join(sorted(s.model for s in held if not s.evictable))
+                busy = ", ".join(sorted(f"{s.model}{_why_held(s, seat, now)}" for s in held if not s.yields_to(seat, now)))
                 return Queue(model, f"max_instances ({limits.max_instances}) reached; held by {busy}")
             victims = tuple(s.model for s in candidates[:excess])
     return Start(model, victims)
+
+
+def _why_held(seat: Seat, requester: Seat, now: float | None) -> str:
+    if seat.pinned:
+        return " (pinned)"
+    if seat.evictable and seat.priority > requester.priority:
+        return f" (priority {seat.priority})"
+    if seat.evictable:
+        return " (min_resident)"
+    return ""
 
 
 def over_limit(seats: Mapping[str, Seat], limits: Limits) -> tuple[str, ...]:
@@ -120,27 +151,32 @@ def over_limit(seats: Mapping[str, Seat], limits: Limits) -> tuple[str, ...]:
     excess = len(held) - limits.max_instances
     if excess <= 0:
         return ()
-    return tuple(s.model for s in sorted((s for s in held if s.evictable), key=lambda s: s.last_used)[:excess])
+    return tuple(s.model for s in sorted((s for s in held if s.yields_to(None, None)), key=_victim_order)[:excess])
 
 
-def memory_victims(proposal: Iterable[str], seats: Mapping[str, Seat], *, adopt: bool) -> tuple[str, ...]:
-    """The planner's eviction proposal, kept to what may go: idle seats of ours, and instances of no
-    configured model only when `adopt` (hand-started ones are never stopped otherwise)."""
+def memory_victims(proposal: Iterable[str], seats: Mapping[str, Seat], *, adopt: bool, requester: Seat | None = None,
+                   now: float | None = None) -> tuple[str, ...]:
+    """The planner's eviction proposal, kept to what may go for `requester`: idle seats of ours that yield
+    to it, and instances of no configured model only when `adopt` (hand-started ones are never stopped
+    otherwise)."""
     out = []
     for name in proposal:
         seat = seats.get(name)
-        if (seat is not None and seat.evictable) or (seat is None and adopt):
+        if (seat is not None and seat.yields_to(requester, now)) or (seat is None and adopt):
             out.append(name)
     return tuple(out)
 
 
-def protected(seats: Mapping[str, Seat]) -> frozenset[str]:
-    """Instances a plan may not propose to evict: requests in flight or queued, starting, or not ours."""
+def protected(seats: Mapping[str, Seat], requester: Seat | None = None, now: float | None = None) -> frozenset[str]:
+    """Instances a plan may not propose to evict: requests in flight or queued, starting, not ours, pinned,
+    and (for `requester`) of higher priority or loaded less than min_resident ago."""
     return frozenset(s.model for s in seats.values()
-                     if s.in_flight or s.waiting or s.phase is Status.STARTING or (s.phase is not Status.STOPPED and not s.ours))
+                     if s.in_flight or s.waiting or s.phase is Status.STARTING or (s.phase is not Status.STOPPED and not s.ours)
+                     or (s.phase is Status.READY and not s.yields_to(requester, now)))
 
 
 def expired(seats: Mapping[str, Seat], ttl_s: Mapping[str, float | None], now: float) -> tuple[str, ...]:
-    """Idle seats past their TTL (in flight or queued never expire; neither do instances not ours)."""
+    """Idle seats past their TTL (in flight or queued never expire; neither do pinned ones nor instances not
+    ours)."""
     return tuple(s.model for s in seats.values()
                  if s.evictable and ttl_s.get(s.model) is not None and now - s.last_used > ttl_s[s.model])  # type: ignore[operator]

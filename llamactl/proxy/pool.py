@@ -23,7 +23,7 @@ from typing import Protocol
 
 from llamactl.config import Config, ModelConfig
 from llamactl.errors import (GGUFError, ProxyError, LaunchError, LlamactlError, LoadTimeoutError, ModelUnavailableError, NoFitError,
-                             NameTaken, NoRoomYet, NotReadyInTime, OutOfMemoryAtLoad, QueueFullError, UnknownModelError, UpstreamError)
+                             NameTaken, NoRoomYet, SpillRefused, NotReadyInTime, OutOfMemoryAtLoad, QueueFullError, UnknownModelError, UpstreamError)
 from llamactl import views
 from llamactl.gpu.inventory import Inventory
 from llamactl.placement import Plan
@@ -50,6 +50,7 @@ class Slot:
     api_key: str | None = None
     task: asyncio.Future[None] | None = None  # the start or stop in progress (what a Wait waits for)
     stale: bool = False  # its config changed (SIGHUP): restarted with the new one once idle
+    ready_since: float | None = None  # when it last became ready (min_resident counts from here)
 
     @property
     def base_url(self) -> str:
@@ -76,6 +77,7 @@ _LAUNCH_FAILURES: dict[type[BaseException], tuple[str, type[LlamactlError] | Non
     NotReadyInTime: ("timeout", LoadTimeoutError),
     OutOfMemoryAtLoad: ("oom", ModelUnavailableError),
     LaunchError: ("failed", UpstreamError),
+    SpillRefused: ("spill", ModelUnavailableError),
     NoFitError: ("no_fit", ModelUnavailableError),
     NoRoomYet: ("no_room", ModelUnavailableError),  # waited the load timeout for memory others held
     ProxyError: ("failed", None),  # already the client's answer
@@ -169,7 +171,7 @@ class Pool:
         self.stats = PoolStats()
         self.events = views.EventLog()  # launch, ready, stop and why, out of memory, crash: for top and the page
         self.on_change: Callable[[], None] | None = None
-        self._waiters: list[asyncio.Future[None]] = []  # requests and starts waiting for any change
+        self._waiters: list[tuple[int, asyncio.Future[None]]] = []  # (priority, future): waiting for any change
 
     # --- requests -------------------------------------------------------------------------------
 
@@ -182,7 +184,7 @@ class Pool:
         slot = self.slots[model.name]
         queued_until: float | None = None
         while True:
-            decision = scheduler.decide(model.name, self.seats(), self._limits())
+            decision = scheduler.decide(model.name, self.seats(), self._limits(), now=time.time())
             if isinstance(decision, scheduler.Use) and slot.instance is not None:
                 slot.in_flight += 1
                 slot.last_used = time.time()
@@ -198,7 +200,8 @@ class Pool:
                                                 f"{self.config.load_timeout_s:g} s for a seat")
                 slot.waiting += 1
                 try:
-                    await self._wait_change(min(queued_until - now, self.config.poll_interval_s))
+                    await self._wait_change(min(queued_until - now, self.config.poll_interval_s),
+                                            model.residency.priority)
                 finally:
                     slot.waiting -= 1
                 continue
@@ -261,6 +264,7 @@ class Pool:
         """The one place a slot's phase changes: checked against the lifecycle's transitions, then the event
         (kind, detail) for top and the page, and the change notice that wakes waiting requests."""
         slot.phase = lifecycle.check(slot.phase, phase)
+        slot.ready_since = (slot.ready_since or time.time()) if phase is Status.READY else None
         for key, value in fields.items():
             setattr(slot, key, value)
         if event is not None:
@@ -268,29 +272,36 @@ class Pool:
         self._changed()
 
     def _changed(self) -> None:
+        """Wake every waiting request, the highest priority first: each decides again in that order."""
         waiters, self._waiters = self._waiters, []
-        for fut in waiters:
+        for _, fut in sorted(waiters, key=lambda w: -w[0]):
             if not fut.done():
                 fut.set_result(None)
         if self.on_change is not None:
             self.on_change()
 
-    async def _wait_change(self, timeout_s: float) -> None:
+    async def _wait_change(self, timeout_s: float, priority: int = 0) -> None:
         """Until the next change of any slot (or the timeout: instances started from a shell change unseen)."""
         fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        self._waiters.append(fut)
+        waiter = (priority, fut)
+        self._waiters.append(waiter)
         try:
             await asyncio.wait_for(fut, max(timeout_s, 0.0))
         except asyncio.TimeoutError:
             pass
         finally:
-            if fut in self._waiters:
-                self._waiters.remove(fut)
+            if waiter in self._waiters:
+                self._waiters.remove(waiter)
 
     def seats(self) -> dict[str, scheduler.Seat]:
         """The slots as the scheduler sees them (ours = may be stopped to make room)."""
-        return {name: scheduler.Seat(name, s.phase, s.in_flight, s.waiting, s.last_used,
-                                     ours=s.ours or self.config.adopt) for name, s in self.slots.items()}
+        return {name: self._seat(s) for name, s in self.slots.items()}
+
+    def _seat(self, s: Slot) -> scheduler.Seat:
+        residency = s.model.residency
+        return scheduler.Seat(s.model.name, s.phase, s.in_flight, s.waiting, s.last_used,
+                              ours=s.ours or self.config.adopt, pinned=residency.pin, priority=residency.priority,
+                              ready_since=s.ready_since, min_resident_s=residency.min_resident_s)
 
     def _limits(self) -> scheduler.Limits:
         return scheduler.Limits(max_instances=self.config.max_instances, max_queue=self.config.max_queue)
@@ -333,7 +344,8 @@ class Pool:
             slot.api_key = secrets.token_urlsafe(24)
         return door.request(api_key=slot.api_key if self.config.instance_api_keys else None,
                             timeout_s=self.config.load_timeout_s, started_by="proxy",
-                            replace_existing=self.config.adopt, protected=protected)
+                            replace_existing=self.config.adopt, protected=protected,
+                            gpu_only=not slot.model.residency.spill)
 
     async def _adopt_running(self, slot: Slot, instances: dict[str, Instance] | None = None) -> bool:
         """Route to a live instance of this model's name (started by hand, or by an earlier proxy).
@@ -402,10 +414,12 @@ class Pool:
                      for n, i in instances.items()}
         inv = await asyncio.to_thread(self.effects.inventory)
         # resolved off the loop: it reads the header and the calibration store
-        req = await asyncio.to_thread(self._request, slot, scheduler.protected(self.seats()) | {name}, inv)
+        me, now = self._seat(slot), time.time()
+        req = await asyncio.to_thread(self._request, slot, scheduler.protected(self.seats(), me, now) | {name}, inv)
         proposal = await asyncio.to_thread(self.effects.plan, req, inv, instances)
         stopping = []
-        for victim in scheduler.memory_victims(proposal.evict, self.seats(), adopt=self.config.adopt):
+        for victim in scheduler.memory_victims(proposal.evict, self.seats(), adopt=self.config.adopt, requester=me,
+                                               now=time.time()):
             other = self.slots.get(victim)
             task = self._begin_stop(other, "memory") if other is not None else asyncio.ensure_future(self._stop_other(victim))
             if task is not None:
@@ -465,7 +479,7 @@ class Pool:
             for kind, (result, answer) in _LAUNCH_FAILURES.items():
                 if isinstance(exc, kind):
                     self._count(name, result)
-                    self.events.add(result if result in ("oom", "timeout", "no_fit", "no_room") else "failed", name, str(exc)[:200])
+                    self.events.add(result if result in ("oom", "timeout", "no_fit", "no_room", "spill") else "failed", name, str(exc)[:200])
                     if answer is not None:  # the OpenAI-shaped error comes from the failure's type
                         log.error("%s: could not start: %s", name, exc)
                         raise answer(f"{name}: {exc}") from None

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Protocol
 
 from llamactl.config import DEFAULT_PORT_START
-from llamactl.errors import (KilledWhileLoading, NameTaken, NoFitError, NoRoomYet, OutOfMemoryAtLoad, PlanOvertaken,
+from llamactl.errors import (KilledWhileLoading, NameTaken, NoFitError, NoRoomYet, OutOfMemoryAtLoad, PlanOvertaken, SpillRefused,
                              UsageError)
 from llamactl.gpu.inventory import Inventory
 from llamactl.estimate import load_params
@@ -65,6 +65,7 @@ class LaunchRequest:
     # the one without them raises NoRoomYet instead of running partially or on the CPU
     wait_for: frozenset[str] = frozenset()
     api_key: str | None = None  # reaches llama-server as LLAMA_API_KEY, never on argv
+    gpu_only: bool = False  # spill = false: a partial or CPU plan is refused (SpillRefused), not run
     params: ModelParams | None = field(default=None, compare=False, repr=False)  # the header, when read already
 
 
@@ -152,6 +153,14 @@ def plan_for(req: LaunchRequest, inv: Inventory, instances: dict[str, Instance],
     params = params or req.params or load_params(req.model, req.settings)
     others = {n: i for n, i in instances.items() if n != req.name or not req.replace_existing}
     return plan(params, req.settings, inv.usable, req.policy, running_for_placement(others, req.protected, inv))
+
+
+def check_spill(req: LaunchRequest, the_plan: Plan) -> None:
+    """SpillRefused when the model must stay on GPUs (spill = false) and the plan is partial or on the CPU."""
+    if req.gpu_only and the_plan.fit is not Fit.GPU:
+        where = "only partially on GPUs" if the_plan.fit is Fit.PARTIAL else "on the CPU only"
+        raise SpillRefused(f"{req.name} would run {where} and has spill = false: "
+                           + "; ".join(the_plan.reasons[-3:]))
 
 
 def check_room(req: LaunchRequest, params: ModelParams, inv: Inventory, instances: dict[str, Instance],
@@ -322,6 +331,7 @@ def launch(store: StateStore, req: LaunchRequest, binary: str, caps: ServerCaps,
                                         f"room does not fit: {reasons}", last_tail)
             raise NoFitError(f"{req.model.name} does not fit: " + reasons)
         check_room(req, params, inv, fx.snapshot() if req.wait_for else instances, the_plan)
+        check_spill(req, the_plan)
         ctx = observation_context(req, params, the_plan, inv, caps)
         try:
             return fx.start(req, the_plan, ctx, inv, api_key, evicted)

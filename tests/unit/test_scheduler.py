@@ -89,3 +89,46 @@ def test_protected_and_expired() -> None:
 ])
 def test_over_limit_stops_idle_ones_least_recently_used_first(table, limit, want) -> None:
     assert over_limit(table, Limits(max_instances=limit)) == want
+
+
+NOW = 1000.0
+
+
+@pytest.mark.parametrize(("name", "table", "requester", "want"), [
+    ("a pinned model is never the max_instances victim",
+     seats(Seat("b", R, last_used=1, pinned=True), Seat("c", R, last_used=5)), Seat("a"), Start("a", ("c",))),
+    ("only pinned models: wait for a seat", seats(Seat("b", R, pinned=True)), Seat("a"), Queue("a", "(pinned)")),
+    ("lower priority goes before the least recently used",
+     seats(Seat("b", R, last_used=1, priority=5), Seat("c", R, last_used=9, priority=0)), Seat("a", priority=5),
+     Start("a", ("c",))),
+    ("a model never evicts one of higher priority",
+     seats(Seat("b", R, priority=9)), Seat("a", priority=1), Queue("a", "(priority 9)")),
+    ("equal priority may go", seats(Seat("b", R, priority=3)), Seat("a", priority=3), Start("a", ("b",))),
+    ("min_resident: a model ready less than that long stays",
+     seats(Seat("b", R, ready_since=NOW - 10, min_resident_s=60)), Seat("a"), Queue("a", "(min_resident)")),
+    ("min_resident: once past it, it may go",
+     seats(Seat("b", R, ready_since=NOW - 61, min_resident_s=60)), Seat("a"), Start("a", ("b",))),
+    ("min_resident: the older one goes first even if more recently used",
+     seats(Seat("b", R, last_used=1, ready_since=NOW - 5, min_resident_s=60),
+           Seat("c", R, last_used=9, ready_since=NOW - 100, min_resident_s=60)), Seat("a"), Start("a", ("c",))),
+])
+def test_residency_rules_under_max_instances(name: str, table: dict[str, Seat], requester: Seat, want) -> None:
+    got = decide("a", table, Limits(max_instances=1 if len(table) == 1 else 2), now=NOW, requester=requester)
+    if isinstance(want, Queue):
+        assert isinstance(got, Queue) and want.reason in got.reason, (name, got)
+    else:
+        assert got == want, name
+
+
+def test_residency_rules_for_memory_ttl_and_lowered_limits() -> None:
+    table = seats(Seat("pinned", R, pinned=True, last_used=0), Seat("high", R, priority=9, last_used=0),
+                  Seat("young", R, ready_since=NOW - 1, min_resident_s=60, last_used=0), Seat("old", R, last_used=0))
+    me = Seat("a", priority=1)
+    # the planner's proposal, kept to what may go for this requester
+    assert memory_victims(["pinned", "high", "young", "old"], table, adopt=False, requester=me, now=NOW) == ("old",)
+    # the plan may not even propose them
+    assert protected(table, me, NOW) == {"pinned", "high", "young"}
+    # a TTL stops what is idle past it, but never a pinned model; min_resident does not hold a TTL back
+    assert set(expired(table, dict.fromkeys(table, 10.0), NOW)) == {"high", "young", "old"}
+    # a lowered max_instances stops idle ones (lowest priority, least recently used first), never a pinned one
+    assert over_limit(table, Limits(max_instances=1)) == ("young", "old", "high")
