@@ -67,6 +67,12 @@ class LazyGroup(TyperGroup):
         with formatter.section("Commands"):
             formatter.write_dl(rows)
 
+    def _main_shell_completion(self, ctx_args: Any, prog_name: str, complete_var: str | None = None) -> None:
+        from llamactl.cli.complete import use_typed_shells  # after Typer registered its own, before any is used
+
+        use_typed_shells()
+        super()._main_shell_completion(ctx_args, prog_name, complete_var)
+
     def shell_complete(self, ctx: click.Context, incomplete: str) -> list[Any]:
         names = [CompletionItem(name, help=make_default_short_help(summary))
                  for name, (_, summary) in COMMANDS.items() if name.startswith(incomplete)]

@@ -45,8 +45,13 @@ def _value_name(option: Any) -> str:
     return long.lstrip("-").upper().replace("-", "_")
 
 
+def shown_value_name(option: Any) -> str:
+    """The name --help shows for what the option takes (completion reads FILE and DIR as paths)."""
+    return option.metavar if option.metavar is not None else _value_name(option)
+
+
 def _option_value(self: Any, ctx: click.Context) -> str | None:
-    return self.metavar if self.metavar is not None else _value_name(self)
+    return shown_value_name(self)
 
 
 def _no_type(self: Any, ctx: click.Context) -> str | None:
