@@ -366,6 +366,15 @@ def fits_beside(the_plan: Plan, gpus: Sequence[Gpu], instances: Sequence[Running
     return all(need.get(f"GPU{k}", 0) <= caps.get(gpu, 0) for k, gpu in enumerate(the_plan.gpu_ids))
 
 
+def relieve(gpus: Sequence[Gpu], gone: Sequence[RunningInstance]) -> list[Gpu]:
+    """The GPUs as they would be without `gone`: memory the inventory shows them holding counted free again
+    (promised memory is relieved by leaving them out of the instances alone)."""
+    shown = [v for v in gone if v.shown]
+    return [replace(g, memory_free_bytes=g.memory_free_bytes + sum(v.gpu_bytes.get(g.index, 0) for v in shown),
+                    memory_used_bytes=max(g.memory_used_bytes - sum(v.gpu_bytes.get(g.index, 0) for v in shown), 0))
+            for g in gpus]
+
+
 FIT_RANK = {Fit.NONE: 0, Fit.CPU: 1, Fit.PARTIAL: 2, Fit.GPU: 3}
 
 
@@ -377,11 +386,7 @@ def evictions_for(params: ModelParams, settings: ServerSettings, gpus: Sequence[
     for victim in idle:
         freed.append(victim)
         gone = {i.name for i in freed}
-        shown = [v for v in freed if v.shown]  # promised memory is relieved by leaving the victim out alone
-        relieved = [replace(g, memory_free_bytes=g.memory_free_bytes + sum(v.gpu_bytes.get(g.index, 0) for v in shown),
-                            memory_used_bytes=max(g.memory_used_bytes - sum(v.gpu_bytes.get(g.index, 0) for v in shown), 0))
-                    for g in gpus]
         remaining = [i for i in instances if i.name not in gone]
-        if _place(params, settings, capacities(relieved, remaining, policy), policy).fit is Fit.GPU:
+        if _place(params, settings, capacities(relieve(gpus, freed), remaining, policy), policy).fit is Fit.GPU:
             return tuple(v.name for v in freed)
     return ()

@@ -15,7 +15,7 @@ from llamactl.cli.common import load_config, state_store, wants_json
 from llamactl.cli.estimate import print_devices, print_summary
 from llamactl.cli.complete import model_names
 from llamactl.cli.options import INVENTORY, POLICY, SERVER, InventoryOptions, SettingsFlags, with_options
-from llamactl.errors import ExitCode
+from llamactl.errors import ExitCode, UsageError
 from llamactl.model.params import ModelParams
 from llamactl.placement import Fit, Plan
 from llamactl.servers.command import ServerCommand, check_extra_args
@@ -77,13 +77,15 @@ def plan_json(result: Plan, cmd: ServerCommand | None) -> dict[str, object]:
 @with_options(SERVER, INVENTORY, POLICY)
 def command(
     ctx: typer.Context,
-    model: str = typer.Argument(..., metavar="MODEL", autocompletion=model_names,
-                                help="GGUF file (any shard of a split model), or a model name from the config."),
+    model: Optional[str] = typer.Argument(None, metavar="MODEL", autocompletion=model_names,
+                                          help="GGUF file (any shard of a split model), or a model name from the "
+                                               "config; none: the fleet plan of every configured model."),
     extra: Optional[list[str]] = typer.Argument(None, metavar="-- EXTRA", help="Extra llama-server arguments."),
     port: Optional[int] = typer.Option(None, "--port", min=1, max=65535,
                                        help="Port for the llama-server command line (default: the config's port_start)."),
     server_bin: Optional[str] = typer.Option(None, "--server-bin", help="llama-server binary (else $LLAMA_SERVER, PATH)."),
     json_output: bool = typer.Option(False, "--json", help="Machine-readable JSON."),
+    every: bool = typer.Option(False, "--all", help="The fleet plan of every configured model (as with no MODEL)."),
     *,
     settings: SettingsFlags,
     inv: InventoryOptions,
@@ -94,6 +96,13 @@ def command(
     A configured model name plans with its config settings and placement; the flags given here override them.
     """
     cfg = load_config(ctx)
+    if model is None or every:
+        if model is not None or extra or settings.given:
+            raise UsageError("the fleet plan (no MODEL, or --all) takes no model, llama-server flags or extra "
+                             "arguments: each model runs with its config")
+        from llamactl.cli import fleet
+
+        fleet.run(ctx, cfg, inv.inventory, {**inv.given, **placement}, server_bin, wants_json(ctx, json_output))
     check_extra_args(list(extra or []))
     store = state_store(ctx)
     door = open_door(cfg, model, Overrides(settings=settings.given, placement={**inv.given, **placement},

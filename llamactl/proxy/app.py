@@ -75,6 +75,7 @@ async def _lifespan(app: web.Application) -> AsyncIterator[None]:
     if adopted:
         log.info("adopted running instances: %s", ", ".join(adopted))
     polling = asyncio.create_task(poller.poll_forever(proxy))
+    preloading = asyncio.create_task(proxy.pool.preload())  # in the background: /health answers meanwhile
     if proxy.reload_fn is not None:
         try:
             asyncio.get_running_loop().add_signal_handler(signal.SIGHUP, _reload, proxy.pool, proxy.reload_fn)
@@ -84,7 +85,8 @@ async def _lifespan(app: web.Application) -> AsyncIterator[None]:
         yield
     finally:
         polling.cancel()
-        await asyncio.gather(polling, return_exceptions=True)
+        preloading.cancel()
+        await asyncio.gather(polling, preloading, return_exceptions=True)
         await proxy.pool.shutdown(proxy.keep_instances)
         await proxy.session.close()
         proxy.parser.close()

@@ -27,6 +27,7 @@ from llamactl.errors import (GGUFError, ProxyError, LaunchError, LlamactlError, 
 from llamactl import views
 from llamactl.gpu.inventory import Inventory
 from llamactl.placement import Plan
+from llamactl.fleet import FleetPlan, plan_configured
 from llamactl.resolve import Door, Overrides, open_door
 from llamactl.servers.probe import Server, ServerCaps
 from llamactl.servers import launcher, procs, runner
@@ -92,6 +93,7 @@ class Effects(Protocol):
     def instances(self) -> dict[str, Instance]: ...  # the state, reconciled
     def inventory(self) -> Inventory: ...
     def door(self, config: Config, model: str, given: Overrides, inv: Inventory) -> Door: ...  # resolved, header read
+    def fleet(self, config: Config, inv: Inventory) -> FleetPlan: ...  # every configured model planned together
     def plan(self, req: launcher.LaunchRequest, inv: Inventory, instances: dict[str, Instance]) -> Plan: ...
     def launch(self, req: launcher.LaunchRequest) -> Instance: ...  # spawn, wait until ready, record
     def stop(self, name: str) -> None: ...  # TERM → KILL, reap, drop from the state
@@ -117,6 +119,9 @@ class ProcessEffects:
 
     def door(self, config: Config, model: str, given: Overrides, inv: Inventory) -> Door:
         return open_door(config, model, given, inv, self.store.dir, self.server, self.repack_types)
+
+    def fleet(self, config: Config, inv: Inventory) -> FleetPlan:
+        return plan_configured(config, inv, self.store.dir, self.server, self.store.snapshot())
 
     def plan(self, req: launcher.LaunchRequest, inv: Inventory, instances: dict[str, Instance]) -> Plan:
         return launcher.plan_for(req, inv, instances)
@@ -435,7 +440,30 @@ class Pool:
         await asyncio.to_thread(self.effects.stop, name)
         self.stats.evictions["memory"] = self.stats.evictions.get("memory", 0) + 1
 
-    async def _start(self, slot: Slot, stopping: list[asyncio.Future[None]] | tuple = ()) -> None:
+    async def preload(self) -> list[str]:
+        """At start-up: start the `preload` models the fleet plan makes resident (`llamactl plan` with no model
+        shows it), one after another in its order; one that has no free seat without evicting is left."""
+        inv = await asyncio.to_thread(self.effects.inventory)
+        fleet = await asyncio.to_thread(self.effects.fleet, self.config, inv)
+        started = []
+        for name in fleet.preload_order():
+            slot = self.slots.get(name)
+            if slot is None or slot.phase is not Status.STOPPED or slot.task is not None:
+                continue  # adopted, or a request started it first
+            decision = scheduler.decide(name, self.seats(), self._limits(), now=time.time())
+            if not isinstance(decision, scheduler.Start) or decision.stop:
+                log.warning("%s: not preloaded: no seat without evicting another model", name)
+                continue
+            self._move(slot, Status.STARTING)
+            slot.task = asyncio.ensure_future(self._start(slot, why="preload"))
+            try:
+                await asyncio.shield(slot.task)
+                started.append(name)
+            except LlamactlError as exc:  # logged and counted by _start; the next model is tried all the same
+                log.error("%s: preload failed: %s", name, exc)
+        return started
+
+    async def _start(self, slot: Slot, stopping: list[asyncio.Future[None]] | tuple = (), why: str = "on demand") -> None:
         name = slot.model.name
         started = time.monotonic()
         deadline = started + self.config.load_timeout_s
@@ -450,7 +478,7 @@ class Pool:
                 why = self._loading_elsewhere(slot, instances)
                 if why is None:
                     if not announced:
-                        self.events.add("launch", name, "on demand")
+                        self.events.add("launch", name, why)
                         announced = True
                     try:
                         instance = await self._launch(slot)

@@ -14,6 +14,8 @@ from llamactl.errors import LoadTimeoutError, ModelUnavailableError, NotReadyInT
 from llamactl.gpu.inventory import Inventory
 from llamactl.model.settings import ServerSettings
 from llamactl.placement import Fit, Plan, Policy
+from llamactl.fleet import FleetPlan, Placed
+from llamactl.model.registry import Residency
 from llamactl.proxy.pool import Pool
 from llamactl.resolve import Door, resolve
 from llamactl.servers.state import Instance, StateStore, Status
@@ -28,6 +30,7 @@ class FakeEffects:
         self.fail: dict[str, BaseException] = {}
         self.evict: tuple[str, ...] = ()
         self.running: dict[str, Instance] = {}
+        self.preload: tuple[str, ...] = ()  # the fleet plan's resident preload models, in its order
 
     def _wait(self, key: str) -> None:
         if key in self.gate:
@@ -41,6 +44,10 @@ class FakeEffects:
 
     def door(self, config, model, given, inv):
         return Door(resolve(config, model, given), params=None, policy=Policy(), server=None)  # type: ignore[arg-type]
+
+    def fleet(self, config, inv):
+        return FleetPlan(tuple(Placed(n, Residency(preload=True), self.plan(None, inv, {}), True)
+                               for n in self.preload), {})
 
     def plan(self, req, inv, instances):
         return Plan(fit=Fit.CPU, gpu_ids=(), tensor_split=None, resolved=None, estimate=None, capacities=(),
@@ -263,3 +270,12 @@ def test_an_instance_another_llamactl_just_made_ready_is_routed_to(tmp_path: Pat
 
     asyncio.run(go())
     assert fake.calls == [("launch", "a")]
+
+
+def test_preload_starts_the_fleet_plan_s_models_in_order_and_evicts_nothing(tmp_path: Path) -> None:
+    fake = FakeEffects()
+    fake.preload = ("c", "a", "b")
+    pool = make_pool(tmp_path, fake, max_instances=2)
+    started = asyncio.run(pool.preload())
+    assert started == ["c", "a"] and [c for c in fake.calls if c[0] == "launch"] == [("launch", "c"), ("launch", "a")]
+    assert pool.slots["b"].phase is Status.STOPPED  # no seat left without evicting a preloaded model

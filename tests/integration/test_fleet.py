@@ -1,0 +1,87 @@
+"""The fleet plan (`llamactl plan` with no model) and the proxy's start-up that follows it, with fake
+llama-servers on simulated GPUs."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tests.integration.test_proxy import Proxy, wait_for
+
+# two GPUs that each hold one model beside the 512 MiB margin: a third would run on the CPU
+GPUS = "2x1GiB"
+
+
+def fleet_config(tmp: Path) -> str:
+    model = tmp / "tiny.gguf"  # written by Proxy before it starts
+    return "".join(f'[models.{name}]\npath = "{model}"\n{keys}\n' for name, keys in (
+        ("chat", "preload = true"), ("spare", "priority = 9"), ("code", "preload = true\npriority = 3"),
+        ("batch", "preload = true")))
+
+
+def plan_json(p: Proxy) -> tuple[int, dict]:
+    out = subprocess.run([sys.executable, "-m", "llamactl", "--config", str(p.config), "plan", "--json"], env=p.env,
+                         capture_output=True, text=True, timeout=60)
+    return out.returncode, json.loads(out.stdout)
+
+
+@pytest.fixture
+def fleet(tmp_path: Path):
+    p = Proxy(tmp_path, {}, gpus=GPUS, defaults="\n" + fleet_config(tmp_path))
+    yield p
+    p.stop()
+
+
+def test_the_proxy_preloads_what_the_fleet_plan_shows(fleet: Proxy) -> None:
+    code, plan = plan_json(fleet)
+    by_name = {m["name"]: m for m in plan["models"]}
+    # preloaded first, then by priority: code (preload, priority 3), chat and batch (preload), then spare
+    assert [m["name"] for m in plan["models"]] == ["code", "chat", "batch", "spare"]
+    assert plan["preload_order"] == ["code", "chat"] and not by_name["batch"]["resident"]
+    assert code == 4 and plan["ok"] is False  # batch is a preload model that does not fit beside the others
+    assert "no room beside code, chat" in by_name["batch"]["reasons"][0]
+    # the proxy starts exactly those, on the plan's GPUs, in its order, and nothing else
+    assert wait_for(lambda: {i["name"] for i in fleet.instances() if i["state"] == "ready"} == {"code", "chat"}, 30), \
+        fleet.logs()
+    ready = {i["name"]: i for i in fleet.instances()}
+    assert {n: ready[n]["gpu_ids"] for n in ("code", "chat")} == {n: by_name[n]["gpu_ids"] for n in ("code", "chat")}
+    assert ready["batch"]["state"] == ready["spare"]["state"] == "stopped"
+    launches = [line.split(": ready on port")[0].split()[-1] for line in fleet.logs().splitlines()
+                if ": ready on port" in line]
+    assert launches == ["code", "chat"], fleet.logs()
+
+
+def test_spill_false_is_refused_with_the_reasons_not_run_on_the_cpu(tmp_path: Path) -> None:
+    model = tmp_path / "tiny.gguf"
+    p = Proxy(tmp_path, {}, gpus="none", defaults=f'\n[models.gpuonly]\npath = "{model}"\nspill = false\n'
+                                                  f'[models.any]\npath = "{model}"\n')
+    try:
+        refused = p.post("gpuonly")
+        assert refused.status_code == 503, refused.text
+        assert "spill = false" in refused.json()["error"]["message"] and "CPU" in refused.json()["error"]["message"]
+        assert p.post("any").status_code == 200  # spill allowed: on the CPU it runs
+        assert {i["name"]: i["state"] for i in p.instances()}["gpuonly"] == "stopped"
+    finally:
+        p.stop()
+
+
+def test_a_pinned_model_outlives_its_ttl_and_is_never_the_victim(tmp_path: Path) -> None:
+    model = tmp_path / "tiny.gguf"
+    p = Proxy(tmp_path, {}, 'max_instances = 2\nidle_ttl = "1s"\nload_timeout = "2s"',
+              defaults=f'\n[models.keep]\npath = "{model}"\npin = true\n[models.other]\npath = "{model}"\n'
+                       f'[models.third]\npath = "{model}"\n')
+    try:
+        assert p.post("keep").status_code == 200 and p.post("other").status_code == 200
+        states = lambda: {i["name"]: i["state"] for i in p.instances()}  # noqa: E731
+        assert wait_for(lambda: states()["other"] == "stopped", 20), p.logs()  # the TTL stopped the unpinned one
+        assert states()["keep"] == "ready"
+        assert p.post("other").status_code == 200
+        # max_instances reached: the idle unpinned one makes room, never the pinned one (used longer ago)
+        assert p.post("third").status_code == 200
+        assert states()["keep"] == "ready" and states()["other"] == "stopped"
+    finally:
+        p.stop()
