@@ -178,6 +178,11 @@ def _try(params: ModelParams, settings: ServerSettings, chosen: Sequence[DeviceC
     return fits, resolved, est
 
 
+def need_alone(params: ModelParams, settings: ServerSettings, cap: DeviceCapacity, policy: Policy) -> int:
+    """The bytes the model needs on `cap`'s GPU alone, as the planner weighs a single-GPU candidate."""
+    return _try(params, settings, [cap], [1.0], policy)[2].device("GPU0").total_bytes
+
+
 def calibrated(est: MemoryEstimate, learned: Learned, gpu_names: Sequence[str]) -> MemoryEstimate:
     """The estimate corrected by what earlier launches measured, noting what was used."""
     res = est.resolved
@@ -372,16 +377,26 @@ FIT_RANK = {Fit.NONE: 0, Fit.CPU: 1, Fit.PARTIAL: 2, Fit.GPU: 3}
 def evictions_for(params: ModelParams, settings: ServerSettings, gpus: Sequence[Gpu], policy: Policy,
                   instances: Sequence[RunningInstance]) -> tuple[str, ...]:
     """The shortest least-recently-used prefix of idle instances whose memory would make a GPU fit."""
-    idle = sorted((i for i in instances if i.idle and not i.starting), key=lambda i: i.last_used)
-    freed: list[RunningInstance] = []
-    for victim in idle:
-        freed.append(victim)
-        gone = {i.name for i in freed}
-        shown = [v for v in freed if v.shown]  # promised memory is relieved by leaving the victim out alone
-        relieved = [replace(g, memory_free_bytes=g.memory_free_bytes + sum(v.gpu_bytes.get(g.index, 0) for v in shown),
-                            memory_used_bytes=max(g.memory_used_bytes - sum(v.gpu_bytes.get(g.index, 0) for v in shown), 0))
-                    for g in gpus]
-        remaining = [i for i in instances if i.name not in gone]
-        if _place(params, settings, capacities(relieved, remaining, policy), policy).fit is Fit.GPU:
+    idle = evictable(instances)
+    for n in range(1, len(idle) + 1):
+        freed = idle[:n]
+        gpus_after, remaining = without(gpus, instances, freed)
+        if _place(params, settings, capacities(gpus_after, remaining, policy), policy).fit is Fit.GPU:
             return tuple(v.name for v in freed)
     return ()
+
+
+def evictable(instances: Sequence[RunningInstance]) -> list[RunningInstance]:
+    """The instances an eviction may take, least recently used first: idle and not loading."""
+    return sorted((i for i in instances if i.idle and not i.starting), key=lambda i: i.last_used)
+
+
+def without(gpus: Sequence[Gpu], instances: Sequence[RunningInstance],
+            gone: Sequence[RunningInstance]) -> tuple[list[Gpu], list[RunningInstance]]:
+    """The GPUs and the instances as they would be once `gone` stopped."""
+    names = {i.name for i in gone}
+    shown = [v for v in gone if v.shown]  # promised memory is relieved by leaving the victim out alone
+    relieved = [replace(g, memory_free_bytes=g.memory_free_bytes + sum(v.gpu_bytes.get(g.index, 0) for v in shown),
+                        memory_used_bytes=max(g.memory_used_bytes - sum(v.gpu_bytes.get(g.index, 0) for v in shown), 0))
+                for g in gpus]
+    return relieved, [i for i in instances if i.name not in names]
