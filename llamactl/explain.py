@@ -1,8 +1,8 @@
 """Why a plan is what it is, and what would change it: per-GPU verdicts and checked what-ifs (`plan --explain`).
 
 Pure: the same inputs as `placement.plan()`. A what-if is a change a user can make (llama-server flags taken by
-`plan` as they are, or idle instances to evict) that gives a better outcome than the plan's: on one GPU beats
-on several GPUs, which beats partial offload, the CPU, no fit. Each is found by searching with the planner
+`plan` as they are, or idle instances to evict) that puts the model wholly on GPUs with a better outcome than
+the plan's: on one GPU beats on several GPUs, which beats partial offload, the CPU, no fit. Each is found by searching with the planner
 (the largest `-c` in steps of llama.cpp's padding, the fewest `--n-cpu-moe` layers, the most `-np` slots, the
 fewest least-recently-used idle instances) and then planned once more with the real policy, so what it
 promises is what `plan` with those flags says. The cost stays bounded: a bisection per knob and target.
@@ -135,27 +135,26 @@ class _Search:
                 running: Sequence[RunningInstance] | None = None, **changes: Any) -> bool:
         """Whether the settings with `changes` plan at `target` or better. A whole-GPU fit never depends on
         partial offload being allowed, so the search skips weighing it."""
-        quick = replace(self.policy, allow_partial=False)
-        try:
-            trial = plan(self.params, replace(self.settings, **changes), self.gpus if gpus is None else gpus, quick,
-                         self.running if running is None else running)
-        except UsageError:  # a value llama.cpp refuses for this model (a cache block that does not divide a head)
-            return False
-        return outcome(trial) >= target
+        trial = self._plan(replace(self.policy, allow_partial=False), gpus, running, changes)
+        return trial is not None and outcome(trial) >= target
 
     def checked(self, flags: Sequence[str], note: str, gpus: Sequence[Gpu] | None = None,
                 running: Sequence[RunningInstance] | None = None, evict: tuple[str, ...] = (),
                 **changes: Any) -> WhatIf | None:
-        """The what-if as the real planner sees it; None unless it beats the plan."""
-        try:
-            result = plan(self.params, replace(self.settings, **changes), self.gpus if gpus is None else gpus,
-                          self.policy, self.running if running is None else running)
-        except UsageError:
-            return None
-        if outcome(result) <= self.now:
+        """The what-if as the real planner sees it; None unless it is wholly on GPUs and beats the plan."""
+        result = self._plan(self.policy, gpus, running, changes)
+        if result is None or outcome(result) < Outcome.GPUS or outcome(result) <= self.now:
             return None
         lead = f"llamactl evict {' '.join(evict)}" if evict else shlex.join(flags)
         return WhatIf(tuple(flags), result.fit, result.gpu_ids, f"{lead}: {_where(result)} ({note})", evict)
+
+    def _plan(self, policy: Policy, gpus: Sequence[Gpu] | None, running: Sequence[RunningInstance] | None,
+              changes: dict[str, Any]) -> Plan | None:
+        try:
+            return plan(self.params, replace(self.settings, **changes), self.gpus if gpus is None else gpus, policy,
+                        self.running if running is None else running)
+        except UsageError:  # a value llama.cpp refuses for this model (a cache block that does not divide a head)
+            return None
 
 
 def _where(p: Plan) -> str:
@@ -279,7 +278,8 @@ def explain_json(e: Explanation) -> dict[str, object]:
     return {
         "outcome": e.outcome.name.lower(),
         "gpus": [{"index": v.index, "verdict": v.verdict, "capacity_bytes": v.capacity_bytes,
-                  "share_bytes": v.share_bytes, "alone_bytes": v.alone_bytes, "short_bytes": v.short_bytes, "text": v.text} for v in e.gpus],
+                  "share_bytes": v.share_bytes, "alone_bytes": v.alone_bytes, "short_bytes": v.short_bytes,
+                  "text": v.text} for v in e.gpus],
         "what_ifs": [{"flags": list(w.flags), "evict": list(w.evict), "fit": w.fit.value, "gpu_ids": list(w.gpu_ids),
                       "text": w.text} for w in e.what_ifs],
     }

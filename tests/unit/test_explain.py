@@ -62,6 +62,8 @@ CASES = [
     ("llama8b", ServerSettings(ctx_size=65536), "8GiB,3GiB", Policy(), (), {"-c": [GPUS, ONE], "-ctk": [ONE]}),
     ("llama8b", ServerSettings(ctx_size=32768, flash_attn="off"), "8GiB", Policy(), (), {"-c": [ONE], "-ctk": [ONE]}),
     ("llama8b", ServerSettings(ctx_size=8192, n_gpu_layers=10), "24GiB", Policy(), (), {"-ngl": [ONE]}),
+    ("llama8b", ServerSettings(ctx_size=8192, n_gpu_layers=0), "24GiB", Policy(), (), {"-ngl": [ONE]}),  # the CPU
+    ("llama8b", ServerSettings(ctx_size=8192), "2GiB", Policy(allow_partial=False), (), {}),  # no whole-GPU fit
     ("llama8b", ServerSettings(ctx_size=32768), "8GiB,3GiB", Policy(max_gpus=1, allow_partial=False), (),
      {"-c": [ONE], "-ctk": [ONE]}),
     ("qwen3moe", ServerSettings(), "16GiB", Policy(), (), {"-ncmoe": [ONE]}),
