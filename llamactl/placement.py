@@ -178,6 +178,11 @@ def _try(params: ModelParams, settings: ServerSettings, chosen: Sequence[DeviceC
     return fits, resolved, est
 
 
+def need_alone(params: ModelParams, settings: ServerSettings, cap: DeviceCapacity, policy: Policy) -> int:
+    """The bytes the model needs on `cap`'s GPU alone, as the planner weighs a single-GPU candidate."""
+    return _try(params, settings, [cap], [1.0], policy)[2].device("GPU0").total_bytes
+
+
 def calibrated(est: MemoryEstimate, learned: Learned, gpu_names: Sequence[str]) -> MemoryEstimate:
     """The estimate corrected by what earlier launches measured, noting what was used."""
     res = est.resolved
@@ -381,12 +386,22 @@ FIT_RANK = {Fit.NONE: 0, Fit.CPU: 1, Fit.PARTIAL: 2, Fit.GPU: 3}
 def evictions_for(params: ModelParams, settings: ServerSettings, gpus: Sequence[Gpu], policy: Policy,
                   instances: Sequence[RunningInstance]) -> tuple[str, ...]:
     """The shortest least-recently-used prefix of idle instances whose memory would make a GPU fit."""
-    idle = sorted((i for i in instances if i.idle and not i.starting), key=lambda i: i.last_used)
-    freed: list[RunningInstance] = []
-    for victim in idle:
-        freed.append(victim)
-        gone = {i.name for i in freed}
-        remaining = [i for i in instances if i.name not in gone]
-        if _place(params, settings, capacities(relieve(gpus, freed), remaining, policy), policy).fit is Fit.GPU:
+    idle = evictable(instances)
+    for n in range(1, len(idle) + 1):
+        freed = idle[:n]
+        gpus_after, remaining = without(gpus, instances, freed)
+        if _place(params, settings, capacities(gpus_after, remaining, policy), policy).fit is Fit.GPU:
             return tuple(v.name for v in freed)
     return ()
+
+
+def evictable(instances: Sequence[RunningInstance]) -> list[RunningInstance]:
+    """The instances an eviction may take, least recently used first: idle and not loading."""
+    return sorted((i for i in instances if i.idle and not i.starting), key=lambda i: i.last_used)
+
+
+def without(gpus: Sequence[Gpu], instances: Sequence[RunningInstance],
+            gone: Sequence[RunningInstance]) -> tuple[list[Gpu], list[RunningInstance]]:
+    """The GPUs and the instances as they would be once `gone` stopped."""
+    names = {i.name for i in gone}
+    return relieve(gpus, gone), [i for i in instances if i.name not in names]

@@ -86,6 +86,9 @@ def command(
     server_bin: Optional[str] = typer.Option(None, "--server-bin", help="llama-server binary (else $LLAMA_SERVER, PATH)."),
     json_output: bool = typer.Option(False, "--json", help="Machine-readable JSON."),
     every: bool = typer.Option(False, "--all", help="The fleet plan of every configured model (as with no MODEL)."),
+    explain: bool = typer.Option(False, "--explain",
+                                 help="Why each GPU was taken or rejected, and the flags that would make it fit "
+                                      "better (each checked by planning it)."),
     *,
     settings: SettingsFlags,
     inv: InventoryOptions,
@@ -112,15 +115,30 @@ def command(
     spec, req = door.spec, door.request()
     # llamactl's own instances on this box (NVML, or a simulated inventory standing for it) are accounted
     # exactly and proposed for eviction; a --gpus-file describes another box as it was measured
-    result = plan_for(req, inv.inventory, store.snapshot())
+    instances = store.snapshot()
+    result = plan_for(req, inv.inventory, instances)
     cmd = None
     note = "; ".join(n for n in (inv.inventory.note, door.server.note) if n) or None
     if result.resolved is not None:  # the command `launch` runs: byte for byte but the port it finds free
         cmd = command_for(req, result, door.server.binary, door.server.caps, inv.inventory, port or spec.port_start)
+    explained = None
+    if explain:
+        from llamactl.cli.explained import for_request
+
+        explained = for_request(req, door.params, inv.inventory, instances, result)
     if wants_json(ctx, json_output):
-        render.emit_json(plan_json(result, cmd))
+        data = plan_json(result, cmd)
+        if explained is not None:
+            from llamactl.explain import explain_json
+
+            data["explain"] = explain_json(explained)
+        render.emit_json(data)
     else:
         _print_human(result, cmd, str(spec.path), door.params, note)
+        if explained is not None:
+            from llamactl.cli.explained import print_explanation
+
+            print_explanation(explained)
     raise typer.Exit(int(_EXIT[result.fit]))
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import replace
 from pathlib import Path
 
@@ -165,3 +166,75 @@ def test_launch_takes_the_same_placement_flags_as_plan(llama8b: Path) -> None:
     assert bad.returncode == 2 and "--gpu-mem-threshold must be in (0, 1]" in bad.stderr
     none = run("launch", str(llama8b), "--gpus", "none", "--host-memory", "1GiB", "--dry-run")
     assert none.returncode == 4 and "does not fit" in none.stderr  # the same exit code as plan's "none"
+
+
+@pytest.fixture(scope="module")
+def gemma3(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return write_model(tmp_path_factory.mktemp("m") / "gemma3-4b.gguf", REALISTIC["gemma3-4b"], sparse=True)
+
+
+@pytest.mark.parametrize(("model", "gpus", "given", "offered"), [
+    # partial: a -c for 2 GPUs, a smaller one and a cache type for 1
+    ("llama8b", "8GiB,3GiB", ["-c", "65536"], {"-c", "-ctk"}),
+    ("llama8b", "8GiB", ["-c", "32768", "-fa", "off"], {"-c", "-ctk"}),  # a quantized cache needs -fa on
+    ("llama8b", "24GiB", ["-ngl", "10"], {"-ngl"}),
+    ("qwen3moe", "16GiB", [], {"-ncmoe"}),
+    ("gemma3", "12GiB", ["-c", "32768", "-np", "32", "-kvu"], {"-c", "-ctk", "-np"}),  # its window grows with slots
+])
+def test_explain_what_ifs_applied_fit(request: pytest.FixtureRequest, model, gpus, given, offered) -> None:
+    """Every what-if `plan --explain` offers, its flags added to the same command, plans as it promised."""
+    path = str(request.getfixturevalue(model))
+    out = run("plan", path, "--gpus", gpus, *given, "--explain", "--json")
+    assert out.returncode == 3, out.stderr
+    data = json.loads(out.stdout)
+    assert set(data) == KEYS | {"explain"}
+    what_ifs = data["explain"]["what_ifs"]
+    assert what_ifs and all(w["flags"] and not w["evict"] for w in what_ifs)
+    for w in what_ifs:
+        applied = run("plan", path, "--gpus", gpus, *given, *w["flags"], "--json")
+        assert applied.returncode == (0 if w["fit"] == "gpu" else 3), (w["text"], applied.stderr)
+        result = json.loads(applied.stdout)
+        assert (result["fit"], result["gpu_ids"]) == (w["fit"], w["gpu_ids"]), w["text"]
+    assert {w["flags"][0] for w in what_ifs} == offered, what_ifs
+
+
+def test_explain_text_says_why_each_gpu_was_left(llama8b: Path, tmp_path: Path) -> None:
+    gib = 2**30
+    inv = [{"index": i, "uuid": f"GPU-{i}", "name": "NVIDIA L4", "memory_total_bytes": total * gib,
+            "memory_used_bytes": (total - free) * gib, "memory_free_bytes": free * gib, "utilization_gpu": util,
+            "utilization_memory": 0, "processes": []}
+           for i, (total, free, util) in enumerate(((24, 4, 3), (24, 23, 95), (8, 6, 0)))]
+    path = tmp_path / "prod.json"
+    path.write_text(json.dumps(inv))
+    out = run("plan", str(llama8b), "--gpus-file", str(path), "-c", "32768", "--explain")
+    assert out.returncode == 3, out.stderr
+    section = out.stdout[out.stdout.index("\nexplain:\n"):]
+    assert "rejected: GPU 0: other programs use 20.00 GiB of 24.00 GiB (threshold 50%)" in section
+    assert "rejected: GPU 1 is 95% busy (threshold 50%)" in section
+    assert "GPU 2 taken:" in section and "short by" in section
+    assert "what would make it fit better" in section and "- -c " in section
+    plain = run("plan", str(llama8b), "--gpus-file", str(path), "-c", "32768")
+    assert "explain:" not in plain.stdout and plain.stdout == out.stdout[:len(plain.stdout)]
+    fits = run("plan", str(llama8b), "--gpus", "24GiB", "--explain")
+    assert fits.returncode == 0 and "it fits on one GPU: nothing to change" in fits.stdout
+
+
+def test_explain_evict_what_if_applied_fits(tmp_path: Path) -> None:
+    """`llamactl evict` of the instances the what-if names, then the same plan runs wholly on the GPU."""
+    from tests.integration.test_bounds import _estimate, _write_models
+
+    config, env = _write_models(tmp_path, "abc")
+    env["LLAMACTL_GPUS"] = f"1x{math.ceil(2.5 * _estimate(config, env, 'a') / 1024)}KiB"
+    cli = lambda *argv: run("--config", str(config), *argv, env=env)  # noqa: E731
+    try:
+        for name in "ab":
+            assert cli("launch", name).returncode == 0
+        planned = cli("plan", "c", "--explain", "--json")
+        assert planned.returncode == 3, planned.stdout
+        (w,) = [w for w in json.loads(planned.stdout)["explain"]["what_ifs"] if w["evict"]]
+        assert w["evict"] == ["a"] and w["flags"] == [] and w["text"].startswith("llamactl evict a:")
+        assert cli("evict", *w["evict"]).returncode == 0
+        after = cli("plan", "c", "--json")
+        assert after.returncode == 0 and json.loads(after.stdout)["gpu_ids"] == w["gpu_ids"]
+    finally:
+        cli("evict", "--all")
