@@ -1,11 +1,89 @@
-"""Output for people (tables) and for programs (JSON); nothing else prints results."""
+"""Output for people (tables) and for programs (JSON); nothing else prints results.
+
+A command builds a result (a frozen record with `to_json()` and `text()`) and hands it to `result()`,
+which writes one or the other: the JSON document and the text come from the same fields, and every
+command's output, success or failure, obeys `--json` the same way.
+"""
 
 from __future__ import annotations
 
 import json
 import sys
-from collections.abc import Sequence
-from dataclasses import fields, is_dataclass, replace
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, fields, is_dataclass, replace
+from typing import TYPE_CHECKING, Protocol
+
+if TYPE_CHECKING:
+    from llamactl.errors import LlamactlError
+
+
+class Note(str):
+    """A line of a result's text that is a remark for the user, not the result: written to stderr."""
+
+
+class Result(Protocol):
+    """What a command returns for `result()` to write."""
+
+    def to_json(self) -> object:
+        """The `--json` document (the keys docs/usage.md lists)."""
+        ...
+
+    def text(self) -> Iterable[str]:
+        """The lines for people, in order: a str goes to stdout (a table may be one multi-line str), a Note
+        to stderr."""
+        ...
+
+
+@dataclass(frozen=True)
+class Line:
+    """A result that is one line for people and a flat object for programs (`deleted 3 observations`,
+    `{"deleted": 3}`); `note`: the line is a remark, for stderr."""
+
+    line: str
+    doc: dict[str, object]
+    note: bool = False
+
+    def to_json(self) -> dict[str, object]:
+        return dict(self.doc)
+
+    def text(self) -> Iterable[str]:
+        return [Note(self.line) if self.note else self.line]
+
+
+def result(as_json: bool, res: Result, *, exit_code: int = 0, failure: LlamactlError | None = None,
+           compact: bool = False) -> None:
+    """Write a command's result: its JSON document on stdout, or its text; then exit with `exit_code`
+    unless it is 0 (plan's fit codes).
+
+    `failure` is a result that is also an error (`proxy --check` with problems): under --json the document
+    gains the `error` member every JSON error has (still one object on stdout) and the process exits with
+    the error's code; as text the error is raised after the lines, for the CLI's one line on stderr.
+    `compact`: the document on one line (JSON lines, as `gpus --watch` writes)."""
+    if as_json:
+        doc = res.to_json()
+        if failure is not None:
+            from llamactl.errors import type_name
+
+            assert isinstance(doc, dict), "a failing result's document is an object"
+            doc = {**doc, **error_json(type_name(failure), str(failure), int(failure.exit_code))}
+            exit_code = int(failure.exit_code)
+        emit_json(doc, compact=compact)
+    else:
+        for line in res.text():
+            if isinstance(line, Note):
+                note(line)
+            else:
+                print(line)
+        if failure is not None:
+            raise failure
+    if exit_code:
+        sys.stdout.flush()
+        raise SystemExit(exit_code)
+
+
+def error_json(kind: str, message: str, exit_code: int) -> dict[str, object]:
+    """A failure under --json: `{"error": {"type", "message", "exit_code"}}` (docs/usage.md, "Error types")."""
+    return {"error": {"type": kind, "message": message, "exit_code": exit_code}}
 
 
 def emit_json(data: object, *, compact: bool = False) -> None:

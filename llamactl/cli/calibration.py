@@ -7,9 +7,11 @@ import os
 import stat
 import sys
 import time
+from collections.abc import Iterator
+from dataclasses import dataclass
 from enum import Enum
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Optional
+from typing import Any, Optional
 
 import typer
 
@@ -17,9 +19,6 @@ from llamactl import render
 from llamactl.cli.common import state_store, wants_json
 from llamactl.errors import UsageError
 from llamactl.units import format_bytes, format_duration
-
-if TYPE_CHECKING:  # the store and the model load on use: `llamactl --help` and other commands stay fast
-    from llamactl.learn.store import CalibrationStore
 
 EXPORT_FORMAT = "llamactl-calibration"
 IMPORT_LIMIT_BYTES = 64 * 2**20
@@ -32,14 +31,38 @@ class Action(str, Enum):
     import_ = "import"
 
 
-def _print(store: CalibrationStore, data: dict[str, Any]) -> None:
-    if not data["observations"]:
-        render.note(f"no observations yet in {store.path}: every launch adds one")
-        return
-    print(f"{store.path}: {data['observations']} observations")
-    now = time.time()
+@dataclass(frozen=True)
+class Shown:
+    """calibration show's result: the store's path and learn.summary's summary of its observations."""
+
+    path: Path
+    data: dict[str, Any]  # learn.summary.summary(): the JSON document's keys, as documented
+
+    def to_json(self) -> dict[str, Any]:
+        return {"path": str(self.path), **self.data}
+
+    def text(self) -> Iterator[str]:
+        data = self.data
+        if not data["observations"]:
+            yield render.Note(f"no observations yet in {self.path}: every launch adds one")
+            return
+        yield f"{self.path}: {data['observations']} observations"
+        yield _models_table(data["models"], time.time())
+        if data["gpu_overhead"]:
+            yield "\nGPU overhead (NVML per process minus llama.cpp's buffers):"
+            for o in data["gpu_overhead"]:
+                used = format_bytes(o["used_bytes"]) if o["used_bytes"] is not None else "not used"
+                yield f"  {o['gpu']}: {used} ({o['launches']} launches, median {format_bytes(o['median_bytes'])}) {o['note']}"
+        if data["compute"]:
+            yield "\ncompute corrections (logged / estimated):"
+            for c in data["compute"]:
+                yield (f"  {c['arch']} on {c['backend']}{' (partial offload)' if c['partial'] else ''}: "
+                       f"× {c['factor']:.3f} ({c['launches']} launches)")
+
+
+def _models_table(models: list[dict[str, Any]], now: float) -> str:
     table = []
-    for row in data["models"]:
+    for row in models:
         devices = []
         for d in row["devices"]:
             est, got = d["estimated_bytes"], d["logged_bytes"]
@@ -49,18 +72,8 @@ def _print(store: CalibrationStore, data: dict[str, Any]) -> None:
         table.append([Path(row["model"]).name, row["arch"], row["backend"] + (f" ({', '.join(row['gpus'])})" if row["gpus"] else ""),
                       row["launches"], row["out_of_memory"], format_duration(now - row["last"]) + " ago",
                       "; ".join(devices) or "-"])
-    print(render.table(table, ["MODEL", "ARCH", "BACKEND", "LAUNCHES", "OOM", "LAST", "ESTIMATED → LOGGED"],
-                       align_right_from=3))
-    if data["gpu_overhead"]:
-        print("\nGPU overhead (NVML per process minus llama.cpp's buffers):")
-        for o in data["gpu_overhead"]:
-            used = format_bytes(o["used_bytes"]) if o["used_bytes"] is not None else "not used"
-            print(f"  {o['gpu']}: {used} ({o['launches']} launches, median {format_bytes(o['median_bytes'])}) {o['note']}")
-    if data["compute"]:
-        print("\ncompute corrections (logged / estimated):")
-        for c in data["compute"]:
-            print(f"  {c['arch']} on {c['backend']}{' (partial offload)' if c['partial'] else ''}: "
-                  f"× {c['factor']:.3f} ({c['launches']} launches)")
+    return render.table(table, ["MODEL", "ARCH", "BACKEND", "LAUNCHES", "OOM", "LAST", "ESTIMATED → LOGGED"],
+                        align_right_from=3)
 
 
 def _read_import(path: str) -> list[Any]:
@@ -107,6 +120,7 @@ def command(
     from llamactl.learn.store import CalibrationStore
     from llamactl.learn.summary import summary
 
+    as_json = wants_json(ctx, json_output)
     st = state_store(ctx)
     store = CalibrationStore(st.dir, file_mode=st.file_mode)
     key = None
@@ -119,11 +133,7 @@ def command(
             raise UsageError(f"--model {model}: {exc.strerror}") from None
     if action is Action.show:
         obs = [o for o in store.all() if key is None or o.model_key == key]
-        data = summary(obs)
-        if wants_json(ctx, json_output):
-            render.emit_json({"path": str(store.path), **data})
-        else:
-            _print(store, data)
+        render.result(as_json, Shown(store.path, summary(obs)))
     elif action is Action.reset:
         what = f"the observations of {model}" if model else f"every observation in {store.path}"
         if not yes:
@@ -131,7 +141,7 @@ def command(
                 raise UsageError(f"reset would delete {what}; add --yes to confirm")
             typer.confirm(f"delete {what}?", abort=True)
         n = store.reset(model_key=key)
-        print(f"deleted {n} observations")
+        render.result(as_json, render.Line(f"deleted {n} observations", {"deleted": n}))
     elif action is Action.export:
         payload = {"format": EXPORT_FORMAT, "schema": calibrate.SCHEMA, "exported_at": time.time(),
                    "observations": [observation_to_row(o) for o in store.all()]}
@@ -140,7 +150,9 @@ def command(
             sys.stdout.write(text)
         else:
             Path(file).write_text(text)
-            render.note(f"exported {len(payload['observations'])} observations to {file}")
+            n = len(payload["observations"])
+            render.result(as_json, render.Line(f"exported {n} observations to {file}", {"exported": n, "file": file},
+                                               note=True))
     else:
         if file is None:
             raise UsageError("import needs a FILE (as `llamactl calibration export FILE` writes; - for stdin)")
@@ -165,8 +177,10 @@ def command(
             raise UsageError(f"importing {fresh} new observations would push {lost} of the {held} in the store out "
                              f"(it keeps the newest {MAX_ROWS}); pass --replace to allow it")
         added = store.add(valid)
-        print(f"imported {added} observations ({len(valid) - added} already present"
-              + (f", {bad} invalid skipped" if bad else "") + ")")
+        present = len(valid) - added
+        render.result(as_json, render.Line(f"imported {added} observations ({present} already present"
+                                           + (f", {bad} invalid skipped" if bad else "") + ")",
+                                           {"imported": added, "already_present": present, "invalid": bad}))
 
 
 def register(app: typer.Typer) -> None:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import typer
@@ -92,26 +94,46 @@ def _layer_summary(devices: tuple[str, ...]) -> dict[str, int]:
     return counts
 
 
-def print_summary(path: Path, model: ModelParams, res: Resolved, note: str | None) -> None:
+@dataclass(frozen=True)
+class Estimates:
+    """estimate's result: one estimate per model asked for, and the inventory's note."""
+
+    results: tuple[EstimateResult, ...]
+    note: str | None = None
+
+    def to_json(self) -> object:
+        payload = [result_json(r) for r in self.results]
+        return payload[0] if len(payload) == 1 else payload
+
+    def text(self) -> Iterator[str]:
+        for index, result in enumerate(self.results):
+            if index:
+                yield ""
+            yield from summary_lines(result.path, result.params, result.estimate.resolved, self.note)
+            yield ""
+            yield from device_lines(result.estimate)
+
+
+def summary_lines(path: Path | str, model: ModelParams, res: Resolved, note: str | None) -> Iterator[str]:
     """The model in two lines and the effective llama-server settings in one."""
     kv_heads = (model.n_head_kv[0] if len(set(model.n_head_kv)) == 1
                 else f"{min(model.n_head_kv)}-{max(model.n_head_kv)} (per layer)")
     head = model.n_embd_head_k if model.n_embd_head_k == model.n_embd_head_v else f"{model.n_embd_head_k}/{model.n_embd_head_v}"
-    print(f"{path}")
-    print(f"  {model.arch} · {format_count(model.n_params)} params · {model.file_type or '?'} · {format_bytes(model.file_bytes)}")
-    print(f"  layers {model.n_layer} · heads {max(model.n_head)} · kv heads {kv_heads} · head size {head} · "
-          f"vocab {model.n_vocab} · trained ctx {model.n_ctx_train}{' · tied output' if model.tied_output else ''}")
+    yield f"{path}"
+    yield f"  {model.arch} · {format_count(model.n_params)} params · {model.file_type or '?'} · {format_bytes(model.file_bytes)}"
+    yield (f"  layers {model.n_layer} · heads {max(model.n_head)} · kv heads {kv_heads} · head size {head} · "
+           f"vocab {model.n_vocab} · trained ctx {model.n_ctx_train}{' · tied output' if model.tied_output else ''}")
     if model.adapters:
-        print(f"  + LoRA: {', '.join(res.lora)} ({len(model.adapters)} tensors, "
-              f"{format_bytes(sum(t.n_bytes for t in model.adapters))})")
+        yield (f"  + LoRA: {', '.join(res.lora)} ({len(model.adapters)} tensors, "
+               f"{format_bytes(sum(t.n_bytes for t in model.adapters))})")
     slots = f"{res.n_seq_max} slots, {'unified' if res.kv_unified else f'{res.n_ctx_seq} cells each'}"
-    print(f"  -c {res.n_ctx} ({slots}) · -ngl {res.n_gpu_layers} · -fa {'on' if res.flash_attn else 'off'} · "
-          f"-ctk {res.cache_type_k} -ctv {res.cache_type_v} · -b {res.n_batch} -ub {res.n_ubatch}")
+    yield (f"  -c {res.n_ctx} ({slots}) · -ngl {res.n_gpu_layers} · -fa {'on' if res.flash_attn else 'off'} · "
+           f"-ctk {res.cache_type_k} -ctv {res.cache_type_v} · -b {res.n_batch} -ub {res.n_ubatch}")
     if note:
-        print(f"  note: {note}")
+        yield f"  note: {note}"
 
 
-def print_devices(est: MemoryEstimate, capacity: dict[str, int] | None = None) -> None:
+def device_lines(est: MemoryEstimate, capacity: dict[str, int] | None = None) -> Iterator[str]:
     """The per-device table (with capacity and headroom when planning), host weights and caveats."""
     recurrent = any(d.recurrent_bytes for d in est.devices)
     headers = ["DEVICE", "WEIGHTS", "KV"] + (["RECURRENT"] if recurrent else []) + [
@@ -127,7 +149,7 @@ def print_devices(est: MemoryEstimate, capacity: dict[str, int] | None = None) -
             cap = capacity.get(d.device)
             row += [format_bytes(cap), "-" if cap is None else format_bytes(cap - d.total_bytes)]
         rows.append(row)
-    print(render.table(rows, headers))
+    yield render.table(rows, headers)
     hw = est.host_weights
     parts = []
     if hw.mapped_bytes:
@@ -139,22 +161,34 @@ def print_devices(est: MemoryEstimate, capacity: dict[str, int] | None = None) -
     if hw.adapter_bytes:
         parts.append(f"{format_bytes(hw.adapter_bytes)} LoRA adapters")
     if parts:
-        print(f"\nhost weights: {', '.join(parts)}")
+        yield f"\nhost weights: {', '.join(parts)}"
     if est.pipeline_copies > 1:
-        print(f"pipeline parallelism: llama.cpp keeps {est.pipeline_copies} copies of the graph inputs on each device")
+        yield f"pipeline parallelism: llama.cpp keeps {est.pipeline_copies} copies of the graph inputs on each device"
     if est.draft is not None:
         where = ", ".join(f"{d.device} {format_bytes(d.total_bytes)}" for d in est.draft.devices if d.total_bytes)
-        print(f"draft model {est.resolved.draft_model} (-ngld {est.resolved.draft_n_gpu_layers}): "
-              f"{format_bytes(est.draft.total_bytes)} of it ({where})")
+        yield (f"draft model {est.resolved.draft_model} (-ngld {est.resolved.draft_n_gpu_layers}): "
+               f"{format_bytes(est.draft.total_bytes)} of it ({where})")
     if est.projector is not None:
-        print(f"vision projector {est.resolved.mmproj}: {format_bytes(est.projector.weights_bytes)} weights and "
-              f"{format_bytes(est.projector.compute_bytes)} compute on {est.projector.device}")
-    print(f"total: {format_bytes(est.total_bytes)}")
+        yield (f"vision projector {est.resolved.mmproj}: {format_bytes(est.projector.weights_bytes)} weights and "
+               f"{format_bytes(est.projector.compute_bytes)} compute on {est.projector.device}")
+    yield f"total: {format_bytes(est.total_bytes)}"
     for text in est.calibration:
-        print(f"calibrated: {text}")
+        yield f"calibrated: {text}"
     if not est.calibration:
         for text in est.approximate:
-            print(f"approximate: {text}")
+            yield f"approximate: {text}"
+
+
+def print_summary(path: Path | str, model: ModelParams, res: Resolved, note: str | None) -> None:
+    """summary_lines() on stdout, for a command that does not build a result yet."""
+    for line in summary_lines(path, model, res, note):
+        print(line)
+
+
+def print_devices(est: MemoryEstimate, capacity: dict[str, int] | None = None) -> None:
+    """device_lines() on stdout, for a command that does not build a result yet."""
+    for line in device_lines(est, capacity):
+        print(line)
 
 
 @with_options(SERVER, INVENTORY)
@@ -176,17 +210,8 @@ def command(
     state_dir = state_store(ctx).dir
     doors = [open_door(cfg, model, given, inv.inventory, state_dir, lambda: locate(None, cfg.server_bin, required=False),
                        need_server=False) for model in models]
-    results = [estimate_door(door, inv.inventory) for door in doors]
-    if wants_json(ctx, json_output):
-        payload = [result_json(r) for r in results]
-        render.emit_json(payload[0] if len(payload) == 1 else payload)
-        return
-    for index, result in enumerate(results):
-        if index:
-            print()
-        print_summary(result.path, result.params, result.estimate.resolved, inv.inventory.note)
-        print()
-        print_devices(result.estimate)
+    results = tuple(estimate_door(door, inv.inventory) for door in doors)
+    render.result(wants_json(ctx, json_output), Estimates(results, inv.inventory.note))
 
 
 def register(app: typer.Typer) -> None:

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import time
+from collections.abc import Iterator
+from dataclasses import dataclass
 from typing import Optional
 
 import typer
@@ -13,7 +15,7 @@ from llamactl.cli.complete import instance_names
 from llamactl.errors import UsageError
 from llamactl.servers.launcher import stop_instances
 from llamactl.servers.refresh import refresh
-from llamactl.servers.state import Status
+from llamactl.servers.state import Instance, Status
 from llamactl.units import format_duration, parse_duration
 
 
@@ -54,13 +56,27 @@ def command(
         stopped: list[str] = []
     else:
         stopped = stop_instances(store, chosen, grace_s=grace_s)
-    if wants_json(ctx, json_output):
-        render.emit_json({"evicted": chosen if not dry_run else [], "would_evict": chosen if dry_run else [],
-                          "were_running": stopped})
-        return
-    for inst in targets:
-        verb = "would stop" if dry_run else ("stopped" if inst.name in stopped else "removed")
-        print(f"{verb} {inst.name} (idle {format_duration(now - inst.last_used)})")
+    render.result(wants_json(ctx, json_output), Eviction(tuple(targets), tuple(stopped), dry_run, now))
+
+
+@dataclass(frozen=True)
+class Eviction:
+    """evict's result: the instances chosen, which of them still ran (and were stopped), at `now`."""
+
+    targets: tuple[Instance, ...]
+    were_running: tuple[str, ...]
+    dry_run: bool
+    now: float
+
+    def to_json(self) -> dict[str, object]:
+        chosen = [i.name for i in self.targets]
+        return {"evicted": chosen if not self.dry_run else [], "would_evict": chosen if self.dry_run else [],
+                "were_running": list(self.were_running)}
+
+    def text(self) -> Iterator[str]:
+        for inst in self.targets:
+            verb = "would stop" if self.dry_run else ("stopped" if inst.name in self.were_running else "removed")
+            yield f"{verb} {inst.name} (idle {format_duration(self.now - inst.last_used)})"
 
 
 def register(app: typer.Typer) -> None:

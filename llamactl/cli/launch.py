@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from typing import Optional
 
 import typer
@@ -16,8 +17,8 @@ from llamactl.config import DEFAULT_PORT_START
 from llamactl.gpu import inventory
 from llamactl.servers import runner
 from llamactl.resolve import Overrides, open_door
-from llamactl.servers.command import check_extra_args
-from llamactl.servers.launcher import pick_port, command_for, launch, plan_for, request_for, split_secrets
+from llamactl.servers.command import ServerCommand, check_extra_args
+from llamactl.servers.launcher import Launched, pick_port, command_for, launch, plan_for, request_for, split_secrets
 from llamactl.servers.probe import locate
 from llamactl.units import format_bytes, parse_duration
 
@@ -80,12 +81,7 @@ def command(
         # the port a launch would take now (the first free one), not merely where the search starts
         cmd = command_for(req, the_plan, server.binary, server.caps, inv.inventory,
                           port or pick_port(current, spec.port_start, req.host))
-        if wants_json(ctx, json_output):
-            render.emit_json({"name": instance_name, "argv": list(cmd.argv), "env": cmd.env, "evict": list(the_plan.evict)})
-        else:
-            print(cmd.shell())
-            if the_plan.evict:
-                print(f"# would evict first: {', '.join(the_plan.evict)}")
+        render.result(wants_json(ctx, json_output), DryRun(instance_name, cmd, the_plan.evict))
         return
     fresh = (lambda: inventory.resolve(None, None)) if inv.inventory.source == "nvml" else (lambda: inv.inventory)
     try:
@@ -99,18 +95,47 @@ def command(
         raise
     if runner.is_terminal():
         sys.stderr.write("\r\x1b[K")
-    inst = done.instance
-    if wants_json(ctx, json_output):
-        render.emit_json({"name": inst.name, "status": inst.status.value, "pid": inst.pid, "port": inst.port,
-                          "url": f"http://{inst.host}:{inst.port}", "gpu_ids": list(inst.gpu_ids), "fit": done.plan.fit.value,
-                          "ready_s": done.ready_s, "evicted": list(done.evicted), "log_path": str(store.log_path(inst.name))})
-        return
-    for gone in done.evicted:
-        render.note(f"evicted {gone} to make room")
-    where = "GPU " + ",".join(map(str, inst.gpu_ids)) if inst.gpu_ids else "CPU"
-    est = sum(inst.estimated_bytes.values())
-    state = f"ready in {done.ready_s:.1f} s" if done.ready_s is not None else "starting (not waited for)"
-    print(f"{inst.name} {state}: http://{inst.host}:{inst.port} (pid {inst.pid}, {where}, est. {format_bytes(est)})")
+    render.result(wants_json(ctx, json_output), Started(done, str(store.log_path(done.instance.name))))
+
+
+@dataclass(frozen=True)
+class DryRun:
+    """launch --dry-run's result: the command a launch would run now, and what it would evict first."""
+
+    name: str
+    command: ServerCommand
+    evict: tuple[str, ...]
+
+    def to_json(self) -> dict[str, object]:
+        return {"name": self.name, "argv": list(self.command.argv), "env": self.command.env, "evict": list(self.evict)}
+
+    def text(self) -> Iterator[str]:
+        yield self.command.shell()
+        if self.evict:
+            yield f"# would evict first: {', '.join(self.evict)}"
+
+
+@dataclass(frozen=True)
+class Started:
+    """launch's result: the recorded instance, how long it took to be ready, what made room for it."""
+
+    launched: Launched
+    log_path: str
+
+    def to_json(self) -> dict[str, object]:
+        done, inst = self.launched, self.launched.instance
+        return {"name": inst.name, "status": inst.status.value, "pid": inst.pid, "port": inst.port,
+                "url": f"http://{inst.host}:{inst.port}", "gpu_ids": list(inst.gpu_ids), "fit": done.plan.fit.value,
+                "ready_s": done.ready_s, "evicted": list(done.evicted), "log_path": self.log_path}
+
+    def text(self) -> Iterator[str]:
+        done, inst = self.launched, self.launched.instance
+        for gone in done.evicted:
+            yield render.Note(f"evicted {gone} to make room")
+        where = "GPU " + ",".join(map(str, inst.gpu_ids)) if inst.gpu_ids else "CPU"
+        est = sum(inst.estimated_bytes.values())
+        state = f"ready in {done.ready_s:.1f} s" if done.ready_s is not None else "starting (not waited for)"
+        yield f"{inst.name} {state}: http://{inst.host}:{inst.port} (pid {inst.pid}, {where}, est. {format_bytes(est)})"
 
 
 def register(app: typer.Typer) -> None:

@@ -5,6 +5,8 @@ from __future__ import annotations
 import logging
 import socket
 import sys
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass
 from typing import Optional
 
 import typer
@@ -21,8 +23,62 @@ from llamactl.resolve import resolve
 from llamactl.units import format_duration, parse_duration, parse_size
 
 
-def _check(cfg: config_mod.Config, as_json: bool, server_bin: str | None = None) -> None:
-    rows, problems, out = [], [], []
+@dataclass(frozen=True)
+class ModelCheck:
+    """One configured model as `proxy --check` shows it (fields in the JSON's order)."""
+
+    name: str
+    path: str
+    aliases: tuple[str, ...]
+    ctx_size: int
+    n_gpu_layers: int | None  # None: all
+    cache_type_k: str
+    cache_type_v: str
+    flash_attn: str  # on, off, auto
+    parallel: int | None
+    args: tuple[str, ...]
+    ttl_s: float | None
+    file: str  # "ok", or "error" (the problem is in ConfigCheck.problems)
+
+    def row(self) -> list[object]:
+        return [self.name, self.path, ", ".join(self.aliases) or "-", self.ctx_size,
+                "all" if self.n_gpu_layers is None else self.n_gpu_layers, format_duration(self.ttl_s), self.file]
+
+
+@dataclass(frozen=True)
+class ConfigCheck:
+    """proxy --check's result: the config, the binary the proxy would start, each model, the problems."""
+
+    source: str | None
+    host: str
+    port: int
+    server_bin: str | None
+    models: tuple[ModelCheck, ...]
+    problems: tuple[str, ...]
+
+    def to_json(self) -> dict[str, object]:
+        return {"config": self.source, "host": self.host, "port": self.port, "server_bin": self.server_bin,
+                "models": [asdict(m) for m in self.models], "problems": list(self.problems)}
+
+    def text(self) -> Iterator[str]:
+        yield render.safe(f"config: {self.source or '(none: defaults)'}; listening on {self.host}:{self.port}; "
+                          f"llama-server: {self.server_bin or 'not usable'}")
+        if self.models:
+            yield render.table([m.row() for m in self.models], ["MODEL", "PATH", "ALIASES", "CTX", "NGL", "TTL", "FILE"],
+                               align_right_from=3)
+        else:
+            yield render.Note("no models configured (add [models.NAME] tables or models_dir)")
+
+    def failure(self) -> UsageError | None:
+        """The problems as one error (the first, and how many more), or None when there are none."""
+        if not self.problems:
+            return None
+        more = len(self.problems) - 1
+        return UsageError(self.problems[0] + (f" (and {more} more)" if more else ""))
+
+
+def _check(cfg: config_mod.Config, server_bin: str | None = None) -> ConfigCheck:
+    problems, models = [], []
     from llamactl.errors import LlamactlError
     from llamactl.servers.probe import find_server, probe
 
@@ -40,25 +96,11 @@ def _check(cfg: config_mod.Config, as_json: bool, server_bin: str | None = None)
             ok = "error"
             problems.append(str(exc))
         s = model.settings
-        out.append({"name": name, "path": str(model.path), "aliases": list(model.aliases), "ctx_size": s.ctx_size,
-                    "n_gpu_layers": s.n_gpu_layers, "cache_type_k": s.cache_type_k, "cache_type_v": s.cache_type_v,
-                    "flash_attn": s.flash_attn, "parallel": s.parallel, "args": list(model.args),
-                    "ttl_s": model.ttl_s if model.ttl_s is not None else cfg.idle_ttl_s, "file": ok})
-        rows.append([name, str(model.path), ", ".join(model.aliases) or "-", s.ctx_size,
-                     "all" if s.n_gpu_layers is None else s.n_gpu_layers,
-                     format_duration(model.ttl_s if model.ttl_s is not None else cfg.idle_ttl_s), ok])
-    if as_json:
-        render.emit_json({"config": str(cfg.source) if cfg.source else None, "host": cfg.host, "port": cfg.port,
-                          "server_bin": binary, "models": out, "problems": problems})
-    else:
-        print(render.safe(f"config: {cfg.source or '(none: defaults)'}; listening on {cfg.host}:{cfg.port}; "
-                          f"llama-server: {binary or 'not usable'}"))
-        if rows:
-            print(render.table(rows, ["MODEL", "PATH", "ALIASES", "CTX", "NGL", "TTL", "FILE"], align_right_from=3))
-        else:
-            render.note("no models configured (add [models.NAME] tables or models_dir)")
-    if problems:
-        raise UsageError(problems[0] + (f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""))
+        models.append(ModelCheck(name, str(model.path), tuple(model.aliases), s.ctx_size, s.n_gpu_layers, s.cache_type_k,
+                                 s.cache_type_v, s.flash_attn, s.parallel, tuple(model.args),
+                                 model.ttl_s if model.ttl_s is not None else cfg.idle_ttl_s, ok))
+    return ConfigCheck(str(cfg.source) if cfg.source else None, cfg.host, cfg.port, binary, tuple(models),
+                       tuple(problems))
 
 
 def command(
@@ -85,7 +127,8 @@ def command(
         cfg = replace(cfg, host=host or cfg.host, port=port or cfg.port)
     _check_exposure(cfg, insecure_no_auth)
     if check:
-        _check(cfg, wants_json(ctx, json_output), server_bin)
+        report = _check(cfg, server_bin)
+        render.result(wants_json(ctx, json_output), report, failure=report.failure())
         return
     if log_format not in ("text", "json"):
         raise UsageError(f"--log-format must be text or json, got {log_format!r}")

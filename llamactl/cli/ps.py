@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import time
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
 
 import typer
 
@@ -30,22 +32,33 @@ def command(
     now = time.time()
     shown = [views.from_instance(i, s, actual_bytes=actual_bytes(i, gpu_use), drift=drift(i),
                                  log_path=str(store.log_path(i.name)), now=now) for i, s in rows]
-    if wants_json(ctx, json_output):
-        render.emit_json([v.to_json() for v in shown])
-        return
-    if not shown:
-        render.note("no instances")
-        return
-    print(_table(shown, now))
-    for view in shown:
-        if view.drift is not None:
-            fig = view.devices[view.drift.device]
-            print(f"! {view.name}: {view.drift.device} took {format_bytes(fig.actual_bytes)}, estimated "
-                  f"{format_bytes(fig.estimated_bytes)} ({view.drift.fraction:+.0%}); the next plan for it uses what "
-                  "was seen")
+    render.result(wants_json(ctx, json_output), Listing(tuple(shown), now))
 
 
-def _table(shown: list[views.InstanceView], now: float) -> str:
+@dataclass(frozen=True)
+class Listing:
+    """ps's result: the instances as seen at `now`."""
+
+    instances: tuple[views.InstanceView, ...]
+    now: float
+
+    def to_json(self) -> list[object]:
+        return [v.to_json() for v in self.instances]
+
+    def text(self) -> Iterator[str]:
+        if not self.instances:
+            yield render.Note("no instances")
+            return
+        yield _table(self.instances, self.now)
+        for view in self.instances:
+            if view.drift is not None:
+                fig = view.devices[view.drift.device]
+                yield (f"! {view.name}: {view.drift.device} took {format_bytes(fig.actual_bytes)}, estimated "
+                       f"{format_bytes(fig.estimated_bytes)} ({view.drift.fraction:+.0%}); the next plan for it uses "
+                       "what was seen")
+
+
+def _table(shown: Sequence[views.InstanceView], now: float) -> str:
     table = []
     for v in shown:
         actual = format_bytes(v.actual_bytes) if v.actual_bytes is not None else ("n/a" if v.live else "-")

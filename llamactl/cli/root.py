@@ -139,8 +139,10 @@ def _fail(message: str, code: int, kind: str, as_json: bool) -> None:
     if as_json:
         import json
 
+        from llamactl.render import error_json
+
         try:
-            sys.stdout.write(json.dumps({"error": {"type": kind, "message": message, "exit_code": code}}) + "\n")
+            sys.stdout.write(json.dumps(error_json(kind, message, code)) + "\n")
             sys.stdout.flush()
         except (BrokenPipeError, ValueError):
             pass

@@ -189,28 +189,66 @@ def test_gpus_file_duplicate_index_and_lost_gpu(tmp_path: Path, model: Path) -> 
     assert data["gpu_ids"] == [1]  # the lost GPU round-trips as lost, not as a healthy empty one
 
 
-def test_json_errors_are_json_on_stdout_with_the_same_exit_code(tmp_path) -> None:
-    import json as _json
-    import subprocess as _sp
-    import sys as _sys
+# a failure of each subcommand: (global options, the command's argv, exit code, error type); {missing} is a
+# GGUF path that does not exist, {file} a regular file, {bad_config} a config naming a missing model
+FAILURES: dict[str, tuple[list[str], list[str], int, str]] = {
+    "gpus": ([], ["gpus", "--gpus", "bogus"], 2, "usage"),
+    "estimate": ([], ["estimate", "{missing}", "--gpus", "none"], 2, "usage"),
+    "plan": ([], ["plan", "{missing}", "--gpus", "none"], 2, "usage"),
+    "launch": ([], ["launch", "{missing}", "--gpus", "none", "--dry-run"], 2, "usage"),
+    "ps": (["--state-dir", "{file}"], ["ps"], 1, "state"),
+    "evict": ([], ["evict", "--idle", "bogus"], 2, "usage"),
+    "logs": ([], ["logs", "nosuch"], 2, "usage"),
+    "proxy": (["--config", "{bad_config}"], ["proxy", "--check"], 2, "usage"),
+    "install-server": ([], ["install-server", "--jobs", "0"], 2, "usage"),
+    "demo": ([], ["demo", "--ctx-size", "many"], 2, "usage"),
+    "calibration": ([], ["calibration", "import", "{missing}"], 2, "usage"),
+    "top": ([], ["top", "--url", "ftp://127.0.0.1:9", "--once"], 1, "remote"),
+}
 
-    def run(*argv: str) -> _sp.CompletedProcess[str]:
-        return _sp.run([_sys.executable, "-m", "llamactl", *argv], capture_output=True, text=True, timeout=60,
-                       env={**__import__("os").environ, "LLAMACTL_STATE_DIR": str(tmp_path / "s")})
 
-    for argv, code, kind in ((("estimate", str(tmp_path / "none.gguf"), "--json"), 2, "usage"),
-                             (("--json", "plan", "--bogus"), 2, "usage"),
-                             (("evict", "nosuch", "--json"), None, None)):
-        out = run(*argv)
-        text = run(*[a for a in argv if a != "--json"])
-        if out.returncode == 0:
-            continue
-        error = _json.loads(out.stdout)["error"]
-        assert out.returncode == text.returncode == error["exit_code"], (argv, out.stdout, text.stderr)
-        assert error["message"] and "\n" not in error["message"] and error["message"] in text.stderr
-        if kind:
-            assert error["type"] == kind and out.returncode == code
-        assert out.stderr == ""
+def has_own_json(command: str) -> bool:
+    from llamactl.cli.commands import load
+
+    return any("--json" in getattr(p, "opts", ()) for p in load(command).params)
+
+
+def test_every_command_has_a_json_failure_case() -> None:
+    from llamactl.cli.commands import COMMANDS
+
+    assert set(FAILURES) == set(COMMANDS)
+
+
+@pytest.mark.parametrize("command", sorted(FAILURES))
+def test_json_errors_are_one_object_on_stdout_with_the_same_exit_code(command: str, tmp_path: Path) -> None:
+    """Under --json (global, and the command's own where it has one) a failure is exactly one JSON object on
+    stdout, `error.exit_code` the process's exit code, the same code and message the text form gives on stderr."""
+    import os
+
+    (tmp_path / "file").write_text("")
+    (tmp_path / "bad.toml").write_text(f'[models.gone]\npath = "{tmp_path / "gone.gguf"}"\n')
+    fill = {"missing": str(tmp_path / "none.gguf"), "file": str(tmp_path / "file"), "bad_config": str(tmp_path / "bad.toml")}
+    before, argv, code, kind = (
+        [a.format(**fill) for a in part] if isinstance(part, list) else part for part in FAILURES[command])
+    env = {**os.environ, "LLAMACTL_STATE_DIR": str(tmp_path / "state"), "XDG_CONFIG_HOME": str(tmp_path / "config")}
+    env.pop("LLAMACTL_CONFIG", None)
+
+    def run(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([sys.executable, "-m", "llamactl", *args], capture_output=True, text=True, timeout=60,
+                              env=env)
+
+    text = run(*before, *argv)
+    assert text.returncode == code, (text.stdout, text.stderr)
+    forms = [["--json", *before, *argv]] + ([[*before, *argv, "--json"]] if has_own_json(command) else [])
+    for form in forms:
+        out = run(*form)
+        doc = json.loads(out.stdout)  # one document: a second one, or text around it, fails to parse
+        assert isinstance(doc, dict), out.stdout
+        error = doc["error"]
+        assert (error["type"], error["exit_code"], out.returncode) == (kind, code, code), (form, out.stdout, out.stderr)
+        assert error["message"] and "\n" not in error["message"]
+        assert f"llamactl: error: {error['message']}" in text.stderr, (error, text.stderr)
+        assert out.stderr == "", (form, out.stderr)
 
 
 def test_help_reads_like_a_unix_tool(tmp_path) -> None:
