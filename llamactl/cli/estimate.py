@@ -179,18 +179,6 @@ def device_lines(est: MemoryEstimate, capacity: dict[str, int] | None = None) ->
             yield f"approximate: {text}"
 
 
-def print_summary(path: Path | str, model: ModelParams, res: Resolved, note: str | None) -> None:
-    """summary_lines() on stdout, for a command that does not build a result yet."""
-    for line in summary_lines(path, model, res, note):
-        print(line)
-
-
-def print_devices(est: MemoryEstimate, capacity: dict[str, int] | None = None) -> None:
-    """device_lines() on stdout, for a command that does not build a result yet."""
-    for line in device_lines(est, capacity):
-        print(line)
-
-
 @with_options(SERVER, INVENTORY)
 def command(
     ctx: typer.Context,

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+
 from llamactl import render
 from llamactl.explain import Explanation, Outcome, explain
 from llamactl.gpu.inventory import Inventory
@@ -18,15 +20,15 @@ def for_request(req: LaunchRequest, params: ModelParams, inv: Inventory, instanc
                    running_for_placement(instances, req.protected, inv), now)
 
 
-def print_explanation(e: Explanation) -> None:
-    print("\nexplain:")
+def explanation_lines(e: Explanation) -> Iterator[str]:
+    yield "\nexplain:"
     for verdict in e.gpus:
-        print(f"  - {render.safe(verdict.text)}")
+        yield f"  - {render.safe(verdict.text)}"
     if e.outcome is Outcome.ONE_GPU:
-        print("  it fits on one GPU: nothing to change")
+        yield "  it fits on one GPU: nothing to change"
     elif not e.what_ifs:
-        print("  no change of -ngl, -c, cache type, -np, --n-cpu-moe or idle instances makes it fit better")
+        yield "  no change of -ngl, -c, cache type, -np, --n-cpu-moe or idle instances makes it fit better"
     else:
-        print("  what would make it fit better (each checked by planning it):")
+        yield "  what would make it fit better (each checked by planning it):"
         for what_if in e.what_ifs:
-            print(f"  - {render.safe(what_if.text)}")
+            yield f"  - {render.safe(what_if.text)}"

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from dataclasses import dataclass
 from typing import Any
 
 import typer
@@ -26,11 +28,7 @@ def run(ctx: typer.Context, cfg: Any, inv: Inventory, placement: dict[str, Any],
     store = state_store(ctx)
     result = plan_configured(cfg, inv, store.dir, lambda: locate(server_bin, cfg.server_bin, required=False),
                              store.snapshot(), Overrides(placement=placement))
-    if as_json:
-        render.emit_json(fleet_json(result, inv))
-    else:
-        _print(result, inv)
-    raise typer.Exit(int(ExitCode.OK if result.ok else ExitCode.NO_FIT))
+    render.result(as_json, Fleet(result, inv), exit_code=int(ExitCode.OK if result.ok else ExitCode.NO_FIT))
 
 
 def _model_json(p: Placed) -> dict[str, object]:
@@ -42,6 +40,20 @@ def _model_json(p: Placed) -> dict[str, object]:
             "evict": list(p.evict), "reasons": list(p.reasons)}
 
 
+@dataclass(frozen=True)
+class Fleet:
+    """The fleet plan as `plan` (no model) shows it."""
+
+    plan: FleetPlan
+    inv: Inventory
+
+    def to_json(self) -> dict[str, object]:
+        return fleet_json(self.plan, self.inv)
+
+    def text(self) -> Iterator[str]:
+        return _lines(self.plan, self.inv)
+
+
 def fleet_json(result: FleetPlan, inv: Inventory) -> dict[str, object]:
     return {"ok": result.ok, "preload_order": list(result.preload_order()),
             "models": [_model_json(p) for p in result.models],
@@ -50,9 +62,9 @@ def fleet_json(result: FleetPlan, inv: Inventory) -> dict[str, object]:
                      for g in inv.usable]}
 
 
-def _print(result: FleetPlan, inv: Inventory) -> None:
+def _lines(result: FleetPlan, inv: Inventory) -> Iterator[str]:
     resident = [p for p in result.models if p.resident]
-    print(f"{len(resident)} of {len(result.models)} models resident at once"
+    yield (f"{len(resident)} of {len(result.models)} models resident at once"
           f"{f' on {len(inv.usable)} GPUs' if inv.usable else ' (no GPU)'}; "
           + ("every preload and pin model fits." if result.ok else "NOT every preload and pin model fits."))
     rows = []
@@ -64,11 +76,11 @@ def _print(result: FleetPlan, inv: Inventory) -> None:
         note = "; ".join(p.reasons) if not p.resident else ""
         rows.append([p.name, "yes" if p.resident else "no", flags, str(p.residency.priority), p.plan.fit.value,
                      where, size, note])
-    print(render.table(rows, ["MODEL", "RESIDENT", "FLAGS", "PRIO", "FIT", "GPUS", "MEMORY", "NOTE"], align_right_from=8))
+    yield render.table(rows, ["MODEL", "RESIDENT", "FLAGS", "PRIO", "FIT", "GPUS", "MEMORY", "NOTE"], align_right_from=8)
     if inv.usable:
-        print()
-        print(render.table([[str(g.index), g.name, format_bytes(g.memory_total_bytes), format_bytes(g.memory_free_bytes),
+        yield ""
+        yield render.table([[str(g.index), g.name, format_bytes(g.memory_total_bytes), format_bytes(g.memory_free_bytes),
                              format_bytes(result.free_after.get(g.index, 0))] for g in inv.usable],
-                           ["GPU", "NAME", "TOTAL", "FREE NOW", "FREE AFTER"], align_right_from=2))
+                           ["GPU", "NAME", "TOTAL", "FREE NOW", "FREE AFTER"], align_right_from=2)
     if result.preload_order():
-        print(f"\nthe proxy preloads, in order: {', '.join(result.preload_order())}")
+        yield f"\nthe proxy preloads, in order: {', '.join(result.preload_order())}"

@@ -6,13 +6,15 @@ offloaded or on the CPU, 4 does not fit at all, 2 bad input.
 
 from __future__ import annotations
 
-from typing import Optional
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Optional
 
 import typer
 
 from llamactl import render
 from llamactl.cli.common import load_config, state_store, wants_json
-from llamactl.cli.estimate import print_devices, print_summary
+from llamactl.cli.estimate import device_lines, summary_lines
 from llamactl.cli.complete import model_names
 from llamactl.cli.options import INVENTORY, POLICY, SERVER, InventoryOptions, SettingsFlags, with_options
 from llamactl.errors import ExitCode, UsageError
@@ -22,6 +24,9 @@ from llamactl.servers.command import ServerCommand, check_extra_args
 from llamactl.servers.launcher import command_for, plan_for
 from llamactl.resolve import Overrides, open_door
 from llamactl.servers.probe import locate
+
+if TYPE_CHECKING:
+    from llamactl.explain import Explanation
 
 _EXIT = {Fit.GPU: ExitCode.OK, Fit.PARTIAL: ExitCode.PARTIAL_FIT, Fit.CPU: ExitCode.PARTIAL_FIT, Fit.NONE: ExitCode.NO_FIT}
 
@@ -105,7 +110,8 @@ def command(
                              "arguments: each model runs with its config")
         from llamactl.cli import fleet
 
-        fleet.run(ctx, cfg, inv.inventory, {**inv.given, **placement}, server_bin, wants_json(ctx, json_output))
+        return fleet.run(ctx, cfg, inv.inventory, {**inv.given, **placement}, server_bin,
+                         wants_json(ctx, json_output))
     check_extra_args(list(extra or []))
     store = state_store(ctx)
     door = open_door(cfg, model, Overrides(settings=settings.given, placement={**inv.given, **placement},
@@ -126,38 +132,49 @@ def command(
         from llamactl.cli.explained import for_request
 
         explained = for_request(req, door.params, inv.inventory, instances, result)
-    if wants_json(ctx, json_output):
-        data = plan_json(result, cmd)
-        if explained is not None:
+    render.result(wants_json(ctx, json_output), Planned(result, cmd, str(spec.path), door.params, note, explained),
+                  exit_code=int(_EXIT[result.fit]))
+
+
+@dataclass(frozen=True)
+class Planned:
+    """plan's result: the decision, the model and settings, the devices with their headroom, the command."""
+
+    plan: Plan
+    cmd: ServerCommand | None
+    model: str
+    params: ModelParams
+    note: str | None
+    explained: "Explanation | None" = None
+
+    def to_json(self) -> dict[str, object]:
+        data = plan_json(self.plan, self.cmd)
+        if self.explained is not None:
             from llamactl.explain import explain_json
 
-            data["explain"] = explain_json(explained)
-        render.emit_json(data)
-    else:
-        _print_human(result, cmd, str(spec.path), door.params, note)
-        if explained is not None:
-            from llamactl.cli.explained import print_explanation
+            data["explain"] = explain_json(self.explained)
+        return data
 
-            print_explanation(explained)
-    raise typer.Exit(int(_EXIT[result.fit]))
+    def text(self) -> Iterator[str]:
+        result = self.plan
+        yield decision(result, self.model)
+        for reason in result.reasons:
+            yield f"  - {reason}"
+        if result.estimate is not None and result.resolved is not None:
+            yield ""
+            yield from summary_lines(self.model, self.params, result.resolved, self.note)
+            yield ""
+            chosen = [c for gid in result.gpu_ids for c in result.capacities if c.gpu.index == gid]
+            capacity = {f"GPU{i}": c.capacity_bytes for i, c in enumerate(chosen)}
+            yield from device_lines(result.estimate, capacity if chosen else None)
+            if result.evict:
+                yield f"\nto run fully on GPU, evict: {', '.join(result.evict)}"
+            if self.cmd is not None:
+                yield f"\ncommand:\n  {self.cmd.shell()}"
+        if self.explained is not None:
+            from llamactl.cli.explained import explanation_lines
 
-
-def _print_human(result: Plan, cmd: ServerCommand | None, model: str, params: ModelParams, note: str | None) -> None:
-    print(decision(result, model))
-    for reason in result.reasons:
-        print(f"  - {reason}")
-    if result.estimate is None or result.resolved is None:
-        return
-    print()
-    print_summary(model, params, result.resolved, note)
-    print()
-    chosen = [c for gid in result.gpu_ids for c in result.capacities if c.gpu.index == gid]
-    capacity = {f"GPU{i}": c.capacity_bytes for i, c in enumerate(chosen)}
-    print_devices(result.estimate, capacity if chosen else None)
-    if result.evict:
-        print(f"\nto run fully on GPU, evict: {', '.join(result.evict)}")
-    if cmd is not None:
-        print(f"\ncommand:\n  {cmd.shell()}")
+            yield from explanation_lines(self.explained)
 
 
 def register(app: typer.Typer) -> None:
