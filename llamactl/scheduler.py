@@ -32,6 +32,7 @@ class Seat:
     priority: int = 0  # a model never evicts one of higher priority
     ready_since: float | None = None  # when it became ready (for min_resident)
     min_resident_s: float = 0.0  # not evicted for another model before it has been ready this long
+    capacity: int | None = None  # requests its instance serves at once (its slots, -np); more wait in our queue
 
     @property
     def running(self) -> bool:
@@ -88,11 +89,13 @@ class Start:
 
 @dataclass(frozen=True)
 class Queue:
-    """No seat is free and none can be freed now (every instance busy, starting or stopping): wait for a
-    change (a request ends, a stop finishes), then decide again; the caller bounds the wait."""
+    """Wait for a change (a request ends, a stop finishes), then decide again; the caller bounds the wait.
+    `kind` "seat": no seat under max_instances is free and none can be freed now (every instance busy,
+    starting, stopping, pinned...); "slots": the model is ready but every one of its slots is busy."""
 
     model: str
     reason: str
+    kind: str = "seat"
 
 
 @dataclass(frozen=True)
@@ -114,7 +117,11 @@ def decide(model: str, seats: Mapping[str, Seat], limits: Limits, now: float | N
     when it has no seat yet; `now` enables min_resident."""
     seat = seats.get(model, requester or Seat(model))
     if seat.phase is Status.READY:
-        return Use(model)
+        if seat.capacity is None or seat.in_flight < seat.capacity:
+            return Use(model)
+        if seat.waiting >= limits.max_queue:
+            return Refuse("queue_full", f"{model}: all {seat.capacity} slots busy and {seat.waiting} requests queued")
+        return Queue(model, f"all {seat.capacity} slots of {model} are busy", kind="slots")
     if seat.waiting >= limits.max_queue:
         return Refuse("queue_full", f"{model}: {seat.waiting} requests already wait for it to load")
     if seat.phase in (Status.STARTING, Status.STOPPING):

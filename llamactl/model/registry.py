@@ -549,10 +549,16 @@ RESIDENCY: tuple[ModelKey, ...] = (
              "Once loaded, not evicted for another model before this long (the anti-thrash bound)."),
     ModelKey("priority", "priority", Int(lo=-1000, hi=1000, doc="-1000..1000"), 0,
              "Who wins memory: a model never evicts one of higher priority; its queued requests go first."),
+    ModelKey("max_queue", "max_queue", Int(lo=0, hi=100_000, doc="0..100000"), None,
+             "Requests that may wait for it (to load, or for a free slot) before a 429; unset: the top-level "
+             "`max_queue`."),
+    ModelKey("queue_timeout_s", "queue_timeout", Duration(), None,
+             "How long a request waits for one of its slots (all `parallel` busy) before a 429 with Retry-After; "
+             "unset: `load_timeout`."),
 )
 
 Residency = dataclasses.make_dataclass(
-    "Residency", [(k.field, type(k.default), dataclasses.field(default=k.default)) for k in RESIDENCY], frozen=True)
+    "Residency", [(k.field, Any, dataclasses.field(default=k.default)) for k in RESIDENCY], frozen=True)
 Residency.__module__ = __name__
 Residency.__doc__ = "What the proxy does with a model: preload, pin, spill, min_resident, priority (one field per key)."
 
@@ -573,7 +579,8 @@ def residency_table() -> str:
     rows = ["| config key | value | default | meaning |", "|---|---|---|---|"]
     for k in RESIDENCY:
         value = "true or false" if isinstance(k.kind, Flag) else k.kind.doc
-        default = ("true" if k.default else "false") if isinstance(k.kind, Flag) else (k.default or "0")
+        default = (("true" if k.default else "false") if isinstance(k.kind, Flag) else
+                   "unset" if k.default is None else str(k.default or 0))
         rows.append(f"| `{k.key}` | {value} | {default} | {k.help} |")
     return "\n".join(rows)
 

@@ -22,6 +22,7 @@ from dataclasses import dataclass, field, replace
 from typing import Protocol
 
 from llamactl.config import Config, ModelConfig
+from llamactl.model.settings import SERVER_AUTO_SLOTS
 from llamactl.errors import (GGUFError, ProxyError, LaunchError, LlamactlError, LoadTimeoutError, ModelUnavailableError, NoFitError,
                              NameTaken, NoRoomYet, SpillRefused, NotReadyInTime, OutOfMemoryAtLoad, QueueFullError, UnknownModelError, UpstreamError)
 from llamactl import views
@@ -187,9 +188,10 @@ class Pool:
             known = ", ".join(sorted(self.config.models)) or "none configured"
             raise UnknownModelError(f"model {requested!r} not found; known models: {known}")
         slot = self.slots[model.name]
+        model = slot.model  # the running instance's config (a reload applies at its restart)
         queued_until: float | None = None
         while True:
-            decision = scheduler.decide(model.name, self.seats(), self._limits(), now=time.time())
+            decision = scheduler.decide(model.name, self.seats(), self._limits(model), now=time.time())
             if isinstance(decision, scheduler.Use) and slot.instance is not None:
                 slot.in_flight += 1
                 slot.last_used = time.time()
@@ -197,9 +199,13 @@ class Pool:
             if isinstance(decision, scheduler.Refuse):
                 raise QueueFullError(decision.reason, retry_after_s=max(1, int(self.config.poll_interval_s)))
             if isinstance(decision, scheduler.Queue):
-                # no seat now: wait for one (a request ends, a stop finishes), within the load timeout
+                # no seat now, or none of its slots free: wait (a request ends, a stop finishes), bounded
                 now = time.monotonic()
-                queued_until = queued_until or now + self.config.load_timeout_s
+                limit_s = self._queue_timeout(model) if decision.kind == "slots" else self.config.load_timeout_s
+                queued_until = queued_until or now + limit_s
+                if now >= queued_until and decision.kind == "slots":
+                    raise QueueFullError(f"{model.name}: {decision.reason}; waited {limit_s:g} s for one",
+                                         retry_after_s=max(1, int(limit_s)))
                 if now >= queued_until:
                     raise ModelUnavailableError(f"{model.name}: {decision.reason}; waited "
                                                 f"{self.config.load_timeout_s:g} s for a seat")
@@ -224,11 +230,15 @@ class Pool:
             finally:
                 slot.waiting -= 1
 
+    def _queue_timeout(self, model: ModelConfig) -> float:
+        own = model.residency.queue_timeout_s
+        return own if own is not None else self.config.load_timeout_s
+
     def release(self, slot: Slot) -> None:
         slot.in_flight -= 1
         slot.last_used = time.time()
-        if slot.in_flight == 0:
-            self._changed()  # it may be stopped now: a request queued for a seat or for memory tries again
+        if slot.in_flight == 0 or slot.waiting:
+            self._changed()  # a slot came free for a queued request, or it may be stopped now (seat, memory)
 
     async def mark_dead(self, slot: Slot, why: str, wait_s: float = 0.0) -> bool:
         """The upstream failed a request: if its process is gone, forget it (True) so the next request
@@ -306,10 +316,13 @@ class Pool:
         residency = s.model.residency
         return scheduler.Seat(s.model.name, s.phase, s.in_flight, s.waiting, s.last_used,
                               ours=s.ours or self.config.adopt, pinned=residency.pin, priority=residency.priority,
-                              ready_since=s.ready_since, min_resident_s=residency.min_resident_s)
+                              ready_since=s.ready_since, min_resident_s=residency.min_resident_s,
+                              capacity=s.model.settings.parallel or SERVER_AUTO_SLOTS)
 
-    def _limits(self) -> scheduler.Limits:
-        return scheduler.Limits(max_instances=self.config.max_instances, max_queue=self.config.max_queue)
+    def _limits(self, model: ModelConfig | None = None) -> scheduler.Limits:
+        own = model.residency.max_queue if model is not None else None
+        return scheduler.Limits(max_instances=self.config.max_instances,
+                                max_queue=own if own is not None else self.config.max_queue)
 
     def _begin_stop(self, slot: Slot, reason: str) -> asyncio.Future[None] | None:
         """Claim a stop now, in the caller's step (no request is admitted to the slot from here on; it keeps

@@ -74,7 +74,7 @@ def main() -> None:
     model = arg(argv, "--fake-model") or arg(argv, "--model", "")
     ready_at = time.monotonic() + float(arg(argv, "--fake-ready-after", "0"))
     api_key = arg(argv, "--api-key") or os.environ.get("LLAMA_API_KEY")
-    counters = {"prompt": 0, "predicted": 0, "busy": 0}
+    counters = {"prompt": 0, "predicted": 0, "busy": 0, "max_busy": 0}
     lock = threading.Lock()
 
     class Handler(BaseHTTPRequestHandler):
@@ -103,7 +103,8 @@ def main() -> None:
             if self.path == "/metrics":
                 text = (f"llamacpp:prompt_tokens_total {counters['prompt']}\n"
                         f"llamacpp:tokens_predicted_total {counters['predicted']}\n"
-                        "llamacpp:predicted_tokens_seconds 42.5\n")
+                        "llamacpp:predicted_tokens_seconds 42.5\n"
+                        f"fake:max_busy {counters['max_busy']}\n")  # the most streams it served at once
                 return self.reply(200, text.encode(), "text/plain")
             return self.reply(404, {"error": "not found"})
 
@@ -135,6 +136,7 @@ def main() -> None:
             crash_at = arg(argv, "--fake-crash-mid-stream")
             with lock:
                 counters["busy"] += 1
+                counters["max_busy"] = max(counters["max_busy"], counters["busy"])
             try:
                 for i in range(n):
                     if crash_at is not None and i == int(crash_at):

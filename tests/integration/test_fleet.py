@@ -85,3 +85,34 @@ def test_a_pinned_model_outlives_its_ttl_and_is_never_the_victim(tmp_path: Path)
         assert states()["keep"] == "ready" and states()["other"] == "stopped"
     finally:
         p.stop()
+
+
+def test_requests_beyond_the_slots_wait_in_the_proxy_never_in_llama_server(tmp_path: Path) -> None:
+    """Eight concurrent streams for a 2-slot model: never more than 2 reach the instance, all are answered;
+    with a short queue_timeout and max_queue, the excess gets 429 with Retry-After."""
+    import concurrent.futures
+
+    import httpx
+
+    model = tmp_path / "tiny.gguf"
+    p = Proxy(tmp_path, {}, defaults=f'parallel = 2\n[models.two]\npath = "{model}"\n'
+                                     f'args = ["--fake-chunk-delay", "0.03"]\n'
+                                     f'[models.tight]\npath = "{model}"\nqueue_timeout = "0.2s"\nmax_queue = 2\n'
+                                     f'args = ["--fake-chunk-delay", "0.2"]\n')
+    try:
+        def stream(name: str) -> httpx.Response:
+            return p.post(name, stream=True, max_tokens=8, timeout=60)
+
+        with concurrent.futures.ThreadPoolExecutor(8) as pool:
+            replies = list(pool.map(stream, ["two"] * 8))
+        assert [r.status_code for r in replies] == [200] * 8
+        url = {i["name"]: i["url"] for i in p.instances()}["two"]
+        busiest = [line for line in httpx.get(f"{url}/metrics").text.splitlines() if line.startswith("fake:max_busy")]
+        assert busiest == ["fake:max_busy 2"]
+        with concurrent.futures.ThreadPoolExecutor(6) as pool:
+            replies = list(pool.map(stream, ["tight"] * 6))
+        codes = sorted(r.status_code for r in replies)
+        assert codes.count(200) >= 2 and 429 in codes, codes
+        assert all(int(r.headers["Retry-After"]) >= 1 for r in replies if r.status_code == 429)
+    finally:
+        p.stop()

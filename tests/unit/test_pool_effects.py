@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import threading
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -101,12 +102,12 @@ def test_concurrent_requests_share_one_launch(tmp_path: Path) -> None:
     pool = make_pool(tmp_path, fake)
 
     async def go():
-        waiters = [asyncio.ensure_future(pool.acquire("a")) for _ in range(5)]
-        await until(lambda: fake.calls == [("launch", "a")] and pool.slots["a"].waiting == 5)
+        waiters = [asyncio.ensure_future(pool.acquire("a")) for _ in range(4)]  # its 4 slots (-np unset)
+        await until(lambda: fake.calls == [("launch", "a")] and pool.slots["a"].waiting == 4)
         assert pool.slots["a"].phase is Status.STARTING
         fake.gate["launch a"].set()
         slots = await asyncio.gather(*waiters)
-        assert all(s is pool.slots["a"] for s in slots) and pool.slots["a"].in_flight == 5
+        assert all(s is pool.slots["a"] for s in slots) and pool.slots["a"].in_flight == 4
 
     asyncio.run(go())
     assert fake.calls == [("launch", "a")]
@@ -279,3 +280,28 @@ def test_preload_starts_the_fleet_plan_s_models_in_order_and_evicts_nothing(tmp_
     started = asyncio.run(pool.preload())
     assert started == ["c", "a"] and [c for c in fake.calls if c[0] == "launch"] == [("launch", "c"), ("launch", "a")]
     assert pool.slots["b"].phase is Status.STOPPED  # no seat left without evicting a preloaded model
+
+
+def test_requests_beyond_its_slots_wait_in_the_proxy_then_429(tmp_path: Path) -> None:
+    fake = FakeEffects()
+    pool = make_pool(tmp_path, fake, names=("a",), load_timeout_s=5.0)
+    model = pool.slots["a"].model
+    pool.slots["a"].model = replace(model, settings=replace(model.settings, parallel=2),
+                                    residency=replace(model.residency, queue_timeout_s=0.3, max_queue=3))
+
+    async def go():
+        first = [await pool.acquire("a") for _ in range(2)]  # both slots
+        queued = [asyncio.ensure_future(pool.acquire("a")) for _ in range(3)]
+        await until(lambda: pool.slots["a"].waiting == 3)
+        assert pool.slots["a"].in_flight == 2  # the third request is not sent to llama-server
+        with pytest.raises(QueueFullError):  # max_queue (3) of this model reached: 429 at once
+            await pool.acquire("a")
+        pool.release(first[0])  # a slot comes free: one queued request takes it
+        await until(lambda: sum(q.done() for q in queued) == 1)
+        assert pool.slots["a"].in_flight == 2
+        # the other two wait queue_timeout for a slot, then 429 with Retry-After
+        errors = await asyncio.gather(*queued, return_exceptions=True)
+        late = [e for e in errors if isinstance(e, QueueFullError)]
+        assert len(late) == 2 and all(e.retry_after_s >= 1 and "slots of a are busy" in str(e) for e in late)
+
+    asyncio.run(go())

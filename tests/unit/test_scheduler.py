@@ -132,3 +132,16 @@ def test_residency_rules_for_memory_ttl_and_lowered_limits() -> None:
     assert set(expired(table, dict.fromkeys(table, 10.0), NOW)) == {"high", "young", "old"}
     # a lowered max_instances stops idle ones (lowest priority, least recently used first), never a pinned one
     assert over_limit(table, Limits(max_instances=1)) == ("young", "old", "high")
+
+
+@pytest.mark.parametrize(("name", "seat", "want"), [
+    ("a free slot: use it", Seat("a", R, in_flight=1, capacity=2), Use("a")),
+    ("every slot busy: wait in the proxy's queue", Seat("a", R, in_flight=2, capacity=2),
+     Queue("a", "all 2 slots of a are busy", kind="slots")),
+    ("every slot busy and the queue full: refuse", Seat("a", R, in_flight=2, waiting=3, capacity=2),
+     Refuse("queue_full", "")),
+    ("capacity unknown: llama-server queues", Seat("a", R, in_flight=50), Use("a")),
+])
+def test_per_model_slots(name: str, seat: Seat, want) -> None:
+    got = decide("a", seats(seat), Limits(max_queue=3))
+    assert got == want if not isinstance(want, Refuse) else (isinstance(got, Refuse) and got.kind == want.kind), name
