@@ -54,6 +54,8 @@ class Config:
     header_timeout_s: float = 30.0  # a client's request line and headers, and the idle time between requests
     body_timeout_s: float = 60.0  # a request body, plus a second per MiB it declares
     max_queue: int = 64
+    batching: bool = True  # a freed seat goes to the model with the most requests waiting (one load serves them)
+    max_wait_s: float = 60.0  # ...unless a request has waited this long: the starvation bound
     max_body_bytes: int = 64 * 1024 * 1024
     api_keys: tuple[str, ...] = ()
     allowed_hosts: tuple[str, ...] = ()  # Host names (besides addresses, localhost, the bound name) served
@@ -79,7 +81,7 @@ class Config:
 
 
 _GLOBAL_KEYS = {"server_bin", "host", "port", "port_start", "max_instances", "idle_ttl", "poll_interval",
-                "load_timeout", "header_timeout", "body_timeout", "max_queue", "max_body", "api_keys", "allowed_hosts", "allowed_origins", "instance_api_keys", "adopt", "models_dir",
+                "load_timeout", "header_timeout", "body_timeout", "max_queue", "batching", "max_wait", "max_body", "api_keys", "allowed_hosts", "allowed_origins", "instance_api_keys", "adopt", "models_dir",
                 "gpu_util_threshold", "gpu_mem_threshold", "gpu_overhead", "host_memory", "calibration", "defaults",
                 "models"}
 # every llama-server setting of the registry, the placement keys and extra arguments
@@ -304,7 +306,8 @@ def load(path: Path | None, *, required: bool = False) -> Config:
             raise ConfigError(f"{path}: {exc}") from None
     _check_keys(r, data, _GLOBAL_KEYS, "")
     cfg: dict[str, Any] = {"source": path}
-    for key, kind in (("server_bin", str), ("host", str), ("adopt", bool), ("instance_api_keys", bool)):
+    for key, kind in (("server_bin", str), ("host", str), ("adopt", bool), ("instance_api_keys", bool),
+                      ("batching", bool)):
         if key in data:
             cfg[key] = r.get(data, key, key, kind)
     for key, low, high in (("port", 1, 65535), ("port_start", 1, 65535), ("max_instances", 1, 1024),
@@ -333,6 +336,7 @@ def load(path: Path | None, *, required: bool = False) -> Config:
         machine["calibration"] = r.get(data, "calibration", "calibration", bool)
     cfg["idle_ttl_s"] = r.duration(data, "idle_ttl", "idle_ttl")
     for key, attr, least in (("poll_interval", "poll_interval_s", 0.1), ("load_timeout", "load_timeout_s", 1.0),
+                             ("max_wait", "max_wait_s", 0.1),
                              ("header_timeout", "header_timeout_s", 0.5), ("body_timeout", "body_timeout_s", 0.5)):
         if key in data:
             value = r.duration(data, key, key)

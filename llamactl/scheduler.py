@@ -187,3 +187,34 @@ def expired(seats: Mapping[str, Seat], ttl_s: Mapping[str, float | None], now: f
     ours)."""
     return tuple(s.model for s in seats.values()
                  if s.evictable and ttl_s.get(s.model) is not None and now - s.last_used > ttl_s[s.model])  # type: ignore[operator]
+
+
+@dataclass(frozen=True)
+class Waiting:
+    """A request (or a start) waiting for a change: which model, its priority, since when (monotonic s)."""
+
+    model: str
+    priority: int = 0
+    since: float = 0.0
+
+
+def wake_order(waiting: Iterable[Waiting], now: float, max_wait_s: float, *, batching: bool = True) -> list[int]:
+    """The order in which waiting requests decide again when something frees (indices into `waiting`): the
+    highest priority first; then, with batching, a model one of whose requests has waited max_wait_s or more
+    (the starvation bound, the longest waiting first), then the model with the most requests waiting (one
+    load serves them all), then arrival. Without batching: priority, then arrival (FIFO)."""
+    items = list(waiting)
+    count: dict[str, int] = {}
+    oldest: dict[str, float] = {}
+    for w in items:
+        count[w.model] = count.get(w.model, 0) + 1
+        oldest[w.model] = min(oldest.get(w.model, w.since), w.since)
+
+    def key(i: int) -> tuple:
+        w = items[i]
+        if not batching:
+            return (-w.priority, w.since)
+        starving = now - oldest[w.model] >= max_wait_s
+        return (-w.priority, not starving, oldest[w.model] if starving else 0.0, -count[w.model], w.since)
+
+    return sorted(range(len(items)), key=key)

@@ -177,7 +177,7 @@ class Pool:
         self.stats = PoolStats()
         self.events = views.EventLog()  # launch, ready, stop and why, out of memory, crash: for top and the page
         self.on_change: Callable[[], None] | None = None
-        self._waiters: list[tuple[int, asyncio.Future[None]]] = []  # (priority, future): waiting for any change
+        self._waiters: list[tuple[scheduler.Waiting, asyncio.Future[None]]] = []  # waiting for any change
 
     # --- requests -------------------------------------------------------------------------------
 
@@ -189,7 +189,7 @@ class Pool:
             raise UnknownModelError(f"model {requested!r} not found; known models: {known}")
         slot = self.slots[model.name]
         model = slot.model  # the running instance's config (a reload applies at its restart)
-        queued_until: float | None = None
+        queued_since: float | None = None
         while True:
             decision = scheduler.decide(model.name, self.seats(), self._limits(model), now=time.time())
             if isinstance(decision, scheduler.Use) and slot.instance is not None:
@@ -202,7 +202,8 @@ class Pool:
                 # no seat now, or none of its slots free: wait (a request ends, a stop finishes), bounded
                 now = time.monotonic()
                 limit_s = self._queue_timeout(model) if decision.kind == "slots" else self.config.load_timeout_s
-                queued_until = queued_until or now + limit_s
+                queued_since = queued_since or now
+                queued_until = queued_since + limit_s
                 if now >= queued_until and decision.kind == "slots":
                     raise QueueFullError(f"{model.name}: {decision.reason}; waited {limit_s:g} s for one",
                                          retry_after_s=max(1, int(limit_s)))
@@ -212,7 +213,7 @@ class Pool:
                 slot.waiting += 1
                 try:
                     await self._wait_change(min(queued_until - now, self.config.poll_interval_s),
-                                            model.residency.priority)
+                                            scheduler.Waiting(model.name, model.residency.priority, queued_since))
                 finally:
                     slot.waiting -= 1
                 continue
@@ -287,18 +288,22 @@ class Pool:
         self._changed()
 
     def _changed(self) -> None:
-        """Wake every waiting request, the highest priority first: each decides again in that order."""
+        """Wake every waiting request; each decides again in scheduler.wake_order (priority, the starvation
+        bound, the model with the most requests waiting), so the first to take a freed seat is that one."""
         waiters, self._waiters = self._waiters, []
-        for _, fut in sorted(waiters, key=lambda w: -w[0]):
+        order = scheduler.wake_order((w for w, _ in waiters), time.monotonic(), self.config.max_wait_s,
+                                     batching=self.config.batching)
+        for i in order:
+            fut = waiters[i][1]
             if not fut.done():
                 fut.set_result(None)
         if self.on_change is not None:
             self.on_change()
 
-    async def _wait_change(self, timeout_s: float, priority: int = 0) -> None:
+    async def _wait_change(self, timeout_s: float, waiting: scheduler.Waiting | None = None) -> None:
         """Until the next change of any slot (or the timeout: instances started from a shell change unseen)."""
         fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        waiter = (priority, fut)
+        waiter = (waiting or scheduler.Waiting("", 0, time.monotonic()), fut)
         self._waiters.append(waiter)
         try:
             await asyncio.wait_for(fut, max(timeout_s, 0.0))

@@ -145,3 +145,17 @@ def test_residency_rules_for_memory_ttl_and_lowered_limits() -> None:
 def test_per_model_slots(name: str, seat: Seat, want) -> None:
     got = decide("a", seats(seat), Limits(max_queue=3))
     assert got == want if not isinstance(want, Refuse) else (isinstance(got, Refuse) and got.kind == want.kind), name
+
+
+def test_wake_order_batches_per_model_within_the_starvation_bound() -> None:
+    from llamactl.scheduler import Waiting, wake_order
+
+    waiting = [Waiting("a", since=1.0), Waiting("b", since=2.0), Waiting("b", since=3.0), Waiting("c", since=4.0),
+               Waiting("b", since=5.0), Waiting("vip", priority=5, since=9.0)]
+    names = lambda order: [waiting[i].model for i in order]  # noqa: E731
+    # priority first, then the model with the most requests waiting (one load serves all three of b's)
+    assert names(wake_order(waiting, now=10.0, max_wait_s=60)) == ["vip", "b", "b", "b", "a", "c"]
+    # a has waited past max_wait: it goes before the bigger batch (but never before a higher priority)
+    assert names(wake_order(waiting, now=62.0, max_wait_s=60)) == ["vip", "a", "b", "b", "b", "c"]
+    # without batching: priority, then arrival
+    assert names(wake_order(waiting, now=10.0, max_wait_s=60, batching=False)) == ["vip", "a", "b", "b", "c", "b"]
