@@ -72,6 +72,44 @@ class PoolStats:
 
     launches: dict[tuple[str, str], int] = field(default_factory=dict)  # (model, result) → count
     evictions: dict[str, int] = field(default_factory=dict)  # reason → count
+    refusals: dict[tuple[str, str], int] = field(default_factory=dict)  # (model, reason) → requests refused
+    queue_wait: dict[str, Durations] = field(default_factory=dict)  # model → time requests waited to be admitted
+    load_time: dict[str, Durations] = field(default_factory=dict)  # model → time from launch to ready
+
+    def refused(self, model: str, reason: str) -> None:
+        self.refusals[(model, reason)] = self.refusals.get((model, reason), 0) + 1
+
+    def waited(self, model: str, seconds: float) -> None:
+        self.queue_wait.setdefault(model, Durations()).add(seconds)
+
+    def loaded(self, model: str, seconds: float) -> None:
+        self.load_time.setdefault(model, Durations()).add(seconds)
+
+
+@dataclass
+class Durations:
+    """A histogram of durations in fixed buckets (seconds), for Prometheus."""
+
+    BUCKETS = (0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
+    counts: list[int] = field(default_factory=lambda: [0] * len(Durations.BUCKETS))
+    total: float = 0.0
+    n: int = 0
+
+    def add(self, seconds: float) -> None:
+        self.n += 1
+        self.total += seconds
+        for i, bound in enumerate(self.BUCKETS):
+            if seconds <= bound:
+                self.counts[i] += 1
+                break
+
+    def cumulative(self) -> list[tuple[str, int]]:
+        """(le, count of observations at most le), ending with +Inf: Prometheus' buckets."""
+        out, running = [], 0
+        for bound, count in zip(self.BUCKETS, self.counts):
+            running += count
+            out.append((str(float(bound)), running))
+        return out + [("+Inf", self.n)]
 
 
 # a failed start: (the launches metric's result, the proxy error it becomes; None = as it is)
@@ -190,13 +228,16 @@ class Pool:
         slot = self.slots[model.name]
         model = slot.model  # the running instance's config (a reload applies at its restart)
         queued_since: float | None = None
+        arrived = time.monotonic()
         while True:
             decision = scheduler.decide(model.name, self.seats(), self._limits(model), now=time.time())
             if isinstance(decision, scheduler.Use) and slot.instance is not None:
                 slot.in_flight += 1
                 slot.last_used = time.time()
+                self.stats.waited(model.name, time.monotonic() - arrived)
                 return slot
             if isinstance(decision, scheduler.Refuse):
+                self.stats.refused(model.name, "queue_full")
                 raise QueueFullError(decision.reason, retry_after_s=max(1, int(self.config.poll_interval_s)))
             if isinstance(decision, scheduler.Queue):
                 # no seat now, or none of its slots free: wait (a request ends, a stop finishes), bounded
@@ -204,6 +245,8 @@ class Pool:
                 limit_s = self._queue_timeout(model) if decision.kind == "slots" else self.config.load_timeout_s
                 queued_since = queued_since or now
                 queued_until = queued_since + limit_s
+                if now >= queued_until:
+                    self.stats.refused(model.name, "queue_timeout" if decision.kind == "slots" else "no_seat")
                 if now >= queued_until and decision.kind == "slots":
                     raise QueueFullError(f"{model.name}: {decision.reason}; waited {limit_s:g} s for one",
                                          retry_after_s=max(1, int(limit_s)))
@@ -512,6 +555,7 @@ class Pool:
                 await self._wait_change(min(deadline - time.monotonic(), self.config.poll_interval_s, 0.5))
             slot.last_used = time.time()
             self._count(name, "ok")
+            self.stats.loaded(name, time.monotonic() - started)
             log.info("%s: ready on port %s in %.1f s", name, instance.port, time.monotonic() - started)
             self._move(slot, Status.READY, event=("ready", f"port {instance.port}, {time.monotonic() - started:.1f} s"),
                        instance=instance, ours=True)
@@ -525,6 +569,8 @@ class Pool:
             for kind, (result, answer) in _LAUNCH_FAILURES.items():
                 if isinstance(exc, kind):
                     self._count(name, result)
+                    if result in ("no_fit", "spill", "no_room"):
+                        self.stats.refused(name, result)
                     self.events.add(result if result in ("oom", "timeout", "no_fit", "no_room", "spill") else "failed", name, str(exc)[:200])
                     if answer is not None:  # the OpenAI-shaped error comes from the failure's type
                         log.error("%s: could not start: %s", name, exc)

@@ -10,7 +10,7 @@ import time
 import aiohttp
 from aiohttp import web
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, disable_created_metrics, generate_latest
-from prometheus_client.core import CounterMetricFamily
+from prometheus_client.core import CounterMetricFamily, HistogramMetricFamily
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
 from llamactl.gpu.inventory import Inventory
@@ -38,6 +38,8 @@ class Metrics:
         self.instances = Gauge("llamactl_instances", "Proxy instances by state", ["state"], registry=r)
         self.pool_counts = _PoolCounters()  # launches and evictions, counted by the pool
         r.register(self.pool_counts)
+        self.pool_times = _PoolTimes()  # refusals, queue waits and load times, counted by the pool
+        r.register(self.pool_times)
         self.gpu_used = Gauge("llamactl_gpu_memory_used_bytes", "GPU memory used", ["gpu"], registry=r)
 
     def refresh(self, pool: Pool, inventory: Inventory | None) -> None:
@@ -45,7 +47,7 @@ class Metrics:
             self.instances.labels(phase.value).set(sum(1 for s in pool.slots.values() if s.phase is phase))
         for name, slot in pool.slots.items():
             self.queue.labels(name).set(slot.waiting)
-        self.pool_counts.stats = pool.stats
+        self.pool_counts.stats = self.pool_times.stats = pool.stats
         if inventory is not None:
             for gpu in inventory.gpus:
                 self.gpu_used.labels(str(gpu.index)).set(gpu.memory_used_bytes)
@@ -67,6 +69,29 @@ class _PoolCounters:
                 evictions.add_metric([reason], count)
         yield launches
         yield evictions
+
+
+class _PoolTimes:
+    """Refusals by reason, and how long requests waited to be admitted and models took to load, per model."""
+
+    def __init__(self) -> None:
+        self.stats: object | None = None
+
+    def collect(self):
+        refusals = CounterMetricFamily("llamactl_refusals", "Requests refused, by model and reason (queue_full, "
+                                       "queue_timeout, no_seat, no_fit, spill, no_room)", labels=["model", "reason"])
+        waits = HistogramMetricFamily("llamactl_queue_wait_seconds", "Time a request waited to be admitted "
+                                      "(a load, a seat, a slot)", labels=["model"])
+        loads = HistogramMetricFamily("llamactl_load_seconds", "Time from launch to ready", labels=["model"])
+        if self.stats is not None:
+            for (model, reason), count in self.stats.refusals.items():  # type: ignore[attr-defined]
+                refusals.add_metric([model, reason], count)
+            for family, table in ((waits, self.stats.queue_wait), (loads, self.stats.load_time)):  # type: ignore[attr-defined]
+                for model, durations in table.items():
+                    family.add_metric([model], durations.cumulative(), durations.total)
+        yield refusals
+        yield waits
+        yield loads
 
 
 def snapshot(proxy: Proxy, inv: Inventory | None) -> Snapshot:

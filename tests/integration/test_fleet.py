@@ -114,5 +114,10 @@ def test_requests_beyond_the_slots_wait_in_the_proxy_never_in_llama_server(tmp_p
         codes = sorted(r.status_code for r in replies)
         assert codes.count(200) >= 2 and 429 in codes, codes
         assert all(int(r.headers["Retry-After"]) >= 1 for r in replies if r.status_code == 429)
+        # what operators watch: refusals by reason, the queue wait and the load time per model
+        refused = sum(p.metric("llamactl_refusals_total", model="tight", reason=why) for why in ("queue_full", "queue_timeout"))
+        assert refused == codes.count(429)
+        assert p.metric("llamactl_load_seconds_count", model="two") == 1
+        assert p.metric("llamactl_queue_wait_seconds_count", model="two") == 8
     finally:
         p.stop()
