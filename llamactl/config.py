@@ -38,6 +38,7 @@ class ModelConfig:
     placement: PlacementSpec = PlacementSpec()
     aliases: tuple[str, ...] = ()
     residency: Residency = Residency()  # preload, pin, spill, min_resident, priority
+    env: tuple[tuple[str, str], ...] = ()  # (NAME, value) set in its llama-server's environment
 
 
 @dataclass(frozen=True)
@@ -88,7 +89,8 @@ _GLOBAL_KEYS = {"server_bin", "host", "port", "port_start", "max_instances", "id
 _PLACEMENT_KEYS = {"strategy", "max_gpus", "gpus", "no_partial", "margin", "calibration"}
 _RESIDENCY_KEYS = {k.key for k in registry.RESIDENCY}
 _SETTING_KEYS = set(registry.config_keys(model=False)) | _PLACEMENT_KEYS | _RESIDENCY_KEYS | {"args"}
-_MODEL_KEYS = set(registry.config_keys(model=True)) | _PLACEMENT_KEYS | _RESIDENCY_KEYS | {"args", "path", "ttl", "aliases"}
+_MODEL_KEYS = (set(registry.config_keys(model=True)) | _PLACEMENT_KEYS | _RESIDENCY_KEYS
+               | {"args", "path", "ttl", "aliases", "env"})
 
 
 class _Reader:
@@ -144,6 +146,29 @@ class _Reader:
             raise self.fail(full, str(exc)) from None
         except (OverflowError, ValueError):  # an integer too large for a float
             raise self.fail(full, "out of range") from None
+
+
+_ENV_NAME = re.compile(r"[A-Z_][A-Z0-9_]*")
+# what llamactl itself sets in an instance's environment (its GPUs, its key, the tags that prove it is ours),
+# and llama-server's own LLAMA_ARG_* settings, which would override the planned command
+_ENV_RESERVED = ("LLAMA_API_KEY", "CUDA_VISIBLE_DEVICES", "CUDA_DEVICE_ORDER")
+_ENV_RESERVED_PREFIXES = ("LLAMACTL_", "LLAMA_ARG_")
+ENV_VALUE_MAX = 4096
+
+
+def _env(r: _Reader, table: dict[str, Any], where: str) -> tuple[tuple[str, str], ...]:
+    """A model's `env = {NAME = "value"}`: names as shells write them, printable values, nothing llamactl sets."""
+    env = r.get(table, "env", where, dict, {})
+    for name, value in env.items():
+        if not _ENV_NAME.fullmatch(name) or len(name) > 128:
+            raise r.fail(where, f"{name[:128]!r} is not an environment variable name (A-Z, 0-9 and _, not starting "
+                                "with a digit)")
+        if name in _ENV_RESERVED or name.startswith(_ENV_RESERVED_PREFIXES):
+            raise r.fail(where, f"{name} is set by llamactl (GPUs, the instance key, its own tags) or overrides "
+                                "the planned command; use the model's settings or args")
+        if not isinstance(value, str) or not value.isprintable() or len(value) > ENV_VALUE_MAX:
+            raise r.fail(f"{where}.{name}", f"expected a printable string of at most {ENV_VALUE_MAX} characters")
+    return tuple(sorted(env.items()))
 
 
 def _placement(r: _Reader, table: dict[str, Any], where: str, base: PlacementSpec) -> PlacementSpec:
@@ -414,7 +439,7 @@ def load(path: Path | None, *, required: bool = False) -> Config:
         models[name] = ModelConfig(
             name=name, path=model_path, settings=settings, args=args if "args" in table else base_args,
             ttl_s=r.duration(table, "ttl", f"{where}.ttl"), placement=placement, aliases=tuple(aliases),
-            residency=residency,
+            residency=residency, env=_env(r, table, f"{where}.env"),
         )
     seen: dict[str, str] = {}
     for model in models.values():

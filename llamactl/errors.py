@@ -214,6 +214,10 @@ class LoadTimeoutError(ProxyError):
     """The instance was not ready within load_timeout."""
 
 
+class NotRunningError(ProxyError):
+    """A read-only route (`/props`, `/slots`) for a model that is not running: it is not started for a look."""
+
+
 class IllegalTransition(Exception):
     """A status or slot-phase change the lifecycle does not allow: a bug in llamactl, never the user's (not a
     LlamactlError: reported as an internal error)."""
@@ -263,6 +267,7 @@ FAILURES: dict[type[BaseException], Failure] = {
     BodyTooLargeError: Failure(ExitCode.FAILURE, 413, "request_too_large"),
     UnsupportedMediaError: Failure(ExitCode.FAILURE, 415, "unsupported_media_type"),
     QueueFullError: Failure(ExitCode.FAILURE, 429, "queue_full"),
+    NotRunningError: Failure(ExitCode.FAILURE, 503, "model_not_running"),
     UpstreamError: Failure(ExitCode.FAILURE, 502, "upstream_error"),
     ModelUnavailableError: Failure(ExitCode.FAILURE, 503, _UNAVAILABLE),
     LoadTimeoutError: Failure(ExitCode.FAILURE, 504, "load_timeout"),

@@ -53,6 +53,7 @@ class ModelSpec:
     ttl_s: float | None = None
     aliases: tuple[str, ...] = ()
     configured: bool = False  # from the config (by name or alias), not a bare path
+    env: tuple[tuple[str, str], ...] = ()  # the model's `env`, for its llama-server's environment
 
 
 def _apply(base: Any, updates: dict[str, Any]) -> Any:
@@ -87,6 +88,7 @@ def resolve(cfg: Config, model: str | Path, given: Overrides = Overrides()) -> M
         args=(*args, *given.extra_args),
         port_start=given.port_start if given.port_start is not None else cfg.port_start,
         ttl_s=ttl_s, aliases=aliases, configured=configured is not None,
+        env=configured.env if configured is not None else (),
     )
 
 

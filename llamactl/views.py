@@ -285,14 +285,10 @@ def remote(url: str, api_key: str | None, timeout_s: float = 5.0) -> Snapshot:
                     raise RemoteError(f"{url}: /status is larger than {REMOTE_MAX_BYTES // 2**20} MiB")
                 if time.monotonic() > deadline:
                     raise RemoteError(f"{url}: /status did not arrive within {REMOTE_DEADLINE_S:g} s")
-    except httpx.InvalidURL as exc:
-        raise RemoteError(f"{url}: not a usable URL ({exc})") from None
-    except httpx.ConnectError:
-        raise RemoteError(f"{url}: nothing answers there (connection refused or no route)") from None
-    except httpx.TimeoutException:
-        raise RemoteError(f"{url}: no answer within {timeout_s:g} s") from None
-    except httpx.HTTPError as exc:
-        raise RemoteError(f"{url}: {type(exc).__name__}: {exc}") from None
+    except (httpx.InvalidURL, httpx.HTTPError) as exc:
+        from llamactl.servers.client import remote_failure
+
+        raise remote_failure(url, exc, timeout_s) from None
     try:
         data = json.loads(bytes(body))
     except (ValueError, RecursionError):

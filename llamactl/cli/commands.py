@@ -34,6 +34,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "calibration": ("calibration", "What earlier launches measured (per model, GPU overhead, compute "
                                    "corrections); reset, export, import."),
     "top": ("top", "Live view: GPU memory per instance, instances (estimated vs actual), events."),
+    "ctl": ("ctl", "Act on a running proxy: load or unload models, list what runs."),
 }
 
 

@@ -1,10 +1,10 @@
 """The aiohttp application: its routes, its one middleware, and the lifespan it owns.
 
-Wiring only: the handlers live in `models.py` (the model routes), `admin.py` (load, unload, the page),
-`status.py` (/status, /status/stream, /metrics); every request passes `guard.errors_and_auth`. One
-ClientSession for every upstream call (the relay's and the poller's) and one poller task, both created and
-closed by the app's cleanup context; at shutdown the instances this proxy started are stopped unless
---keep-instances.
+Wiring only: the handlers live in `models.py` (the model routes, /v1/models), `passthrough.py` (llama-server's
+read-only routes), `admin.py` (load, unload, the page), `status.py` (/status, /status/stream, /running,
+/metrics); every request passes `guard.errors_and_auth`. One ClientSession for every upstream call (the
+relay's and the poller's) and one poller task, both created and closed by the app's cleanup context; at
+shutdown the instances this proxy started are stopped unless --keep-instances.
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ from aiohttp import web
 from llamactl.config import Config
 from llamactl.errors import LlamactlError
 from llamactl.gpu.inventory import Inventory
-from llamactl.proxy import admin, bodies, guard, models, poller, status
+from llamactl.proxy import admin, bodies, guard, models, passthrough, poller, status
 from llamactl.proxy.context import MODEL_ROUTES, PROXY_KEY, Proxy
 from llamactl.proxy.pool import Pool
 
@@ -31,9 +31,13 @@ UPSTREAM_CONNECT_S = 10  # an instance that does not accept a connection in this
 ROUTES = [
     *(web.post(path, models.model_request) for path in MODEL_ROUTES),
     web.get("/v1/models", models.models),
+    web.get("/v1/models/{id:.+}", models.model),
+    *(web.get(path, passthrough.read_only) for path in passthrough.READ_ONLY_ROUTES),
+    web.get("/running", status.running),
     web.get("/health", models.health),
     web.get("/status", status.status),
     web.get("/status/stream", status.status_stream),
+    web.post("/models/unload", admin.unload_all),
     web.post("/models/{name}/load", admin.load_model),
     web.post("/models/{name}/unload", admin.unload_model),
     web.get("/", admin.page),

@@ -13,9 +13,12 @@ from __future__ import annotations
 
 import json
 import re
+from collections.abc import Callable
+from typing import TypeVar
 
 MAX_VALUES = 1_000_000
 INLINE_BYTES = 2**20  # smaller bodies parse on the loop: microseconds
+T = TypeVar("T")
 _STRING = re.compile(rb'"(?:[^"\\]|\\.)*"', re.DOTALL)
 
 
@@ -55,11 +58,15 @@ class Parser:
         return self._pool
 
     async def model_of(self, body: bytes) -> tuple[str, str | None]:
+        return await self.run(model_of, body)
+
+    async def run(self, fn: Callable[[bytes], T], body: bytes) -> T:
+        """`fn(body)` on the loop for a small body, in the pool for a large one (`fn`: a module-level function)."""
         import asyncio
 
         if len(body) <= INLINE_BYTES:
-            return model_of(body)
-        return await asyncio.get_running_loop().run_in_executor(self.pool(), model_of, body)
+            return fn(body)
+        return await asyncio.get_running_loop().run_in_executor(self.pool(), fn, body)
 
     def close(self) -> None:
         if self._pool is not None:

@@ -25,7 +25,11 @@ if TYPE_CHECKING:
     from llamactl.proxy.bodies import Parser
     from llamactl.proxy.status import Metrics
 
-MODEL_ROUTES = ("/v1/chat/completions", "/v1/completions", "/v1/embeddings", "/v1/rerank", "/completion", "/infill")
+# POST routes routed by the body's `model` to the same path on its instance: OpenAI's, Anthropic's
+# (`/v1/messages`), and llama-server's own that clients use
+MODEL_ROUTES = ("/v1/chat/completions", "/v1/completions", "/v1/embeddings", "/v1/rerank", "/completion", "/infill",
+                "/v1/responses", "/v1/messages", "/v1/messages/count_tokens", "/tokenize", "/detokenize",
+                "/apply-template")
 RECENT_REQUESTS = 200  # kept for the status page and `llamactl top --url`
 HISTORY_POINTS = 600  # GPU memory samples kept (one per poll: 10 minutes at 1 s)
 

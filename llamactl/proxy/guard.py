@@ -108,7 +108,9 @@ async def errors_and_auth(request: web.Request, handler: Callable) -> web.Stream
     except asyncio.CancelledError:
         # the client went away (or the shutdown's grace ran out): logged and counted all the same; a
         # client that closed right after the stream's end got the whole answer: its status stands
-        status = request["relay_status"] if request.get("relay_done") else (503 if proxy.shutting_down else CLIENT_CLOSED)
+        # a request cut by an unload with ?force=true is ours to answer for, as one cut at shutdown
+        cut = proxy.shutting_down or request.get("cut")
+        status = request["relay_status"] if request.get("relay_done") else (503 if cut else CLIENT_CLOSED)
         _access_log(request, status, time.monotonic() - started, proxy.log_json)
         _count(proxy, request, status)
         raise

@@ -10,9 +10,10 @@ import time
 
 from aiohttp import web
 
-from llamactl.errors import BadRequestError, BodyTooLargeError, RequestTimeoutError, UpstreamError
-from llamactl.proxy import bodies, forward
+from llamactl.errors import BadRequestError, BodyTooLargeError, RequestTimeoutError, UnknownModelError, UpstreamError
+from llamactl.proxy import bodies, forward, keepalive
 from llamactl.proxy.context import Proxy, proxy_of
+from llamactl.proxy.pool import Slot
 
 MAX_BODY_HARD = 16 * 2**30  # aiohttp's own cap; the configured max_body (reloadable) is checked per request
 BODY_SECONDS_PER_MIB = 1.0  # body_timeout grows by this for each MiB a client declares
@@ -56,10 +57,12 @@ async def model_request(request: web.Request) -> web.StreamResponse:
     if not isinstance(requested, str) or not requested:
         raise BadRequestError("request body needs a \"model\" naming a configured model")
     request["model"] = requested
-    return await _forward(proxy, request, requested, body, time.monotonic())
+    body, keep_alive_s = await keepalive.take(proxy.parser.run, body)  # llama-server knows no such field
+    return await _forward(proxy, request, requested, body, time.monotonic(), keep_alive_s)
 
 
-async def _forward(proxy: Proxy, request: web.Request, requested: str, body: bytes, started: float) -> web.StreamResponse:
+async def _forward(proxy: Proxy, request: web.Request, requested: str, body: bytes, started: float,
+                   keep_alive_s: float | None = None) -> web.StreamResponse:
     pool, metrics = proxy.pool, proxy.metrics
     for attempt in range(2):
         slot = await pool.acquire(requested)
@@ -75,7 +78,7 @@ async def _forward(proxy: Proxy, request: web.Request, requested: str, body: byt
                 continue
             raise
         finally:
-            pool.release(slot)
+            pool.release(slot, keep_alive_s)
     if outcome.upstream_died:
         await pool.mark_dead(slot, "died mid-stream", wait_s=3.0)
     metrics.latency.labels(name).observe(time.monotonic() - started)
@@ -89,15 +92,25 @@ async def _forward(proxy: Proxy, request: web.Request, requested: str, body: byt
     return response
 
 
+def _entry(slot: Slot) -> dict[str, object]:
+    """A model as OpenAI lists it, with its aliases and state (`stopped`, `starting`, `ready`, `stopping`)."""
+    return {"id": slot.model.name, "object": "model", "created": 0, "owned_by": "llamactl",
+            "aliases": list(slot.model.aliases), "status": slot.phase.value}
+
+
 async def models(request: web.Request) -> web.Response:
     pool = proxy_of(request).pool
-    data = []
-    for name, slot in sorted(pool.slots.items()):
-        if name not in pool.config.models:
-            continue
-        data.append({"id": name, "object": "model", "created": 0, "owned_by": "llamactl",
-                     "aliases": list(slot.model.aliases), "status": slot.phase.value})
+    data = [_entry(slot) for name, slot in sorted(pool.slots.items()) if name in pool.config.models]
     return web.json_response({"object": "list", "data": data})
+
+
+async def model(request: web.Request) -> web.Response:
+    """One configured model by its name or an alias (its `id` is the name), or a 404."""
+    pool = proxy_of(request).pool
+    found = pool.config.lookup(request.match_info["id"])
+    if found is None or found.name not in pool.slots:
+        raise UnknownModelError(f"model {request.match_info['id']!r} not found")
+    return web.json_response(_entry(pool.slots[found.name]))
 
 
 async def health(request: web.Request) -> web.Response:

@@ -24,7 +24,7 @@ from typing import Protocol
 from llamactl.config import Config, ModelConfig
 from llamactl.model.settings import SERVER_AUTO_SLOTS
 from llamactl.errors import (GGUFError, ProxyError, LaunchError, LlamactlError, LoadTimeoutError, ModelUnavailableError, NoFitError,
-                             NameTaken, NoRoomYet, SpillRefused, NotReadyInTime, OutOfMemoryAtLoad, QueueFullError, UnknownModelError, UpstreamError)
+                             NameTaken, NoRoomYet, SpillRefused, NotReadyInTime, NotRunningError, OutOfMemoryAtLoad, QueueFullError, UnknownModelError, UpstreamError)
 from llamactl import views
 from llamactl.gpu.inventory import Inventory
 from llamactl.placement import Plan
@@ -35,7 +35,7 @@ from llamactl.servers import launcher, procs, runner
 from llamactl.servers.state import Instance, StateStore, Status
 from llamactl import lifecycle, scheduler
 
-__all__ = ["Pool", "PoolStats", "Slot"]
+__all__ = ["Pool", "PoolStats", "Slot", "Unloaded"]
 
 log = logging.getLogger("llamactl.proxy")
 
@@ -53,6 +53,7 @@ class Slot:
     task: asyncio.Future[None] | None = None  # the start or stop in progress (what a Wait waits for)
     stale: bool = False  # its config changed (SIGHUP): restarted with the new one once idle
     ready_since: float | None = None  # when it last became ready (min_resident counts from here)
+    keep_alive_s: float | None = None  # the last ended request's keep_alive (negative: forever); None: the config's
 
     @property
     def base_url(self) -> str:
@@ -64,6 +65,15 @@ def _started_by_proxy(inst: Instance, env: dict[str, str]) -> bool:
     """Whether a proxy started this instance: its entry says so, or, when the entry was lost (its proxy killed
     between the spawn and the write) and re-adopted as "adopted", the environment llamactl gave it does."""
     return inst.started_by == "proxy" or env.get(launcher.STARTED_BY_ENV) == "proxy"
+
+
+@dataclass(frozen=True)
+class Unloaded:
+    """What an unload of every model did: stopped, still busy at its deadline (why), not this proxy's to stop."""
+
+    stopped: tuple[str, ...]
+    busy: dict[str, str]
+    not_ours: tuple[str, ...]
 
 
 @dataclass
@@ -278,16 +288,52 @@ class Pool:
         own = model.residency.queue_timeout_s
         return own if own is not None else self.config.load_timeout_s
 
-    def release(self, slot: Slot) -> None:
+    def release(self, slot: Slot, keep_alive_s: float | None = None) -> None:
+        """The request ended; its `keep_alive` (None: none given) sets how long the model stays loaded idle."""
         slot.in_flight -= 1
         slot.last_used = time.time()
+        slot.keep_alive_s = keep_alive_s
+        if keep_alive_s == 0 and self._seat(slot).evictable:
+            self._begin_stop(slot, "keep_alive")  # claimed now, before any other request is admitted to it
         if slot.in_flight == 0 or slot.waiting:
             self._changed()  # a slot came free for a queued request, or it may be stopped now (seat, memory)
+
+    def hold(self, requested: str) -> Slot:
+        """The ready slot of `requested`, counted in flight (so it is not stopped meanwhile), for a look at it:
+        never started for one (NotRunningError), and its idle time goes on. Give it back with `unhold`."""
+        model = self._configured(requested)
+        slot = self.slots[model.name]
+        if slot.phase is not Status.READY or slot.instance is None:
+            raise NotRunningError(f"{model.name} is not running ({slot.phase.value}); a request for it, or "
+                                  f"POST /models/{model.name}/load, starts it")
+        slot.in_flight += 1
+        return slot
+
+    def unhold(self, slot: Slot) -> None:
+        slot.in_flight -= 1
+        if slot.in_flight == 0:
+            self._changed()
+
+    def ttl_of(self, slot: Slot) -> float | None:
+        """How long the slot may stay idle: its last request's keep_alive, else its model's `ttl`, else
+        `idle_ttl` (None: forever). A model removed from the config goes once idle, whatever was asked."""
+        if slot.keep_alive_s is not None and slot.model.name in self.config.models:
+            return None if slot.keep_alive_s < 0 else slot.keep_alive_s
+        return slot.model.ttl_s if slot.model.ttl_s is not None else self.config.idle_ttl_s
+
+    def _configured(self, requested: str) -> ModelConfig:
+        model = self.config.lookup(requested)
+        if model is None:
+            known = ", ".join(sorted(self.config.models)) or "none configured"
+            raise UnknownModelError(f"model {requested!r} not found; known models: {known}")
+        return model
 
     async def mark_dead(self, slot: Slot, why: str, wait_s: float = 0.0) -> bool:
         """The upstream failed a request: if its process is gone, forget it (True) so the next request
         relaunches; if it still runs, keep it (False). `wait_s`: a process whose stream broke is most likely
         exiting; give it that long to be gone before calling it alive."""
+        if slot.phase is Status.STOPPING:
+            return True  # stopped meanwhile (a TTL, keep_alive 0): the next request waits for it and starts it
         deadline = time.monotonic() + wait_s
         while (slot.instance is not None and time.monotonic() < deadline
                and await asyncio.to_thread(self.effects.alive, slot.instance)):
@@ -316,6 +362,36 @@ class Pool:
             raise ModelUnavailableError(f"{model.name}: started by hand, not by this proxy; stop it with `llamactl evict`")
         await self._stop(slot, "unload")
         return True
+
+    def may_stop(self, name: str) -> bool:
+        """Whether the unload routes may stop this model's instance: this proxy's own, or any with adopt."""
+        slot = self.slots.get(name)
+        return slot is not None and (slot.ours or self.config.adopt)
+
+    async def unload_all(self, wait_s: float) -> Unloaded:
+        """Stop every instance this proxy may stop, each as soon as it has no request in flight or waiting
+        (requests that come meanwhile are served; one for a stopped model starts it again), within `wait_s`."""
+        deadline = time.monotonic() + wait_s
+        stopped: list[str] = []
+        while True:
+            busy: dict[str, str] = {}
+            stops = []
+            for name, slot in sorted(self.slots.items()):
+                if slot.phase is Status.STOPPED or (slot.instance is not None and not self.may_stop(name)):
+                    continue
+                if slot.phase is Status.STOPPING and slot.task is not None:
+                    stops.append(slot.task)
+                elif slot.phase is Status.READY and not (slot.in_flight or slot.waiting):
+                    stops.append(self._begin_stop(slot, "unload"))
+                    stopped.append(name)
+                else:
+                    busy[name] = f"{slot.phase.value}, {slot.in_flight} in flight, {slot.waiting} waiting"
+            await _finished([t for t in stops if t is not None])
+            now = time.monotonic()
+            if not busy or now >= deadline:
+                kept = tuple(n for n, s in sorted(self.slots.items()) if s.instance is not None and not self.may_stop(n))
+                return Unloaded(tuple(stopped), busy, kept)
+            await self._wait_change(min(deadline - now, self.config.poll_interval_s))
 
     # --- lifecycle (owner-only) -----------------------------------------------------------------
 
@@ -596,8 +672,7 @@ class Pool:
                 log.warning("%s: instance (pid %s) is gone", slot.model.name, inst.pid)
                 self._move(slot, Status.STOPPED, event=("crash", f"pid {inst.pid} is gone"), instance=None)
                 continue
-        ttls = {name: s.model.ttl_s if s.model.ttl_s is not None else self.config.idle_ttl_s
-                for name, s in self.slots.items()}
+        ttls = {name: self.ttl_of(s) for name, s in self.slots.items()}
         # every stop below is decided and claimed in one step (no await between the check and the claim), so
         # a request that arrives meanwhile either was admitted first (and the instance is not idle) or waits
         # for the stop and starts it again

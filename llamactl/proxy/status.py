@@ -1,5 +1,5 @@
 """What the proxy tells about itself: `/status` and `/status/stream` (the snapshot `llamactl top --url` and the
-status page draw) and `/metrics` (Prometheus)."""
+status page draw), `/running` (its instances only) and `/metrics` (Prometheus)."""
 
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ from prometheus_client.core import CounterMetricFamily, HistogramMetricFamily
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
 from llamactl.gpu.inventory import Inventory
-from llamactl.lifecycle import SLOT
+from llamactl.lifecycle import SLOT, Status
 from llamactl.proxy.context import Proxy, proxy_of
 from llamactl.proxy.pool import Pool, Slot
 from llamactl.views import DeviceUse, InstanceView, Snapshot
@@ -107,7 +107,7 @@ def snapshot(proxy: Proxy, inv: Inventory | None) -> Snapshot:
 
 def _instance(proxy: Proxy, name: str, slot: Slot, now: float) -> InstanceView:
     inst = slot.instance
-    ttl = slot.model.ttl_s if slot.model.ttl_s is not None else proxy.pool.config.idle_ttl_s
+    ttl = proxy.pool.ttl_of(slot)
     idle = now - slot.last_used if inst is not None and slot.last_used else None
     live = proxy.live.get(name) if inst is not None else None
     return InstanceView(
@@ -145,6 +145,16 @@ async def status(request: web.Request) -> web.Response:
     proxy = proxy_of(request)
     inv = await asyncio.to_thread(proxy.inventory_fn)
     return web.json_response(snapshot(proxy, inv).to_json())
+
+
+async def running(request: web.Request) -> web.Response:
+    """What runs now (every model not stopped): its state, GPUs, memory, requests, idle time and TTL left, in
+    /status's keys."""
+    proxy = proxy_of(request)
+    now = time.time()
+    return web.json_response({"running": [_instance(proxy, name, slot, now).to_json()
+                                          for name, slot in sorted(proxy.pool.slots.items())
+                                          if slot.phase is not Status.STOPPED]})
 
 
 async def status_stream(request: web.Request) -> web.StreamResponse:

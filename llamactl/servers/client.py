@@ -162,3 +162,51 @@ def complete(base_url: str, prompt: str, n_predict: int, timeout_s: float = 60.0
             return str(reply.json().get("content", ""))
         except (httpx.HTTPError, ValueError, AttributeError):
             return ""
+
+
+def remote_failure(url: str, exc: Exception, timeout_s: float) -> Exception:
+    """An httpx failure to reach a remote proxy (`top --url`, `ctl`) as one RemoteError line."""
+    import httpx
+
+    from llamactl.errors import RemoteError
+
+    if isinstance(exc, httpx.InvalidURL):
+        return RemoteError(f"{url}: not a usable URL ({exc})")
+    if isinstance(exc, httpx.ConnectError):
+        return RemoteError(f"{url}: nothing answers there (connection refused or no route)")
+    if isinstance(exc, httpx.TimeoutException):
+        return RemoteError(f"{url}: no answer within {timeout_s:g} s")
+    return RemoteError(f"{url}: {type(exc).__name__}: {exc}")
+
+
+PROXY_REPLY_MAX_BYTES = 8 * 2**20  # a management reply is a few KiB; a bigger one is not a llamactl proxy's
+
+
+def call_proxy(method: str, base_url: str, path: str, api_key: str | None, timeout_s: float) -> object:
+    """One management call to a running proxy (`llamactl ctl`): its JSON answer, or RemoteError with the
+    proxy's own message (its OpenAI-shaped error) or what went wrong on the way."""
+    import httpx
+
+    from llamactl.errors import RemoteError
+
+    if not base_url.startswith(("http://", "https://")):
+        raise RemoteError(f"{base_url}: not an http:// or https:// URL")
+    url = base_url.rstrip("/") + path
+    headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+    try:
+        with httpx.Client(timeout=timeout_s) as http:
+            reply = http.request(method, url, headers=headers, json={} if method == "POST" else None)
+    except (httpx.InvalidURL, httpx.HTTPError) as exc:
+        raise remote_failure(base_url, exc, timeout_s) from None
+    try:
+        data = json.loads(reply.content[:PROXY_REPLY_MAX_BYTES])
+    except (ValueError, RecursionError):
+        raise RemoteError(f"{url}: HTTP {reply.status_code}, not JSON (is this a llamactl proxy?)") from None
+    if reply.status_code == 401:
+        raise RemoteError(f"{base_url}: the proxy refused the API key" if api_key else
+                          f"{base_url}: the proxy wants an API key (--api-key-file or LLAMACTL_API_KEY)")
+    if reply.status_code >= 400:
+        error = data.get("error") if isinstance(data, dict) else None
+        message = error.get("message") if isinstance(error, dict) else None
+        raise RemoteError(f"{path}: HTTP {reply.status_code}: {message or 'no message'}")
+    return data

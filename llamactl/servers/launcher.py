@@ -66,13 +66,14 @@ class LaunchRequest:
     wait_for: frozenset[str] = frozenset()
     api_key: str | None = None  # reaches llama-server as LLAMA_API_KEY, never on argv
     gpu_only: bool = False  # spill = false: a partial or CPU plan is refused (SpillRefused), not run
+    env: tuple[tuple[str, str], ...] = ()  # the model's own variables (config `env`); llamactl's own win
     params: ModelParams | None = field(default=None, compare=False, repr=False)  # the header, when read already
 
 
 def request_for(spec: "ModelSpec", policy: Policy, **kw: object) -> LaunchRequest:
     """The launch of a resolved model (resolve.py): its path, name, settings, args and port range."""
     return LaunchRequest(model=spec.path, name=spec.name, settings=spec.settings, policy=policy,
-                         port_start=spec.port_start, extra=spec.args, **kw)  # type: ignore[arg-type]
+                         port_start=spec.port_start, extra=spec.args, env=spec.env, **kw)  # type: ignore[arg-type]
 
 
 @dataclass(frozen=True)
@@ -401,7 +402,7 @@ def _start(store: StateStore, req: LaunchRequest, the_plan: Plan, ctx: "observe.
                 if not _port_free(req.host, port):
                     raise UsageError(f"port {port} is already in use on {req.host} by another program")
             cmd = command_for(req, the_plan, binary, caps, inv, port)
-            env = {**cmd.env, INSTANCE_ENV: req.name, STATE_DIR_ENV: str(store.dir.resolve()),
+            env = {**dict(req.env), **cmd.env, INSTANCE_ENV: req.name, STATE_DIR_ENV: str(store.dir.resolve()),
                    STARTED_BY_ENV: req.started_by}  # who started it, should its entry be lost (a kill mid-write)
             if api_key:
                 env[runner.API_KEY_ENV] = api_key

@@ -83,3 +83,27 @@ def test_status_shows_gpus_and_instances(proxy) -> None:
     assert demo["state"] == "ready" and demo["pid"] and demo["started_by_proxy"]
     out = subprocess.run([sys.executable, "-m", "llamactl", "ps", "--json"], env=env, capture_output=True, text=True)
     assert "demo" in out.stdout  # `llamactl ps` in another shell sees what the proxy started
+
+
+def test_llama_server_routes_pass_through(proxy) -> None:
+    """/tokenize, /detokenize and Anthropic's /v1/messages reach the real llama-server by the body's model;
+    /props by ?model=; a keep_alive is taken out before llama-server sees the body."""
+    url, _ = proxy
+    key = {"Authorization": "Bearer test-key"}
+    tokens = httpx.post(f"{url}/tokenize", json={"model": "small", "content": "hello world"}, headers=key, timeout=120)
+    assert tokens.status_code == 200, tokens.text
+    ids = tokens.json()["tokens"]
+    assert ids and all(isinstance(t, int) for t in ids)
+    text = httpx.post(f"{url}/detokenize", json={"model": "small", "tokens": ids}, headers=key, timeout=60)
+    assert text.status_code == 200 and isinstance(text.json()["content"], str)
+    message = httpx.post(f"{url}/v1/messages", headers=key, timeout=120, json={
+        "model": "gpt-4o-mini", "max_tokens": 4, "keep_alive": "10m",
+        "messages": [{"role": "user", "content": "hi"}]})
+    assert message.status_code == 200, message.text
+    body = message.json()
+    assert body["type"] == "message" and body["role"] == "assistant" and body["content"][0]["type"] == "text"
+    assert 1 <= body["usage"]["output_tokens"] <= 4
+    props = httpx.get(f"{url}/props?model=demo", headers=key, timeout=30)
+    assert props.status_code == 200 and props.json()["model_path"].endswith("demo.gguf")
+    running = httpx.get(f"{url}/running", headers=key, timeout=30).json()["running"]
+    assert next(r for r in running if r["name"] == "demo")["ttl_s"] == 600  # the request's keep_alive

@@ -12,6 +12,8 @@ Accepts llama-server's argv (unknown flags ignored) plus switches:
   --fake-oom               log a CUDA allocation failure as llama.cpp does, exit 1 before listening
   --fake-oom-times N FILE  the same for the first N starts (FILE counts them), then start normally
   --fake-sigkill-at-load   SIGKILL itself before listening (as the kernel's OOM killer would)
+Any POST path answers a chat completion that also names the `path` and the body's `fields`; `/props`
+shows the environment's FAKE_ENV_* variables and the query string it was asked with.
 An API key (--api-key or LLAMA_API_KEY, as llama-server) makes POSTs need `Authorization: Bearer KEY`.
 `--version` and `--help` print what llamactl's probe expects.
 """
@@ -94,13 +96,15 @@ def main() -> None:
         def do_GET(self):
             if time.monotonic() < ready_at:
                 return self.reply(503, {"error": {"message": "Loading model", "code": 503}})
-            if self.path == "/health":
+            path, _, query = self.path.partition("?")
+            if path == "/health":
                 return self.reply(200, {"status": "ok"})
-            if self.path == "/props":
-                return self.reply(200, {"model_path": model, "total_slots": 4})
-            if self.path == "/slots":
+            if path == "/props":
+                env = {k: v for k, v in os.environ.items() if k.startswith("FAKE_ENV_")}
+                return self.reply(200, {"model_path": model, "total_slots": 4, "env": env, "query": query})
+            if path == "/slots":
                 return self.reply(200, [{"id": i, "is_processing": i < counters["busy"]} for i in range(4)])
-            if self.path == "/metrics":
+            if path == "/metrics":
                 text = (f"llamacpp:prompt_tokens_total {counters['prompt']}\n"
                         f"llamacpp:tokens_predicted_total {counters['predicted']}\n"
                         "llamacpp:predicted_tokens_seconds 42.5\n"
@@ -119,7 +123,7 @@ def main() -> None:
                 counters["predicted"] += n
             usage = {"prompt_tokens": 3, "completion_tokens": n, "total_tokens": 3 + n}
             if not body.get("stream"):
-                return self.reply(200, {"content": "fake " * n, "tokens_predicted": n, "model": model, "usage": usage,
+                return self.reply(200, {"path": self.path, "fields": sorted(body),"content": "fake " * n, "tokens_predicted": n, "model": model, "usage": usage,
                                         "choices": [{"index": 0, "message": {"role": "assistant", "content": "fake " * n},
                                                      "finish_reason": "length"}], "object": "chat.completion",
                                         "id": "fake-1", "created": 0})

@@ -170,3 +170,25 @@ def test_a_draft_model_is_configured_by_keys_not_args(tmp_path: Path) -> None:
         load(write(tmp_path, '[models.a]\npath = "m.gguf"\nargs = ["--mmproj", "p.gguf"]\n'))
     cfg = load(write(tmp_path, '[models.a]\npath = "m.gguf"\nmmproj = "p.gguf"\nno_mmproj_offload = true\n'))
     assert (cfg.models["a"].settings.mmproj, cfg.models["a"].settings.mmproj_offload) == (str(tmp_path / "p.gguf"), False)
+
+
+def test_a_models_env_is_read_sorted(tmp_path: Path) -> None:
+    cfg = load(write(tmp_path, '[models.m]\npath = "m.gguf"\nenv = {HF_HOME = "/data/hf", GGML_SCHED_MAX_COPIES = "1"}\n'))
+    assert cfg.models["m"].env == (("GGML_SCHED_MAX_COPIES", "1"), ("HF_HOME", "/data/hf"))
+
+
+@pytest.mark.parametrize("env, message", [
+    ('{lower = "x"}', "'lower' is not an environment variable name"),
+    ('{"1X" = "x"}', "'1X' is not an environment variable name"),
+    ('{LLAMA_API_KEY = "x"}', "LLAMA_API_KEY is set by llamactl"),
+    ('{CUDA_VISIBLE_DEVICES = "0"}', "CUDA_VISIBLE_DEVICES is set by llamactl"),
+    ('{LLAMACTL_INSTANCE = "x"}', "LLAMACTL_INSTANCE is set by llamactl"),
+    ('{LLAMA_ARG_CTX_SIZE = "9"}', "LLAMA_ARG_CTX_SIZE is set by llamactl"),
+    ('{X = 1}', "models.m.env.X: expected a printable string"),
+    ('{X = "a\\nb"}', "models.m.env.X: expected a printable string"),
+    ('"X=1"', "models.m.env: expected dict"),
+])
+def test_a_bad_env_names_the_key(tmp_path: Path, env: str, message: str) -> None:
+    with pytest.raises(ConfigError) as info:
+        load(write(tmp_path, f'[models.m]\npath = "m.gguf"\nenv = {env}\n'))
+    assert message in str(info.value) and "\n" not in str(info.value)
