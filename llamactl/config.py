@@ -39,6 +39,36 @@ class ModelConfig:
     aliases: tuple[str, ...] = ()
     residency: Residency = Residency()  # preload, pin, spill, min_resident, priority
     env: tuple[tuple[str, str], ...] = ()  # (NAME, value) set in its llama-server's environment
+    request: RequestRules = field(default_factory=lambda: RequestRules())  # merged into each request's body
+
+
+@dataclass(frozen=True)
+class RequestRules:
+    """`[models.NAME.request]`: what the proxy merges into a request's body before it goes to llama-server."""
+
+    defaults: tuple[tuple[str, Any], ...] = ()  # set only where the client did not
+    force: tuple[tuple[str, Any], ...] = ()  # always set
+    strip: tuple[str, ...] = ()  # removed
+
+    def __bool__(self) -> bool:
+        return bool(self.defaults or self.force or self.strip)
+
+    def apply(self, payload: dict[str, Any]) -> dict[str, Any]:
+        out = {k: v for k, v in payload.items() if k not in self.strip}
+        for key, value in self.defaults:
+            out.setdefault(key, value)
+        out.update(self.force)
+        return out
+
+
+@dataclass(frozen=True)
+class Variant:
+    """`[models.NAME]` with `of = "OTHER"`: another name for a configured model, with its own request rules,
+    served by that model's instance (no second load)."""
+
+    name: str
+    of: str
+    request: RequestRules = RequestRules()
 
 
 @dataclass(frozen=True)
@@ -70,6 +100,16 @@ class Config:
     default_args: tuple[str, ...] = ()
     residency: Residency = Residency()  # [defaults]' residency keys
     placement: PlacementSpec = PlacementSpec()  # the machine's keys and [defaults]' placement keys
+    variants: dict[str, Variant] = field(default_factory=dict)
+
+    def route(self, name: str) -> tuple[ModelConfig, RequestRules] | None:
+        """What a request for `name` runs on, and the request rules it gets: a model (by name or alias) with
+        its own, or a variant's model with the variant's."""
+        variant = self.variants.get(name)
+        if variant is not None:
+            return self.models[variant.of], variant.request
+        model = self.lookup(name)
+        return (model, model.request) if model is not None else None
 
     def lookup(self, name: str) -> ModelConfig | None:
         """A model by its name or one of its aliases (never a path: clients do not pick files)."""
@@ -90,7 +130,7 @@ _PLACEMENT_KEYS = {"strategy", "max_gpus", "gpus", "no_partial", "margin", "cali
 _RESIDENCY_KEYS = {k.key for k in registry.RESIDENCY}
 _SETTING_KEYS = set(registry.config_keys(model=False)) | _PLACEMENT_KEYS | _RESIDENCY_KEYS | {"args"}
 _MODEL_KEYS = (set(registry.config_keys(model=True)) | _PLACEMENT_KEYS | _RESIDENCY_KEYS
-               | {"args", "path", "ttl", "aliases", "env"})
+               | {"args", "path", "ttl", "aliases", "env", "request"})
 
 
 class _Reader:
@@ -233,6 +273,22 @@ def _settings(r: _Reader, table: dict[str, Any], where: str, base: ServerSetting
         except UsageError as exc:
             raise r.fail(f"{where}.args", str(exc)) from None
     return settings, tuple(args or ())
+
+
+def _request(r: _Reader, table: dict[str, Any], where: str) -> RequestRules:
+    """`[models.NAME.request]`: `defaults` and `force` tables of body fields, `strip` a list of field names."""
+    rules = r.get(table, "request", f"{where}.request", dict, {})
+    _check_keys(r, rules, {"defaults", "force", "strip"}, f"{where}.request")
+    parts: dict[str, Any] = {}
+    for key in ("defaults", "force"):
+        fields_ = r.get(rules, key, f"{where}.request.{key}", dict, {})
+        if "model" in fields_:
+            raise r.fail(f"{where}.request.{key}", "may not set the body's model (a variant routes by its name)")
+        parts[key] = tuple(fields_.items())
+    strip = r.get(rules, "strip", f"{where}.request.strip", list, [])
+    if not all(isinstance(k, str) and k and k != "model" for k in strip):
+        raise r.fail(f"{where}.request.strip", "expected a list of body field names (not model)")
+    return RequestRules(parts["defaults"], parts["force"], tuple(strip))
 
 
 def _check_keys(r: _Reader, table: dict[str, Any], allowed: set[str], where: str) -> None:
@@ -413,6 +469,7 @@ def load(path: Path | None, *, required: bool = False) -> Config:
             raise r.fail("models_dir", f"{directory} is not a directory")
         cfg["models_dir"] = directory
         models.update(_scan_models_dir(directory, base, base_args, base_placement, base_residency))
+    variants: dict[str, Variant] = {}
     for name, table in r.get(data, "models", "models", dict, {}).items():
         where = f"models.{name}"
         if not isinstance(table, dict):
@@ -420,6 +477,10 @@ def load(path: Path | None, *, required: bool = False) -> Config:
         if not valid_name(name):
             raise r.fail(where, "a model name is an instance name: letters, digits, '.', '_' and '-' (starting with "
                                 "a letter or digit, at most 128); give other spellings as aliases")
+        if "of" in table:  # a variant: another name for a model, with its own request rules
+            _check_keys(r, table, {"of", "request"}, where)
+            variants[name] = Variant(name, r.get(table, "of", f"{where}.of", str), _request(r, table, where))
+            continue
         _check_keys(r, table, _MODEL_KEYS, where)
         settings, args = _settings(r, table, where, base, model=True)
         placement = _placement(r, table, where, base_placement)
@@ -439,7 +500,7 @@ def load(path: Path | None, *, required: bool = False) -> Config:
         models[name] = ModelConfig(
             name=name, path=model_path, settings=settings, args=args if "args" in table else base_args,
             ttl_s=r.duration(table, "ttl", f"{where}.ttl"), placement=placement, aliases=tuple(aliases),
-            residency=residency, env=_env(r, table, f"{where}.env"),
+            residency=residency, env=_env(r, table, f"{where}.env"), request=_request(r, table, where),
         )
     seen: dict[str, str] = {}
     for model in models.values():
@@ -447,6 +508,13 @@ def load(path: Path | None, *, required: bool = False) -> Config:
             if label in seen and seen[label] != model.name:
                 raise r.fail(f"models.{model.name}.aliases", f"{label!r} already names model {seen[label]!r}")
             seen[label] = model.name
+    for variant in variants.values():
+        if variant.of not in models:
+            raise r.fail(f"models.{variant.name}.of", f"{variant.of!r} is not a configured model (a variant names one "
+                                                      "by its name)")
+        if variant.name in seen:
+            raise r.fail(f"models.{variant.name}", f"{variant.name!r} already names model {seen[variant.name]!r}")
     cfg["models"] = models
+    cfg["variants"] = variants
     known = {f.name for f in fields(Config)}
     return Config(**{k: v for k, v in cfg.items() if k in known})

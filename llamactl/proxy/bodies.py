@@ -13,6 +13,10 @@ from __future__ import annotations
 
 import json
 import re
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from llamactl.config import RequestRules
 from collections.abc import Callable
 from typing import TypeVar
 
@@ -40,6 +44,14 @@ def model_of(body: bytes, max_values: int = MAX_VALUES) -> tuple[str, str | None
         return "invalid", None
     model = payload.get("model") if isinstance(payload, dict) else None
     return "ok", model if isinstance(model, str) else None
+
+
+def rewrite(body: bytes, rules: "RequestRules") -> bytes:
+    """The body with a model's request rules applied (`[models.NAME.request]`: defaults, force, strip)."""
+    payload = json.loads(body or b"{}")
+    if not isinstance(payload, dict):
+        return body
+    return json.dumps(rules.apply(payload), ensure_ascii=False, separators=(",", ":")).encode()
 
 
 class Parser:

@@ -6,6 +6,7 @@ Also `/v1/models` (the configured models and their state) and `/health` (the pro
 from __future__ import annotations
 
 import asyncio
+import functools
 import time
 
 from aiohttp import web
@@ -58,6 +59,12 @@ async def model_request(request: web.Request) -> web.StreamResponse:
         raise BadRequestError("request body needs a \"model\" naming a configured model")
     request["model"] = requested
     body, keep_alive_s = await keepalive.take(proxy.parser.run, body)  # llama-server knows no such field
+    route = proxy.pool.config.route(requested)
+    if route is not None:
+        model, rules = route
+        requested = model.name  # a variant runs on its model's instance
+        if rules:  # the model's (or the variant's) request defaults, forced fields and stripped ones
+            body = await proxy.parser.run(functools.partial(bodies.rewrite, rules=rules), body)
     return await _forward(proxy, request, requested, body, time.monotonic(), keep_alive_s)
 
 
@@ -92,8 +99,12 @@ async def _forward(proxy: Proxy, request: web.Request, requested: str, body: byt
     return response
 
 
-def _entry(slot: Slot) -> dict[str, object]:
-    """A model as OpenAI lists it, with its aliases and state (`stopped`, `starting`, `ready`, `stopping`)."""
+def _entry(slot: Slot, variant: str | None = None) -> dict[str, object]:
+    """A model as OpenAI lists it, with its aliases and state (`stopped`, `starting`, `ready`, `stopping`); a
+    variant names the model whose instance serves it (`of`)."""
+    if variant is not None:
+        return {"id": variant, "object": "model", "created": 0, "owned_by": "llamactl", "aliases": [],
+                "of": slot.model.name, "status": slot.phase.value}
     return {"id": slot.model.name, "object": "model", "created": 0, "owned_by": "llamactl",
             "aliases": list(slot.model.aliases), "status": slot.phase.value}
 
@@ -101,12 +112,17 @@ def _entry(slot: Slot) -> dict[str, object]:
 async def models(request: web.Request) -> web.Response:
     pool = proxy_of(request).pool
     data = [_entry(slot) for name, slot in sorted(pool.slots.items()) if name in pool.config.models]
+    data += [_entry(pool.slots[v.of], v.name) for v in sorted(pool.config.variants.values(), key=lambda v: v.name)
+             if v.of in pool.slots]
     return web.json_response({"object": "list", "data": data})
 
 
 async def model(request: web.Request) -> web.Response:
     """One configured model by its name or an alias (its `id` is the name), or a 404."""
     pool = proxy_of(request).pool
+    variant = pool.config.variants.get(request.match_info["id"])
+    if variant is not None and variant.of in pool.slots:
+        return web.json_response(_entry(pool.slots[variant.of], variant.name))
     found = pool.config.lookup(request.match_info["id"])
     if found is None or found.name not in pool.slots:
         raise UnknownModelError(f"model {request.match_info['id']!r} not found")

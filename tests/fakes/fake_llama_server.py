@@ -12,7 +12,7 @@ Accepts llama-server's argv (unknown flags ignored) plus switches:
   --fake-oom               log a CUDA allocation failure as llama.cpp does, exit 1 before listening
   --fake-oom-times N FILE  the same for the first N starts (FILE counts them), then start normally
   --fake-sigkill-at-load   SIGKILL itself before listening (as the kernel's OOM killer would)
-Any POST path answers a chat completion that also names the `path` and the body's `fields`; `/props`
+Any POST path answers a chat completion that also names the `path`, the body's `fields` and the body (`echo`); `/props`
 shows the environment's FAKE_ENV_* variables and the query string it was asked with.
 An API key (--api-key or LLAMA_API_KEY, as llama-server) makes POSTs need `Authorization: Bearer KEY`.
 `--version` and `--help` print what llamactl's probe expects.
@@ -123,7 +123,7 @@ def main() -> None:
                 counters["predicted"] += n
             usage = {"prompt_tokens": 3, "completion_tokens": n, "total_tokens": 3 + n}
             if not body.get("stream"):
-                return self.reply(200, {"path": self.path, "fields": sorted(body),"content": "fake " * n, "tokens_predicted": n, "model": model, "usage": usage,
+                return self.reply(200, {"path": self.path, "fields": sorted(body), "echo": body, "content": "fake " * n, "tokens_predicted": n, "model": model, "usage": usage,
                                         "choices": [{"index": 0, "message": {"role": "assistant", "content": "fake " * n},
                                                      "finish_reason": "length"}], "object": "chat.completion",
                                         "id": "fake-1", "created": 0})

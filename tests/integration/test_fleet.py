@@ -121,3 +121,25 @@ def test_requests_beyond_the_slots_wait_in_the_proxy_never_in_llama_server(tmp_p
         assert p.metric("llamactl_queue_wait_seconds_count", model="two") == 8
     finally:
         p.stop()
+
+
+def test_request_rules_and_variants_share_one_instance(tmp_path: Path) -> None:
+    """[models.NAME.request] defaults, force and strip reach llama-server's body; a variant (`of`) runs on its
+    model's instance with its own rules, without a second load."""
+    import httpx
+
+    model = tmp_path / "tiny.gguf"
+    p = Proxy(tmp_path, {}, defaults=f'\n[models.base]\npath = "{model}"\n'
+                                     '[models.base.request]\ndefaults = { temperature = 0.2, top_p = 0.9 }\n'
+                                     'force = { n_probs = 0 }\nstrip = ["seed"]\n'
+                                     '[models.hot]\nof = "base"\n[models.hot.request]\nforce = { temperature = 1.5 }\n')
+    try:
+        echo = p.post("base", temperature=0.7, seed=5).json()["echo"]
+        assert echo["temperature"] == 0.7 and echo["top_p"] == 0.9 and echo["n_probs"] == 0 and "seed" not in echo
+        echo = p.post("hot", temperature=0.1, seed=5).json()["echo"]
+        assert echo["temperature"] == 1.5 and "top_p" not in echo and echo["seed"] == 5  # the variant's rules only
+        listed = {m["id"]: m for m in httpx.get(f"{p.url}/v1/models").json()["data"]}
+        assert listed["hot"]["of"] == "base" and listed["hot"]["status"] == "ready"
+        assert p.metric("llamactl_launches_total", model="base", result="ok") == 1 and len(p.tagged()) == 1
+    finally:
+        p.stop()

@@ -96,6 +96,12 @@ lora = ["adapters/style.gguf", "/abs/other.gguf"]
     ("[defaults]\nbatch_size = 100000000000\n", "defaults.batch_size"),
     ("[defaults]\nmax_gpus = 0\n", "defaults.max_gpus"),
     ("models_dir = \"nowhere\"\n", "is not a directory"),
+    ("[models.v]\nof = \"nope\"\n", "models.v.of: 'nope' is not a configured model"),
+    ("[models.a]\npath = \"a.gguf\"\n[models.v]\nof = \"a\"\npath = \"b.gguf\"\n", "models.v.path: unknown key"),
+    ("[models.a]\npath = \"a.gguf\"\n[models.a.request]\nforce = { model = \"x\" }\n",
+     "models.a.request.force: may not set the body's model"),
+    ("[models.a]\npath = \"a.gguf\"\n[models.a.request]\ndefault = { top_k = 1 }\n",
+     "models.a.request.default: unknown key; did you mean `defaults`?"),
 ])
 def test_bad_keys_name_the_key_and_line(tmp_path: Path, text: str, message: str) -> None:
     with pytest.raises(ConfigError) as info:
