@@ -65,8 +65,17 @@ def done_seen(carry: bytes, piece: bytes) -> tuple[bool, bytes]:
 UPSTREAM_DIED = 502  # a stream its instance cut: logged and counted as the upstream's failure, not the client's
 
 
+def sse_event(data: bytes | dict) -> bytes:
+    """One server-sent event carrying `data` (a JSON object, or bytes already JSON)."""
+    payload = data if isinstance(data, bytes) else json.dumps(data).encode()
+    return b"data: " + payload.replace(b"\n", b" ") + b"\n\n"
+
+
 async def relay(request: web.Request, session: aiohttp.ClientSession, url: str, body: bytes,
-                api_key: str | None, started: float) -> tuple[web.StreamResponse, Outcome]:
+                api_key: str | None, started: float,
+                prepared: web.StreamResponse | None = None) -> tuple[web.StreamResponse, Outcome]:
+    """`prepared`: an event stream already sent to the client (its loading comments): the upstream's answer
+    goes on in it — its events as they come, or a whole answer (an error) as one event."""
     import time
 
     headers = {k: v for k, v in request.headers.items() if k.lower() not in _DROP_REQUEST}
@@ -92,11 +101,23 @@ async def relay(request: web.Request, session: aiohttp.ClientSession, url: str, 
             outcome.bytes_out = len(data)
             outcome.usage = _usage_from(data[-65536:].decode("utf-8", "replace")) if upstream.status == 200 else None
             finished = True
+            if prepared is not None:  # the 200 went out with the loading comments: the answer is an event
+                request["relay_status"] = upstream.status
+                try:
+                    await prepared.write(sse_event(data))
+                    await prepared.write_eof()
+                except (ConnectionResetError, aiohttp.ClientConnectionResetError):
+                    request["client_gone"] = True
+                request["relay_done"] = True
+                return prepared, outcome
             return web.Response(status=upstream.status, body=data, headers=out_headers), outcome
-        response = web.StreamResponse(status=upstream.status, headers=out_headers)
-        response.headers["X-Accel-Buffering"] = "no"
-        response.headers["Cache-Control"] = "no-cache"
-        await response.prepare(request)
+        if prepared is not None:
+            response = prepared
+        else:
+            response = web.StreamResponse(status=upstream.status, headers=out_headers)
+            response.headers["X-Accel-Buffering"] = "no"
+            response.headers["Cache-Control"] = "no-cache"
+            await response.prepare(request)
         request["relay_status"] = upstream.status
         tail: deque[bytes] = deque(maxlen=_TAIL_PIECES)  # appending costs nothing per piece; joined once
 

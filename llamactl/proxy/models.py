@@ -7,14 +7,20 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import json
+import re
 import time
+
+import aiohttp
 
 from aiohttp import web
 
-from llamactl.errors import BadRequestError, BodyTooLargeError, RequestTimeoutError, UnknownModelError, UpstreamError
+from llamactl import errors
+from llamactl.errors import BadRequestError, LlamactlError, BodyTooLargeError, RequestTimeoutError, UnknownModelError, UpstreamError
 from llamactl.proxy import bodies, forward, keepalive
 from llamactl.proxy.context import Proxy, proxy_of
-from llamactl.proxy.pool import Slot
+from llamactl.lifecycle import Status
+from llamactl.proxy.pool import Pool, Slot
 
 MAX_BODY_HARD = 16 * 2**30  # aiohttp's own cap; the configured max_body (reloadable) is checked per request
 BODY_SECONDS_PER_MIB = 1.0  # body_timeout grows by this for each MiB a client declares
@@ -71,12 +77,20 @@ async def model_request(request: web.Request) -> web.StreamResponse:
 async def _forward(proxy: Proxy, request: web.Request, requested: str, body: bytes, started: float,
                    keep_alive_s: float | None = None) -> web.StreamResponse:
     pool, metrics = proxy.pool, proxy.metrics
+    prepared: web.StreamResponse | None = None
     for attempt in range(2):
-        slot = await pool.acquire(requested)
+        if prepared is None and _loading(pool, requested) and await _streams(proxy, body):
+            prepared = await _loading_stream(request, requested)
+        if prepared is not None:
+            slot = await _acquire_with_comments(pool, request, prepared, requested, started)
+            if slot is None:
+                return prepared  # the failure went out as the stream's last event
+        else:
+            slot = await pool.acquire(requested)
         name = slot.model.name
         try:
             response, outcome = await forward.relay(request, proxy.upstream(), slot.base_url + request.path, body,
-                                                    slot.api_key, started)
+                                                    slot.api_key, started, prepared)
             break
         except UpstreamError:
             # nothing was sent yet: an instance that is gone (evicted from another shell, crashed) is
@@ -97,6 +111,65 @@ async def _forward(proxy: Proxy, request: web.Request, requested: str, body: byt
     if outcome.usage:
         request["tokens"] = outcome.usage.get("total_tokens")
     return response
+
+
+LOADING_EVERY_S = 5.0  # a comment line this often while a streaming request waits for its model
+_STREAM = re.compile(rb'"stream"\s*:\s*true')
+
+
+def _loading(pool: Pool, name: str) -> bool:
+    slot = pool.slots.get(name)
+    return slot is not None and slot.phase is not Status.READY
+
+
+def _stream_flag(body: bytes) -> bool:
+    payload = json.loads(body or b"{}")
+    return isinstance(payload, dict) and payload.get("stream") is True
+
+
+async def _streams(proxy: Proxy, body: bytes) -> bool:
+    """Whether the client asked for an event stream (the body's top-level `stream`)."""
+    return bool(_STREAM.search(body)) and await proxy.parser.run(_stream_flag, body)
+
+
+async def _loading_stream(request: web.Request, name: str) -> web.StreamResponse:
+    """The event stream, sent now: a streaming client waiting for a model's load gets comment lines meanwhile
+    (`: loading NAME 12 s`) so that its read timeout does not fire."""
+    response = web.StreamResponse(status=200, headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache",
+                                                       "X-Accel-Buffering": "no"})
+    await response.prepare(request)
+    request["relay_status"] = 200
+    return response
+
+
+async def _acquire_with_comments(pool: Pool, request: web.Request, response: web.StreamResponse, name: str,
+                                 started: float) -> Slot | None:
+    """pool.acquire, writing a loading comment every LOADING_EVERY_S meanwhile; a failure is the stream's
+    last event (an OpenAI error object, as a stream that fails mid-way ends) and None."""
+    task = asyncio.ensure_future(pool.acquire(name))
+    try:
+        while True:
+            await response.write(f": loading {name} {time.monotonic() - started:.0f} s\n\n".encode())
+            done, _ = await asyncio.wait({task}, timeout=LOADING_EVERY_S)
+            if done:
+                break
+    except BaseException:  # the client went away (or the handler was cancelled): let go of what it waited for
+        task.cancel()
+        task.add_done_callback(lambda t: pool.release(t.result()) if not t.cancelled() and t.exception() is None else None)
+        raise
+    try:
+        return task.result()
+    except LlamactlError as exc:
+        failure = errors.failure_of(exc)
+        request["relay_status"] = failure.http_status
+        event = {"error": {"message": str(exc), "type": errors.openai_type(failure.http_status), "code": failure.code}}
+        try:
+            await response.write(forward.sse_event(event))
+            await response.write_eof()
+        except (ConnectionResetError, aiohttp.ClientConnectionResetError):
+            request["client_gone"] = True
+        request["relay_done"] = True
+        return None
 
 
 def _entry(slot: Slot, variant: str | None = None) -> dict[str, object]:

@@ -143,3 +143,29 @@ def test_request_rules_and_variants_share_one_instance(tmp_path: Path) -> None:
         assert p.metric("llamactl_launches_total", model="base", result="ok") == 1 and len(p.tagged()) == 1
     finally:
         p.stop()
+
+
+def test_a_streaming_client_hears_from_a_loading_model(tmp_path: Path) -> None:
+    """While its model loads, a stream gets SSE comment lines (`: loading NAME N s`), then the answer's events;
+    a start that fails ends the stream with an error event (counted as the failure's status)."""
+    import httpx
+
+    model = tmp_path / "tiny.gguf"
+    p = Proxy(tmp_path, {}, defaults=f'\n[models.slow]\npath = "{model}"\nargs = ["--fake-ready-after", "1.5"]\n'
+                                     f'[models.gpuonly]\npath = "{model}"\nspill = false\n')
+    try:
+        with httpx.stream("POST", f"{p.url}/v1/chat/completions", timeout=30,
+                          json={"model": "slow", "messages": [], "stream": True, "max_tokens": 3}) as reply:
+            assert reply.status_code == 200 and reply.headers["content-type"].startswith("text/event-stream")
+            lines = [line for line in reply.iter_lines() if line]
+        assert lines[0] == ": loading slow 0 s", lines
+        assert lines[-1] == "data: [DONE]" and sum(line.startswith("data: {") for line in lines) == 4
+        # a request that does not stream gets its answer once ready, as ever (no comment lines)
+        assert p.post("slow", max_tokens=2).json()["choices"][0]["message"]["content"] == "fake fake "
+        with httpx.stream("POST", f"{p.url}/v1/chat/completions", timeout=30,
+                          json={"model": "gpuonly", "messages": [], "stream": True}) as reply:
+            lines = [line for line in reply.iter_lines() if line]
+        assert lines[0].startswith(": loading gpuonly") and '"code": "model_unavailable"' in lines[-1], lines
+        assert p.metric("llamactl_requests_total", model="gpuonly", status="503") == 1
+    finally:
+        p.stop()
