@@ -45,10 +45,9 @@ ROUTES = [
 
 
 def build_app(pool: Pool, inventory_fn: Callable[[], Inventory], *, keep_instances: bool = False,
-              log_json: bool = False, reload_fn: Callable[[], Config] | None = None,
-              grace_s: float = 30.0) -> web.Application:
-    proxy = Proxy(pool, inventory_fn, status.Metrics(), bodies.Parser(), log_json=log_json,
-                  keep_instances=keep_instances, grace_s=grace_s, reload_fn=reload_fn)
+              reload_fn: Callable[[], Config] | None = None, grace_s: float = 30.0) -> web.Application:
+    proxy = Proxy(pool, inventory_fn, status.Metrics(), bodies.Parser(), keep_instances=keep_instances,
+                  grace_s=grace_s, reload_fn=reload_fn)
     previous_on_change = pool.on_change
 
     def on_change() -> None:
@@ -73,7 +72,7 @@ async def _lifespan(app: web.Application) -> AsyncIterator[None]:
     proxy.session = aiohttp.ClientSession(connector=connector, timeout=timeout, auto_decompress=False)
     adopted = await proxy.pool.adopt_all()
     if adopted:
-        log.info("adopted running instances: %s", ", ".join(adopted))
+        log.info("adopted running instances: %s", ", ".join(adopted), extra={"event": "adopted_all", "models": adopted})
     polling = asyncio.create_task(poller.poll_forever(proxy))
     if proxy.reload_fn is not None:
         try:
@@ -98,12 +97,14 @@ async def _drain(app: web.Application) -> None:
     if not proxy.in_flight:
         return
     grace_s = proxy.grace_s
-    log.info("shutting down: waiting up to %g s for %d requests in flight", grace_s, len(proxy.in_flight))
+    log.info("shutting down: waiting up to %g s for %d requests in flight", grace_s, len(proxy.in_flight),
+             extra={"event": "draining", "in_flight": len(proxy.in_flight), "grace_s": grace_s})
     _, pending = await asyncio.wait(set(proxy.in_flight), timeout=grace_s)
     for task in pending:
         task.cancel()
     if pending:
-        log.warning("shutting down: cut %d requests still in flight after %g s", len(pending), grace_s)
+        log.warning("shutting down: cut %d requests still in flight after %g s", len(pending), grace_s,
+                    extra={"event": "requests_cut", "cut": len(pending), "grace_s": grace_s})
         await asyncio.wait(pending, timeout=2.0)
 
 
@@ -111,7 +112,7 @@ def _reload(pool: Pool, reload_fn: Callable[[], Config]) -> None:
     try:
         config = reload_fn()
     except LlamactlError as exc:
-        log.error("reload failed, keeping the old config: %s", exc)
+        log.error("reload failed, keeping the old config: %s", exc, extra={"event": "reload_failed", "error": str(exc)})
         return
     pool.reload(config)
-    log.info("config reloaded: %d models", len(config.models))
+    log.info("config reloaded: %d models", len(config.models), extra={"event": "reload", "models": sorted(config.models)})

@@ -36,7 +36,6 @@ class Proxy:
     inventory_fn: Callable[[], Inventory]
     metrics: Metrics
     parser: Parser
-    log_json: bool = False
     keep_instances: bool = False
     grace_s: float = 30.0
     reload_fn: Callable[[], Config] | None = None

@@ -74,4 +74,4 @@ async def poll_forever(proxy: Proxy) -> None:
         except asyncio.CancelledError:
             raise
         except Exception as exc:  # the poller must outlive one bad round
-            log.error("poll failed: %s", exc)
+            log.error("poll failed: %s", exc, extra={"event": "poll_failed", "error": str(exc)})

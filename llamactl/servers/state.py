@@ -325,7 +325,8 @@ class StateStore:
             aside = files.move_aside(path)
         except OSError as err:
             raise StateError(f"{exc}; could not move it aside ({err.strerror or err})") from None
-        log.warning("%s: %s, not a regular file; moved aside to %s", path, exc.what, aside.name)
+        log.warning("%s: %s, not a regular file; moved aside to %s", path, exc.what, aside.name,
+                    extra={"event": "planted_file", "path": str(path), "what": exc.what, "aside": aside.name})
 
     def _set_aside(self, why: str, *, move: bool) -> None:
         aside = files.aside_name(self.path)
@@ -339,7 +340,9 @@ class StateStore:
             log.warning("state file %s: %s; could not keep a copy (%s)", self.path, why, exc.strerror or exc)
             return
         log.warning("state file %s: %s; %s moved aside to %s", self.path, _short(why, 400),
-                    "the file" if move else "the original", aside.name)
+                    "the file" if move else "the original", aside.name,
+                    extra={"event": "state_file_bad", "path": str(self.path), "reason": _short(why, 400),
+                           "aside": aside.name})
 
     def _write(self, instances: dict[str, Instance]) -> None:
         payload = {"version": SCHEMA_VERSION, "instances": {n: i.to_json() for n, i in sorted(instances.items())}}
@@ -435,7 +438,8 @@ def reconcile(instances: dict[str, Instance], state_dir: Path, now: float | None
             elif verdict.ownership is Ownership.GONE:
                 out[name] = inst.moved(Status.DEAD)
             elif not quiet:
-                log.warning("state entry %r dropped: %s (not ours, left alone)", name, verdict.reason)
+                log.warning("state entry %r dropped: %s (not ours, left alone)", name, verdict.reason,
+                            extra={"event": "not_ours", "instance": name, "reason": verdict.reason})
     for proc in _tagged_processes(state_dir) if adopt else ():
         name = proc["name"]
         known = out.get(name)

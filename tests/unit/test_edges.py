@@ -176,3 +176,23 @@ def test_the_end_of_a_stream_is_seen_however_it_is_cut_and_never_inside_an_answe
                 seen_at = min(start + size, len(stream))
                 break
         assert seen_at is not None and seen_at >= end, (size, seen_at, end)  # found, and not in the content
+
+
+def test_a_json_log_line_is_one_line_and_keeps_its_fixed_keys() -> None:
+    """A record without an event is `log`; the call's fields cannot overwrite time, level or event; a
+    traceback and a message with newlines stay on one line."""
+    import json
+    import logging
+    import sys
+
+    from llamactl.proxy.logs import JsonFormatter
+
+    try:
+        raise ValueError("boom")
+    except ValueError:
+        record = logging.LogRecord("llamactl.proxy", logging.ERROR, __file__, 1, "bad %s", ("a\nb",), sys.exc_info())
+    record.__dict__.update({"time": "forged", "level": "forged", "model": "alpha"})
+    line = JsonFormatter().format(record)
+    data = json.loads(line)
+    assert "\n" not in line and data["event"] == "log" and data["message"] == "bad a\nb" and data["model"] == "alpha"
+    assert data["level"] == "error" and data["time"].endswith("+00:00") and "ValueError: boom" in data["traceback"]
