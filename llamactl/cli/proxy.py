@@ -116,7 +116,8 @@ def _serve(ctx: typer.Context, cfg: config_mod.Config, gpus: str | None, gpus_fi
                 gpu_overhead_bytes=parse_size(gpu_overhead, what="--gpu-overhead") if gpu_overhead else None)
     reload_fn = (lambda: config_mod.load(cfg.source, required=True)) if cfg.source else None
     grace_s = parse_duration(grace, what="--grace")
-    app = build_app(pool, inventory_fn, keep_instances=keep_instances, reload_fn=reload_fn, grace_s=grace_s)
+    app = build_app(pool, inventory_fn, keep_instances=keep_instances, reload_fn=reload_fn, grace_s=grace_s,
+                    address=(cfg.host, cfg.port))
     log.info("proxy on http://%s:%d for %d models (%s)", cfg.host, cfg.port, len(cfg.models),
              ", ".join(sorted(cfg.models)) or "none",
              extra={"event": "listening", "url": f"http://{cfg.host}:{cfg.port}", "models": sorted(cfg.models)})

@@ -23,6 +23,7 @@ from llamactl.gpu.inventory import Inventory
 from llamactl.proxy import admin, bodies, guard, models, poller, status
 from llamactl.proxy.context import MODEL_ROUTES, PROXY_KEY, Proxy
 from llamactl.proxy.pool import Pool
+from llamactl.servers import proxy_notes
 
 log = logging.getLogger("llamactl.proxy")
 
@@ -45,13 +46,16 @@ ROUTES = [
 
 
 def build_app(pool: Pool, inventory_fn: Callable[[], Inventory], *, keep_instances: bool = False,
-              reload_fn: Callable[[], Config] | None = None, grace_s: float = 30.0) -> web.Application:
+              reload_fn: Callable[[], Config] | None = None, grace_s: float = 30.0,
+              address: tuple[str, int] | None = None) -> web.Application:
+    """`address`: where the proxy listens; given, it keeps notes for local viewers in the state dir."""
     proxy = Proxy(pool, inventory_fn, status.Metrics(), bodies.Parser(), keep_instances=keep_instances,
-                  grace_s=grace_s, reload_fn=reload_fn)
+                  grace_s=grace_s, reload_fn=reload_fn, address=address)
     previous_on_change = pool.on_change
 
     def on_change() -> None:
         proxy.changed.set()
+        proxy.notes_due.set()
         if previous_on_change is not None:
             previous_on_change()
 
@@ -74,6 +78,8 @@ async def _lifespan(app: web.Application) -> AsyncIterator[None]:
     if adopted:
         log.info("adopted running instances: %s", ", ".join(adopted), extra={"event": "adopted_all", "models": adopted})
     polling = asyncio.create_task(poller.poll_forever(proxy))
+    notes = proxy_notes.path_for(proxy.pool.store.dir, proxy.address[1]) if proxy.address else None
+    noting = asyncio.create_task(poller.keep_notes(proxy, notes)) if notes is not None else None
     if proxy.reload_fn is not None:
         try:
             asyncio.get_running_loop().add_signal_handler(signal.SIGHUP, _reload, proxy.pool, proxy.reload_fn)
@@ -82,9 +88,13 @@ async def _lifespan(app: web.Application) -> AsyncIterator[None]:
     try:
         yield
     finally:
-        polling.cancel()
-        await asyncio.gather(polling, return_exceptions=True)
+        for task in (polling, noting):
+            if task is not None:
+                task.cancel()
+        await asyncio.gather(*(t for t in (polling, noting) if t is not None), return_exceptions=True)
         await proxy.pool.shutdown(proxy.keep_instances)
+        if notes is not None:
+            proxy_notes.remove(notes)
         await proxy.session.close()
         proxy.parser.close()
 
