@@ -28,6 +28,7 @@ if TYPE_CHECKING:
     from llamactl.servers.state import Instance, StateStore
 
 EVENTS_KEPT = 200
+EVENTS_SHOWN = 50  # the recent events a snapshot carries
 _LIVE_STATES = frozenset(s.value for s in LIVE)
 
 
@@ -53,7 +54,7 @@ class EventLog:
     def add(self, kind: str, model: str, detail: str = "") -> None:
         self.items.append(Event(time.time(), kind, model, detail))
 
-    def recent(self, last: int = 50) -> tuple[Event, ...]:
+    def recent(self, last: int = EVENTS_SHOWN) -> tuple[Event, ...]:
         return tuple(self.items)[-last:]
 
 
@@ -222,34 +223,42 @@ def from_instance(inst: Instance, seen: Live | None, *, actual_bytes: int | None
 
 def local(store: StateStore, inventory_fn: Callable[[], Inventory], events: EventLog,
           previous: Mapping[str, InstanceView] | None) -> Snapshot:
-    """A snapshot from this machine: the state file reconciled and polled (as `ps`), NVML (as `gpus`)."""
+    """A snapshot from this machine: the state file reconciled and polled (as `ps`), NVML (as `gpus`), and what
+    a proxy running on this state dir noted for its instances (TTL left, requests, its events)."""
     from llamactl.gpu.nvml import use_by_pid
+    from llamactl.servers import proxy_notes
     from llamactl.servers.refresh import actual_bytes, drift, refresh
 
     rows = refresh(store)
     inv = inventory_fn()
     by_pid = {pid: sum(per_gpu.values()) for pid, per_gpu in use_by_pid(inv.gpus).items()}
     now = time.time()
-    instances = tuple(from_instance(inst, seen, actual_bytes=actual_bytes(inst, by_pid if inst.gpu_ids else None),
-                                    drift=drift(inst), log_path=str(store.log_path(inst.name)), now=now)
-                      for inst, seen in rows)
-    _diff_events(events, previous, {i.name: i for i in instances})
+    notes = proxy_notes.read_all(store.dir, now)
+    instances = tuple(proxy_notes.annotate(
+        from_instance(inst, seen, actual_bytes=actual_bytes(inst, by_pid if inst.gpu_ids else None), drift=drift(inst),
+                      log_path=str(store.log_path(inst.name)), now=now), notes, now) for inst, seen in rows)
+    _diff_events(events, previous, {i.name: i for i in instances}, proxy_notes.spoken_for(notes))
+    told = sorted((*events.recent(), *(e for proxy in notes for e in proxy.events)), key=lambda e: e.at)
     return Snapshot(source=str(store.dir), at=now, gpus=inv.gpus, gpu_note=inv.note, instances=instances,
-                    events=events.recent())
+                    events=tuple(told[-EVENTS_SHOWN:]))
 
 
-def _diff_events(events: EventLog, before: Mapping[str, InstanceView] | None, now: Mapping[str, InstanceView]) -> None:
-    """Local mode has no event stream: what changed between two snapshots is the event."""
+def _diff_events(events: EventLog, before: Mapping[str, InstanceView] | None, now: Mapping[str, InstanceView],
+                 told: frozenset[str] = frozenset()) -> None:
+    """Without a proxy's events, what changed between two snapshots is the event (`told`: instances a running
+    proxy tells the events of)."""
     if before is None:
         return
     for name, inst in now.items():
+        if name in told:
+            continue
         old = before.get(name)
         if old is None or old.pid != inst.pid:
             events.add("launch", name, f"pid {inst.pid}, port {inst.port}")
         elif old.state != inst.state and {old.state, inst.state} != {"ready", "busy"}:
             kind = {"ready": "ready", "dead": "crash", "failed": "failed"}.get(inst.state, inst.state)
             events.add(kind, name, f"{old.state} → {inst.state}")
-    for name in before.keys() - now.keys():
+    for name in before.keys() - now.keys() - told:
         events.add("stopped", name, "no longer in the state file")
 
 

@@ -114,49 +114,57 @@ def command(
     check: bool = typer.Option(False, "--check", help="Validate the config, print the resolved models, exit."),
     keep_instances: bool = typer.Option(False, "--keep-instances", help="Leave started instances running at exit."),
     grace: str = typer.Option("30s", "--grace", help="How long in-flight requests may finish at shutdown."),
-    log_format: str = typer.Option("text", "--log-format", help="Request log format: text or json."),
+    log_format: str = typer.Option("text", "--log-format", help="Log format on stderr: text, or json (one object a line)."),
     json_output: bool = typer.Option(False, "--json", help="With --check: JSON."),
     insecure_no_auth: bool = typer.Option(False, "--insecure-no-auth",
                                           help="Listen beyond loopback without api_keys (anyone on the network may use it)."),
 ) -> None:
     """OpenAI-compatible server: route by model, launch on demand, queue, stream, evict idle."""
-    cfg = load_config(ctx)
-    if host is not None or port is not None:
-        from dataclasses import replace
+    from llamactl.proxy import logs
 
-        cfg = replace(cfg, host=host or cfg.host, port=port or cfg.port)
-    _check_exposure(cfg, insecure_no_auth)
-    if check:
-        report = _check(cfg, server_bin)
-        render.result(wants_json(ctx, json_output), report, failure=report.failure())
-        return
-    if log_format not in ("text", "json"):
+    if log_format not in logs.FORMATS:
         raise UsageError(f"--log-format must be text or json, got {log_format!r}")
+    if not check:
+        logs.configure(log_format, debug=getattr(ctx.obj, "debug", False))
+    with logs.fatal_as_json(log_format == "json" and not check):
+        cfg = load_config(ctx)
+        if host is not None or port is not None:
+            from dataclasses import replace
+
+            cfg = replace(cfg, host=host or cfg.host, port=port or cfg.port)
+        _check_exposure(cfg, insecure_no_auth)
+        if check:
+            report = _check(cfg, server_bin)
+            render.result(wants_json(ctx, json_output), report, failure=report.failure())
+            return
+        _serve(ctx, cfg, gpus, gpus_file, gpu_overhead, server_bin, keep_instances, grace)
+
+
+def _serve(ctx: typer.Context, cfg: config_mod.Config, gpus: str | None, gpus_file: str | None,
+           gpu_overhead: str | None, server_bin: str | None, keep_instances: bool, grace: str) -> None:
     from aiohttp import web
 
     from llamactl.proxy.app import build_app
     from llamactl.proxy.pool import Pool
     from llamactl.servers.probe import find_server, probe
 
-    logging.basicConfig(level=logging.INFO, format="%(message)s" if log_format == "json" else "llamactl: %(message)s",
-                        stream=sys.stderr, force=True)
-    logging.getLogger("aiohttp.access").setLevel(logging.WARNING)
-    logging.getLogger("httpx").setLevel(logging.WARNING)  # readiness polls are not news
+    log = logging.getLogger("llamactl.proxy")
     binary = find_server(server_bin, cfg.server_bin)
     caps = probe(binary)
     inv = inventory.resolve(gpus, gpus_file)
     inventory_fn = (lambda: inventory.resolve(None, None)) if inv.source == "nvml" else (lambda: inv)
     if inv.note:
-        logging.getLogger("llamactl.proxy").info(inv.note)
+        log.info(inv.note, extra={"event": "inventory", "source": inv.source})
     sock = _listen(cfg.host, cfg.port)
     pool = Pool(cfg, state_store(ctx), str(binary), caps, inventory_fn, repack_types=host_repack_types(),
                 gpu_overhead_bytes=parse_size(gpu_overhead, what="--gpu-overhead") if gpu_overhead else None)
     reload_fn = (lambda: config_mod.load(cfg.source, required=True)) if cfg.source else None
     grace_s = parse_duration(grace, what="--grace")
-    app = build_app(pool, inventory_fn, keep_instances=keep_instances, log_json=log_format == "json", reload_fn=reload_fn,
-                    grace_s=grace_s)
-    logging.getLogger("llamactl.proxy").info(
-        "proxy on http://%s:%d for %d models (%s)", cfg.host, cfg.port, len(cfg.models), ", ".join(sorted(cfg.models)) or "none")
+    app = build_app(pool, inventory_fn, keep_instances=keep_instances, reload_fn=reload_fn, grace_s=grace_s,
+                    address=(cfg.host, cfg.port))
+    log.info("proxy on http://%s:%d for %d models (%s)", cfg.host, cfg.port, len(cfg.models),
+             ", ".join(sorted(cfg.models)) or "none",
+             extra={"event": "listening", "url": f"http://{cfg.host}:{cfg.port}", "models": sorted(cfg.models)})
     # keepalive_timeout also bounds a new connection's wait for its request line and headers (slow clients)
     # lingering_time: after answering a body it did not read (408, 413), wait 1 s for the rest, not 10
     web.run_app(app, sock=sock, shutdown_timeout=max(grace_s, 1.0), keepalive_timeout=cfg.header_timeout_s,
@@ -174,7 +182,8 @@ def _check_exposure(cfg: config_mod.Config, insecure_no_auth: bool) -> None:
                          "could load models and read answers; set api_keys in the config, bind 127.0.0.1, or pass "
                          "--insecure-no-auth")
     logging.getLogger("llamactl.proxy").warning(
-        "listening on %s without api_keys (--insecure-no-auth): anyone who reaches it can use it", cfg.host)
+        "listening on %s without api_keys (--insecure-no-auth): anyone who reaches it can use it", cfg.host,
+        extra={"event": "no_auth", "host": cfg.host})
 
 
 def _listen(host: str, port: int) -> socket.socket:

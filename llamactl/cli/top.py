@@ -34,6 +34,13 @@ if TYPE_CHECKING:  # rich loads when top runs, not with every llamactl command
 
     from llamactl.gpu.inventory import Gpu
 
+# the instance table's columns: (header, its short form when the terminal is narrow, right-aligned)
+COLUMNS = (("NAME", "NAME", False), ("MODEL", "MODEL", False), ("STATE", "STATE", False), ("GPUS", "GPU", False),
+           ("EST", "EST", True), ("ACTUAL", "ACT", True), ("SLOTS", "SLOT", False), ("TOK/S", "T/S", True),
+           ("QUEUE", "Q", True), ("IDLE", "IDLE", False), ("TTL", "TTL", False))
+KEPT = frozenset({"NAME", "STATE"})  # never dropped as empty
+MODEL_MIN = 9  # a model's file name is cut in the middle down to this many cells, before the table is cut
+PANEL_CELLS = 4  # a panel's borders and padding around the table
 PALETTE = ("cyan", "magenta", "green", "yellow", "blue", "red", "bright_cyan", "bright_magenta")
 SORTS = ("name", "memory", "idle")
 BAR_MIN, BAR_MAX = 20, 80
@@ -121,20 +128,14 @@ def render(screen: Screen, width: int = 120) -> Group:
             style = colors.get(label, "white") if kind == "instance" else ("grey50" if kind == "other" else "grey30")
             legend.append(f"■ {label} {format_bytes(size)}  ", style=style)
         parts += [head, Text.assemble("  ", _bar(gpu, snap.instances, colors, bar_width)), legend]
-    table = Table(expand=False, box=None, header_style="bold", pad_edge=False)
-    for col in ("NAME", "MODEL", "STATE", "GPUS", "EST", "ACTUAL", "SLOTS", "TOK/S", "QUEUE", "IDLE", "TTL"):
-        table.add_column(col, no_wrap=True, justify="right" if col in ("EST", "ACTUAL", "TOK/S", "QUEUE") else "left")
+    keep, headers, rows, gap = fit_columns([_cells(inst) for inst in instances], width - PANEL_CELLS)
+    table = Table(expand=False, box=None, header_style="bold", pad_edge=False, padding=(0, gap, 0, 0))
+    for i, header in zip(keep, headers):
+        table.add_column(header, no_wrap=True, justify="right" if COLUMNS[i][2] else "left")
     current = screen.current()
-    for inst in instances:
-        slots = (f"{inst.slots_busy}/{inst.slots_total}" if inst.slots_total is not None
-                 else _or_dash(inst.in_flight, str))
-        actual = views.describe_bytes(inst.actual_bytes) + (" !" if inst.drift else "")
+    for inst, row in zip(instances, rows):
         style = "reverse" if current is not None and inst.name == current.name else ""
-        table.add_row(Text(inst.name, style=colors.get(inst.name, "")), inst.shown_model[:30], inst.state,
-                      (",".join(map(str, inst.gpu_ids)) or "CPU") if inst.pid else "-",
-                      views.describe_bytes(inst.estimated_bytes), actual, slots,
-                      f"{inst.tokens_per_s:.1f}" if inst.tokens_per_s else "-", _or_dash(inst.queued, str),
-                      _or_dash(inst.idle_s, format_duration), _or_dash(inst.ttl_left_s, format_duration), style=style)
+        table.add_row(Text(row[0], style=colors.get(inst.name, "")), *row[1:], style=style)
     parts.append(Panel(table if instances else Text("no instances", style="grey50"), title="instances", title_align="left"))
     events = snap.events[-8:]
     ev = Text()
@@ -151,6 +152,57 @@ def render(screen: Screen, width: int = 120) -> Group:
     elif screen.message:
         parts.append(Text(screen.message, style="yellow"))
     return Group(*parts)
+
+
+def _cells(inst: views.InstanceView) -> list[str]:
+    """One instance's row, every column of COLUMNS."""
+    slots = f"{inst.slots_busy}/{inst.slots_total}" if inst.slots_total is not None else _or_dash(inst.in_flight, str)
+    return [inst.name, inst.shown_model, inst.state, (",".join(map(str, inst.gpu_ids)) or "CPU") if inst.pid else "-",
+            views.describe_bytes(inst.estimated_bytes), views.describe_bytes(inst.actual_bytes) + (" !" if inst.drift else ""),
+            slots, f"{inst.tokens_per_s:.1f}" if inst.tokens_per_s else "-", _or_dash(inst.queued, str),
+            _or_dash(inst.idle_s, format_duration), _or_dash(inst.ttl_left_s, format_duration)]
+
+
+def fit_columns(rows: list[list[str]], width: int) -> tuple[list[int], list[str], list[list[str]], int]:
+    """The columns to draw in `width` cells (their indices in COLUMNS), their headers, the rows and the gap
+    between columns, before rich cuts anything: a column with nothing in it goes, then headers take their
+    short forms, then columns stand one cell apart instead of two, then model names are cut in the middle
+    (their start names the model, their end the quantisation)."""
+    keep = [i for i, (header, _, _) in enumerate(COLUMNS)
+            if header in KEPT or any(row[i] not in ("", "-") for row in rows)]
+    rows = [[row[i] for i in keep] for row in rows]
+    headers, gap = [COLUMNS[i][0] for i in keep], 2
+    if _table_cells(headers, rows, gap) > width:
+        headers = [COLUMNS[i][1] for i in keep]
+    if _table_cells(headers, rows, gap) > width:
+        gap = 1
+    over = _table_cells(headers, rows, gap) - width
+    model = keep.index(1) if 1 in keep else None
+    if over > 0 and model is not None:
+        longest = max(cell_len(row[model]) for row in rows)
+        limit = max(MODEL_MIN, longest - over, cell_len(headers[model]))
+        rows = [[_middle_cut(c, limit) if i == model else c for i, c in enumerate(row)] for row in rows]
+    return keep, headers, rows, gap
+
+
+def _table_cells(headers: list[str], rows: list[list[str]], gap: int) -> int:
+    """The width of a table without a box: each column as wide as its widest cell, `gap` cells between columns."""
+    widths = [max([cell_len(h)] + [cell_len(row[i]) for row in rows]) for i, h in enumerate(headers)]
+    return sum(widths) + gap * (len(widths) - 1)
+
+
+def cell_len(text: str) -> int:
+    """Terminal cells of a string, as rich counts them (wide characters take two)."""
+    from rich.cells import cell_len as cells
+
+    return cells(text)
+
+
+def _middle_cut(text: str, cells: int) -> str:
+    if cell_len(text) <= cells:
+        return text
+    head = (cells - 1) // 2 + (cells - 1) % 2
+    return text[:head] + "…" + text[len(text) - (cells - 1 - head):]
 
 
 def _or_dash(value: float | int | None, shown: Callable[[Any], str]) -> str:

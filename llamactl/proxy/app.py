@@ -23,6 +23,7 @@ from llamactl.gpu.inventory import Inventory
 from llamactl.proxy import admin, bodies, guard, models, passthrough, poller, status
 from llamactl.proxy.context import MODEL_ROUTES, PROXY_KEY, Proxy
 from llamactl.proxy.pool import Pool
+from llamactl.servers import proxy_notes
 
 log = logging.getLogger("llamactl.proxy")
 
@@ -49,14 +50,16 @@ ROUTES = [
 
 
 def build_app(pool: Pool, inventory_fn: Callable[[], Inventory], *, keep_instances: bool = False,
-              log_json: bool = False, reload_fn: Callable[[], Config] | None = None,
-              grace_s: float = 30.0) -> web.Application:
-    proxy = Proxy(pool, inventory_fn, status.Metrics(), bodies.Parser(), log_json=log_json,
-                  keep_instances=keep_instances, grace_s=grace_s, reload_fn=reload_fn)
+              reload_fn: Callable[[], Config] | None = None, grace_s: float = 30.0,
+              address: tuple[str, int] | None = None) -> web.Application:
+    """`address`: where the proxy listens; given, it keeps notes for local viewers in the state dir."""
+    proxy = Proxy(pool, inventory_fn, status.Metrics(), bodies.Parser(), keep_instances=keep_instances,
+                  grace_s=grace_s, reload_fn=reload_fn, address=address)
     previous_on_change = pool.on_change
 
     def on_change() -> None:
         proxy.changed.set()
+        proxy.notes_due.set()
         if previous_on_change is not None:
             previous_on_change()
 
@@ -77,9 +80,11 @@ async def _lifespan(app: web.Application) -> AsyncIterator[None]:
     proxy.session = aiohttp.ClientSession(connector=connector, timeout=timeout, auto_decompress=False)
     adopted = await proxy.pool.adopt_all()
     if adopted:
-        log.info("adopted running instances: %s", ", ".join(adopted))
+        log.info("adopted running instances: %s", ", ".join(adopted), extra={"event": "adopted_all", "models": adopted})
     polling = asyncio.create_task(poller.poll_forever(proxy))
     preloading = asyncio.create_task(proxy.pool.preload())  # in the background: /health answers meanwhile
+    notes = proxy_notes.path_for(proxy.pool.store.dir, proxy.address[1]) if proxy.address else None
+    noting = asyncio.create_task(poller.keep_notes(proxy, notes)) if notes is not None else None
     if proxy.reload_fn is not None:
         try:
             asyncio.get_running_loop().add_signal_handler(signal.SIGHUP, _reload, proxy.pool, proxy.reload_fn)
@@ -88,10 +93,13 @@ async def _lifespan(app: web.Application) -> AsyncIterator[None]:
     try:
         yield
     finally:
-        polling.cancel()
-        preloading.cancel()
-        await asyncio.gather(polling, preloading, return_exceptions=True)
+        background = [t for t in (polling, preloading, noting) if t is not None]
+        for task in background:
+            task.cancel()
+        await asyncio.gather(*background, return_exceptions=True)
         await proxy.pool.shutdown(proxy.keep_instances)
+        if notes is not None:
+            proxy_notes.remove(notes)
         await proxy.session.close()
         proxy.parser.close()
 
@@ -104,12 +112,14 @@ async def _drain(app: web.Application) -> None:
     if not proxy.in_flight:
         return
     grace_s = proxy.grace_s
-    log.info("shutting down: waiting up to %g s for %d requests in flight", grace_s, len(proxy.in_flight))
+    log.info("shutting down: waiting up to %g s for %d requests in flight", grace_s, len(proxy.in_flight),
+             extra={"event": "draining", "in_flight": len(proxy.in_flight), "grace_s": grace_s})
     _, pending = await asyncio.wait(set(proxy.in_flight), timeout=grace_s)
     for task in pending:
         task.cancel()
     if pending:
-        log.warning("shutting down: cut %d requests still in flight after %g s", len(pending), grace_s)
+        log.warning("shutting down: cut %d requests still in flight after %g s", len(pending), grace_s,
+                    extra={"event": "requests_cut", "cut": len(pending), "grace_s": grace_s})
         await asyncio.wait(pending, timeout=2.0)
 
 
@@ -117,7 +127,7 @@ def _reload(pool: Pool, reload_fn: Callable[[], Config]) -> None:
     try:
         config = reload_fn()
     except LlamactlError as exc:
-        log.error("reload failed, keeping the old config: %s", exc)
+        log.error("reload failed, keeping the old config: %s", exc, extra={"event": "reload_failed", "error": str(exc)})
         return
     pool.reload(config)
-    log.info("config reloaded: %d models", len(config.models))
+    log.info("config reloaded: %d models", len(config.models), extra={"event": "reload", "models": sorted(config.models)})

@@ -40,7 +40,6 @@ class Proxy:
     inventory_fn: Callable[[], Inventory]
     metrics: Metrics
     parser: Parser
-    log_json: bool = False
     keep_instances: bool = False
     grace_s: float = 30.0
     reload_fn: Callable[[], Config] | None = None
@@ -50,6 +49,8 @@ class Proxy:
     recent: deque[dict[str, object]] = field(default_factory=lambda: deque(maxlen=RECENT_REQUESTS))
     history: deque[dict[str, object]] = field(default_factory=lambda: deque(maxlen=HISTORY_POINTS))
     changed: asyncio.Event = field(default_factory=asyncio.Event)  # set on every pool change: /status/stream wakes
+    notes_due: asyncio.Event = field(default_factory=asyncio.Event)  # set on every pool change: the notes are rewritten
+    address: tuple[str, int] | None = None  # where it listens: its notes for local viewers are named by the port
     in_flight: dict[asyncio.Task, web.Request] = field(default_factory=dict)  # drained at shutdown for --grace
     shutting_down: bool = False
 

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import hmac
-import json
 import logging
 import time
 from collections.abc import Callable
@@ -87,7 +86,7 @@ async def errors_and_auth(request: web.Request, handler: Callable) -> web.Stream
     try:
         preflight = _admit(request, proxy.pool.config)
         if preflight is not None:
-            _access_log(request, preflight.status, time.monotonic() - started, proxy.log_json)
+            _access_log(request, preflight.status, time.monotonic() - started)
             return preflight
         response = await handler(request)
     except web.HTTPException as exc:
@@ -101,9 +100,12 @@ async def errors_and_auth(request: web.Request, handler: Callable) -> web.Stream
     except LlamactlError as exc:  # typed: errors.FAILURES says whose fault (4xx the request's, 5xx ours)
         response = error_response(exc)
         if response.status >= 500:
-            log.error("%s %s: %s", request.method, one_line(request.path, 200), exc)
+            log.error("%s %s: %s", request.method, one_line(request.path, 200), exc,
+                      extra={"event": "request_error", "method": request.method, "path": one_line(request.path, 200),
+                             "status": response.status, "error": str(exc)})
     except Exception as exc:  # a bug: one logged traceback, and an OpenAI-shaped 500 for the client
-        log.exception("internal error on %s %s", request.method, one_line(request.path, 200))
+        log.exception("internal error on %s %s", request.method, one_line(request.path, 200),
+                      extra={"event": "internal_error", "method": request.method, "path": one_line(request.path, 200)})
         response = error_response(ProxyError(f"internal error: {type(exc).__name__} (see the proxy's log)"))
     except asyncio.CancelledError:
         # the client went away (or the shutdown's grace ran out): logged and counted all the same; a
@@ -111,14 +113,14 @@ async def errors_and_auth(request: web.Request, handler: Callable) -> web.Stream
         # a request cut by an unload with ?force=true is ours to answer for, as one cut at shutdown
         cut = proxy.shutting_down or request.get("cut")
         status = request["relay_status"] if request.get("relay_done") else (503 if cut else CLIENT_CLOSED)
-        _access_log(request, status, time.monotonic() - started, proxy.log_json)
+        _access_log(request, status, time.monotonic() - started)
         _count(proxy, request, status)
         raise
     finally:
         if task is not None:
             proxy.in_flight.pop(task, None)
     status = CLIENT_CLOSED if request.get("client_gone") else request.get("relay_status", response.status)
-    _access_log(request, status, time.monotonic() - started, proxy.log_json)
+    _access_log(request, status, time.monotonic() - started)
     _count(proxy, request, status)
     if request.method == "POST" and request.path in MODEL_ROUTES:
         proxy.recent.append({"at": time.time(), "model": one_line(str(request["model"]), 80), "status": status,
@@ -165,13 +167,12 @@ async def secure_headers(request: web.Request, response: web.StreamResponse) -> 
         response.headers["Vary"] = "Origin"
 
 
-def _access_log(request: web.Request, status: int, seconds: float, as_json: bool) -> None:
-    """One line per request; what the client chose (path, model) escaped and cut, so it cannot forge lines."""
+def _access_log(request: web.Request, status: int, seconds: float) -> None:
+    """One line per request (event `access`); what the client chose (method, path, model) escaped and cut, so
+    it cannot forge lines."""
+    method = one_line(request.method, 20)
     path = one_line(request.path, LOGGED_VALUE_LIMIT)
     model = one_line(str(request.get("model", "-")), LOGGED_VALUE_LIMIT)
-    if as_json:
-        access.info(json.dumps({"method": request.method, "path": path, "model": model,
-                                "status": status, "ms": round(seconds * 1000, 1), "remote": request.remote}))
-    else:
-        access.info("%s %s model=%s status=%d %.1fms", one_line(request.method, 20), path, model.replace(" ", "\\x20"),
-                    status, seconds * 1000)
+    access.info("%s %s model=%s status=%d %.1fms", method, path, model.replace(" ", "\\x20"), status, seconds * 1000,
+                extra={"event": "access", "method": method, "path": path, "model": model, "status": status,
+                       "duration_ms": round(seconds * 1000, 1), "remote": request.remote})

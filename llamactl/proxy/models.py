@@ -80,9 +80,7 @@ async def _forward(proxy: Proxy, request: web.Request, requested: str, body: byt
     prepared: web.StreamResponse | None = None
     for attempt in range(2):
         if prepared is None and _loading(pool, requested) and await _streams(proxy, body):
-            prepared = await _loading_stream(request, requested)
-        if prepared is not None:
-            slot = await _acquire_with_comments(pool, request, prepared, requested, started)
+            slot, prepared = await _acquire_streaming(pool, request, requested, started)
             if slot is None:
                 return prepared  # the failure went out as the stream's last event
         else:
@@ -113,7 +111,8 @@ async def _forward(proxy: Proxy, request: web.Request, requested: str, body: byt
     return response
 
 
-LOADING_EVERY_S = 5.0  # a comment line this often while a streaming request waits for its model
+LOADING_AFTER_S = 1.0  # a streaming request still waiting for its model this long gets its stream now...
+LOADING_EVERY_S = 5.0  # ...and a comment line this often while it waits
 _STREAM = re.compile(rb'"stream"\s*:\s*true')
 
 
@@ -142,23 +141,32 @@ async def _loading_stream(request: web.Request, name: str) -> web.StreamResponse
     return response
 
 
-async def _acquire_with_comments(pool: Pool, request: web.Request, response: web.StreamResponse, name: str,
-                                 started: float) -> Slot | None:
-    """pool.acquire, writing a loading comment every LOADING_EVERY_S meanwhile; a failure is the stream's
-    last event (an OpenAI error object, as a stream that fails mid-way ends) and None."""
+async def _acquire_streaming(pool: Pool, request: web.Request, name: str,
+                             started: float) -> tuple[Slot | None, web.StreamResponse | None]:
+    """pool.acquire for a streaming client: answered as any request when it ends within LOADING_AFTER_S
+    (a slot, or the failure raised); else its event stream goes out now, with a loading comment every
+    LOADING_EVERY_S, and a failure is the stream's last event (an OpenAI error object, as a stream that
+    fails mid-way ends): (None, the stream)."""
     task = asyncio.ensure_future(pool.acquire(name))
+    response = None
     try:
+        done, _ = await asyncio.wait({task}, timeout=LOADING_AFTER_S)
+        if done:
+            return task.result(), None
+        response = await _loading_stream(request, name)
         while True:
             await response.write(f": loading {name} {time.monotonic() - started:.0f} s\n\n".encode())
             done, _ = await asyncio.wait({task}, timeout=LOADING_EVERY_S)
             if done:
                 break
+    except LlamactlError:
+        raise  # failed before the stream went out: the ordinary error answer
     except BaseException:  # the client went away (or the handler was cancelled): let go of what it waited for
         task.cancel()
         task.add_done_callback(lambda t: pool.release(t.result()) if not t.cancelled() and t.exception() is None else None)
         raise
     try:
-        return task.result()
+        return task.result(), response
     except LlamactlError as exc:
         failure = errors.failure_of(exc)
         request["relay_status"] = failure.http_status
@@ -169,7 +177,7 @@ async def _acquire_with_comments(pool: Pool, request: web.Request, response: web
         except (ConnectionResetError, aiohttp.ClientConnectionResetError):
             request["client_gone"] = True
         request["relay_done"] = True
-        return None
+        return None, response
 
 
 def _entry(slot: Slot, variant: str | None = None) -> dict[str, object]:

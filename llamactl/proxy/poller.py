@@ -11,15 +11,20 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import os
 import time
+from pathlib import Path
 
 import aiohttp
 
 from llamactl.lifecycle import Status
 from llamactl.proxy.context import Proxy
-from llamactl.servers import client
+from llamactl.proxy.status import snapshot
+from llamactl.servers import client, procs, proxy_notes
 
 log = logging.getLogger("llamactl.proxy")
+
+NOTES_INTERVAL_S = 1.0  # the notes are rewritten at most this often (a change per request end would be more)
 
 
 async def _get(session: aiohttp.ClientSession, url: str, timeout_s: float) -> tuple[int, bytes] | None:
@@ -74,4 +79,33 @@ async def poll_forever(proxy: Proxy) -> None:
         except asyncio.CancelledError:
             raise
         except Exception as exc:  # the poller must outlive one bad round
-            log.error("poll failed: %s", exc)
+            log.error("poll failed: %s", exc, extra={"event": "poll_failed", "error": str(exc)})
+
+
+async def keep_notes(proxy: Proxy, path: Path) -> None:
+    """The notes local viewers read (`servers/proxy_notes.py`: TTL deadlines, requests, recent events): written
+    on a change of the pool, at most once a second, and at least every poll interval."""
+    assert proxy.address is not None
+    host, port = proxy.address
+    url = f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
+    pid = os.getpid()
+    started = procs.create_time_of(pid) or 0.0
+    failing = False
+    while True:
+        try:
+            await asyncio.wait_for(proxy.notes_due.wait(), proxy.pool.config.poll_interval_s)
+        except asyncio.TimeoutError:
+            pass
+        proxy.notes_due.clear()
+        snap = snapshot(proxy, proxy.inventory)
+        notes = proxy_notes.to_json(url, pid, started, proxy.pool.config.poll_interval_s, snap.instances,
+                                    snap.events, time.time())
+        try:
+            await asyncio.to_thread(proxy_notes.write, path, notes)
+            failing = False
+        except OSError as exc:
+            if not failing:  # said once, not at every change
+                log.warning("cannot write %s for local viewers: %s", path, exc.strerror or exc,
+                            extra={"event": "notes_failed", "path": str(path), "error": str(exc)})
+            failing = True
+        await asyncio.sleep(NOTES_INTERVAL_S)

@@ -339,7 +339,8 @@ class Pool:
                and await asyncio.to_thread(self.effects.alive, slot.instance)):
             await asyncio.sleep(0.05)
         if slot.instance is not None and not await asyncio.to_thread(self.effects.alive, slot.instance):
-            log.warning("%s: instance is gone (%s); the next request relaunches it", slot.model.name, why)
+            log.warning("%s: instance is gone (%s); the next request relaunches it", slot.model.name, why,
+                        extra={"event": "crash", "model": slot.model.name, "reason": why})
             self._move(slot, Status.STOPPED, event=("crash", why), instance=None)
             return True
         return slot.instance is None
@@ -470,10 +471,12 @@ class Pool:
         try:
             await asyncio.to_thread(self.effects.stop, name)
         except Exception as exc:  # the entry stays in the state; ps/evict see what is left
-            log.error("%s: stopping it failed: %s", slot.model.name, exc)
+            log.error("%s: stopping it failed: %s", slot.model.name, exc,
+                      extra={"event": "stop_failed", "model": slot.model.name, "error": str(exc)})
         finally:
             self.stats.evictions[reason] = self.stats.evictions.get(reason, 0) + 1
-            log.info("%s: stopped (%s)", slot.model.name, reason)
+            log.info("%s: stopped (%s)", slot.model.name, reason,
+                     extra={"event": "stopped", "model": slot.model.name, "reason": reason})
             self._move(slot, Status.STOPPED, event=("evict" if reason != "shutdown" else "stopped", reason),
                        instance=None, ours=False)
 
@@ -508,7 +511,8 @@ class Pool:
         # idle time counts from the instance's last recorded use (the poller keeps it current), so a TTL
         # that ran out while no proxy watched stops it at the next poll
         slot.last_used = inst.last_used or time.time()
-        log.info("%s: routing to running instance (pid %s, started by %s)", slot.model.name, inst.pid, inst.started_by)
+        log.info("%s: routing to running instance (pid %s, started by %s)", slot.model.name, inst.pid, inst.started_by,
+                 extra={"event": "adopted", "model": slot.model.name, "pid": inst.pid, "started_by": inst.started_by})
         return True
 
     async def adopt_all(self) -> list[str]:
@@ -524,7 +528,8 @@ class Pool:
             env = await asyncio.to_thread(self.effects.environ, left)
             if env is not None and _started_by_proxy(left, env):
                 # a proxy that died while starting it left it: nobody waits for it; the next request starts it
-                log.warning("%s: stopping the instance a previous proxy left starting (pid %s)", name, left.pid)
+                log.warning("%s: stopping the instance a previous proxy left starting (pid %s)", name, left.pid,
+                            extra={"event": "leftover_stopped", "model": name, "pid": left.pid})
                 await asyncio.to_thread(self.effects.stop, name)
         if adopted:
             self._changed()
@@ -589,18 +594,20 @@ class Pool:
                 continue  # adopted, or a request started it first
             decision = scheduler.decide(name, self.seats(), self._limits(), now=time.time())
             if not isinstance(decision, scheduler.Start) or decision.stop:
-                log.warning("%s: not preloaded: no seat without evicting another model", name)
+                log.warning("%s: not preloaded: no seat without evicting another model", name,
+                            extra={"event": "preload_skipped", "model": name})
                 continue
             self._move(slot, Status.STARTING)
-            slot.task = asyncio.ensure_future(self._start(slot, why="preload"))
+            slot.task = asyncio.ensure_future(self._start(slot, reason="preload"))
             try:
                 await asyncio.shield(slot.task)
                 started.append(name)
             except LlamactlError as exc:  # logged and counted by _start; the next model is tried all the same
-                log.error("%s: preload failed: %s", name, exc)
+                log.error("%s: preload failed: %s", name, exc, extra={"event": "preload_failed", "model": name})
         return started
 
-    async def _start(self, slot: Slot, stopping: list[asyncio.Future[None]] | tuple = (), why: str = "on demand") -> None:
+    async def _start(self, slot: Slot, stopping: list[asyncio.Future[None]] | tuple = (),
+                     reason: str = "on demand") -> None:
         name = slot.model.name
         started = time.monotonic()
         deadline = started + self.config.load_timeout_s
@@ -615,7 +622,7 @@ class Pool:
                 why = self._loading_elsewhere(slot, instances)
                 if why is None:
                     if not announced:
-                        self.events.add("launch", name, why)
+                        self.events.add("launch", name, reason)
                         announced = True
                     try:
                         instance = await self._launch(slot)
@@ -632,13 +639,16 @@ class Pool:
             slot.last_used = time.time()
             self._count(name, "ok")
             self.stats.loaded(name, time.monotonic() - started)
-            log.info("%s: ready on port %s in %.1f s", name, instance.port, time.monotonic() - started)
+            log.info("%s: ready on port %s in %.1f s", name, instance.port, time.monotonic() - started,
+                     extra={"event": "ready", "model": name, "port": instance.port, "pid": instance.pid,
+                            "duration_ms": round((time.monotonic() - started) * 1000, 1)})
             self._move(slot, Status.READY, event=("ready", f"port {instance.port}, {time.monotonic() - started:.1f} s"),
                        instance=instance, ours=True)
         except GGUFError as exc:  # the file went missing or bad since the config was read: no paths to clients
             self._move(slot, Status.STOPPED, instance=None)
             self._count(name, "failed")
-            log.error("%s: %s", name, exc)
+            log.error("%s: %s", name, exc, extra={"event": "launch_failed", "model": name, "result": "failed",
+                                                  "error": str(exc)})
             raise ModelUnavailableError(f"{name}: its model file is missing or unreadable (details in the proxy's log)") from None
         except BaseException as exc:
             self._move(slot, Status.STOPPED, instance=None)
@@ -649,7 +659,8 @@ class Pool:
                         self.stats.refused(name, result)
                     self.events.add(result if result in ("oom", "timeout", "no_fit", "no_room", "spill") else "failed", name, str(exc)[:200])
                     if answer is not None:  # the OpenAI-shaped error comes from the failure's type
-                        log.error("%s: could not start: %s", name, exc)
+                        log.error("%s: could not start: %s", name, exc,
+                                  extra={"event": "launch_failed", "model": name, "result": result, "error": str(exc)})
                         raise answer(f"{name}: {exc}") from None
                     break
             raise
@@ -669,7 +680,8 @@ class Pool:
                 continue
             inst = slot.instance
             if not await asyncio.to_thread(self.effects.alive, inst):
-                log.warning("%s: instance (pid %s) is gone", slot.model.name, inst.pid)
+                log.warning("%s: instance (pid %s) is gone", slot.model.name, inst.pid,
+                            extra={"event": "crash", "model": slot.model.name, "pid": inst.pid})
                 self._move(slot, Status.STOPPED, event=("crash", f"pid {inst.pid} is gone"), instance=None)
                 continue
         ttls = {name: self.ttl_of(s) for name, s in self.slots.items()}
@@ -712,7 +724,8 @@ class Pool:
                 slot = self.slots[name]
                 if slot.model != model and slot.instance is not None and slot.ours:
                     slot.stale = True  # path, settings, placement or args changed: restart once idle
-                    log.info("%s: config changed; restarting it once idle", name)
+                    log.info("%s: config changed; restarting it once idle", name,
+                             extra={"event": "config_changed", "model": name})
                 slot.model = model
             else:
                 self.slots[name] = Slot(model)

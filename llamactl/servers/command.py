@@ -79,9 +79,6 @@ def build_command(
 _MEMORY_FLAGS = {
     "--mmproj-url": "a vision projector from a URL (give llamactl the file: --mmproj)",
     "--lora-scaled": "scaled LoRA adapters (give llamactl --lora)",
-    "-sm": "split modes other than layer", "--split-mode": "split modes other than layer",
-    "-mg": "a main GPU", "--main-gpu": "a main GPU",
-    "-dev": "device selection", "--device": "device selection",
     "-hf": "another model", "--hf-repo": "another model", "-hff": "another model", "--hf-file": "another model",
     "-mu": "another model", "--model-url": "another model", "-hfd": "draft models", "--hf-repo-draft": "draft models",
     "--spec-draft-hf": "draft models from a hub", "-devd": "draft device selection", "--device-draft": "draft device selection",
@@ -92,8 +89,17 @@ _MEMORY_FLAGS = {
     "--override-kv": "metadata overrides", "--pooling": "embedding mode", "--control-vector": "control vectors",
     "--control-vector-scaled": "control vectors", "--no-host": "host buffer placement", "-cram": "the prompt cache",
     "--cache-ram": "the prompt cache", "--kv-unified-per-slot": "slot sizes", "-sps": "slot sizes",
-    "--mlock": "weights locked in RAM",
 }
+# llama.cpp's multi-GPU flags, refused with what they are called there and what llamactl does instead
+# (as the option on the command line, the key in a config's `args`). --mlock passes: the pages it locks are
+# the host weights (the mapped range, or the copies with --no-mmap) the estimate already counts as host memory.
+_GPU_CHOICE = {
+    ("-mg", "--main-gpu"): ("main GPU", "choose the GPU with --gpu-ids N", "gpus = [N]"),
+    ("-dev", "--device"): ("device list", "choose GPUs with --gpu-ids (-ngl 0 for none)",
+                           "gpus = [...] (n_gpu_layers = 0 for none)"),
+}
+_GPU_FLAGS = {flag: what for flags, what in _GPU_CHOICE.items() for flag in flags}
+_SPLIT_MODE = ("-sm", "--split-mode")
 # llama-server's presets (--fim-qwen-7b-spec, --gpt-oss-20b-default, ...) pick models and drafts
 _PRESET_PREFIXES = ("--fim-", "--gpt-oss-", "--embd-", "--vision-")
 # flags llamactl sets itself besides the registry's settings: (its own option, the config key) to use instead
@@ -108,8 +114,16 @@ _OWN_FLAGS = {**registry.own_flags(), **{flag: use for flags, use in _OWN.items(
 def check_extra_args(extra: Sequence[str], *, config: bool = False) -> None:
     """Refuse extra arguments that would make the estimate wrong, naming the flag and what to use instead
     (the option on the command line; the key in a config's `args`)."""
-    for arg in extra:
+    for i, arg in enumerate(extra):
         flag = arg.split("=", 1)[0]
+        if flag in _SPLIT_MODE:
+            _check_split_mode(flag, arg.partition("=")[2] if "=" in arg else (extra[i + 1] if i + 1 < len(extra) else ""),
+                              config)
+            continue
+        if flag in _GPU_FLAGS:
+            term, option, key = _GPU_FLAGS[flag]
+            raise UsageError(f"extra argument {flag} ({term}) is refused: llamactl chooses the GPUs and hides the "
+                             f"others from llama-server; {key if config else option} instead")
         if flag.startswith(_PRESET_PREFIXES):
             raise UsageError(f"extra argument {flag} is a llama-server preset that picks its own model; "
                              "give llamactl the model file instead")
@@ -121,6 +135,21 @@ def check_extra_args(extra: Sequence[str], *, config: bool = False) -> None:
             if config:
                 raise UsageError(f"{flag} is set by llamactl; use the config key {key} instead")
             raise UsageError(f"extra argument {flag} is set by llamactl; use llamactl's own {option} instead")
+
+
+def _check_split_mode(flag: str, mode: str, config: bool) -> None:
+    """`-sm layer` is what llamactl plans (whole layers per GPU, shares in --tensor-split); the other split
+    modes are refused naming what to do instead."""
+    if mode == "layer":
+        return
+    if mode == "none":
+        raise UsageError(f"extra argument {flag} none (split mode none: one GPU) is refused; "
+                         f"{'max_gpus = 1 or gpus = [N]' if config else '--max-gpus 1 or --gpu-ids N'} instead")
+    if mode in ("row", "tensor"):
+        raise UsageError(f"extra argument {flag} {mode} (split mode {mode}: each layer's weights split across GPUs) "
+                         "is not modelled: llamactl places whole layers per GPU (split mode layer, its shares in "
+                         "--tensor-split); leave it out")
+    raise UsageError(f"extra argument {flag} {mode!r}: expected a split mode (none, layer, row or tensor)")
 
 
 # What a current llama-server supports (the build `llamactl install-server` makes), assumed when planning

@@ -13,6 +13,7 @@ import errno
 import fcntl
 import os
 import stat
+import tempfile
 import time
 from pathlib import Path
 
@@ -69,6 +70,53 @@ def read_from(path: Path, offset: int, max_bytes: int) -> bytes:
         return os.pread(fd, max_bytes, offset)
     finally:
         os.close(fd)
+
+
+def share(fd: int, dir_st: os.stat_result) -> None:
+    """Give a file we created the dir's group and mode 0660 when the dir is group-writable (a state dir shared
+    by a group; umask would strip group write)."""
+    if not dir_st.st_mode & stat.S_IWGRP:
+        return
+    try:
+        os.fchown(fd, -1, dir_st.st_gid)
+        os.fchmod(fd, 0o660)
+    except OSError:
+        pass
+
+
+def write_atomic(path: Path, data: bytes, *, durable: bool = True) -> None:
+    """Replace the file at `path` with `data` in one step: a temp file beside it (mkstemp: O_EXCL | O_NOFOLLOW,
+    a random name, 0600 — nothing planted in the dir can redirect it), shared as the dir is, then os.replace;
+    `durable`: fsync the file and the dir. The caller is the file's one writer (under a lock, or the only
+    process that writes that name): temp files a killed writer left are removed first."""
+    directory = path.parent
+    dir_st = os.stat(directory)
+    for stale in directory.glob(f".{path.name}.*.tmp"):
+        try:
+            stale.unlink()
+        except OSError:
+            pass
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=directory)
+    try:
+        share(fd, dir_st)
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(data)
+            if durable:
+                fh.flush()
+                os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        raise
+    if durable:
+        dir_fd = os.open(directory, os.O_RDONLY)
+        try:
+            os.fsync(dir_fd)
+        finally:
+            os.close(dir_fd)
 
 
 def aside_name(path: Path) -> Path:

@@ -199,7 +199,8 @@ def stop_instances(store: StateStore, names: Sequence[str], *, grace_s: float = 
         if verdict.ownership is procs.Ownership.OURS:
             stopped.append(name)
         elif verdict.ownership is procs.Ownership.FOREIGN:
-            log.warning("instance %r: %s; not ours, left alone and dropped from the state", name, verdict.reason)
+            log.warning("instance %r: %s; not ours, left alone and dropped from the state", name, verdict.reason,
+                        extra={"event": "not_ours", "instance": name, "reason": verdict.reason})
     with store.edit() as instances:
         for name, inst in targets.items():
             current = instances.get(name)
@@ -356,8 +357,10 @@ def launch(store: StateStore, req: LaunchRequest, binary: str, caps: ServerCaps,
             last_tail = exc.log_tail
             first_cause = first_cause or str(exc)
             req = replace(req, policy=roomier(req.policy, the_plan, obs))
+            room = _shortfall_or_guess(the_plan, obs)
             log.warning("%s ran out of memory while loading (%s); trying once more with %s more room",
-                        req.name, tried[0], format_bytes(_shortfall_or_guess(the_plan, obs)))
+                        req.name, tried[0], format_bytes(room),
+                        extra={"event": "oom_retry", "model": req.name, "error": tried[0], "more_room_bytes": room})
             instances = fx.snapshot()
             seats = seats_of(instances, req.protected)
 
@@ -426,6 +429,10 @@ def _start(store: StateStore, req: LaunchRequest, the_plan: Plan, ctx: "observe.
             if error is not exc:
                 raise error from None
         raise
+    log.info("%s: spawned pid %d on port %d (%s)", req.name, child.pid, port,
+             "GPUs " + ",".join(map(str, the_plan.gpu_ids)) if the_plan.gpu_ids else "CPU",
+             extra={"event": "launch", "model": req.name, "pid": child.pid, "port": port,
+                    "gpu_ids": list(the_plan.gpu_ids), "started_by": req.started_by})
     if not req.wait:
         return Launched(store.instances().get(req.name, current[req.name]), the_plan, cmd, None, evicted)
     try:
@@ -513,7 +520,8 @@ def record_ready(store: StateStore, ctx: "observe.Context", log_text: str, pid: 
             CalibrationStore(store.dir, file_mode=store.file_mode).add([obs])
         return observe.actual_bytes(obs)
     except Exception as exc:
-        log.warning("could not record what %s took: %s", ctx.model_path, exc)
+        log.warning("could not record what %s took: %s", ctx.model_path, exc,
+                    extra={"event": "calibration_failed", "error": str(exc)})
         return {}
 
 
@@ -522,7 +530,8 @@ def record_oom(store: StateStore, ctx: "observe.Context", exc: OutOfMemoryAtLoad
     try:
         CalibrationStore(store.dir, file_mode=store.file_mode).add([obs])
     except Exception as err:
-        log.warning("could not record the out-of-memory failure: %s", err)
+        log.warning("could not record the out-of-memory failure: %s", err,
+                    extra={"event": "calibration_failed", "error": str(err)})
     return obs
 
 

@@ -22,7 +22,6 @@ import math
 import os
 import shutil
 import stat
-import tempfile
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -245,16 +244,6 @@ class StateStore:
     def file_mode(self) -> int:
         return 0o660 if self.shared else 0o600
 
-    def _share(self, fd: int, dir_st: os.stat_result) -> None:
-        """Give a file we created the dir's group and the shared mode (umask would strip group write)."""
-        if not dir_st.st_mode & stat.S_IWGRP:
-            return
-        try:
-            os.fchown(fd, -1, dir_st.st_gid)
-            os.fchmod(fd, 0o660)
-        except OSError:
-            pass
-
     @contextmanager
     def _locked(self) -> Iterator[None]:
         dir_st = self._ensure_dir()
@@ -267,7 +256,7 @@ class StateStore:
         except OSError as exc:
             raise StateError(f"cannot use state dir {self.dir}: {self.lock_path.name}: {exc.strerror or exc}") from None
         try:
-            self._share(fd, dir_st)
+            files.share(fd, dir_st)
             fcntl.flock(fd, fcntl.LOCK_EX)
             yield
         finally:
@@ -325,7 +314,8 @@ class StateStore:
             aside = files.move_aside(path)
         except OSError as err:
             raise StateError(f"{exc}; could not move it aside ({err.strerror or err})") from None
-        log.warning("%s: %s, not a regular file; moved aside to %s", path, exc.what, aside.name)
+        log.warning("%s: %s, not a regular file; moved aside to %s", path, exc.what, aside.name,
+                    extra={"event": "planted_file", "path": str(path), "what": exc.what, "aside": aside.name})
 
     def _set_aside(self, why: str, *, move: bool) -> None:
         aside = files.aside_name(self.path)
@@ -339,36 +329,13 @@ class StateStore:
             log.warning("state file %s: %s; could not keep a copy (%s)", self.path, why, exc.strerror or exc)
             return
         log.warning("state file %s: %s; %s moved aside to %s", self.path, _short(why, 400),
-                    "the file" if move else "the original", aside.name)
+                    "the file" if move else "the original", aside.name,
+                    extra={"event": "state_file_bad", "path": str(self.path), "reason": _short(why, 400),
+                           "aside": aside.name})
 
     def _write(self, instances: dict[str, Instance]) -> None:
         payload = {"version": SCHEMA_VERSION, "instances": {n: i.to_json() for n, i in sorted(instances.items())}}
-        dir_st = os.stat(self.dir)
-        for stale in self.dir.glob(f".{STATE_NAME}.*.tmp"):  # a writer killed mid-write (we hold the lock)
-            try:
-                stale.unlink()
-            except OSError:
-                pass
-        # mkstemp: O_EXCL | O_NOFOLLOW with a random name, 0600; nothing planted in the dir can redirect it
-        fd, tmp = tempfile.mkstemp(prefix=f".{STATE_NAME}.", suffix=".tmp", dir=self.dir)
-        try:
-            self._share(fd, dir_st)
-            with os.fdopen(fd, "w") as fh:
-                json.dump(payload, fh, indent=1)
-                fh.flush()
-                os.fsync(fh.fileno())
-            os.replace(tmp, self.path)
-        except BaseException:
-            try:
-                os.unlink(tmp)
-            except OSError:
-                pass
-            raise
-        dir_fd = os.open(self.dir, os.O_RDONLY)
-        try:
-            os.fsync(dir_fd)
-        finally:
-            os.close(dir_fd)
+        files.write_atomic(self.path, json.dumps(payload, indent=1).encode())  # under the lock: its one writer
 
     @contextmanager
     def edit(self) -> Iterator[dict[str, Instance]]:
@@ -435,7 +402,8 @@ def reconcile(instances: dict[str, Instance], state_dir: Path, now: float | None
             elif verdict.ownership is Ownership.GONE:
                 out[name] = inst.moved(Status.DEAD)
             elif not quiet:
-                log.warning("state entry %r dropped: %s (not ours, left alone)", name, verdict.reason)
+                log.warning("state entry %r dropped: %s (not ours, left alone)", name, verdict.reason,
+                            extra={"event": "not_ours", "instance": name, "reason": verdict.reason})
     for proc in _tagged_processes(state_dir) if adopt else ():
         name = proc["name"]
         known = out.get(name)

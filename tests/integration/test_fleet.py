@@ -146,26 +146,32 @@ def test_request_rules_and_variants_share_one_instance(tmp_path: Path) -> None:
 
 
 def test_a_streaming_client_hears_from_a_loading_model(tmp_path: Path) -> None:
-    """While its model loads, a stream gets SSE comment lines (`: loading NAME N s`), then the answer's events;
-    a start that fails ends the stream with an error event (counted as the failure's status)."""
+    """A stream whose model takes more than a second to load gets its event stream then, with SSE comment lines
+    (`: loading NAME N s`) until the answer's events; a start that fails later ends it with an error event
+    (counted as the failure's status); one that fails at once is the ordinary error answer."""
     import httpx
 
     model = tmp_path / "tiny.gguf"
-    p = Proxy(tmp_path, {}, defaults=f'\n[models.slow]\npath = "{model}"\nargs = ["--fake-ready-after", "1.5"]\n'
-                                     f'[models.gpuonly]\npath = "{model}"\nspill = false\n')
-    try:
+    p = Proxy(tmp_path, {}, 'load_timeout = "4s"',
+              defaults=f'\n[models.slow]\npath = "{model}"\nargs = ["--fake-ready-after", "2"]\n'
+                       f'[models.never]\npath = "{model}"\nargs = ["--fake-ready-after", "60"]\n'
+                       f'[models.gpuonly]\npath = "{model}"\nspill = false\n')
+
+    def stream(name: str) -> tuple[int, list[str]]:
         with httpx.stream("POST", f"{p.url}/v1/chat/completions", timeout=30,
-                          json={"model": "slow", "messages": [], "stream": True, "max_tokens": 3}) as reply:
-            assert reply.status_code == 200 and reply.headers["content-type"].startswith("text/event-stream")
-            lines = [line for line in reply.iter_lines() if line]
-        assert lines[0] == ": loading slow 0 s", lines
+                          json={"model": name, "messages": [], "stream": True, "max_tokens": 3}) as reply:
+            return reply.status_code, [line for line in reply.iter_lines() if line]
+
+    try:
+        status, lines = stream("slow")
+        assert status == 200 and lines[0] == ": loading slow 1 s", lines
         assert lines[-1] == "data: [DONE]" and sum(line.startswith("data: {") for line in lines) == 4
         # a request that does not stream gets its answer once ready, as ever (no comment lines)
         assert p.post("slow", max_tokens=2).json()["choices"][0]["message"]["content"] == "fake fake "
-        with httpx.stream("POST", f"{p.url}/v1/chat/completions", timeout=30,
-                          json={"model": "gpuonly", "messages": [], "stream": True}) as reply:
-            lines = [line for line in reply.iter_lines() if line]
-        assert lines[0].startswith(": loading gpuonly") and '"code": "model_unavailable"' in lines[-1], lines
-        assert p.metric("llamactl_requests_total", model="gpuonly", status="503") == 1
+        status, lines = stream("never")  # not ready within load_timeout: the stream's last event says so
+        assert status == 200 and lines[0].startswith(": loading never") and '"code": "load_timeout"' in lines[-1], lines
+        assert p.metric("llamactl_requests_total", model="never", status="504") == 1
+        status, lines = stream("gpuonly")  # refused at once: the ordinary 503
+        assert status == 503 and "spill = false" in lines[0], lines
     finally:
         p.stop()

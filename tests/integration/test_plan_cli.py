@@ -83,7 +83,7 @@ def test_extra_args_pass_through_and_memory_flags_are_refused(llama8b: Path) -> 
     assert out.returncode == 0, out.stderr
     assert json.loads(out.stdout)["argv"][-2:] == ["--temp", "0.5"]
     refused = run("plan", str(llama8b), "--gpus", "24GiB", "--", "-sm", "row")
-    assert refused.returncode == 2 and "split modes" in refused.stderr
+    assert refused.returncode == 2 and "split mode row" in refused.stderr
     own = run("plan", str(llama8b), "--gpus", "24GiB", "--", "--mmproj", "x.gguf")  # modelled: llamactl's own flag
     assert own.returncode == 2 and "use llamactl's own --mmproj" in own.stderr
 

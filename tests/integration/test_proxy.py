@@ -35,7 +35,7 @@ def wait_for(check, timeout_s: float = 5.0) -> bool:
 
 class Proxy:
     def __init__(self, tmp: Path, models: dict[str, list[str]], extra_config: str = "", *, keep: bool = False,
-                 poll: str = "0.3s", gpus: str = "none", defaults: str = "") -> None:
+                 poll: str = "0.3s", gpus: str = "none", defaults: str = "", flags: tuple[str, ...] = ()) -> None:
         self.tmp = tmp
         self.state = tmp / "state"
         wrapper = fake_server_binary()  # an executable named llama-server
@@ -49,7 +49,7 @@ class Proxy:
         self.config.write_text("\n".join(lines) + "\n")
         self.env = {**os.environ, "LLAMACTL_STATE_DIR": str(self.state), "LLAMACTL_GPUS": gpus,
                     "LLAMACTL_CACHE_DIR": str(tmp / "cache"), "LLAMA_SERVER": str(wrapper)}
-        self.argv = [sys.executable, "-m", "llamactl", "--config", str(self.config), "proxy", "--grace", "5s"]
+        self.argv = [sys.executable, "-m", "llamactl", "--config", str(self.config), "proxy", "--grace", "5s", *flags]
         if keep:
             self.argv.append("--keep-instances")
         # appended: the proxy writes at the end whatever offset our reads (seek(0)) left in the shared file
@@ -98,9 +98,10 @@ def make_proxy(tmp_path: Path):
     started: list[Proxy] = []
 
     def make(models: dict[str, list[str]], extra: str = "", keep: bool = False, poll: str = "0.3s",
-             gpus: str = "none", defaults: str = "") -> Proxy:
+             gpus: str = "none", defaults: str = "", flags: tuple[str, ...] = ()) -> Proxy:
         (tmp_path / f"p{len(started)}").mkdir()
-        proxy = Proxy(tmp_path / f"p{len(started)}", models, extra, keep=keep, poll=poll, gpus=gpus, defaults=defaults)
+        proxy = Proxy(tmp_path / f"p{len(started)}", models, extra, keep=keep, poll=poll, gpus=gpus, defaults=defaults,
+                      flags=flags)
         started.append(proxy)
         return proxy
 

@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 
 from llamactl.servers.buffers import free_port
+from llamactl.servers.client import wait_healthy
 from tests.fakes.procs import tagged_instances
 from tests.fakes.binary import fake_server_binary
 from tests.synth import ModelSpec, write_model
@@ -40,8 +41,21 @@ def term(tmp_path: Path):
                                   "--port-start", str(free_port())], env=env, capture_output=True, text=True, timeout=60)
             assert out.returncode == 0, out.stderr
 
-        def start(self) -> None:
-            tmux("new-session", "-d", "-s", session, "-x", "160", "-y", "45",
+        def proxy(self, ttl: str) -> str:
+            """A proxy on this state dir with the model as `alpha` (stopped at the end); its URL."""
+            port = free_port()
+            config = tmp_path / "config.toml"
+            config.write_text(f'port = {port}\nport_start = {free_port()}\nidle_ttl = "{ttl}"\n'
+                              f'[defaults]\nctx_size = 256\n[models.alpha]\npath = "{model}"\n')
+            proc = subprocess.Popen([sys.executable, "-m", "llamactl", "--config", str(config), "proxy"], env=env,
+                                    stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            proxies.append(proc)
+            url = f"http://127.0.0.1:{port}"
+            assert wait_healthy(url, 20, alive=lambda: proc.poll() is None, interval_s=0.1)
+            return url
+
+        def start(self, width: int = 160) -> None:
+            tmux("new-session", "-d", "-s", session, "-x", str(width), "-y", "45",
                  f"{sys.executable} -m llamactl top --interval 0.5; sleep 30")
 
         def screen(self) -> str:
@@ -64,9 +78,13 @@ def term(tmp_path: Path):
                                  text=True, timeout=30)
             return json.loads(out.stdout)
 
+    proxies: list[subprocess.Popen] = []
     t = Term()
     yield t
     tmux("kill-server")
+    for proc in proxies:
+        proc.terminate()
+        proc.wait(timeout=30)
     for proc in tagged_instances(tmp_path / "state"):
         proc.kill()
 
@@ -103,4 +121,24 @@ def test_top_sees_a_launch_happen_and_sorts(term) -> None:
     assert "launch" in term.wait_for("launch")  # an event, not only a row
     term.keys("s")
     term.wait_for("sort: memory")
+    term.keys("q")
+
+
+def test_top_at_80_columns_shows_what_the_proxy_knows_of_its_instances(term) -> None:
+    """Local mode (the state dir, no --url) on an instance a proxy started: its TTL and the proxy's events;
+    at 80 columns no header is cut (empty columns go, headers shorten, the model's name is cut first)."""
+    import httpx
+
+    url = term.proxy(ttl="10m")
+    reply = httpx.post(f"{url}/v1/chat/completions", json={"model": "alpha", "messages": []}, timeout=60)
+    assert reply.status_code == 200
+    term.start(width=80)
+    shown = term.wait_for("9m")  # the TTL left of a 10-minute TTL, counting down
+    shown = term.wait_for("on demand")  # the proxy's launch event (local differences would say "pid ...")
+    assert "ready" in shown.split("events", 1)[1] and "none yet" not in shown
+    header = next(line for line in shown.splitlines() if "NAME" in line)
+    assert "…" not in header and "STATE" in header and "TTL" in header, shown
+    row = next(line for line in shown.splitlines() if "alpha" in line and "ready" in line)
+    assert "…" not in row.replace("…", "", 1)  # at most the model's name is cut, once
+    assert max(len(line) for line in shown.splitlines()) <= 80
     term.keys("q")

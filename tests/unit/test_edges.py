@@ -116,7 +116,7 @@ def test_indices_need_pci_bus_order() -> None:
 
 @pytest.mark.parametrize(("extra", "message"), [
     (["--mmproj", "p.gguf"], "use llamactl.s own --mmproj"), (["--mmproj-url", "u"], "from a URL"), (["-md", "d.gguf"], "use llamactl.s own -md"), (["-otd", "x=CPU"], "draft tensor overrides"), (["--lora=x"], "use llamactl.s own --lora"), (["--lora-scaled", "x", "1"], "scaled LoRA"),
-    (["-sm", "row"], "split modes"), (["--n-cpu-moe", "4"], "use llamactl.s own --n-cpu-moe"),
+    (["--n-cpu-moe", "4"], "use llamactl.s own --n-cpu-moe"),
     (["-c", "8"], "set by llamactl"), (["--reranking"], "use llamactl.s own --reranking"),
 ])
 def test_extra_args_that_change_memory_are_refused(extra, message) -> None:
@@ -126,10 +126,35 @@ def test_extra_args_that_change_memory_are_refused(extra, message) -> None:
         check_extra_args(extra)
 
 
-def test_harmless_extra_args_pass() -> None:
+@pytest.mark.parametrize(("extra", "config", "message"), [
+    (["-sm", "row"], False, r"split mode row: each layer's weights split across GPUs\) is not modelled: llamactl places "
+                            r"whole layers"),
+    (["--split-mode=tensor"], False, r"split mode tensor.*not modelled.*leave it out"),
+    (["-sm", "none"], False, r"split mode none: one GPU\) is refused; --max-gpus 1 or --gpu-ids N instead"),
+    (["-sm", "none"], True, r"max_gpus = 1 or gpus = \[N\] instead"),
+    (["-sm", "rows"], False, r"expected a split mode \(none, layer, row or tensor\)"),
+    (["-sm"], False, r"expected a split mode"),
+    (["-mg", "1"], False, r"-mg \(main GPU\) is refused: llamactl chooses the GPUs.*--gpu-ids N instead"),
+    (["--main-gpu=1"], True, r"--main-gpu \(main GPU\).*gpus = \[N\] instead"),
+    (["-dev", "CUDA1"], False, r"-dev \(device list\).*--gpu-ids \(-ngl 0 for none\) instead"),
+    (["--device", "none"], True, r"--device \(device list\).*n_gpu_layers = 0 for none"),
+])
+def test_gpu_flags_are_refused_naming_the_llama_cpp_term_and_what_to_use(extra, config, message) -> None:
     from llamactl.servers.command import check_extra_args
 
-    check_extra_args(["--temp", "0.7", "--api-key", "k", "--threads", "8"])
+    with pytest.raises(UsageError, match=message):
+        check_extra_args(extra, config=config)
+
+
+@pytest.mark.parametrize("extra", [
+    ["--temp", "0.7", "--api-key", "k", "--threads", "8"],
+    ["-sm", "layer"], ["--split-mode=layer"],  # what llamactl plans anyway
+    ["--mlock"],  # locks the host weights, which the estimate counts as host memory (test_memory)
+])
+def test_harmless_extra_args_pass(extra) -> None:
+    from llamactl.servers.command import check_extra_args
+
+    check_extra_args(extra)
 
 
 def test_the_end_of_a_stream_is_seen_however_it_is_cut_and_never_inside_an_answer() -> None:
@@ -151,3 +176,23 @@ def test_the_end_of_a_stream_is_seen_however_it_is_cut_and_never_inside_an_answe
                 seen_at = min(start + size, len(stream))
                 break
         assert seen_at is not None and seen_at >= end, (size, seen_at, end)  # found, and not in the content
+
+
+def test_a_json_log_line_is_one_line_and_keeps_its_fixed_keys() -> None:
+    """A record without an event is `log`; the call's fields cannot overwrite time, level or event; a
+    traceback and a message with newlines stay on one line."""
+    import json
+    import logging
+    import sys
+
+    from llamactl.proxy.logs import JsonFormatter
+
+    try:
+        raise ValueError("boom")
+    except ValueError:
+        record = logging.LogRecord("llamactl.proxy", logging.ERROR, __file__, 1, "bad %s", ("a\nb",), sys.exc_info())
+    record.__dict__.update({"time": "forged", "level": "forged", "model": "alpha"})
+    line = JsonFormatter().format(record)
+    data = json.loads(line)
+    assert "\n" not in line and data["event"] == "log" and data["message"] == "bad a\nb" and data["model"] == "alpha"
+    assert data["level"] == "error" and data["time"].endswith("+00:00") and "ValueError: boom" in data["traceback"]

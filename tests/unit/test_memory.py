@@ -112,6 +112,15 @@ def test_repack_only_without_gpus(llama8b) -> None:
     assert gpu.host_weights.repack_bytes == 0
 
 
+def test_mapped_host_weights_are_charged_to_the_host(llama8b) -> None:
+    """--mlock passes as an extra argument because what it locks (the mapped weights of host layers, or the
+    copies with --no-mmap) is already charged to the host device, which placement checks against RAM."""
+    est = estimate(llama8b, resolve(ServerSettings(n_gpu_layers=10), llama8b, 1), Placement(n_gpus=1))
+    host = est.device("CPU")
+    assert est.host_weights.mapped_bytes > 3 * GiB
+    assert host.weights_bytes >= est.host_weights.mapped_bytes and host.total_bytes >= est.host_weights.mapped_bytes
+
+
 def test_no_mmap_loads_copies(llama8b) -> None:
     est = estimate(llama8b, resolve(ServerSettings(mmap=False), llama8b, 0), Placement())
     assert est.host_weights.mapped_bytes == 0

@@ -280,6 +280,8 @@ def test_preload_starts_the_fleet_plan_s_models_in_order_and_evicts_nothing(tmp_
     started = asyncio.run(pool.preload())
     assert started == ["c", "a"] and [c for c in fake.calls if c[0] == "launch"] == [("launch", "c"), ("launch", "a")]
     assert pool.slots["b"].phase is Status.STOPPED  # no seat left without evicting a preloaded model
+    assert [(e.kind, e.model, e.detail) for e in pool.events.recent() if e.kind == "launch"] == [
+        ("launch", "c", "preload"), ("launch", "a", "preload")]
 
 
 def test_requests_beyond_its_slots_wait_in_the_proxy_then_429(tmp_path: Path) -> None:
