@@ -37,7 +37,7 @@ class ModelConfig:
     ttl_s: float | None = None
     placement: PlacementSpec = PlacementSpec()
     aliases: tuple[str, ...] = ()
-    residency: Residency = Residency()  # preload, pin, spill, min_resident, priority
+    residency: Residency = Residency()  # preload, pin, spill, min_resident, priority, keep_cache, cache_max
 
 
 @dataclass(frozen=True)
