@@ -390,15 +390,18 @@ class Pool:
         try:
             outcome = await asyncio.to_thread(effect, inst, slot.api_key, cache)
         except Exception as exc:  # noqa: BLE001 - a cache is never worth a failed stop or start
-            log.warning("%s: prompt cache %s failed: %s", name, action, exc)
-            outcome = slot_cache.Outcome(failures=(str(exc),), disk_bytes=self.stats.cache_bytes.get(name, 0))
+            outcome = slot_cache.Outcome(failures=(f"{type(exc).__name__}: {exc}",),
+                                         disk_bytes=self.stats.cache_bytes.get(name, 0))
+        self._count_cache(name, action, outcome)
+
+    def _count_cache(self, name: str, action: str, outcome: slot_cache.Outcome) -> None:
         counts = self.stats.cache_saves if action == "save" else self.stats.cache_restores
         for result, n in (("ok", outcome.files), ("failed", len(outcome.failures))):
             if n:
                 counts[(name, result)] = counts.get((name, result), 0) + n
         self.stats.cache_bytes[name] = outcome.disk_bytes
         for why in outcome.failures:
-            log.warning("%s: prompt cache %s: %s", name, action, why)
+            log.warning("%s: prompt cache %s failed: %s", name, action, why)
         if outcome.files:
             log.info("%s: prompt cache: %s %d slots", name, "saved" if action == "save" else "restored", outcome.files)
 
