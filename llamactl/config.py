@@ -37,7 +37,7 @@ class ModelConfig:
     ttl_s: float | None = None
     placement: PlacementSpec = PlacementSpec()
     aliases: tuple[str, ...] = ()
-    residency: Residency = Residency()  # preload, pin, spill, min_resident, priority
+    residency: Residency = Residency()  # preload, pin, spill, min_resident, priority, queues, keep_cache, cache_max
     env: tuple[tuple[str, str], ...] = ()  # (NAME, value) set in its llama-server's environment
     request: RequestRules = field(default_factory=lambda: RequestRules())  # merged into each request's body
 

@@ -226,6 +226,21 @@ class Duration(Kind):
         return parse_duration(value if isinstance(value, str) else repr(float(value)), what="duration")
 
 
+@dataclass(frozen=True)
+class Size(Kind):
+    """"4GiB", "512MiB": bytes; a number without a unit is refused (bytes or GiB?)."""
+
+    metavar: str = "SIZE"
+    doc: str = 'a size ("4GiB", "512MiB")'
+
+    def value(self, value: Any) -> Any:
+        from llamactl.units import parse_size
+
+        if not isinstance(value, str):
+            raise UsageError(f"expected a size like \"4GiB\", got {value!r}")
+        return parse_size(value)
+
+
 # --- how a resolved setting becomes argv ------------------------------------------------------------------
 
 Argv = Callable[["Resolved", "ServerCaps"], list[str]]
@@ -536,6 +551,7 @@ class ModelKey:
     kind: Kind
     default: Any
     help: str
+    show_default: str | None = None  # the default as the docs say it, when the value says it badly
 
 
 RESIDENCY: tuple[ModelKey, ...] = (
@@ -555,12 +571,19 @@ RESIDENCY: tuple[ModelKey, ...] = (
     ModelKey("queue_timeout_s", "queue_timeout", Duration(), None,
              "How long a request waits for one of its slots (all `parallel` busy) before a 429 with Retry-After; "
              "unset: `load_timeout`."),
+    ModelKey("keep_cache", "keep_cache", Flag(), False,
+             "Save each slot's prompt cache when the proxy stops the model, and restore it at the next start with "
+             "the same settings (llama-server --slot-save-path)."),
+    ModelKey("cache_max_bytes", "cache_max", Size(), 4 * 1024**3,
+             "With `keep_cache`: the most its saved prompt caches take on disk; the newest are kept.",
+             show_default="4GiB"),
 )
 
 Residency = dataclasses.make_dataclass(
     "Residency", [(k.field, Any, dataclasses.field(default=k.default)) for k in RESIDENCY], frozen=True)
 Residency.__module__ = __name__
-Residency.__doc__ = "What the proxy does with a model: preload, pin, spill, min_resident, priority (one field per key)."
+Residency.__doc__ = ("What the proxy does with a model: preload, pin, spill, min_resident, priority, keep_cache, "
+                     "cache_max (one field per key).")
 
 
 def residency_from_config(table: dict[str, Any], base: Any, fail: Callable[[str, str], Exception]) -> Any:
@@ -581,6 +604,7 @@ def residency_table() -> str:
         value = "true or false" if isinstance(k.kind, Flag) else k.kind.doc
         default = (("true" if k.default else "false") if isinstance(k.kind, Flag) else
                    "unset" if k.default is None else str(k.default or 0))
+        default = k.show_default if k.show_default is not None else default
         rows.append(f"| `{k.key}` | {value} | {default} | {k.help} |")
     return "\n".join(rows)
 

@@ -19,6 +19,7 @@ import secrets
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
+from pathlib import Path
 from typing import Protocol
 
 from llamactl.config import Config, ModelConfig
@@ -31,7 +32,7 @@ from llamactl.placement import Plan
 from llamactl.fleet import FleetPlan, plan_configured
 from llamactl.resolve import Door, Overrides, open_door
 from llamactl.servers.probe import Server, ServerCaps
-from llamactl.servers import launcher, procs, runner
+from llamactl.servers import launcher, procs, runner, slot_cache
 from llamactl.servers.state import Instance, StateStore, Status
 from llamactl import lifecycle, scheduler
 
@@ -61,6 +62,12 @@ class Slot:
         return f"http://{self.instance.host}:{self.instance.port}"
 
 
+def _saves_into(inst: Instance, directory: Path) -> bool:
+    """The instance was launched with `--slot-save-path directory`."""
+    argv = inst.argv
+    return any(argv[i] == "--slot-save-path" and argv[i + 1] == str(directory) for i in range(len(argv) - 1))
+
+
 def _started_by_proxy(inst: Instance, env: dict[str, str]) -> bool:
     """Whether a proxy started this instance: its entry says so, or, when the entry was lost (its proxy killed
     between the spawn and the write) and re-adopted as "adopted", the environment llamactl gave it does."""
@@ -85,6 +92,9 @@ class PoolStats:
     refusals: dict[tuple[str, str], int] = field(default_factory=dict)  # (model, reason) → requests refused
     queue_wait: dict[str, Durations] = field(default_factory=dict)  # model → time requests waited to be admitted
     load_time: dict[str, Durations] = field(default_factory=dict)  # model → time from launch to ready
+    cache_saves: dict[tuple[str, str], int] = field(default_factory=dict)  # (model, ok|failed) → slots
+    cache_restores: dict[tuple[str, str], int] = field(default_factory=dict)  # (model, ok|failed) → slots
+    cache_bytes: dict[str, int] = field(default_factory=dict)  # model → its saved prompt caches on disk
 
     def refused(self, model: str, reason: str) -> None:
         self.refusals[(model, reason)] = self.refusals.get((model, reason), 0) + 1
@@ -149,6 +159,10 @@ class Effects(Protocol):
     def alive(self, inst: Instance) -> bool: ...  # still the process recorded
     def environ(self, inst: Instance) -> dict[str, str] | None: ...  # its environment, if ours
     def record_activity(self, updates: dict[str, tuple[int | None, Status, float]]) -> None: ...
+    # keep_cache: every slot holding a prompt saved into the cache (before a stop), or the cache's slots of this
+    # launch restored (after a start); bounded in time, failures reported in the outcome
+    def save_slots(self, inst: Instance, api_key: str | None, cache: slot_cache.Cache) -> slot_cache.Outcome: ...
+    def restore_slots(self, inst: Instance, api_key: str | None, cache: slot_cache.Cache) -> slot_cache.Outcome: ...
 
 
 class ProcessEffects:
@@ -204,6 +218,12 @@ class ProcessEffects:
                 last = max(inst.last_used, last_used)
                 if (inst.status, inst.last_used) != (status, last):
                     instances[name] = inst.moved(status, last_used=last)
+
+    def save_slots(self, inst: Instance, api_key: str | None, cache: slot_cache.Cache) -> slot_cache.Outcome:
+        return slot_cache.save(f"http://{inst.host}:{inst.port}", api_key, inst.argv, inst.model, cache)
+
+    def restore_slots(self, inst: Instance, api_key: str | None, cache: slot_cache.Cache) -> slot_cache.Outcome:
+        return slot_cache.restore(f"http://{inst.host}:{inst.port}", api_key, inst.argv, inst.model, cache)
 
 
 async def _finished(stops: list[asyncio.Future[None]] | tuple) -> None:
@@ -469,6 +489,8 @@ class Pool:
 
     async def _stop_body(self, slot: Slot, reason: str, name: str) -> None:
         try:
+            if slot.instance is not None:
+                await self._keep_cache(slot, slot.instance, "save")  # before the TERM: the server writes them
             await asyncio.to_thread(self.effects.stop, name)
         except Exception as exc:  # the entry stays in the state; ps/evict see what is left
             log.error("%s: stopping it failed: %s", slot.model.name, exc,
@@ -490,7 +512,38 @@ class Pool:
         return door.request(api_key=slot.api_key if self.config.instance_api_keys else None,
                             timeout_s=self.config.load_timeout_s, started_by="proxy",
                             replace_existing=self.config.adopt, protected=protected,
-                            gpu_only=not slot.model.residency.spill)
+                            gpu_only=not slot.model.residency.spill,
+                            slot_save_path=self._cache_dir(slot) if slot.model.residency.keep_cache else None)
+
+    def _cache_dir(self, slot: Slot) -> Path:
+        return slot_cache.cache_dir(self.store.dir, slot.model.name)
+
+    async def _keep_cache(self, slot: Slot, inst: Instance, action: str) -> None:
+        """keep_cache: save the slots' prompt caches (before a stop) or restore them (after a start, before any
+        request is routed). Only an instance launched with this model's cache directory; a failure is logged and
+        the stop or start goes on."""
+        name = slot.model.name
+        if not slot.model.residency.keep_cache or not _saves_into(inst, self._cache_dir(slot)):
+            return
+        cache = slot_cache.Cache(self._cache_dir(slot), slot.model.residency.cache_max_bytes)
+        effect = self.effects.save_slots if action == "save" else self.effects.restore_slots
+        try:
+            outcome = await asyncio.to_thread(effect, inst, slot.api_key, cache)
+        except Exception as exc:  # noqa: BLE001 - a cache is never worth a failed stop or start
+            outcome = slot_cache.Outcome(failures=(f"{type(exc).__name__}: {exc}",),
+                                         disk_bytes=self.stats.cache_bytes.get(name, 0))
+        self._count_cache(name, action, outcome)
+
+    def _count_cache(self, name: str, action: str, outcome: slot_cache.Outcome) -> None:
+        counts = self.stats.cache_saves if action == "save" else self.stats.cache_restores
+        for result, n in (("ok", outcome.files), ("failed", len(outcome.failures))):
+            if n:
+                counts[(name, result)] = counts.get((name, result), 0) + n
+        self.stats.cache_bytes[name] = outcome.disk_bytes
+        for why in outcome.failures:
+            log.warning("%s: prompt cache %s failed: %s", name, action, why)
+        if outcome.files:
+            log.info("%s: prompt cache: %s %d slots", name, "saved" if action == "save" else "restored", outcome.files)
 
     async def _adopt_running(self, slot: Slot, instances: dict[str, Instance] | None = None) -> bool:
         """Route to a live instance of this model's name (started by hand, or by an earlier proxy).
@@ -636,6 +689,7 @@ class Pool:
                 elif time.monotonic() >= deadline:
                     raise ModelUnavailableError(f"{name}: {why}; waited {self.config.load_timeout_s:g} s")
                 await self._wait_change(min(deadline - time.monotonic(), self.config.poll_interval_s, 0.5))
+            await self._keep_cache(slot, instance, "restore")
             slot.last_used = time.time()
             self._count(name, "ok")
             self.stats.loaded(name, time.monotonic() - started)

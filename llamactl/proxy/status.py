@@ -10,7 +10,7 @@ import time
 import aiohttp
 from aiohttp import web
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, disable_created_metrics, generate_latest
-from prometheus_client.core import CounterMetricFamily, HistogramMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
 from llamactl.gpu.inventory import Inventory
@@ -54,7 +54,8 @@ class Metrics:
 
 
 class _PoolCounters:
-    """The pool's launch and eviction counts as Prometheus counters (`llamactl_launches_total`, ...)."""
+    """The pool's counts as Prometheus metrics: launches, evictions, prompt caches saved and restored
+    (`llamactl_launches_total`, `llamactl_cache_saves_total`, ...) and the caches' bytes on disk."""
 
     def __init__(self) -> None:
         self.stats: object | None = None
@@ -62,13 +63,23 @@ class _PoolCounters:
     def collect(self):
         launches = CounterMetricFamily("llamactl_launches", "Launches by model and result", labels=["model", "result"])
         evictions = CounterMetricFamily("llamactl_evictions", "Evictions (stops) by reason", labels=["reason"])
-        if self.stats is not None:
-            for (model, result), count in self.stats.launches.items():  # type: ignore[attr-defined]
+        saves = CounterMetricFamily("llamactl_cache_saves", "Slots' prompt caches saved before a stop (keep_cache), "
+                                    "by model and result", labels=["model", "result"])
+        restores = CounterMetricFamily("llamactl_cache_restores", "Slots' prompt caches restored after a start "
+                                       "(keep_cache), by model and result", labels=["model", "result"])
+        disk = GaugeMetricFamily("llamactl_cache_bytes", "Saved prompt caches on disk, by model", labels=["model"])
+        stats = self.stats
+        if stats is not None:
+            for (model, result), count in stats.launches.items():  # type: ignore[attr-defined]
                 launches.add_metric([model, result], count)
-            for reason, count in self.stats.evictions.items():  # type: ignore[attr-defined]
+            for reason, count in stats.evictions.items():  # type: ignore[attr-defined]
                 evictions.add_metric([reason], count)
-        yield launches
-        yield evictions
+            for family, counts in ((saves, stats.cache_saves), (restores, stats.cache_restores)):  # type: ignore[attr-defined]
+                for (model, result), count in counts.items():
+                    family.add_metric([model, result], count)
+            for model, size in stats.cache_bytes.items():  # type: ignore[attr-defined]
+                disk.add_metric([model], size)
+        yield from (launches, evictions, saves, restores, disk)
 
 
 class _PoolTimes:

@@ -210,3 +210,52 @@ def call_proxy(method: str, base_url: str, path: str, api_key: str | None, timeo
         message = error.get("message") if isinstance(error, dict) else None
         raise RemoteError(f"{path}: HTTP {reply.status_code}: {message or 'no message'}")
     return data
+@dataclass(frozen=True)
+class SlotFile:
+    """What llama-server said it saved or restored: the tokens of the prompt and the file's bytes."""
+
+    tokens: int
+    file_bytes: int
+
+
+def slots_json(http: httpx.Client, base_url: str, api_key: str | None, timeout_s: float) -> object | str:
+    """GET /slots: the decoded reply, or a str saying why there is none."""
+    import httpx
+
+    try:
+        reply = http.get(f"{base_url}/slots", headers=_bearer(api_key), timeout=timeout_s)
+        if reply.status_code != 200:
+            return f"/slots answered {reply.status_code}"
+        return reply.json()
+    except httpx.HTTPError as exc:
+        return f"/slots: {type(exc).__name__}"
+    except ValueError:
+        return "/slots answered no JSON"
+
+
+def slot_file(http: httpx.Client, base_url: str, api_key: str | None, slot_id: int, action: str, filename: str,
+              timeout_s: float) -> SlotFile | str:
+    """POST /slots/ID?action=save|restore with the file's name (inside the server's --slot-save-path): what it
+    did, or a str saying why it did not."""
+    import httpx
+
+    try:
+        reply = http.post(f"{base_url}/slots/{slot_id}", params={"action": action}, json={"filename": filename},
+                          headers=_bearer(api_key), timeout=timeout_s)
+        data = reply.json()
+    except httpx.HTTPError as exc:
+        return f"slot {slot_id} {action}: {type(exc).__name__}"
+    except ValueError:
+        return f"slot {slot_id} {action}: answered {reply.status_code} without JSON"
+    if reply.status_code != 200 or not isinstance(data, dict):
+        message = data.get("error", {}).get("message") if isinstance(data, dict) and isinstance(data.get("error"), dict) else None
+        return f"slot {slot_id} {action}: answered {reply.status_code}" + (f" ({str(message)[:120]})" if message else "")
+    tokens = data.get("n_saved" if action == "save" else "n_restored")
+    size = data.get("n_written" if action == "save" else "n_read")
+    if not isinstance(tokens, int) or not isinstance(size, int):
+        return f"slot {slot_id} {action}: unexpected answer"
+    return SlotFile(tokens, size)
+
+
+def _bearer(api_key: str | None) -> dict[str, str]:
+    return {"Authorization": f"Bearer {api_key}"} if api_key else {}

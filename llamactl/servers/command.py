@@ -52,6 +52,7 @@ def build_command(
     verbose_buffers: bool = False,
     extra: Sequence[str] = (),
     alias: str | None = None,
+    slot_save_path: Path | None = None,
 ) -> ServerCommand:
     caps.require(*REQUIRED_FLAGS)
     argv = [str(binary), "--model", str(model), "--host", host, "--port", str(port), *registry.argv(resolved, caps)]
@@ -63,6 +64,9 @@ def build_command(
         argv += ["--tensor-split", ",".join(_fmt_share(s) for s in tensor_split)]
     if alias and caps.supports("--alias"):
         argv += ["--alias", alias]  # responses name the model as clients asked for it, not by its file path
+    if slot_save_path is not None:  # keep_cache: the proxy saves the slots here before a stop
+        caps.require("--slot-save-path")
+        argv += ["--slot-save-path", str(slot_save_path)]
     if verbose_buffers:
         argv += ["--verbosity", "4"]  # buffer sizes are logged at trace level only
     argv += list(extra)
@@ -107,6 +111,7 @@ _OWN = {
     ("-m", "--model"): ("MODEL", "path"), ("--host",): ("--host", "host"), ("--port",): ("--port", "port_start"),
     ("-fit", "--fit"): ("plan (llamactl places the model)", "gpus, max_gpus"),
     ("-a", "--alias"): ("--name (the instance name is the alias)", "the [models.NAME] name"),
+    ("--slot-save-path",): ("the proxy's keep_cache", "keep_cache"),
 }
 _OWN_FLAGS = {**registry.own_flags(), **{flag: use for flags, use in _OWN.items() for flag in flags}}
 
@@ -159,4 +164,4 @@ ASSUMED_FLAGS = frozenset(REQUIRED_FLAGS) | {
     "--kv-unified", "--no-kv-unified", "--fit", "--metrics", "--swa-full", "--no-kv-offload", "--load-mode",
     "--no-repack", "--tensor-split", "--verbosity", "--model", "--n-cpu-moe", "--lora", "--override-tensor",
     "--reranking", "--embedding", "--alias", "--model-draft", "--n-gpu-layers-draft", "--cache-type-k-draft",
-    "--cache-type-v-draft", "--spec-type", "--mmproj", "--no-mmproj-offload"}
+    "--cache-type-v-draft", "--spec-type", "--mmproj", "--no-mmproj-offload", "--slot-save-path"}

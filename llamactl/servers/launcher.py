@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Protocol
 
 from llamactl.config import DEFAULT_PORT_START
 from llamactl.errors import (KilledWhileLoading, NameTaken, NoFitError, NoRoomYet, OutOfMemoryAtLoad, PlanOvertaken, SpillRefused,
-                             UsageError)
+                             StateError, UsageError)
 from llamactl.gpu.inventory import Inventory
 from llamactl.estimate import load_params
 from llamactl.model.params import ModelParams
@@ -28,7 +28,7 @@ from llamactl.learn.store import CalibrationStore
 from llamactl.model.memory import Placement, estimate
 from llamactl.placement import FIT_RANK, Fit, Plan, Policy, RunningInstance, fits_beside, plan
 from llamactl import scheduler
-from llamactl.servers import launch_rules, procs, runner
+from llamactl.servers import launch_rules, procs, runner, slot_cache
 from llamactl.servers.command import ServerCommand, build_command, check_extra_args
 from llamactl.servers.probe import ServerCaps
 from llamactl.units import MiB, format_bytes
@@ -67,6 +67,7 @@ class LaunchRequest:
     api_key: str | None = None  # reaches llama-server as LLAMA_API_KEY, never on argv
     gpu_only: bool = False  # spill = false: a partial or CPU plan is refused (SpillRefused), not run
     env: tuple[tuple[str, str], ...] = ()  # the model's own variables (config `env`); llamactl's own win
+    slot_save_path: Path | None = None  # keep_cache: llama-server's --slot-save-path, created 0700 at the start
     params: ModelParams | None = field(default=None, compare=False, repr=False)  # the header, when read already
 
 
@@ -245,7 +246,8 @@ def command_for(req: LaunchRequest, the_plan: Plan, binary: str | Path, caps: Se
         raise NoFitError(f"{req.model.name} does not fit: " + "; ".join(the_plan.reasons[-2:]))
     return build_command(binary, req.model, the_plan.resolved, caps, host=req.host, port=port,
                          tensor_split=the_plan.tensor_split, cuda_devices=cuda_devices(the_plan.gpu_ids, inv),
-                         extra=req.extra, alias=req.name, verbose_buffers=True)  # buffer sizes: what it took
+                         extra=req.extra, alias=req.name, verbose_buffers=True,  # buffer sizes: what it took
+                         slot_save_path=req.slot_save_path)
 
 
 class Effects(Protocol):
@@ -389,6 +391,11 @@ def _start(store: StateStore, req: LaunchRequest, the_plan: Plan, ctx: "observe.
     assert the_plan.estimate is not None
     log_path = store.log_path(req.name)
     child: runner.Child | None = None
+    if req.slot_save_path is not None:
+        try:
+            slot_cache.ensure_dir(req.slot_save_path)
+        except OSError as exc:
+            raise StateError(f"cannot use the prompt cache directory {req.slot_save_path}: {exc.strerror or exc}") from None
     try:
         with store.edit() as current:
             live = current.get(req.name)

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import os
-import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -14,7 +12,7 @@ import pytest
 
 from llamactl.model.demo_model import write_demo_model
 from llamactl.servers.buffers import free_port
-from llamactl.servers.client import wait_healthy
+from tests.e2e.proxyproc import running_proxy
 from tests.synth import ModelSpec, write_model
 
 
@@ -23,21 +21,12 @@ def proxy(server_binary: Path, tmp_path_factory: pytest.TempPathFactory):
     tmp = tmp_path_factory.mktemp("proxy")
     demo = write_demo_model(tmp / "demo.gguf")
     small = write_model(tmp / "small.gguf", ModelSpec(n_vocab=2048, n_embd=128, n_layer=2, n_head=4, n_head_kv=2, n_ff=256))
-    port = free_port()
-    (tmp / "config.toml").write_text(
-        f'port = {port}\nport_start = {free_port()}\npoll_interval = "0.5s"\napi_keys = ["test-key"]\n'
-        f'[defaults]\nctx_size = 1024\n'
-        f'[models.demo]\npath = "{demo}"\naliases = ["gpt-4o-mini"]\n'
-        f'[models.small]\npath = "{small}"\nparallel = 2\n')
-    env = {**os.environ, "LLAMACTL_STATE_DIR": str(tmp / "state"), "LLAMACTL_GPUS": "none",
-           "LLAMA_SERVER": str(server_binary), "LLAMACTL_CACHE_DIR": str(tmp / "cache")}
-    proc = subprocess.Popen([sys.executable, "-m", "llamactl", "--config", str(tmp / "config.toml"), "proxy"],
-                            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    url = f"http://127.0.0.1:{port}"
-    assert wait_healthy(url, 20, alive=lambda: proc.poll() is None), "llamactl proxy did not start"
-    yield url, env
-    proc.send_signal(signal.SIGTERM)
-    assert proc.wait(timeout=60) == 0
+    config = (f'port_start = {free_port()}\npoll_interval = "0.5s"\napi_keys = ["test-key"]\n'
+              f'[defaults]\nctx_size = 1024\n'
+              f'[models.demo]\npath = "{demo}"\naliases = ["gpt-4o-mini"]\n'
+              f'[models.small]\npath = "{small}"\nparallel = 2\n')
+    with running_proxy(tmp, config, server_binary) as (url, env):
+        yield url, env
     out = subprocess.run([sys.executable, "-m", "llamactl", "ps", "--json"], env=env, capture_output=True, text=True)
     assert out.stdout.strip() == "[]"  # the proxy stopped what it started
 

@@ -52,6 +52,15 @@ lora = ["adapters/style.gguf", "/abs/other.gguf"]
     assert cfg.lookup("gpt-4o-mini") is chat and cfg.lookup("models/a.gguf") is None
 
 
+def test_keep_cache_and_its_bound_per_model_and_in_defaults(tmp_path: Path) -> None:
+    cfg = load(write(tmp_path, '[defaults]\nkeep_cache = true\ncache_max = "512MiB"\n'
+                               '[models.a]\npath = "a.gguf"\n[models.b]\npath = "b.gguf"\nkeep_cache = false\n'
+                               '[models.c]\npath = "c.gguf"\ncache_max = "1.5GiB"\n'))
+    got = {n: (m.residency.keep_cache, m.residency.cache_max_bytes) for n, m in cfg.models.items()}
+    assert got == {"a": (True, 512 << 20), "b": (False, 512 << 20), "c": (True, 3 << 29)}
+    assert load(write(tmp_path, '[models.a]\npath = "a.gguf"\n')).models["a"].residency.cache_max_bytes == 4 << 30
+
+
 @pytest.mark.parametrize(("text", "message"), [
     ("port = 9000\n[defaults]\nctx_sise = 4\n", "config.toml:3: defaults.ctx_sise: unknown key"),
     ("port = \"x\"\n", "config.toml:1: port: expected an integer"),
@@ -103,6 +112,10 @@ lora = ["adapters/style.gguf", "/abs/other.gguf"]
      "models.a.request.force: may not set the body's model"),
     ("[models.a]\npath = \"a.gguf\"\n[models.a.request]\ndefault = { top_k = 1 }\n",
      "models.a.request.default: unknown key; did you mean `defaults`?"),
+    ("[defaults]\ncache_max = 4096\n", "defaults.cache_max: expected a size like \"4GiB\""),
+    ("[models.m]\npath = \"m.gguf\"\ncache_max = \"4 parsecs\"\n", "config.toml:3: models.m.cache_max: invalid size"),
+    ("[models.m]\npath = \"m.gguf\"\nkeep_cache = \"yes\"\n", "models.m.keep_cache: expected true or false"),
+    ("[defaults]\nargs = [\"--slot-save-path\", \"/tmp\"]\n", "--slot-save-path is set by llamactl; use the config key keep_cache"),
 ])
 def test_bad_keys_name_the_key_and_line(tmp_path: Path, text: str, message: str) -> None:
     with pytest.raises(ConfigError) as info:

@@ -19,6 +19,7 @@ from llamactl.fleet import FleetPlan, Placed
 from llamactl.model.registry import Residency
 from llamactl.proxy.pool import Pool
 from llamactl.resolve import Door, resolve
+from llamactl.servers.slot_cache import Cache, Outcome
 from llamactl.servers.state import Instance, StateStore, Status
 
 pytestmark = pytest.mark.timeout(20)
@@ -32,6 +33,7 @@ class FakeEffects:
         self.evict: tuple[str, ...] = ()
         self.running: dict[str, Instance] = {}
         self.preload: tuple[str, ...] = ()  # the fleet plan's resident preload models, in its order
+        self.caches: list[Cache] = []  # what save_slots and restore_slots were given
 
     def _wait(self, key: str) -> None:
         if key in self.gate:
@@ -59,8 +61,9 @@ class FakeEffects:
         self._wait(f"launch {req.name}")
         if req.name in self.fail:
             raise self.fail[req.name]
+        argv = ("llama-server", "--slot-save-path", str(req.slot_save_path)) if req.slot_save_path else ()
         inst = Instance(name=req.name, model=str(req.model), port=9000 + len(self.calls), pid=4242,
-                        create_time=1.0, status=Status.READY)
+                        create_time=1.0, status=Status.READY, argv=argv)
         self.running[req.name] = inst
         return inst
 
@@ -78,6 +81,20 @@ class FakeEffects:
     def record_activity(self, updates):
         self.calls.append(("record", ",".join(sorted(updates))))
 
+    def save_slots(self, inst, api_key, cache):
+        return self._cache_io("save", inst, cache)
+
+    def restore_slots(self, inst, api_key, cache):
+        return self._cache_io("restore", inst, cache)
+
+    def _cache_io(self, action, inst, cache):
+        self.calls.append((action, inst.name))
+        self.caches.append(cache)
+        self._wait(f"{action} {inst.name}")
+        if f"{action} {inst.name}" in self.fail:
+            raise self.fail[f"{action} {inst.name}"]
+        return Outcome(files=2, disk_bytes=1234)
+
 
 async def until(check, timeout_s: float = 10.0) -> None:
     """Wait on the loop (not a fixed sleep) until `check()` holds: threads may be slow on a busy machine."""
@@ -88,8 +105,10 @@ async def until(check, timeout_s: float = 10.0) -> None:
         await asyncio.sleep(0.01)
 
 
-def make_pool(tmp_path: Path, fake: FakeEffects, names=("a", "b", "c"), **config) -> Pool:
-    models = {n: ModelConfig(name=n, path=tmp_path / f"{n}.gguf", settings=ServerSettings()) for n in names}
+def make_pool(tmp_path: Path, fake: FakeEffects, names=("a", "b", "c"), residency: Residency = Residency(),
+              **config) -> Pool:
+    models = {n: ModelConfig(name=n, path=tmp_path / f"{n}.gguf", settings=ServerSettings(), residency=residency)
+              for n in names}
     for n in names:
         (tmp_path / f"{n}.gguf").write_bytes(b"")
     cfg = Config(models=models, **config)
@@ -307,3 +326,90 @@ def test_requests_beyond_its_slots_wait_in_the_proxy_then_429(tmp_path: Path) ->
         assert len(late) == 2 and all(e.retry_after_s >= 1 and "slots of a are busy" in str(e) for e in late)
 
     asyncio.run(go())
+
+
+KEEP = Residency(keep_cache=True, cache_max_bytes=1 << 20)
+
+
+@pytest.mark.parametrize("reason", ["ttl", "memory", "max_instances", "unload", "shutdown"])
+def test_keep_cache_saves_the_slots_before_every_stop(tmp_path: Path, reason: str) -> None:
+    fake = FakeEffects()
+    pool = make_pool(tmp_path, fake, residency=KEEP, max_instances=1 if reason == "max_instances" else None,
+                     idle_ttl_s=0.0 if reason == "ttl" else None)
+
+    async def go():
+        pool.release(await pool.acquire("a"))
+        if reason == "ttl":
+            await pool.poll_once()
+        elif reason == "memory":
+            fake.evict = ("a",)
+            await pool.acquire("b")
+        elif reason == "max_instances":
+            await pool.acquire("b")
+        elif reason == "unload":
+            assert await pool.unload("a")
+        else:
+            await pool.shutdown(keep_instances=False)
+        assert pool.slots["a"].phase is Status.STOPPED
+
+    asyncio.run(go())
+    calls = [c for c in fake.calls if c[0] != "record"]
+    assert calls[:4] == [("launch", "a"), ("restore", "a"), ("save", "a"), ("stop", "a")]
+    assert fake.caches[0] == Cache(tmp_path / "state" / "slot-cache" / "a", 1 << 20)
+    assert pool.stats.evictions == {reason: 1}
+    assert pool.stats.cache_saves == {("a", "ok"): 2} and pool.stats.cache_bytes["a"] == 1234
+
+
+def test_the_restore_runs_before_any_request_is_routed(tmp_path: Path) -> None:
+    fake = FakeEffects()
+    fake.gate["restore a"] = threading.Event()
+    pool = make_pool(tmp_path, fake, residency=KEEP)
+
+    async def go():
+        first = asyncio.ensure_future(pool.acquire("a"))
+        second = asyncio.ensure_future(pool.acquire("a"))
+        await until(lambda: ("restore", "a") in fake.calls and pool.slots["a"].waiting == 2)
+        assert pool.slots["a"].phase is Status.STARTING and pool.slots["a"].in_flight == 0
+        fake.gate["restore a"].set()
+        await asyncio.gather(first, second)
+        assert pool.slots["a"].in_flight == 2
+
+    asyncio.run(go())
+    assert fake.calls == [("launch", "a"), ("restore", "a")]
+    assert pool.stats.cache_restores == {("a", "ok"): 2}
+
+
+@pytest.mark.parametrize("action", ["save", "restore"])
+def test_a_failing_cache_never_blocks_the_stop_or_the_start(tmp_path: Path, action: str) -> None:
+    fake = FakeEffects()
+    fake.fail[f"{action} a"] = OSError("connection refused")
+    pool = make_pool(tmp_path, fake, residency=KEEP)
+
+    async def go():
+        slot = await pool.acquire("a")
+        assert slot.phase is Status.READY
+        pool.release(slot)
+        assert await pool.unload("a")
+        assert slot.phase is Status.STOPPED and "a" not in fake.running
+
+    asyncio.run(go())
+    assert fake.calls == [("launch", "a"), ("restore", "a"), ("save", "a"), ("stop", "a")]
+    counts = pool.stats.cache_saves if action == "save" else pool.stats.cache_restores
+    assert counts == {("a", "failed"): 1}
+
+
+def test_without_keep_cache_or_with_an_instance_not_launched_for_it_nothing_is_saved(tmp_path: Path) -> None:
+    fake = FakeEffects()
+    fake.running["b"] = Instance(name="b", model="m", port=9100, pid=4343, create_time=1.0, status=Status.READY,
+                                 started_by="proxy")  # adopted: launched without this model's cache directory
+    pool = make_pool(tmp_path, fake, names=("a",), residency=Residency())
+    pool_keep = make_pool(tmp_path, fake, names=("b",), residency=KEEP)
+
+    async def go():
+        pool.release(await pool.acquire("a"))
+        assert await pool.unload("a")
+        pool_keep.release(await pool_keep.acquire("b"))
+        assert await pool_keep.unload("b")
+
+    asyncio.run(go())
+    assert fake.calls == [("launch", "a"), ("stop", "a"), ("stop", "b")]
