@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, replace
+from pathlib import Path
 from typing import TYPE_CHECKING, Optional
 
 import typer
@@ -95,7 +96,7 @@ def image_server() -> "Server":
                   "the image's llama-server is taken to be a current build")
 
 
-def _render(cfg: "Config", model: str, inv: "Inventory", state_dir, allow_partial: bool) -> Rendered:
+def _render(cfg: "Config", model: str, inv: "Inventory", state_dir: Path, allow_partial: bool) -> Rendered:
     """The model planned alone on the node type, and its pod unless it would not run there as asked."""
     from llamactl.resolve import Overrides, open_door
     from llamactl.servers.launcher import command_for, plan_for
@@ -122,8 +123,6 @@ def _render(cfg: "Config", model: str, inv: "Inventory", state_dir, allow_partia
 def _model_files(door: "Door") -> tuple[list[str], list[str]]:
     """The files llama-server opens: the model's (the path given first, then the other shards of a split
     one), and the draft model, projector and adapters."""
-    from pathlib import Path
-
     from llamactl.model.gguf import shard_paths
 
     path, settings = Path(door.spec.path), door.spec.settings
@@ -193,7 +192,8 @@ class Manifests:
         nodes = max((w.node for w in self.workloads), default=0)
         yield render.Note(f"{len(self.workloads)} model{'s' * (len(self.workloads) != 1)} on {nodes} node"
                           f"{'s' * (nodes != 1)} of {self.node.describe()} ({k8s.PRODUCT_LABEL}={self.node.product})")
-        if self.node.gpu_name.startswith("simulated"):
+        node = self.node
+        if node.gpu_name.startswith("simulated") and node.product == k8s.product_label(node.gpu_name):
             yield render.Note(f"the GPUs are simulated: no node is labelled {k8s.PRODUCT_LABEL}={self.node.product}; "
                               "give --gpu-product with your nodes' label")
         docs = []

@@ -38,9 +38,9 @@ def fleet(tmp_path_factory: pytest.TempPathFactory) -> Path:
                         replace(llama, n_layer=2, n_embd=256, n_head=4, n_head_kv=2, n_ff=512), sparse=True)
     models = {"Chat.8b": f'model_draft = "{draft}"\nctx_size = 8192', "code": "ctx_size = 8192\npriority = 5",
               "batch": "ctx_size = 8192", "long": "ctx_size = 65536"}
-    (tmp / "fleet.toml").write_text("".join(f'[models."{name}"]\npath = "{big}"\n{keys}\n' for name, keys in models.items()))
-    (tmp / "all.toml").write_text("".join(f'[models."{name}"]\npath = "{big}"\n{keys}\n' for name, keys in models.items()
-                                          if name != "long"))
+    tables = {name: f'[models."{name}"]\npath = "{big}"\n{keys}\n' for name, keys in models.items()}
+    (tmp / "fleet.toml").write_text("".join(tables.values()))
+    (tmp / "all.toml").write_text("".join(table for name, table in tables.items() if name != "long"))
     for gpus in ("1x24GiB", "2x4GiB", "1x4GiB", "2x8GiB"):
         out = run(tmp, "--json", "gpus", "--gpus", gpus)
         assert out.returncode == 0, out.stderr
