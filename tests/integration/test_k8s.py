@@ -23,7 +23,7 @@ if not os.access(VALIDATE, os.X_OK):
 needs_validate = pytest.mark.skipif(
     not VALIDATE, reason="LOUD SKIP: kubernetes-validate not installed (pip install -e '.[test]'); the manifests' "
                          "schema is unchecked")
-POD_OWN = {"--model": None, "--model-draft": None, "--host": "0.0.0.0", "--port": "8080"}  # None: a path, moved
+POD_OWN = frozenset({"--model", "--model-draft", "--host", "--port"})  # the options whose values the pod sets
 
 
 @pytest.fixture(scope="module")
@@ -55,19 +55,18 @@ def run(tmp: Path, *args: str, config: str = "fleet.toml") -> subprocess.Complet
                           capture_output=True, text=True, timeout=60, env=env)
 
 
-def render(tmp: Path, *args: str, config: str = "fleet.toml") -> tuple[list[dict], Path]:
-    """The YAML documents `k8s render` prints, and the file they were saved in (schema-checked when it can be)."""
+def render(tmp: Path, *args: str, config: str = "fleet.toml") -> list[dict]:
+    """The YAML documents `k8s render` prints: a Deployment and a Service per model."""
     out = run(tmp, "k8s", "render", *args, config=config)
     assert out.returncode == 0, out.stderr
-    path = tmp / f"manifests-{abs(hash(args))}.yaml"
-    path.write_text(out.stdout)
-    if VALIDATE:
-        check = subprocess.run([VALIDATE, "--strict", "-k", K8S_VERSION, str(path)], capture_output=True, text=True,
-                               timeout=120)
-        assert check.returncode == 0, check.stdout + check.stderr
     docs = list(yaml.safe_load_all(out.stdout))
     assert [d["kind"] for d in docs] == ["Deployment", "Service"] * (len(docs) // 2)
-    return docs, path
+    return docs
+
+
+def validate(path: Path) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([VALIDATE, "--strict", "-k", K8S_VERSION, str(path)], capture_output=True, text=True,
+                          timeout=120)
 
 
 def container(deployment: dict) -> dict:
@@ -89,10 +88,9 @@ def split_own(argv: list[str]) -> tuple[list[str], dict[str, str]]:
     return rest, own
 
 
-@needs_validate
 @pytest.mark.parametrize(("node", "gpus"), [("1x24GiB", 1), ("2x4GiB", 2)])
 def test_the_pod_runs_plans_argv_on_as_many_gpus_as_the_plan(fleet: Path, node: str, gpus: int) -> None:
-    docs, _ = render(fleet, "Chat.8b", "--gpus-file", str(fleet / f"{node}.json"), "--gpu-product", "NVIDIA-L4",
+    docs = render(fleet, "Chat.8b", "--gpus-file", str(fleet / f"{node}.json"), "--gpu-product", "NVIDIA-L4",
                      "--model-volume", "host:/srv/models")
     plan = json.loads(run(fleet, "plan", "Chat.8b", "--gpus-file", str(fleet / f"{node}.json"), "--json").stdout)
     assert len(plan["gpu_ids"]) == gpus and plan["fit"] == "gpu"
@@ -131,10 +129,9 @@ def test_a_model_that_would_not_run_wholly_on_the_gpus_is_refused_with_the_reaso
     assert doc["error"]["type"] == "no_fit" and doc["error"]["exit_code"] == 4
 
 
-@needs_validate
 def test_allow_partial_requests_the_host_memory_the_cpu_layers_need(fleet: Path) -> None:
-    whole, _ = render(fleet, "Chat.8b", "--gpus-file", str(fleet / "1x24GiB.json"))
-    partial, _ = render(fleet, "Chat.8b", "--gpus-file", str(fleet / "1x4GiB.json"), "--allow-partial")
+    whole = render(fleet, "Chat.8b", "--gpus-file", str(fleet / "1x24GiB.json"))
+    partial = render(fleet, "Chat.8b", "--gpus-file", str(fleet / "1x4GiB.json"), "--allow-partial")
 
     def request_bytes(docs: list[dict]) -> int:
         text = container(docs[0])["resources"]["requests"]["memory"]
@@ -149,9 +146,8 @@ def test_allow_partial_requests_the_host_memory_the_cpu_layers_need(fleet: Path)
     assert request_bytes(partial) > request_bytes(whole) + 2 * 2**30  # a third of the layers' weights, and their KV
 
 
-@needs_validate
 def test_all_packs_the_fleet_onto_nodes_each_pod_with_gpus_of_its_own(fleet: Path) -> None:
-    docs, _ = render(fleet, "--all", "--gpus-file", str(fleet / "2x8GiB.json"), config="all.toml")
+    docs = render(fleet, "--all", "--gpus-file", str(fleet / "2x8GiB.json"), config="all.toml")
     deployments = [d for d in docs if d["kind"] == "Deployment"]
     by_node: dict[str, list[tuple[str, int]]] = {}
     for d in deployments:
@@ -193,3 +189,22 @@ def test_bad_input_is_one_line_and_exit_2(fleet: Path, args: list[str], message:
     out = run(fleet, "k8s", "render", *(a.format(node=fleet / "1x24GiB.json") for a in args))
     assert out.returncode == 2 and message in out.stderr and out.stdout == ""
     assert len(out.stderr.strip().splitlines()) == 1, out.stderr
+
+
+@needs_validate
+@pytest.mark.parametrize(("config", "args"), [
+    ("fleet.toml", ["Chat.8b", "--gpus-file", "2x4GiB.json", "--model-volume", "host:/srv/models"]),
+    ("fleet.toml", ["Chat.8b", "--gpus-file", "1x4GiB.json", "--allow-partial"]),
+    ("all.toml", ["--all", "--gpus-file", "2x8GiB.json", "--image", "registry.local/llama:cuda"]),
+])
+def test_the_manifests_are_valid_against_the_kubernetes_api_schemas(fleet: Path, tmp_path: Path, config: str,
+                                                                     args: list[str]) -> None:
+    out = run(fleet, "k8s", "render", *(str(fleet / a) if a.endswith(".json") else a for a in args), config=config)
+    assert out.returncode == 0, out.stderr
+    (tmp_path / "ok.yaml").write_text(out.stdout)
+    check = validate(tmp_path / "ok.yaml")
+    assert check.returncode == 0, check.stdout + check.stderr
+    assert check.stdout.count("passed") == out.stdout.count("\nkind: ") and "did not validate" not in check.stdout
+    # the check can fail: a field the API does not know is refused under --strict
+    (tmp_path / "bad.yaml").write_text(out.stdout.replace("  replicas: 1\n", "  replicas: 1\n  replica: 1\n", 1))
+    assert validate(tmp_path / "bad.yaml").returncode != 0
