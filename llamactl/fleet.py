@@ -83,7 +83,11 @@ def _acceptable(fit: Fit, residency: Residency) -> bool:
     return fit is Fit.GPU or (fit is not Fit.NONE and residency.spill)
 
 
-def plan_fleet(entries: Sequence[Entry], gpus: Sequence[Gpu], max_instances: int | None = None) -> FleetPlan:
+def plan_fleet(entries: Sequence[Entry], gpus: Sequence[Gpu], max_instances: int | None = None, *,
+               whole_gpus: bool = False) -> FleetPlan:
+    """`whole_gpus`: a resident holds every GPU it uses whole (a Kubernetes pod's GPUs are its own), so a
+    later model is placed only on GPUs no resident uses."""
+    total = {g.index: g.memory_total_bytes for g in gpus}
     placed: list[Placed] = []
     residents: list[RunningInstance] = []
     for entry in order(entries):
@@ -99,7 +103,8 @@ def plan_fleet(entries: Sequence[Entry], gpus: Sequence[Gpu], max_instances: int
             here = Placed(entry.name, entry.residency, beside, True)
             placed.append(here)
             # promised, not evictable: the next models plan beside it
-            residents.append(RunningInstance(entry.name, here.gpu_bytes, last_used=-len(residents), idle=False,
+            held = {i: total[i] for i in here.plan.gpu_ids} if whole_gpus else here.gpu_bytes
+            residents.append(RunningInstance(entry.name, held, last_used=-len(residents), idle=False,
                                              visible=False))
             continue
         evictable = sorted((r for r in residents if not _pinned(r.name, placed)), key=lambda r: r.last_used)

@@ -208,7 +208,7 @@ def _proportional_split(params: ModelParams, settings: ServerSettings, chosen: S
         for i, cap in enumerate(chosen):
             used = est.device(f"GPU{i}").total_bytes
             ratios.append(min(cap.capacity_bytes / used, 1.05) if used else 1.05)
-        split = [s * r for s, r in zip(split, ratios)]
+        split = [max(s * r, 1.0) for s, r in zip(split, ratios)]  # a GPU with no room keeps a sliver: never all zero
         fits, resolved, est = _try(params, settings, chosen, split, policy, n_gpu_layers)
     total = sum(split)
     return fits, tuple(round(s / total, 4) for s in split), resolved, est

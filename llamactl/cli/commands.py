@@ -33,6 +33,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "demo": ("demo", "Write a tiny demo model, estimate it, run it in the real llama-server, compare."),
     "calibration": ("calibration", "What earlier launches measured (per model, GPU overhead, compute "
                                    "corrections); reset, export, import."),
+    "k8s": ("k8s", "Kubernetes manifests for models planned on a node type: GPUs, argv, probes, memory, as plan "
+                   "plans one box."),
     "top": ("top", "Live view: GPU memory per instance, instances (estimated vs actual), events."),
     "ctl": ("ctl", "Act on a running proxy: load or unload models, list what runs."),
 }

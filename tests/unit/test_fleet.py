@@ -12,7 +12,7 @@ from llamactl.model.gguf import read_header
 from llamactl.model.params import model_params
 from llamactl.model.registry import Residency
 from llamactl.model.settings import ServerSettings
-from llamactl.placement import Fit, Policy
+from llamactl.placement import Fit, Policy, Strategy
 from tests.synth import REALISTIC, write_model
 
 
@@ -61,3 +61,14 @@ def test_max_instances_bounds_the_residents(llama8b) -> None:
     by = {p.name: p for p in got.models}
     assert [p.resident for p in got.models] == [True, True, False]
     assert by["c"].evict == ("b",) and "max_instances (2)" in by["c"].reasons[0]
+
+
+@pytest.mark.parametrize(("whole", "gpus_of"), [
+    (False, {"a": (0,), "b": (0,), "c": (0,)}),  # pack: the fullest GPU that still fits, shared
+    (True, {"a": (0,), "b": (1,)}),  # a pod's GPUs are its own: c finds none left
+])
+def test_whole_gpus_give_each_resident_its_gpus_alone(llama8b, whole: bool, gpus_of: dict) -> None:
+    pack = [replace(e, policy=Policy(strategy=Strategy.PACK)) for e in entries(llama8b, a={}, b={}, c={})]
+    got = plan_fleet(pack, parse_gpus_spec("2x24GiB").gpus, whole_gpus=whole)
+    assert {p.name: p.plan.gpu_ids for p in got.models if p.resident} == gpus_of
+    assert all(p.plan.fit is Fit.GPU for p in got.models if p.resident)
