@@ -16,10 +16,15 @@ SYSUSERS = ROOT / "contrib" / "systemd" / "llamactl.conf"
 EXEC = "/opt/llamactl/.venv/bin/llamactl"
 MAX_EXPOSURE = 4.0
 
-needs_systemd = pytest.mark.skipif(
-    shutil.which("systemd-analyze") is None or shutil.which("systemd-sysusers") is None,
-    reason="LOUD SKIP: systemd-analyze/systemd-sysusers not installed (.ci/run installs Debian's systemd); "
-           "contrib/systemd/ is unchecked")
+@pytest.fixture
+def systemd_tools() -> None:
+    """systemd-analyze and systemd-sysusers (.ci/run installs Debian's systemd): missing = a loud failure."""
+    if shutil.which("systemd-analyze") is None or shutil.which("systemd-sysusers") is None:
+        pytest.fail("systemd-analyze/systemd-sysusers are not installed (.ci/run installs Debian's systemd): "
+                    "contrib/systemd/ would go unchecked", pytrace=False)
+
+
+needs_systemd = pytest.mark.usefixtures("systemd_tools")
 
 
 def _systemd(*argv: str) -> subprocess.CompletedProcess[str]:
