@@ -34,6 +34,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "calibration": ("calibration", "What earlier launches measured (per model, GPU overhead, compute "
                                    "corrections); reset, export, import."),
     "top": ("top", "Live view: GPU memory per instance, instances (estimated vs actual), events."),
+    "worker": ("worker", "Lend this host's GPUs (or CPU) to another host's llama-server: ggml-rpc-servers and "
+                         "their inventory."),
 }
 
 

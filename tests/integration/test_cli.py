@@ -204,6 +204,7 @@ FAILURES: dict[str, tuple[list[str], list[str], int, str]] = {
     "demo": ([], ["demo", "--ctx-size", "many"], 2, "usage"),
     "calibration": ([], ["calibration", "import", "{missing}"], 2, "usage"),
     "top": ([], ["top", "--url", "ftp://127.0.0.1:9", "--once"], 1, "remote"),
+    "worker": ([], ["worker", "--api-key-file", "{missing}", "--cpu-memory", "1GiB"], 2, "usage"),
 }
 
 
