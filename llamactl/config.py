@@ -72,6 +72,15 @@ class Variant:
 
 
 @dataclass(frozen=True)
+class WorkerConfig:
+    """A `llamactl worker` whose devices this host's llama-server may use over RPC ([workers.NAME])."""
+
+    name: str
+    url: str  # http://HOST:PORT of its /inventory
+    api_key_file: Path
+
+
+@dataclass(frozen=True)
 class Config:
     source: Path | None = None
     server_bin: str | None = None
@@ -110,6 +119,7 @@ class Config:
             return self.models[variant.of], variant.request
         model = self.lookup(name)
         return (model, model.request) if model is not None else None
+    workers: tuple[WorkerConfig, ...] = ()  # in the file's order: it numbers their devices (gpu/remote.py)
 
     def lookup(self, name: str) -> ModelConfig | None:
         """A model by its name or one of its aliases (never a path: clients do not pick files)."""
@@ -124,7 +134,7 @@ class Config:
 _GLOBAL_KEYS = {"server_bin", "host", "port", "port_start", "max_instances", "idle_ttl", "poll_interval",
                 "load_timeout", "header_timeout", "body_timeout", "max_queue", "batching", "max_wait", "max_body", "api_keys", "allowed_hosts", "allowed_origins", "instance_api_keys", "adopt", "models_dir",
                 "gpu_util_threshold", "gpu_mem_threshold", "gpu_overhead", "host_memory", "calibration", "defaults",
-                "models"}
+                "models", "workers"}
 # every llama-server setting of the registry, the placement keys and extra arguments
 _PLACEMENT_KEYS = {"strategy", "max_gpus", "gpus", "no_partial", "margin", "calibration"}
 _RESIDENCY_KEYS = {k.key for k in registry.RESIDENCY}
@@ -352,6 +362,35 @@ def _scan_models_dir(directory: Path, base: ServerSettings, args: tuple[str, ...
     return found
 
 
+MAX_WORKERS = 48  # their devices are numbered from 1000 in blocks of 64, below the state file's 4096
+_WORKER_URL_RE = re.compile(r"https?://(?:[A-Za-z0-9][A-Za-z0-9.-]{0,252}|\[[0-9A-Fa-f:.]{2,45}\]):[0-9]{1,5}/?")
+
+
+def _workers(r: _Reader, tables: dict[str, Any], path: Path) -> tuple[WorkerConfig, ...]:
+    """[workers.NAME] tables: `url` (http://HOST:PORT) and `api_key_file` (relative to the config's folder)."""
+    from llamactl.gpu.inventory import WORKER_NAME_RE
+
+    if len(tables) > MAX_WORKERS:
+        raise r.fail("workers", f"at most {MAX_WORKERS} workers")
+    out = []
+    for name, table in tables.items():
+        where = f"workers.{name}"
+        if not isinstance(table, dict):
+            raise r.fail(where, "expected a table with url and api_key_file")
+        if not WORKER_NAME_RE.fullmatch(name):
+            raise r.fail(where, "a worker name is letters, digits, '.', '_' and '-' (at most 64)")
+        _check_keys(r, table, {"url", "api_key_file"}, where)
+        for key in ("url", "api_key_file"):
+            if key not in table:
+                raise r.fail(where, f"missing key {key}")
+        url = r.get(table, "url", f"{where}.url", str)
+        if not _WORKER_URL_RE.fullmatch(url):
+            raise r.fail(f"{where}.url", f"expected http://HOST:PORT (the worker's --host and --port), got {url!r}")
+        key_file = _expand(r, r.get(table, "api_key_file", f"{where}.api_key_file", str), f"{where}.api_key_file")
+        out.append(WorkerConfig(name, url.rstrip("/"), key_file if key_file.is_absolute() else path.parent / key_file))
+    return tuple(out)
+
+
 def load(path: Path | None, *, required: bool = False) -> Config:
     """Read the config file; a missing default file is an empty config, a missing explicit one an error."""
     if path is None or not path.exists():
@@ -516,5 +555,6 @@ def load(path: Path | None, *, required: bool = False) -> Config:
             raise r.fail(f"models.{variant.name}", f"{variant.name!r} already names model {seen[variant.name]!r}")
     cfg["models"] = models
     cfg["variants"] = variants
+    cfg["workers"] = _workers(r, r.get(data, "workers", "workers", dict, {}), path)
     known = {f.name for f in fields(Config)}
     return Config(**{k: v for k, v in cfg.items() if k in known})

@@ -214,6 +214,37 @@ def _proportional_split(params: ModelParams, settings: ServerSettings, chosen: S
     return fits, tuple(round(s / total, 4) for s in split), resolved, est
 
 
+def preferred(cands: Sequence[DeviceCapacity]) -> list[DeviceCapacity]:
+    """Local GPUs first (most room first), then each worker's devices together, the worker with the most room
+    first: every prefix of this list spans the fewest hosts it can, and a remote device is taken only when the
+    local ones are not enough (each extra host is a network hop per token)."""
+    local = sorted((c for c in cands if not c.gpu.remote), key=lambda c: (-c.capacity_bytes, c.gpu.index))
+    room: dict[str, int] = {}
+    for c in cands:
+        if c.gpu.remote:
+            room[c.gpu.worker or ""] = room.get(c.gpu.worker or "", 0) + c.capacity_bytes
+    remote = sorted((c for c in cands if c.gpu.remote),
+                    key=lambda c: (-room[c.gpu.worker or ""], c.gpu.worker or "", -c.capacity_bytes, c.gpu.index))
+    return local + remote
+
+
+def device_order(chosen: Sequence[DeviceCapacity]) -> list[DeviceCapacity]:
+    """The order llama-server gives the model's devices, which `-ts` and the estimate's GPU<k> follow: RPC
+    devices first, in `--rpc` order, then the local GPUs (llama.cpp src/llama.cpp: "add RPC servers at the
+    front of the list to minimize network transfers")."""
+    return [c for c in chosen if c.gpu.remote] + [c for c in chosen if not c.gpu.remote]
+
+
+def _hops(chosen: Sequence[DeviceCapacity]) -> list[str]:
+    """A reason naming the workers a plan uses, when it uses any."""
+    workers = sorted({c.gpu.worker or "?" for c in chosen if c.gpu.remote})
+    if not workers:
+        return []
+    n_remote = sum(1 for c in chosen if c.gpu.remote)
+    return [f"{n_remote} of the {len(chosen)} devices are on {len(workers)} other host(s) ({', '.join(workers)}): "
+            "every extra host adds a network hop to each token, which costs tokens per second"]
+
+
 def _single_gpu(params, settings, cands, policy):
     fitting = []
     for cap in cands:
@@ -231,7 +262,7 @@ def _place_with_split(params: ModelParams, settings: ServerSettings, caps: list[
                       policy: Policy) -> Plan | None:
     """A -ts given by the user: exactly those shares over the first candidate GPUs, verified per device."""
     split = settings.tensor_split or ()
-    chosen = sorted((c for c in caps if c.candidate), key=lambda c: c.gpu.index)[:len(split)]
+    chosen = device_order(sorted((c for c in caps if c.candidate), key=lambda c: (c.gpu.remote, c.gpu.index))[:len(split)])
     reasons = [c.reason for c in caps if c.reason]
     if len(chosen) < len(split):
         return None
@@ -239,6 +270,7 @@ def _place_with_split(params: ModelParams, settings: ServerSettings, caps: list[
     fits, resolved, est = _try(params, settings, chosen, split, policy)
     if fits:
         reasons.append(f"fits on GPUs {list(ids)} with the given -ts {','.join(f'{s:g}' for s in split)}")
+        reasons += _hops(chosen)
         return Plan(Fit.GPU if resolved.n_gpu_layers == params.n_layer + 1 else Fit.PARTIAL, ids, tuple(split),
                     resolved, est, tuple(caps), reasons=tuple(reasons))
     if policy.allow_partial:
@@ -257,25 +289,27 @@ def _place(params: ModelParams, settings: ServerSettings, caps: list[DeviceCapac
         if planned is not None:
             return planned
         settings = replace(settings, tensor_split=None)  # the given split cannot work: plan as usual
-    cands = sorted((c for c in caps if c.candidate), key=lambda c: (-c.capacity_bytes, c.gpu.index))
+    cands = preferred([c for c in caps if c.candidate])
     max_gpus = len(cands) if policy.max_gpus is None else min(policy.max_gpus, len(cands))
     reasons = [c.reason for c in caps if c.reason]
     full = resolve(settings, params, 1).n_gpu_layers if cands else 0
     wants_full = settings.n_gpu_layers is None or settings.n_gpu_layers >= params.n_layer + 1
     if cands and max_gpus >= 1 and wants_full:
-        single = _single_gpu(params, settings, cands, policy)
+        single = _single_gpu(params, settings, [c for c in cands if not c.gpu.remote], policy)
         if single:
             cap, resolved, est = single
             why = f"fits on GPU {cap.gpu.index} alone ({format_bytes(est.device('GPU0').total_bytes)} of {format_bytes(cap.capacity_bytes)} available)"
             return Plan(Fit.GPU, (cap.gpu.index,), None, resolved, est, tuple(caps), reasons=tuple(reasons + [why]))
         reasons.append("no single GPU holds the whole model")
-        for k in range(2, max_gpus + 1):
-            chosen = cands[:k]
+        for k in range(1 if cands[0].gpu.remote else 2, max_gpus + 1):  # one local GPU was tried alone
+            chosen = device_order(cands[:k])
             fits, split, resolved, est = _proportional_split(params, settings, chosen, policy)
             if fits:
                 ids = tuple(c.gpu.index for c in chosen)
-                reasons.append(f"fits on {k} GPUs {list(ids)} with -ts {','.join(f'{s:g}' for s in split)}")
-                return Plan(Fit.GPU, ids, split, resolved, est, tuple(caps), reasons=tuple(reasons))
+                reasons.append(f"fits on {k} GPU{'s' if k > 1 else ''} {list(ids)}" + (f" with -ts {','.join(f'{s:g}' for s in split)}"
+                                                                  if k > 1 else ""))
+                return Plan(Fit.GPU, ids, split if k > 1 else None, resolved, est, tuple(caps),
+                            reasons=tuple(reasons + _hops(chosen)))
         if max_gpus >= 2:
             reasons.append(f"not even {max_gpus} GPUs hold the whole model")
     if cands and max_gpus >= 1 and policy.allow_partial and wants_full and settings.n_cpu_moe is None and params.n_expert:
@@ -286,7 +320,7 @@ def _place(params: ModelParams, settings: ServerSettings, caps: list[DeviceCapac
                            f"layers on the CPU (--n-cpu-moe {n}): attention and KV stay on the GPU")
             return Plan(Fit.PARTIAL, ids, split, resolved, est, tuple(caps), reasons=tuple(reasons))
     if cands and max_gpus >= 1 and policy.allow_partial:
-        chosen = cands[:max_gpus]
+        chosen = device_order(cands[:max_gpus])
         top = min(full, settings.n_gpu_layers) if settings.n_gpu_layers is not None else full
         for ngl in range(top - (1 if wants_full else 0), 0, -1):
             if len(chosen) == 1:
@@ -331,7 +365,7 @@ def _expert_offload(params: ModelParams, settings: ServerSettings, cands: Sequen
         return fits, split, resolved, est
 
     for k in range(1, len(cands) + 1):
-        chosen = cands[:k]
+        chosen = device_order(cands[:k])
         if not attempt(chosen, params.n_layer)[0]:
             continue  # not even with every expert on the CPU
         lo, hi = 1, params.n_layer  # hi fits

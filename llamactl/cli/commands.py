@@ -37,6 +37,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
                    "plans one box."),
     "top": ("top", "Live view: GPU memory per instance, instances (estimated vs actual), events."),
     "ctl": ("ctl", "Act on a running proxy: load or unload models, list what runs."),
+    "worker": ("worker", "Lend this host's GPUs (or CPU) to another host's llama-server: ggml-rpc-servers and "
+                         "their inventory."),
 }
 
 

@@ -7,6 +7,8 @@ from typing import TYPE_CHECKING
 import typer
 
 if TYPE_CHECKING:
+    import socket
+
     from llamactl.config import Config
     from llamactl.servers.state import StateStore
 
@@ -30,3 +32,28 @@ def load_config(ctx: typer.Context) -> "Config":
 
     explicit = getattr(ctx.obj, "config", None)
     return config.load(paths.config_file(explicit), required=bool(explicit))
+
+
+def listen(host: str, port: int, *, backlog: int, busy: str) -> "socket.socket":
+    """A listening, non-blocking socket on host:port, bound before a server starts so that a port in use is
+    one line (`busy` says who might hold it) rather than a traceback from inside the event loop."""
+    import socket
+
+    from llamactl.errors import UsageError
+
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    except socket.gaierror as exc:
+        raise UsageError(f"cannot listen on {host}: {exc.strerror}") from None
+    family, kind, proto, _, addr = infos[0]
+    sock = socket.socket(family, kind, proto)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind(addr)
+        sock.listen(backlog)
+    except OSError as exc:
+        sock.close()
+        raise UsageError(f"cannot listen on {host}:{port}: {exc.strerror or exc} ({busy}); "
+                         "choose another --port") from None
+    sock.setblocking(False)
+    return sock

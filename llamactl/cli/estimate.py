@@ -194,6 +194,7 @@ def command(
     A configured model name runs with its config settings; the flags given here override them.
     """
     cfg = load_config(ctx)
+    inv = inv.with_workers(cfg)
     given = Overrides(settings=settings.given, placement=inv.given)
     state_dir = state_store(ctx).dir
     doors = [open_door(cfg, model, given, inv.inventory, state_dir, lambda: locate(None, cfg.server_bin, required=False),

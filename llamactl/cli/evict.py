@@ -47,9 +47,9 @@ def command(
         targets = rows
     elif idle is not None:
         limit = parse_duration(idle, what="--idle")
-        targets = [i for i in rows if i.status is Status.READY and now - i.last_used > limit]
-    else:
-        candidates = sorted((i for i in rows if i.status is Status.READY), key=lambda i: i.last_used)
+        targets = [i for i in rows if i.status is Status.READY and i.serves_http and now - i.last_used > limit]
+    else:  # a worker's rpc-servers are never idle in a sense that matters here: they go by name or --all
+        candidates = sorted((i for i in rows if i.status is Status.READY and i.serves_http), key=lambda i: i.last_used)
         targets = candidates[:lru]
     chosen = [i.name for i in targets]
     if dry_run:

@@ -31,15 +31,17 @@ def _process_text(gpu: inventory.Gpu) -> str:
 
 def gpus_table(inv: inventory.Inventory) -> str:
     rows = []
+    remote = any(g.remote for g in inv.gpus)  # a WORKER column only when some device is lent by one
     for g in inv.gpus:
+        where = [g.worker or "local"] if remote else []
         if g.error:
-            rows.append([g.index, g.name, f"error: {g.error}", "-", "-", "-"])
+            rows.append([g.index, g.name, *where, f"error: {g.error}", "-", "-", "-"])
             continue
         util = "-" if g.utilization_gpu is None else f"{g.utilization_gpu}%"
-        rows.append([g.index, g.name, f"{format_bytes(g.memory_used_bytes)} / {format_bytes(g.memory_total_bytes)}",
+        rows.append([g.index, g.name, *where, f"{format_bytes(g.memory_used_bytes)} / {format_bytes(g.memory_total_bytes)}",
                      format_bytes(g.memory_free_bytes), util, _process_text(g)])
-    return render.table(rows, ["GPU", "NAME", "USED / TOTAL", "FREE", "UTIL", "PROCESSES (pid [instance] memory)"],
-                        align_right_from=2)
+    return render.table(rows, ["GPU", "NAME", *(["WORKER"] if remote else []), "USED / TOTAL", "FREE", "UTIL",
+                               "PROCESSES (pid [instance] memory)"], align_right_from=3 if remote else 2)
 
 
 @dataclass(frozen=True)
@@ -81,13 +83,26 @@ def command(
             header = None
             if watch is not None and tty:
                 header = f"{_CLEAR}{time.strftime('%H:%M:%S')}  every {watch:g}s, Ctrl-C to stop\n"
-            render.result(as_json, GpuList(inventory.resolve(gpus, gpus_file), header), compact=watch is not None)
+            render.result(as_json, GpuList(_with_workers(ctx, inventory.resolve(gpus, gpus_file)), header),
+                          compact=watch is not None)
             sys.stdout.flush()
             if watch is None:
                 return
             time.sleep(watch)
     except KeyboardInterrupt:
         return  # the normal way out of --watch
+
+
+def _with_workers(ctx: typer.Context, inv: inventory.Inventory) -> inventory.Inventory:
+    """The local inventory and the devices the config's workers lend (asked each refresh)."""
+    from llamactl.cli.common import load_config
+
+    cfg = load_config(ctx)
+    if not cfg.workers:
+        return inv
+    from llamactl.gpu.remote import with_workers
+
+    return with_workers(inv, cfg.workers)
 
 
 def register(app: typer.Typer) -> None:

@@ -14,7 +14,6 @@ from llamactl.cli.common import load_config, state_store, wants_json
 from llamactl.cli.complete import model_names
 from llamactl.cli.options import INVENTORY, POLICY, SERVER, InventoryOptions, SettingsFlags, with_options
 from llamactl.config import DEFAULT_PORT_START
-from llamactl.gpu import inventory
 from llamactl.servers import runner
 from llamactl.resolve import Overrides, open_door
 from llamactl.servers.command import ServerCommand, check_extra_args
@@ -62,6 +61,7 @@ def command(
     config's port_start apply; the flags given here override them).
     """
     cfg = load_config(ctx)
+    inv = inv.with_workers(cfg)
     extra_args, api_key = split_secrets(extra or [])
     check_extra_args(extra_args)  # before the probe: a refused flag costs nothing
     store = state_store(ctx)
@@ -83,7 +83,7 @@ def command(
                           port or pick_port(current, spec.port_start, req.host))
         render.result(wants_json(ctx, json_output), DryRun(instance_name, cmd, the_plan.evict))
         return
-    fresh = (lambda: inventory.resolve(None, None)) if inv.inventory.source == "nvml" else (lambda: inv.inventory)
+    fresh = inv.fresh(cfg)
     try:
         done = launch(store, req, server.binary, server.caps, fresh, progress=_progress(instance_name),
                       grace_s=parse_duration(grace, what="--grace"))

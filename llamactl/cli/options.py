@@ -12,7 +12,7 @@ import inspect
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Optional
+from typing import TYPE_CHECKING, Any, Optional
 
 import typer
 
@@ -22,6 +22,9 @@ from llamactl.placement import DEFAULT_MARGIN_BYTES, DEFAULT_MEM_THRESHOLD, DEFA
 from llamactl.model.memory import DEFAULT_GPU_OVERHEAD_BYTES
 from llamactl.model import registry
 from llamactl.units import parse_size
+
+if TYPE_CHECKING:
+    from llamactl.config import Config
 
 
 @dataclass(frozen=True)
@@ -95,6 +98,23 @@ SERVER = OptionGroup("settings", tuple(p for s in registry.SETTINGS for p in _se
 class InventoryOptions:
     inventory: inventory.Inventory
     given: dict[str, Any]  # PlacementSpec fields given (gpu_overhead_bytes)
+
+    def with_workers(self, cfg: "Config") -> "InventoryOptions":
+        """The inventory with the devices of the config's workers beside the local ones (every door calls this
+        once it has the config; a worker left out is named in a warning)."""
+        from dataclasses import replace
+
+        from llamactl.gpu.remote import with_workers
+
+        return replace(self, inventory=with_workers(self.inventory, cfg.workers)) if cfg.workers else self
+
+    def fresh(self, cfg: "Config") -> Callable[[], inventory.Inventory]:
+        """The inventory read again for each step of a launch: NVML and the workers asked anew when live."""
+        from llamactl.gpu.remote import with_workers
+
+        if self.inventory.source != "nvml":
+            return lambda: self.inventory
+        return lambda: with_workers(inventory.resolve(None, None), cfg.workers)
 
 
 def _inventory(gpus, gpus_file, gpu_overhead, no_calibration, given: frozenset[str] = frozenset()) -> InventoryOptions:

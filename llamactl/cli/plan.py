@@ -104,6 +104,7 @@ def command(
     A configured model name plans with its config settings and placement; the flags given here override them.
     """
     cfg = load_config(ctx)
+    inv = inv.with_workers(cfg)
     if model is None or every:
         if model is not None or extra or settings.given:
             raise UsageError("the fleet plan (no MODEL, or --all) takes no model, llama-server flags or extra "

@@ -151,8 +151,12 @@ def _serve(ctx: typer.Context, cfg: config_mod.Config, gpus: str | None, gpus_fi
     log = logging.getLogger("llamactl.proxy")
     binary = find_server(server_bin, cfg.server_bin)
     caps = probe(binary)
-    inv = inventory.resolve(gpus, gpus_file)
-    inventory_fn = (lambda: inventory.resolve(None, None)) if inv.source == "nvml" else (lambda: inv)
+    from llamactl.gpu.remote import with_workers
+
+    inv = with_workers(inventory.resolve(gpus, gpus_file), cfg.workers)
+    # the workers are asked again with each read of a live inventory (a worker that went away drops out)
+    inventory_fn = ((lambda: with_workers(inventory.resolve(None, None), cfg.workers)) if inv.source == "nvml"
+                    else (lambda: inv))
     if inv.note:
         log.info(inv.note, extra={"event": "inventory", "source": inv.source})
     sock = _listen(cfg.host, cfg.port)
@@ -189,22 +193,9 @@ def _check_exposure(cfg: config_mod.Config, insecure_no_auth: bool) -> None:
 def _listen(host: str, port: int) -> socket.socket:
     """Bind before the app starts: a port in use is one line, and a second proxy never adopts (and then,
     exiting, stops) the instances of the one that holds the port."""
-    try:
-        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
-    except socket.gaierror as exc:
-        raise UsageError(f"cannot listen on {host}: {exc.strerror}") from None
-    family, kind, proto, _, addr = infos[0]
-    sock = socket.socket(family, kind, proto)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    try:
-        sock.bind(addr)
-        sock.listen(1024)
-    except OSError as exc:
-        sock.close()
-        raise UsageError(f"cannot listen on {host}:{port}: {exc.strerror or exc} (another proxy?); "
-                         "choose another --port") from None
-    sock.setblocking(False)
-    return sock
+    from llamactl.cli.common import listen
+
+    return listen(host, port, backlog=1024, busy="another proxy?")
 
 
 def register(app: typer.Typer) -> None:

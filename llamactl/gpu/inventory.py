@@ -45,6 +45,12 @@ class Gpu:
     processes: tuple[GpuProcess, ...] = ()
     simulated: bool = False
     error: str | None = None
+    endpoint: str | None = None  # a device served by a worker's ggml-rpc-server: its host:port (llama-server --rpc)
+    worker: str | None = None  # the [workers.NAME] it belongs to
+
+    @property
+    def remote(self) -> bool:
+        return self.endpoint is not None
 
 
 @dataclass(frozen=True)
@@ -122,6 +128,10 @@ def to_json(inv: Inventory) -> list[dict[str, object]]:
         }
         if gpu.error:
             entry["error"] = gpu.error
+        if gpu.endpoint is not None:
+            entry["endpoint"] = gpu.endpoint
+        if gpu.worker is not None:
+            entry["worker"] = gpu.worker
         out.append(entry)
     return out
 
@@ -176,6 +186,11 @@ def gpu_from_json(entry: object, position: int, where: str) -> Gpu:
     if isinstance(index, bool) or not isinstance(index, int) or index < 0:
         raise UsageError(f"{where}: 'index' must be a non-negative integer, got {index!r}")
     error = entry.get("error")
+    endpoint, worker = entry.get("endpoint"), entry.get("worker")
+    if endpoint is not None and not valid_endpoint(endpoint):
+        raise UsageError(f"{where}: 'endpoint' must be HOST:PORT, got {str(endpoint)[:80]!r}")
+    if worker is not None and not (isinstance(worker, str) and WORKER_NAME_RE.fullmatch(worker)):
+        raise UsageError(f"{where}: 'worker' must be a worker name, got {str(worker)[:80]!r}")
     return Gpu(
         index=index,
         name=str(entry.get("name") or "GPU"),
@@ -186,7 +201,20 @@ def gpu_from_json(entry: object, position: int, where: str) -> Gpu:
         temperature_c=_int_field(entry, "temperature_c", where, optional=True),
         power_w=_float_field(entry, "power_w", where),
         processes=tuple(procs), simulated=True, error=error if isinstance(error, str) and error else None,
+        endpoint=endpoint, worker=worker,
     )
+
+
+WORKER_NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
+_ENDPOINT_RE = re.compile(r"(?:[A-Za-z0-9][A-Za-z0-9.-]{0,252}|\[[0-9A-Fa-f:.]{2,45}\]):([0-9]{1,5})")
+
+
+def valid_endpoint(text: object) -> bool:
+    """HOST:PORT as llama-server's --rpc takes it: a name or IPv4 address, or [IPv6]; a port 1..65535."""
+    if not isinstance(text, str):
+        return False
+    match = _ENDPOINT_RE.fullmatch(text)
+    return match is not None and 0 < int(match[1]) < 65536
 
 
 MAX_GPUS_FILE_BYTES = 4 * 2**20  # `gpus --json` of 1024 GPUs is a few hundred KiB

@@ -152,6 +152,34 @@ def chat_stream(base_url: str, model: str, prompt: str, max_tokens: int, timeout
                     yield piece
 
 
+MAX_INVENTORY_BYTES = 4 * 2**20
+
+
+def get_json(url: str, bearer: str, timeout_s: float = 2.0) -> object:
+    """GET `url` with `Authorization: Bearer`, the body as JSON; RemoteError naming the failure (no answer,
+    a status other than 200, too large, not JSON)."""
+    import httpx
+
+    from llamactl.errors import RemoteError
+
+    try:
+        with httpx.Client(timeout=timeout_s) as http, http.stream(
+                "GET", url, headers={"Authorization": f"Bearer {bearer}"}) as reply:
+            if reply.status_code != 200:
+                raise RemoteError(f"answered {reply.status_code}" + (" (wrong key)" if reply.status_code == 401 else ""))
+            body = b""
+            for piece in reply.iter_bytes():
+                body += piece
+                if len(body) > MAX_INVENTORY_BYTES:
+                    raise RemoteError(f"answer larger than {MAX_INVENTORY_BYTES // 2**20} MiB")
+    except httpx.HTTPError as exc:
+        raise RemoteError(f"cannot be reached ({type(exc).__name__})") from None
+    try:
+        return json.loads(body)
+    except (ValueError, RecursionError):
+        raise RemoteError("answered something that is not JSON") from None
+
+
 def complete(base_url: str, prompt: str, n_predict: int, timeout_s: float = 60.0) -> str:
     """One /completion; the generated text ("" when the server says nothing usable)."""
     import httpx

@@ -53,8 +53,11 @@ def build_command(
     extra: Sequence[str] = (),
     alias: str | None = None,
     slot_save_path: Path | None = None,
+    rpc: Sequence[str] = (),
 ) -> ServerCommand:
     caps.require(*REQUIRED_FLAGS)
+    if rpc:
+        caps.require("--rpc")
     argv = [str(binary), "--model", str(model), "--host", host, "--port", str(port), *registry.argv(resolved, caps)]
     if caps.supports("--fit"):
         argv += ["--fit", "off"]  # its dry run would otherwise rewrite the flags we left unset
@@ -62,6 +65,8 @@ def build_command(
         argv.append("--metrics")
     if tensor_split and len(tensor_split) > 1:
         argv += ["--tensor-split", ",".join(_fmt_share(s) for s in tensor_split)]
+    if rpc:  # their devices come first in the model's device list, so first in -ts (placement.device_order)
+        argv += ["--rpc", ",".join(rpc)]
     if alias and caps.supports("--alias"):
         argv += ["--alias", alias]  # responses name the model as clients asked for it, not by its file path
     if slot_save_path is not None:  # keep_cache: the proxy saves the slots here before a stop
@@ -112,6 +117,7 @@ _OWN = {
     ("-fit", "--fit"): ("plan (llamactl places the model)", "gpus, max_gpus"),
     ("-a", "--alias"): ("--name (the instance name is the alias)", "the [models.NAME] name"),
     ("--slot-save-path",): ("the proxy's keep_cache", "keep_cache"),
+    ("--rpc",): ("[workers.NAME] in the config (plan places layers on their devices)", "[workers.NAME]"),
 }
 _OWN_FLAGS = {**registry.own_flags(), **{flag: use for flags, use in _OWN.items() for flag in flags}}
 
@@ -164,4 +170,4 @@ ASSUMED_FLAGS = frozenset(REQUIRED_FLAGS) | {
     "--kv-unified", "--no-kv-unified", "--fit", "--metrics", "--swa-full", "--no-kv-offload", "--load-mode",
     "--no-repack", "--tensor-split", "--verbosity", "--model", "--n-cpu-moe", "--lora", "--override-tensor",
     "--reranking", "--embedding", "--alias", "--model-draft", "--n-gpu-layers-draft", "--cache-type-k-draft",
-    "--cache-type-v-draft", "--spec-type", "--mmproj", "--no-mmproj-offload", "--slot-save-path"}
+    "--cache-type-v-draft", "--spec-type", "--mmproj", "--no-mmproj-offload", "--slot-save-path", "--rpc"}

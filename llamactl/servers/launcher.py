@@ -88,7 +88,8 @@ class Launched:
 
 def running_for_placement(instances: dict[str, Instance], protected: frozenset[str] = frozenset(),
                           inv: Inventory | None = None) -> list[RunningInstance]:
-    """The state's live instances (starting, ready, busy, stopping) as placement counts them on `inv`.
+    """The state's live instances (starting, ready, busy, stopping) as placement counts them on `inv`; a
+    worker's rpc-servers are not among them (their GPUs' memory shows in NVML as another program's).
 
     The inventory is this box (simulated, or NVML) unless it was read from a file: another box as it was
     measured, whose used/free figures stand alone. A simulated GPU never shows what runs, so every instance
@@ -100,7 +101,7 @@ def running_for_placement(instances: dict[str, Instance], protected: frozenset[s
                             idle=i.status is Status.READY and i.name not in protected,
                             starting=i.status is Status.STARTING, pids=(i.pid,) if i.pid else (),
                             visible=_shown(i, inv))
-            for i in instances.values() if i.live]
+            for i in instances.values() if i.live and i.serves_http]
 
 
 def _shown(inst: Instance, inv: Inventory | None) -> bool | None:
@@ -121,11 +122,19 @@ def seats_of(instances: dict[str, Instance], protected: frozenset[str] = frozens
     phase = {Status.STARTING: Status.STARTING, Status.READY: Status.READY, Status.BUSY: Status.READY,
              Status.STOPPING: Status.STOPPING}
     return {n: scheduler.Seat(n, phase[i.status], in_flight=int(i.status is Status.BUSY or n in protected),
-                              last_used=i.last_used) for n, i in instances.items() if i.live}
+                              last_used=i.last_used) for n, i in instances.items() if i.live and i.serves_http}
+
+
+def rpc_endpoints(chosen: Sequence[int], inv: Inventory) -> tuple[str, ...]:
+    """The --rpc list of a plan's devices: the endpoints of its remote ones, in the plan's (llama.cpp's) order."""
+    by_index = {g.index: g for g in inv.gpus}
+    return tuple(by_index[i].endpoint or "" for i in chosen if i in by_index and by_index[i].remote)
 
 
 def cuda_devices(chosen: Sequence[int], inv: Inventory) -> tuple[str, ...]:
+    """CUDA_VISIBLE_DEVICES for a plan's local GPUs (by UUID when all have one); a remote device is not local."""
     by_index = {g.index: g for g in inv.gpus}
+    chosen = [i for i in chosen if not (i in by_index and by_index[i].remote)]
     uuids = [by_index[i].uuid if i in by_index else None for i in chosen]
     if uuids and all(uuids):
         return tuple(u for u in uuids if u)
@@ -246,6 +255,7 @@ def command_for(req: LaunchRequest, the_plan: Plan, binary: str | Path, caps: Se
         raise NoFitError(f"{req.model.name} does not fit: " + "; ".join(the_plan.reasons[-2:]))
     return build_command(binary, req.model, the_plan.resolved, caps, host=req.host, port=port,
                          tensor_split=the_plan.tensor_split, cuda_devices=cuda_devices(the_plan.gpu_ids, inv),
+                         rpc=rpc_endpoints(the_plan.gpu_ids, inv),
                          extra=req.extra, alias=req.name, verbose_buffers=True,  # buffer sizes: what it took
                          slot_save_path=req.slot_save_path)
 

@@ -44,6 +44,11 @@ def is_server(exe: str) -> bool:
     return os.path.basename(exe.removesuffix(" (deleted)")).startswith(SERVER_NAMES)
 
 
+def is_rpc_server(exe: str) -> bool:
+    """Whether an executable's path names llama.cpp's RPC server (what `llamactl worker` starts)."""
+    return os.path.basename(exe.removesuffix(" (deleted)")).startswith(SERVER_NAMES[1:])
+
+
 class Ownership(str, Enum):
     OURS = "ours"
     GONE = "gone"  # no such process (or a zombie): nothing to signal

@@ -21,7 +21,8 @@ DRIFT_THRESHOLD = 0.10  # an instance whose actual memory on a device is this fa
 def refresh(store: StateStore) -> list[tuple[Instance, client.Live | None]]:
     """Reconcile, poll live instances concurrently, record activity (last_used) and readiness seen."""
     instances = store.instances()
-    live = [i for i in instances.values() if i.live and i.pid is not None]
+    # a worker's rpc-server speaks no HTTP: a GET would be read as tensor commands
+    live = [i for i in instances.values() if i.live and i.pid is not None and i.serves_http]
     polled = dict(zip((i.name for i in live), client.poll_all([f"http://{i.host}:{i.port}" for i in live])))
     now = time.time()
     changed = {}

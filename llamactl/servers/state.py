@@ -45,7 +45,8 @@ STATE_NAME = "state.json"
 LOCK_NAME = "state.lock"
 UNSPAWNED_GRACE_S = 120.0  # a reservation with no pid older than this was abandoned
 MAX_STATE_BYTES = 16 * 1024 * 1024  # far above any real state file; a bigger one is not ours
-STARTED_BY = ("cli", "proxy", "adopted")
+STARTED_BY = ("cli", "proxy", "adopted", "worker")
+KINDS = ("server", "rpc")  # a llama-server, or a worker's ggml-rpc-server (llamactl worker)
 
 __all__ = ["INSTANCE_ENV", "STATE_DIR_ENV", "Instance", "StateStore", "Status", "check_name", "name_for", "valid_name"]
 
@@ -69,6 +70,7 @@ class InstanceJSON(TypedDict, total=False):
     started_by: str
     status: str
     activity: int
+    kind: str
 
 
 @dataclass(frozen=True)
@@ -89,6 +91,12 @@ class Instance:
     status: Status = Status.STARTING
     activity: int = 0  # llama-server's token counters at the last poll: a change means it was used
     host: str = "127.0.0.1"
+    kind: str = "server"  # "rpc": a worker's ggml-rpc-server, never planned around, polled or evicted for room
+
+    @property
+    def serves_http(self) -> bool:
+        """A llama-server (polled over HTTP, a seat of the scheduler), not a worker's rpc-server."""
+        return self.kind == "server"
 
     def moved(self, status: Status, **changes: object) -> "Instance":
         """This entry with a new status (checked against the lifecycle's transitions) and other changes."""
@@ -170,11 +178,14 @@ class Instance:
             raise ValueError("model is not a string")
         if pid is None and status not in ("starting", "dead", "failed"):
             raise ValueError(f"status {status!r} without a pid")
+        kind = data.get("kind", "server")
+        if kind not in KINDS:
+            raise ValueError(f"kind {kind!r} unknown")
         return cls(
             name=key, model=model, port=port, pid=pid, create_time=None if pid is None else float(create_time),
             argv=tuple(argv), env=dict(env), gpu_ids=tuple(gpu_ids), estimated_bytes=dict(est), actual_bytes=dict(actual),
             started_at=float(times["started_at"]), last_used=float(times["last_used"]), started_by=started_by,
-            status=Status(status), activity=activity, host=host,
+            status=Status(status), activity=activity, host=host, kind=kind,
         )
 
 
@@ -422,6 +433,7 @@ def reconcile(instances: dict[str, Instance], state_dir: Path, now: float | None
             status=Status.READY if known is None else (Status.STARTING if known.status is Status.STARTING else Status.READY),
             env=known.env if known else {}, gpu_ids=known.gpu_ids if known else (),
             estimated_bytes=known.estimated_bytes if known else {},
+            kind="rpc" if procs.is_rpc_server(argv[0] if argv else "") else "server",
         )
     return out
 

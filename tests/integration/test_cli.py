@@ -205,6 +205,8 @@ FAILURES: dict[str, tuple[list[str], list[str], int, str]] = {
     "calibration": ([], ["calibration", "import", "{missing}"], 2, "usage"),
     "top": ([], ["top", "--url", "ftp://127.0.0.1:9", "--once"], 1, "remote"),
     "k8s": ([], ["k8s", "render", "{missing}", "--gpus-file", "{file}"], 2, "usage"),
+    "worker": ([], ["worker", "--api-key-file", "{missing}", "--cpu-memory", "1GiB"], 2, "usage"),
+    "ctl": ([], ["ctl", "running", "--url", "ftp://127.0.0.1:9"], 1, "remote"),
 }
 
 
