@@ -5,7 +5,7 @@ Backend: bench/fake_sse_server.py (aiohttp), started by the proxy as its "llama-
 Load: an aiohttp client (cheap per chunk). Reports:
  (a) unthrottled streams, 16 and 64 concurrent: throughput ratio proxy/direct, proxy CPU ms per relayed MB
  (b) 64 streams paced at 50 chunks/s: added p50/p99 chunk latency, proxy CPU s per 1000 chunks
- (c) small non-streamed requests: added median latency
+ (c) small non-streamed requests: added median latency, against a bare aiohttp relay's in the same run
  (d) cold start: time to first byte for an unloaded model minus the instance's own time to ready
 """
 
@@ -122,6 +122,10 @@ def main() -> int:
     parser.add_argument("--quick", action="store_true", help="smaller loads (a smoke test of the bench)")
     parser.add_argument("--chunk-bytes", type=int, default=64, help="content bytes per streamed chunk")
     parser.add_argument("--only-a", action="store_true", help="only the unthrottled-stream part")
+    parser.add_argument("--only-c", action="store_true", help="only the small-request part")
+    parser.add_argument("--features", action="store_true",
+                        help="the hot model with request defaults, priority, pin, min_resident and a queue bound; "
+                             "allowed_origins on")
     args = parser.parse_args()
     PAD["pad"] = args.chunk_bytes
     n_chunks = 300 if args.quick else 2000
@@ -132,8 +136,12 @@ def main() -> int:
         model = write_model(tmp / "tiny.gguf", ModelSpec(n_vocab=300))
         port = free_port()
         colds_n = args.rounds + 2
-        (tmp / "config.toml").write_text(f'port = {port}\nport_start = {free_port()}\npoll_interval = "5s"\n'
-                                         f'[models.hot]\npath = "{model}"\n'
+        features = 'allowed_origins = ["http://localhost:3000"]\n' if args.features else ""
+        hot = ('priority = 5\npin = true\nmin_resident = "1m"\nmax_queue = 100\nqueue_timeout = "30s"\n'
+               '[models.hot.request]\ndefaults = { temperature = 0.5, top_p = 0.9 }\nstrip = ["seed"]\n'
+               if args.features else "")
+        (tmp / "config.toml").write_text(f'port = {port}\nport_start = {free_port()}\npoll_interval = "5s"\n{features}'
+                                         f'[models.hot]\npath = "{model}"\n{hot}'
                                          + "".join(f'[models.cold{i}]\npath = "{model}"\n' for i in range(colds_n)))
         env = {**os.environ, "LLAMACTL_STATE_DIR": str(tmp / "state"), "LLAMACTL_GPUS": "none",
                "LLAMA_SERVER": str(wrapper), "LLAMACTL_CACHE_DIR": str(tmp / "cache"),
@@ -146,7 +154,9 @@ def main() -> int:
 
             if not wait_healthy(base, 15, alive=lambda: proxy.poll() is None):
                 raise SystemExit("llamactl proxy did not start")
-            httpx.post(f"{base}/v1/chat/completions", json={"model": "hot", "messages": []}, timeout=30)
+            first = httpx.post(f"{base}/v1/chat/completions", json={"model": "hot", "messages": []}, timeout=30)
+            if first.status_code != 200:
+                raise SystemExit(f"the first request failed: {first.status_code} {first.text[:300]}")
             hot_port = next(i["port"] for i in httpx.get(f"{base}/status").json()["instances"] if i["model"] == "hot")
             via, direct = f"{base}/v1/chat/completions", f"http://127.0.0.1:{hot_port}/v1/chat/completions"
             pproc = psutil.Process(proxy.pid)
@@ -163,7 +173,7 @@ def main() -> int:
                 except httpx.HTTPError:
                     time.sleep(0.05)
             bare_url, bproc = f"http://127.0.0.1:{bare_port}/v1/chat/completions", psutil.Process(bare.pid)
-            for conc in (16, 64):
+            for conc in (() if args.only_c else (16, 64)):
                 rates: dict[str, list[float]] = {"direct": [], "proxy": [], "bare": []}
                 cpu_per_mb: dict[str, list[float]] = {"proxy": [], "bare": []}
                 for _ in range(args.rounds):
@@ -178,32 +188,36 @@ def main() -> int:
                       f"{med['proxy'] / 2**20:.1f} MB/s, ratio {med['proxy'] / med['direct']:.2f}; proxy CPU "
                       f"{statistics.median(cpu_per_mb['proxy']):.1f} ms per relayed MB, a bare aiohttp relay "
                       f"{statistics.median(cpu_per_mb['bare']):.1f} ms (ratio {med['bare'] / med['direct']:.2f})")
-            bare.terminate()
-            bare.wait()
             if args.only_a:
                 return 0
 
-            paced_chunks = 50 if args.quick else 100
+            paced_chunks = 0 if args.only_c else 50 if args.quick else 100
             lat = {"direct": [], "proxy": []}
             cpu_per_k = []
-            for _ in range(args.rounds):
+            for _ in range(args.rounds if paced_chunks else 0):
                 for mode, url in (("direct", direct), ("proxy", via)):
                     before = cpu_s(pproc)
                     asyncio.run(concurrent_streams(url, 64, paced_chunks, pace=50.0, latencies=lat[mode]))
                     if mode == "proxy":
                         cpu_per_k.append((cpu_s(pproc) - before) / (64 * paced_chunks) * 1000)
-            print(f"(b) 64 streams at 50 chunks/s: added p50 {(pct(lat['proxy'], .5) - pct(lat['direct'], .5)) * 1000:.2f} ms, "
-                  f"added p99 {(pct(lat['proxy'], .99) - pct(lat['direct'], .99)) * 1000:.2f} ms "
-                  f"(direct p50 {pct(lat['direct'], .5) * 1000:.2f} ms, p99 {pct(lat['direct'], .99) * 1000:.2f} ms), "
-                  f"proxy CPU {statistics.median(cpu_per_k):.3f} s per 1000 chunks")
+            if paced_chunks:
+                print(f"(b) 64 streams at 50 chunks/s: added p50 {(pct(lat['proxy'], .5) - pct(lat['direct'], .5)) * 1000:.2f} ms, "
+                      f"added p99 {(pct(lat['proxy'], .99) - pct(lat['direct'], .99)) * 1000:.2f} ms "
+                      f"(direct p50 {pct(lat['direct'], .5) * 1000:.2f} ms, p99 {pct(lat['direct'], .99) * 1000:.2f} ms), "
+                      f"proxy CPU {statistics.median(cpu_per_k):.3f} s per 1000 chunks")
 
-            small = {"direct": [], "proxy": []}
+            small: dict[str, list[float]] = {"direct": [], "proxy": [], "bare": []}
             for _ in range(args.rounds * 2):
-                for mode, url in (("direct", direct), ("proxy", via)):
+                for mode, url in (("direct", direct), ("proxy", via), ("bare", bare_url)):
                     small[mode] += asyncio.run(small_requests(url, 50))
-            added = statistics.median(small["proxy"]) - statistics.median(small["direct"])
-            print(f"(c) small requests: direct median {statistics.median(small['direct']) * 1000:.2f} ms, "
-                  f"proxy {statistics.median(small['proxy']) * 1000:.2f} ms, added {added * 1000:.2f} ms")
+            median = {k: statistics.median(v) for k, v in small.items()}
+            added, bare_added = median["proxy"] - median["direct"], median["bare"] - median["direct"]
+            print(f"(c) small requests: direct median {median['direct'] * 1000:.2f} ms, proxy "
+                  f"{median['proxy'] * 1000:.2f} ms (adds {added * 1000:.2f} ms), a bare aiohttp relay "
+                  f"{median['bare'] * 1000:.2f} ms (adds {bare_added * 1000:.2f} ms): the proxy over the bare relay "
+                  f"{(added - bare_added) * 1000:.2f} ms")
+            if args.only_c:
+                return 0
 
             colds, readies = [], []
             for i in range(colds_n):  # a model never started before, each time
@@ -212,6 +226,9 @@ def main() -> int:
             print(f"(d) cold start: time to first byte {statistics.median(colds) * 1000:.0f} ms, instance's own time to "
                   f"ready {statistics.median(readies) * 1000:.0f} ms, proxy adds {(statistics.median(colds) - statistics.median(readies)) * 1000:.0f} ms")
         finally:
+            if "bare" in locals():
+                bare.terminate()
+                bare.wait()
             proxy.send_signal(signal.SIGTERM)
             proxy.wait(timeout=60)
     return 0
