@@ -58,6 +58,9 @@ def build_command(
     caps.require(*REQUIRED_FLAGS)
     if rpc:
         caps.require("--rpc")
+        if any(arg.split("=", 1)[0] == "--rpc" for arg in extra):
+            raise UsageError("extra argument --rpc: the plan uses [workers.NAME] devices and passes --rpc itself; "
+                             "leave it out (a hand-written --rpc is for devices llamactl does not place)")
     argv = [str(binary), "--model", str(model), "--host", host, "--port", str(port), *registry.argv(resolved, caps)]
     if caps.supports("--fit"):
         argv += ["--fit", "off"]  # its dry run would otherwise rewrite the flags we left unset
@@ -117,7 +120,6 @@ _OWN = {
     ("-fit", "--fit"): ("plan (llamactl places the model)", "gpus, max_gpus"),
     ("-a", "--alias"): ("--name (the instance name is the alias)", "the [models.NAME] name"),
     ("--slot-save-path",): ("the proxy's keep_cache", "keep_cache"),
-    ("--rpc",): ("[workers.NAME] in the config (plan places layers on their devices)", "[workers.NAME]"),
 }
 _OWN_FLAGS = {**registry.own_flags(), **{flag: use for flags, use in _OWN.items() for flag in flags}}
 

@@ -140,9 +140,18 @@ def test_a_model_too_big_for_the_host_spans_the_fewest_workers_remote_devices_fi
     assert any("other host(s) (a)" in r for r in got.reasons)
 
 
-def test_rpc_is_set_by_llamactl_not_an_extra_argument() -> None:
+def test_a_hand_written_rpc_is_passed_unless_the_plan_uses_workers(llama8b) -> None:  # noqa: F811
+    """`-- --rpc HOST:PORT` (devices llamactl does not place, as before workers) goes through; beside a plan's
+    own --rpc it is refused, naming both."""
+    from llamactl.model.settings import ServerSettings, resolve
+    from llamactl.servers.command import ASSUMED_FLAGS, build_command
+    from llamactl.servers.probe import ServerCaps
+
+    check_extra_args(["--rpc", "10.0.0.2:50052"])
+    caps = ServerCaps("llama-server", "assumed", None, ASSUMED_FLAGS)
     with pytest.raises(UsageError, match="workers"):
-        check_extra_args(["--rpc", "10.0.0.2:50052"])
+        build_command("llama-server", "m.gguf", resolve(ServerSettings(), llama8b, 1), caps,
+                      extra=["--rpc", "10.0.0.2:50052"], rpc=["10.0.0.3:50052"])
 
 
 # --- the config -----------------------------------------------------------------------------------------
