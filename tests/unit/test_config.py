@@ -212,3 +212,15 @@ def test_a_bad_env_names_the_key(tmp_path: Path, env: str, message: str) -> None
     with pytest.raises(ConfigError) as info:
         load(write(tmp_path, f'[models.m]\npath = "m.gguf"\nenv = {env}\n'))
     assert message in str(info.value) and "\n" not in str(info.value)
+
+
+def test_the_worked_example_in_docs_proxy_md_is_a_valid_config(tmp_path: Path) -> None:
+    import re
+
+    text = (Path(__file__).resolve().parents[2] / "docs" / "proxy.md").read_text()
+    block = re.search(r"<!-- example: five models -->\n```toml\n(.*?)```", text, re.S)
+    assert block is not None, "docs/proxy.md lost its worked example"
+    cfg = load(write(tmp_path, block.group(1)))
+    assert sorted(cfg.models) == ["big", "chat", "code", "embed", "vision"] and list(cfg.variants) == ["chat-precise"]
+    assert cfg.models["chat"].residency.pin and not cfg.models["code"].residency.spill
+    assert cfg.route("chat-precise")[0].name == "chat"
