@@ -38,10 +38,12 @@ def _cli(env: dict[str, str], *args: str, timeout_s: float = 120) -> subprocess.
 class Worker:
     """A real `llamactl worker` process with its own state dir, as on another host."""
 
-    def __init__(self, root: Path, name: str, env: dict[str, str], key: str) -> None:
+    def __init__(self, root: Path, name: str, env: dict[str, str], key: str, reserved: set[int]) -> None:
         self.name, self.key, self.port = name, key, free_port()
-        while _taken(self.port + 1):  # its rpc-server takes the next port
+        # its rpc-server takes the next port: free now, and not one another worker of this test chose
+        while _taken(self.port + 1) or {self.port, self.port + 1} & reserved:
             self.port = free_port()
+        reserved.update({self.port, self.port + 1})
         self.state = root / f"worker-{name}"
         key_file = root / f"{name}.key"
         key_file.write_text(key + "\n")
@@ -113,7 +115,8 @@ def cluster(server_binary: Path, tmp_path: Path) -> Iterator[tuple[dict[str, str
     env = {**os.environ, "LLAMA_SERVER": str(server_binary), "LLAMACTL_CACHE_DIR": str(tmp_path / "cache"),
            "PYTHONPATH": os.pathsep.join(filter(None, [str(Path(__file__).parents[2]), os.environ.get("PYTHONPATH")]))}
     env.pop("LLAMACTL_WORKER_KEY", None)
-    workers = {name: Worker(tmp_path, name, env, f"key-{name}-{os.urandom(4).hex()}") for name in ("a", "b")}
+    reserved: set[int] = set()
+    workers = {name: Worker(tmp_path, name, env, f"key-{name}-{os.urandom(4).hex()}", reserved) for name in ("a", "b")}
     try:
         for worker in workers.values():
             worker.wait_ready()
