@@ -73,7 +73,7 @@ async def poll_box(session: aiohttp.ClientSession, box: remote.Box,
         return remote.Reading(reachable=True, latency_ms=latency_ms)
     running = await _get(session, box.base_url + "/running", timeout_s, box.api_key)
     return remote.Reading(True, latency_ms, remote.models_of(got[1]),
-                          remote.spare_of(running[1]) if running is not None and running[0] == 200 else {})
+                          remote.running_slots(running[1]) if running is not None and running[0] == 200 else {})
 
 
 async def poll_remotes(proxy: Proxy) -> None:

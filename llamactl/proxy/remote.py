@@ -26,12 +26,12 @@ MAX_IMPORTED = 256  # models taken from one upstream's /v1/models, in its order;
 @dataclass(frozen=True)
 class Reading:
     """One poll of a box: reachable or not, how long its answer took, and for an upstream what it serves and
-    how many free slots its /running showed per model."""
+    its models' slots as its /running showed them."""
 
     reachable: bool
     latency_ms: float | None = None
     models: tuple[str, ...] | None = None  # None: not an upstream, or its list was unreadable
-    spare: dict[str, int] = field(default_factory=dict)
+    slots: dict[str, tuple[int, int]] = field(default_factory=dict)  # model → (busy, total) from /running
 
 
 @dataclass
@@ -43,7 +43,7 @@ class Box:
     reachable: bool | None = None  # None: not polled yet (a request tries it)
     latency_ms: float | None = None
     models: tuple[str, ...] = ()  # what it serves: its model, or what its /v1/models listed at the last poll
-    spare: dict[str, int] = field(default_factory=dict)  # free slots per model at the last poll
+    slots: dict[str, tuple[int, int]] = field(default_factory=dict)  # model → (busy, total) at the last poll
     in_flight: dict[str, int] = field(default_factory=dict)  # requests relayed to it now, per model
 
     @property
@@ -80,22 +80,24 @@ def models_of(body: bytes, limit: int = MAX_IMPORTED) -> tuple[str, ...] | None:
     return tuple(dict.fromkeys(i for i in ids if valid_name(i)))[:limit]
 
 
-def spare_of(body: bytes) -> dict[str, int]:
-    """Free slots per model from a llamactl proxy's `/running`: a ready model's slots (1 when unknown) less the
-    requests in flight; what cannot be read counts as none."""
+def running_slots(body: bytes) -> dict[str, tuple[int, int]]:
+    """(requests in flight, slots) per ready model from a llamactl proxy's `/running` (slots 1 when unknown; of
+    two rows for a model, the freer); what cannot be read counts as no slot."""
     try:
         running = json.loads(body).get("running")
     except (ValueError, RecursionError, AttributeError):
         return {}
-    spare: dict[str, int] = {}
+    out: dict[str, tuple[int, int]] = {}
     for entry in running if isinstance(running, list) else ():
         if not isinstance(entry, dict) or entry.get("state") != "ready" or not valid_name(entry.get("model")):
             continue
         slots, busy = entry.get("slots_total"), entry.get("in_flight")
         slots = slots if isinstance(slots, int) and not isinstance(slots, bool) and slots > 0 else 1
         busy = busy if isinstance(busy, int) and not isinstance(busy, bool) and busy >= 0 else 0
-        spare[entry["model"]] = max(spare.get(entry["model"], 0), slots - busy)
-    return spare
+        held = out.get(entry["model"])
+        if held is None or slots - busy > held[1] - held[0]:
+            out[entry["model"]] = (busy, slots)
+    return out
 
 
 def pick(boxes: Sequence[Box], model: str, tried: Iterable[Box] = ()) -> Box | None:
@@ -103,7 +105,8 @@ def pick(boxes: Sequence[Box], model: str, tried: Iterable[Box] = ()) -> Box | N
     slot for it beyond what this proxy sends it now, else the first; None when none is left."""
     left = [b for b in boxes if b.reachable is not False and all(b is not t for t in tried)]
     for box in left:
-        if box.spare.get(model, 0) > box.in_flight.get(model, 0):
+        busy, total = box.slots.get(model, (0, 0))
+        if total - busy > box.in_flight.get(model, 0):
             return box
     return left[0] if left else None
 
@@ -173,7 +176,7 @@ class Remotes:
         box.reachable, box.latency_ms = reading.reachable, reading.latency_ms
         if not reading.reachable:
             return
-        box.spare = reading.spare
+        box.slots = reading.slots
         if box.imports and reading.models is not None:
             box.models = self._importable(box, reading.models)
 

@@ -153,9 +153,12 @@ def _instance(proxy: Proxy, name: str, slot: Slot, now: float) -> InstanceView:
 
 def _remote_rows(proxy: Proxy) -> tuple[InstanceView, ...]:
     """A row per (model, box) other boxes serve: `ready`, `unreachable` or `unknown` (not polled yet), the
-    box's latency, and the requests this proxy relays there now. Named `MODEL@UPSTREAM` when imported."""
+    box's latency, the requests this proxy relays there now and, from an upstream's /running, the model's slots
+    busy there (its requests in flight, everyone's) and its slots. Named `MODEL@UPSTREAM` when imported."""
     return tuple(InstanceView(name=model if model == box.name else f"{model}@{box.name}", model=model,
                               state=box.state, url=box.base_url, in_flight=box.in_flight.get(model, 0), queued=0,
+                              slots_busy=box.slots[model][0] if model in box.slots else None,
+                              slots_total=box.slots[model][1] if model in box.slots else None,
                               aliases=(), configured=True, started_by_proxy=False, started_by="remote",
                               upstream=box.name, latency_ms=box.latency_ms)
                  for model, box in proxy.remotes.served())

@@ -3,6 +3,8 @@ llama-servers behind the back one."""
 
 from __future__ import annotations
 
+from concurrent.futures import ThreadPoolExecutor
+
 import httpx
 
 from tests.integration.test_proxy import make_proxy, wait_for  # noqa: F401 - the fixture
@@ -79,3 +81,34 @@ def test_a_wrong_key_leaves_the_upstream_unreachable_and_its_models_unlisted(mak
     assert wait_for(lambda: 'llamactl_upstream_up{upstream="back"} 0.0' in httpx.get(f"{front.url}/metrics").text, 10)
     assert _models(front.url) == {}
     assert front.post("alpha").status_code == 404
+
+
+def test_a_model_on_two_upstreams_goes_to_the_one_with_a_free_slot(make_proxy) -> None:
+    one = make_proxy({"alpha": ["--fake-chunk-delay", "0.1"]})
+    two = make_proxy({"alpha": []})
+    front = make_proxy({}, f'[upstreams.one]\nurl = "{one.url}"\n[upstreams.two]\nurl = "{two.url}"\n')
+    assert wait_for(lambda: _models(front.url).get("alpha", {}).get("upstreams") == ["one", "two"], 10)
+
+    def served(proxy) -> float:
+        return proxy.metric("llamactl_requests_total", model="alpha", status="200")
+
+    # loaded on both (a stopped model has no free slot), one first: whichever poll the front saw, one is free
+    for box in (one, two):
+        assert box.post("alpha", max_tokens=2).status_code == 200
+    assert wait_for(lambda: _rows(front.url)["alpha@two"]["slots_total"] == 4, 10)
+    assert front.post("alpha", max_tokens=2).status_code == 200
+    assert wait_for(lambda: served(one) == 2) and served(two) == 1  # both free: the first
+
+    # one's four slots (the fake's) taken by slow streams sent to it directly: its /running shows none free
+    with ThreadPoolExecutor(4) as pool:
+        body = {"model": "alpha", "messages": [], "stream": True, "max_tokens": 100}
+        slow = [pool.submit(httpx.post, f"{one.url}/v1/chat/completions", json=body, timeout=60) for _ in range(4)]
+        assert wait_for(lambda: _rows(front.url)["alpha@one"]["slots_busy"] == 4, 10)  # the front's poll saw it
+        assert front.post("alpha", max_tokens=2).status_code == 200
+        assert wait_for(lambda: served(two) == 2) and served(one) == 2
+        assert all(not s.done() for s in slow)  # one was full all along
+        assert all(s.result().status_code == 200 for s in slow)
+
+
+def _running(url: str) -> dict[str, dict]:
+    return {i["name"]: i for i in httpx.get(f"{url}/running", timeout=10).json()["running"]}

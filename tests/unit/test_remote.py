@@ -26,15 +26,16 @@ def test_models_of_keeps_valid_names_in_order_bounded() -> None:
     assert remote.models_of(b"not json") is None and remote.models_of(b"[]") is None
 
 
-def test_spare_of_counts_free_slots_of_ready_models() -> None:
+def test_running_slots_of_ready_models() -> None:
     body = json.dumps({"running": [
         {"model": "a", "state": "ready", "slots_total": 4, "in_flight": 1},
         {"model": "b", "state": "ready", "slots_total": None, "in_flight": 0},  # slots unknown: one
         {"model": "c", "state": "starting", "slots_total": 4, "in_flight": 0},
         {"model": "d", "state": "ready", "slots_total": 2, "in_flight": 2},
+        {"model": "a", "state": "ready", "slots_total": 2, "in_flight": 2},  # a second row: the freer one stays
     ]}).encode()
-    assert remote.spare_of(body) == {"a": 3, "b": 1, "d": 0}
-    assert remote.spare_of(b"{") == {} and remote.spare_of(b'{"running": 3}') == {}
+    assert remote.running_slots(body) == {"a": (1, 4), "b": (0, 1), "d": (2, 2)}
+    assert remote.running_slots(b"{") == {} and remote.running_slots(b'{"running": 3}') == {}
 
 
 @pytest.mark.parametrize("spares,reachable,in_flight,chosen", [
@@ -46,7 +47,7 @@ def test_spare_of_counts_free_slots_of_ready_models() -> None:
     ([1, 1], [False, False], [0, 0], None),
 ])
 def test_pick(spares, reachable, in_flight, chosen) -> None:
-    boxes = [Box(Remote(f"b{i}", f"http://b{i}:1"), True, reachable=r, models=("m",), spare={"m": s},
+    boxes = [Box(Remote(f"b{i}", f"http://b{i}:1"), True, reachable=r, models=("m",), slots={"m": (0, s)},
                  in_flight={"m": f}) for i, (s, r, f) in enumerate(zip(spares, reachable, in_flight))]
     got = remote.pick(boxes, "m")
     assert (boxes.index(got) if got is not None else None) == chosen
@@ -55,8 +56,8 @@ def test_pick(spares, reachable, in_flight, chosen) -> None:
 def test_import_skips_local_names_and_routes_to_the_box_with_a_free_slot() -> None:
     remotes = Remotes(_config(one="http://one:1", two="http://two:2"))
     solo, one, two = remotes.boxes
-    remotes.record(one, Reading(True, 3.0, ("local", "loc", "solo", "shared"), {"shared": 0}))
-    remotes.record(two, Reading(True, 4.0, ("shared", "other"), {"shared": 2}))
+    remotes.record(one, Reading(True, 3.0, ("local", "loc", "solo", "shared"), {"shared": (1, 1)}))
+    remotes.record(two, Reading(True, 4.0, ("shared", "other"), {"shared": (2, 4)}))
     assert one.models == ("shared",)  # the proxy's own model, alias and url model win over an import
     assert remotes.serving("local") == [] and remotes.serving("solo") == [solo]
     assert [(m, b.name) for m, b in remotes.served()] == [("other", "two"), ("shared", "one"), ("shared", "two"),
