@@ -140,7 +140,8 @@ class Remotes:
 
     def served(self) -> list[tuple[str, Box]]:
         """(model, box) for every remote model, sorted by model, then in the config's order."""
-        pairs = [(m, b) for b in self.boxes for m in b.models if any(b is s for s in self.serving(m))]
+        pairs = [(m, b) for b in self.boxes for m in b.models
+                 if m not in self.local and (not b.imports or m not in self.configured)]  # as `serving` routes
         return sorted(pairs, key=lambda p: p[0])
 
     def acquire(self, model: str, tried: Sequence[Box] = ()) -> Box:
