@@ -82,6 +82,7 @@ async def _lifespan(app: web.Application) -> AsyncIterator[None]:
     if adopted:
         log.info("adopted running instances: %s", ", ".join(adopted), extra={"event": "adopted_all", "models": adopted})
     polling = asyncio.create_task(poller.poll_forever(proxy))
+    polling_remotes = asyncio.create_task(poller.poll_remotes_forever(proxy))
     preloading = asyncio.create_task(proxy.pool.preload())  # in the background: /health answers meanwhile
     notes = proxy_notes.path_for(proxy.pool.store.dir, proxy.address[1]) if proxy.address else None
     noting = asyncio.create_task(poller.keep_notes(proxy, notes)) if notes is not None else None
@@ -93,7 +94,7 @@ async def _lifespan(app: web.Application) -> AsyncIterator[None]:
     try:
         yield
     finally:
-        background = [t for t in (polling, preloading, noting) if t is not None]
+        background = [t for t in (polling, polling_remotes, preloading, noting) if t is not None]
         for task in background:
             task.cancel()
         await asyncio.gather(*background, return_exceptions=True)

@@ -86,7 +86,7 @@ async def poll_remotes(proxy: Proxy) -> None:
 
 async def poll_once(proxy: Proxy) -> None:
     pool = proxy.pool
-    await asyncio.gather(pool.poll_once(), poll_remotes(proxy))
+    await pool.poll_once()
     # slots busy and tokens/s of each ready instance (not those with a private key: /slots needs it)
     ready = {n: s.base_url for n, s in pool.slots.items()
              if s.instance is not None and s.phase is Status.READY and not s.api_key}
@@ -99,16 +99,26 @@ async def poll_once(proxy: Proxy) -> None:
 
 
 async def poll_forever(proxy: Proxy) -> None:
-    round_ = poll_remotes  # remote boxes are read at once: an upstream's models are routable from start-up
     while True:
-        try:
-            await round_(proxy)
-        except asyncio.CancelledError:
-            raise
-        except Exception as exc:  # the poller must outlive one bad round
-            log.error("poll failed: %s", exc, extra={"event": "poll_failed", "error": str(exc)})
-        round_ = poll_once
         await asyncio.sleep(proxy.pool.config.poll_interval_s)
+        await _survive(poll_once, proxy)
+
+
+async def poll_remotes_forever(proxy: Proxy) -> None:
+    """The remote boxes' round, at once (an upstream's models are routable from start-up) and then every poll
+    interval, apart from the pool's: a box that is slow to answer delays no TTL or liveness check."""
+    while True:
+        await _survive(poll_remotes, proxy)
+        await asyncio.sleep(proxy.pool.config.poll_interval_s)
+
+
+async def _survive(round_, proxy: Proxy) -> None:
+    try:
+        await round_(proxy)
+    except asyncio.CancelledError:
+        raise
+    except Exception as exc:  # the poller must outlive one bad round
+        log.error("poll failed: %s", exc, extra={"event": "poll_failed", "error": str(exc)})
 
 
 async def keep_notes(proxy: Proxy, path: Path) -> None:
