@@ -81,6 +81,16 @@ class WorkerConfig:
 
 
 @dataclass(frozen=True)
+class Remote:
+    """A model served on another box (`[models.NAME]` with `url`), or a box whose models the proxy imports
+    (`[upstreams.NAME]`): never started, stopped or planned here. `api_key` is sent to it and shown nowhere."""
+
+    name: str
+    url: str  # http://HOST:PORT, no trailing slash
+    api_key: str | None = field(default=None, repr=False)
+
+
+@dataclass(frozen=True)
 class Config:
     source: Path | None = None
     server_bin: str | None = None
@@ -110,6 +120,8 @@ class Config:
     residency: Residency = Residency()  # [defaults]' residency keys
     placement: PlacementSpec = PlacementSpec()  # the machine's keys and [defaults]' placement keys
     variants: dict[str, Variant] = field(default_factory=dict)
+    remotes: dict[str, Remote] = field(default_factory=dict)  # [models.NAME] with url: a model on another box
+    upstreams: tuple[Remote, ...] = ()  # [upstreams.NAME]: boxes whose /v1/models are imported, in the file's order
 
     def route(self, name: str) -> tuple[ModelConfig, RequestRules] | None:
         """What a request for `name` runs on, and the request rules it gets: a model (by name or alias) with
@@ -134,13 +146,14 @@ class Config:
 _GLOBAL_KEYS = {"server_bin", "host", "port", "port_start", "max_instances", "idle_ttl", "poll_interval",
                 "load_timeout", "header_timeout", "body_timeout", "max_queue", "batching", "max_wait", "max_body", "api_keys", "allowed_hosts", "allowed_origins", "instance_api_keys", "adopt", "models_dir",
                 "gpu_util_threshold", "gpu_mem_threshold", "gpu_overhead", "host_memory", "calibration", "defaults",
-                "models", "workers"}
+                "models", "workers", "upstreams"}
 # every llama-server setting of the registry, the placement keys and extra arguments
 _PLACEMENT_KEYS = {"strategy", "max_gpus", "gpus", "no_partial", "margin", "calibration"}
 _RESIDENCY_KEYS = {k.key for k in registry.RESIDENCY}
 _SETTING_KEYS = set(registry.config_keys(model=False)) | _PLACEMENT_KEYS | _RESIDENCY_KEYS | {"args"}
 _MODEL_KEYS = (set(registry.config_keys(model=True)) | _PLACEMENT_KEYS | _RESIDENCY_KEYS
                | {"args", "path", "ttl", "aliases", "env", "request"})
+_REMOTE_KEYS = {"url", "api_key", "api_key_file"}
 
 
 class _Reader:
@@ -391,6 +404,60 @@ def _workers(r: _Reader, tables: dict[str, Any], path: Path) -> tuple[WorkerConf
     return tuple(out)
 
 
+MAX_UPSTREAMS = 64
+
+
+def _remote_key(r: _Reader, table: dict[str, Any], where: str) -> str | None:
+    """`api_key` (the text) or `api_key_file` (a file holding it, relative to the config's folder), not both."""
+    if "api_key" in table and "api_key_file" in table:
+        raise r.fail(f"{where}.api_key_file", "give api_key or api_key_file, not both")
+    if "api_key" in table:
+        key = r.get(table, "api_key", f"{where}.api_key", str)
+        where = f"{where}.api_key"
+    elif "api_key_file" in table:
+        key_path = _expand(r, r.get(table, "api_key_file", f"{where}.api_key_file", str), f"{where}.api_key_file")
+        key_path = key_path if key_path.is_absolute() else r.path.parent / key_path
+        try:
+            key = key_path.read_text(encoding="utf-8").strip()
+        except (OSError, UnicodeDecodeError) as exc:
+            raise r.fail(f"{where}.api_key_file", f"cannot read {key_path}: {getattr(exc, 'strerror', None) or exc}") from None
+        where = f"{where}.api_key_file"
+    else:
+        return None
+    if not key or len(key) > 4096 or not key.isprintable() or any(c.isspace() for c in key):
+        raise r.fail(where, "expected a non-empty key without spaces or control characters")  # never the key itself
+    return key
+
+
+def _remote(r: _Reader, name: str, table: dict[str, Any], where: str, what: str) -> Remote:
+    """A `url` (http://HOST:PORT) with its key; any other key (a llama-server setting) is refused by name."""
+    for key in table:
+        if key not in _REMOTE_KEYS:
+            if what == "model" and key in _MODEL_KEYS:
+                raise r.fail(f"{where}.{key}", "a remote model (url) takes no llama-server settings: they belong in "
+                                               "its own box's config")
+            _check_keys(r, {key: None}, _REMOTE_KEYS, where)
+    url = r.get(table, "url", f"{where}.url", str)
+    if not _WORKER_URL_RE.fullmatch(url):
+        raise r.fail(f"{where}.url", f"expected http://HOST:PORT (a llama-server or a llamactl proxy), got {url!r}")
+    return Remote(name, url.rstrip("/"), _remote_key(r, table, where))
+
+
+def _upstreams(r: _Reader, tables: dict[str, Any]) -> tuple[Remote, ...]:
+    if len(tables) > MAX_UPSTREAMS:
+        raise r.fail("upstreams", f"at most {MAX_UPSTREAMS} upstreams")
+    out = []
+    for name, table in tables.items():
+        where = f"upstreams.{name}"
+        if not isinstance(table, dict) or "url" not in table:
+            raise r.fail(where, "expected a table with url (and api_key or api_key_file)")
+        if not valid_name(name):
+            raise r.fail(where, "an upstream name is letters, digits, '.', '_' and '-' (starting with a letter or "
+                                "digit, at most 128)")
+        out.append(_remote(r, name, table, where, "upstream"))
+    return tuple(out)
+
+
 def load(path: Path | None, *, required: bool = False) -> Config:
     """Read the config file; a missing default file is an empty config, a missing explicit one an error."""
     if path is None or not path.exists():
@@ -509,6 +576,7 @@ def load(path: Path | None, *, required: bool = False) -> Config:
         cfg["models_dir"] = directory
         models.update(_scan_models_dir(directory, base, base_args, base_placement, base_residency))
     variants: dict[str, Variant] = {}
+    remotes: dict[str, Remote] = {}
     for name, table in r.get(data, "models", "models", dict, {}).items():
         where = f"models.{name}"
         if not isinstance(table, dict):
@@ -519,6 +587,12 @@ def load(path: Path | None, *, required: bool = False) -> Config:
         if "of" in table:  # a variant: another name for a model, with its own request rules
             _check_keys(r, table, {"of", "request"}, where)
             variants[name] = Variant(name, r.get(table, "of", f"{where}.of", str), _request(r, table, where))
+            continue
+        if "url" in table:  # served by another box: nothing of it runs here
+            if "path" in table:
+                raise r.fail(f"{where}.url", "give path (a model run here) or url (one served elsewhere), not both")
+            remotes[name] = _remote(r, name, table, where, "model")
+            models.pop(name, None)  # a file of that name in models_dir is not what it serves
             continue
         _check_keys(r, table, _MODEL_KEYS, where)
         settings, args = _settings(r, table, where, base, model=True)
@@ -553,8 +627,13 @@ def load(path: Path | None, *, required: bool = False) -> Config:
                                                       "by its name)")
         if variant.name in seen:
             raise r.fail(f"models.{variant.name}", f"{variant.name!r} already names model {seen[variant.name]!r}")
+    for remote in remotes.values():
+        if remote.name in seen:
+            raise r.fail(f"models.{remote.name}", f"{remote.name!r} already names model {seen[remote.name]!r}")
     cfg["models"] = models
     cfg["variants"] = variants
+    cfg["remotes"] = remotes
+    cfg["upstreams"] = _upstreams(r, r.get(data, "upstreams", "upstreams", dict, {}))
     cfg["workers"] = _workers(r, r.get(data, "workers", "workers", dict, {}), path)
     known = {f.name for f in fields(Config)}
     return Config(**{k: v for k, v in cfg.items() if k in known})

@@ -70,6 +70,9 @@ def resolve(cfg: Config, model: str | Path, given: Overrides = Overrides()) -> M
     configured: ModelConfig | None = None
     if not path.exists():
         configured = cfg.lookup(str(model))
+        if configured is None and str(model) in cfg.remotes:
+            raise UsageError(f"{model}: served by another box ({cfg.remotes[str(model)].url}), not run here; "
+                             "its own box plans and launches it")
         if configured is None:
             known = ", ".join(sorted(cfg.models)) or "none configured"
             where = f" in {cfg.source}" if cfg.source else ""

@@ -104,6 +104,8 @@ class InstanceView:
     started_by: str | None = None  # "cli", "proxy", "adopted" (the state file's)
     started_by_proxy: bool | None = None  # proxy only: started (or owned) by this proxy
     log_path: str | None = None  # local only: a path on this machine, never taken from a remote snapshot
+    upstream: str | None = None  # proxy only: the box that serves it (a remote model), by its config name
+    latency_ms: float | None = None  # proxy only: a remote box's answer time at the last poll
 
     @property
     def live(self) -> bool:
@@ -126,7 +128,8 @@ class InstanceView:
             "slots_busy": self.slots_busy, "slots_total": self.slots_total, "tokens_per_s": self.tokens_per_s,
             "in_flight": self.in_flight, "queued": self.queued, "idle_s": self.idle_s, "ttl_s": self.ttl_s,
             "ttl_left_s": self.ttl_left_s, "aliases": list(self.aliases) if self.aliases is not None else None,
-            "configured": self.configured, "log_path": self.log_path,
+            "configured": self.configured, "log_path": self.log_path, "upstream": self.upstream,
+            "latency_ms": self.latency_ms,
         }
 
     @classmethod
@@ -155,6 +158,7 @@ class InstanceView:
             configured=data["configured"] if isinstance(data.get("configured"), bool) else None,
             started_by=_text(data.get("started_by")),
             started_by_proxy=data["started_by_proxy"] if isinstance(data.get("started_by_proxy"), bool) else None,
+            upstream=_text(data.get("upstream")), latency_ms=_float(data.get("latency_ms")),
         )
 
 

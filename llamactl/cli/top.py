@@ -157,7 +157,12 @@ def render(screen: Screen, width: int = 120) -> Group:
 def _cells(inst: views.InstanceView) -> list[str]:
     """One instance's row, every column of COLUMNS."""
     slots = f"{inst.slots_busy}/{inst.slots_total}" if inst.slots_total is not None else _or_dash(inst.in_flight, str)
-    return [inst.name, inst.shown_model, inst.state, (",".join(map(str, inst.gpu_ids)) or "CPU") if inst.pid else "-",
+    if inst.upstream is not None:  # served by another box: where, and how fast it answered the last poll
+        state = inst.state + (f" {inst.latency_ms:.0f}ms" if inst.latency_ms is not None else "")
+        where = f"@{inst.upstream}"
+    else:
+        state, where = inst.state, (",".join(map(str, inst.gpu_ids)) or "CPU") if inst.pid else "-"
+    return [inst.name, inst.shown_model, state, where,
             views.describe_bytes(inst.estimated_bytes), views.describe_bytes(inst.actual_bytes) + (" !" if inst.drift else ""),
             slots, f"{inst.tokens_per_s:.1f}" if inst.tokens_per_s else "-", _or_dash(inst.queued, str),
             _or_dash(inst.idle_s, format_duration), _or_dash(inst.ttl_left_s, format_duration)]

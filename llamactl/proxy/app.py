@@ -82,18 +82,19 @@ async def _lifespan(app: web.Application) -> AsyncIterator[None]:
     if adopted:
         log.info("adopted running instances: %s", ", ".join(adopted), extra={"event": "adopted_all", "models": adopted})
     polling = asyncio.create_task(poller.poll_forever(proxy))
+    polling_remotes = asyncio.create_task(poller.poll_remotes_forever(proxy))
     preloading = asyncio.create_task(proxy.pool.preload())  # in the background: /health answers meanwhile
     notes = proxy_notes.path_for(proxy.pool.store.dir, proxy.address[1]) if proxy.address else None
     noting = asyncio.create_task(poller.keep_notes(proxy, notes)) if notes is not None else None
     if proxy.reload_fn is not None:
         try:
-            asyncio.get_running_loop().add_signal_handler(signal.SIGHUP, _reload, proxy.pool, proxy.reload_fn)
+            asyncio.get_running_loop().add_signal_handler(signal.SIGHUP, _reload, proxy, proxy.reload_fn)
         except (NotImplementedError, RuntimeError):
             pass
     try:
         yield
     finally:
-        background = [t for t in (polling, preloading, noting) if t is not None]
+        background = [t for t in (polling, polling_remotes, preloading, noting) if t is not None]
         for task in background:
             task.cancel()
         await asyncio.gather(*background, return_exceptions=True)
@@ -123,11 +124,12 @@ async def _drain(app: web.Application) -> None:
         await asyncio.wait(pending, timeout=2.0)
 
 
-def _reload(pool: Pool, reload_fn: Callable[[], Config]) -> None:
+def _reload(proxy: Proxy, reload_fn: Callable[[], Config]) -> None:
     try:
         config = reload_fn()
     except LlamactlError as exc:
         log.error("reload failed, keeping the old config: %s", exc, extra={"event": "reload_failed", "error": str(exc)})
         return
-    pool.reload(config)
+    proxy.pool.reload(config)
+    proxy.remotes.reload(config)
     log.info("config reloaded: %d models", len(config.models), extra={"event": "reload", "models": sorted(config.models)})

@@ -17,6 +17,7 @@ from aiohttp import web
 from llamactl.config import Config
 from llamactl.gpu.inventory import Inventory
 from llamactl.proxy.pool import Pool
+from llamactl.proxy.remote import Remotes
 from llamactl.servers import client
 
 if TYPE_CHECKING:
@@ -53,6 +54,10 @@ class Proxy:
     address: tuple[str, int] | None = None  # where it listens: its notes for local viewers are named by the port
     in_flight: dict[asyncio.Task, web.Request] = field(default_factory=dict)  # drained at shutdown for --grace
     shutting_down: bool = False
+    remotes: Remotes = field(init=False)  # the models other boxes serve, from the same config as the pool
+
+    def __post_init__(self) -> None:
+        self.remotes = Remotes(self.pool.config)
 
     def upstream(self) -> aiohttp.ClientSession:
         assert self.session is not None, "the session opens at start-up"

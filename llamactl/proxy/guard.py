@@ -56,11 +56,14 @@ def error_response(exc: LlamactlError, status: int | None = None) -> web.Respons
 def _count(proxy: Proxy, request: web.Request, status: int) -> None:
     """Every model request in llamactl_requests_total, with the status its access-log line has: answered,
     refused before forwarding (400, 403, 404, 408, 413, 415, 429, a start that failed), cut or abandoned.
-    A model that is not configured counts as `-` (never a client's text as a label)."""
+    A model that is neither configured nor served by a remote box counts as `-` (never a client's text as a
+    label)."""
     if request.path not in MODEL_ROUTES:
         return
-    known = proxy.pool.config.lookup(str(request["model"])) if request["model"] != "-" else None
-    proxy.metrics.requests.labels(known.name if known is not None else "-", str(status)).inc()
+    requested = str(request["model"])
+    known = proxy.pool.config.lookup(requested) if requested != "-" else None
+    label = known.name if known is not None else requested if proxy.remotes.serving(requested) else "-"
+    proxy.metrics.requests.labels(label, str(status)).inc()
 
 
 def _admit(request: web.Request, config: Config) -> web.Response | None:

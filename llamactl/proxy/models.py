@@ -21,6 +21,7 @@ from llamactl.proxy import bodies, forward, keepalive
 from llamactl.proxy.context import Proxy, proxy_of
 from llamactl.lifecycle import Status
 from llamactl.proxy.pool import Pool, Slot
+from llamactl.proxy.remote import Box
 
 MAX_BODY_HARD = 16 * 2**30  # aiohttp's own cap; the configured max_body (reloadable) is checked per request
 BODY_SECONDS_PER_MIB = 1.0  # body_timeout grows by this for each MiB a client declares
@@ -64,8 +65,10 @@ async def model_request(request: web.Request) -> web.StreamResponse:
     if not isinstance(requested, str) or not requested:
         raise BadRequestError("request body needs a \"model\" naming a configured model")
     request["model"] = requested
-    body, keep_alive_s = await keepalive.take(proxy.parser.run, body)  # llama-server knows no such field
     route = proxy.pool.config.route(requested)
+    if route is None and proxy.remotes.serving(requested):  # the body as the client sent it: its box's own rules
+        return await _relay_remote(proxy, request, requested, body, time.monotonic())
+    body, keep_alive_s = await keepalive.take(proxy.parser.run, body)  # llama-server knows no such field
     if route is not None:
         model, rules = route
         requested = model.name  # a variant runs on its model's instance
@@ -76,7 +79,7 @@ async def model_request(request: web.Request) -> web.StreamResponse:
 
 async def _forward(proxy: Proxy, request: web.Request, requested: str, body: bytes, started: float,
                    keep_alive_s: float | None = None) -> web.StreamResponse:
-    pool, metrics = proxy.pool, proxy.metrics
+    pool = proxy.pool
     prepared: web.StreamResponse | None = None
     for attempt in range(2):
         if prepared is None and _loading(pool, requested) and await _streams(proxy, body):
@@ -100,6 +103,36 @@ async def _forward(proxy: Proxy, request: web.Request, requested: str, body: byt
             pool.release(slot, keep_alive_s)
     if outcome.upstream_died:
         await pool.mark_dead(slot, "died mid-stream", wait_s=3.0)
+    _observe(proxy, request, name, outcome, started)
+    return response
+
+
+async def _relay_remote(proxy: Proxy, request: web.Request, name: str, body: bytes,
+                        started: float) -> web.StreamResponse:
+    """A model another box serves: to the box `remote.pick` chooses with its key; one that cannot be reached
+    (nothing was relayed yet) is marked unreachable and the next box serving the model is tried; none left is
+    a 503 naming them."""
+    remotes, tried = proxy.remotes, []
+    while True:
+        box = remotes.acquire(name, tried)
+        try:
+            response, outcome = await forward.relay(request, proxy.upstream(), box.base_url + request.path, body,
+                                                    box.api_key, started)
+            break
+        except UpstreamError as exc:
+            remotes.failed(box, str(exc))
+            tried.append(box)
+        finally:
+            remotes.release(box, name)
+    if outcome.upstream_died:
+        remotes.failed(box, "died mid-stream")
+    _observe(proxy, request, name, outcome, started)
+    return response
+
+
+def _observe(proxy: Proxy, request: web.Request, name: str, outcome: forward.Outcome, started: float) -> None:
+    """A relayed request in the metrics: its latency, time to first byte and the tokens its upstream reported."""
+    metrics = proxy.metrics
     metrics.latency.labels(name).observe(time.monotonic() - started)
     if outcome.ttfb_s is not None:
         metrics.ttfb.labels(name).observe(outcome.ttfb_s)
@@ -108,7 +141,6 @@ async def _forward(proxy: Proxy, request: web.Request, requested: str, body: byt
             metrics.tokens.labels(name, kind.split("_")[0]).inc(outcome.usage[kind])
     if outcome.usage:
         request["tokens"] = outcome.usage.get("total_tokens")
-    return response
 
 
 LOADING_AFTER_S = 1.0  # a streaming request still waiting for its model this long gets its stream now...
@@ -190,11 +222,22 @@ def _entry(slot: Slot, variant: str | None = None) -> dict[str, object]:
             "aliases": list(slot.model.aliases), "status": slot.phase.value}
 
 
+def _remote_entry(name: str, boxes: list[Box]) -> dict[str, object]:
+    """A model other boxes serve: `ready` while one of them is reachable (or not polled yet), else
+    `unreachable`; `upstreams` names them."""
+    status = "unreachable" if all(b.reachable is False for b in boxes) else "ready"
+    return {"id": name, "object": "model", "created": 0, "owned_by": "llamactl", "aliases": [], "status": status,
+            "upstreams": [b.name for b in boxes]}
+
+
 async def models(request: web.Request) -> web.Response:
-    pool = proxy_of(request).pool
+    proxy = proxy_of(request)
+    pool = proxy.pool
     data = [_entry(slot) for name, slot in sorted(pool.slots.items()) if name in pool.config.models]
     data += [_entry(pool.slots[v.of], v.name) for v in sorted(pool.config.variants.values(), key=lambda v: v.name)
              if v.of in pool.slots]
+    remote = sorted({name for name, _ in proxy.remotes.served()})
+    data += [_remote_entry(name, proxy.remotes.serving(name)) for name in remote]
     return web.json_response({"object": "list", "data": data})
 
 
@@ -205,6 +248,9 @@ async def model(request: web.Request) -> web.Response:
     if variant is not None and variant.of in pool.slots:
         return web.json_response(_entry(pool.slots[variant.of], variant.name))
     found = pool.config.lookup(request.match_info["id"])
+    boxes = proxy_of(request).remotes.serving(request.match_info["id"]) if found is None else []
+    if boxes:
+        return web.json_response(_remote_entry(request.match_info["id"], boxes))
     if found is None or found.name not in pool.slots:
         raise UnknownModelError(f"model {request.match_info['id']!r} not found")
     return web.json_response(_entry(pool.slots[found.name]))

@@ -18,20 +18,24 @@ from pathlib import Path
 import aiohttp
 
 from llamactl.lifecycle import Status
+from llamactl.proxy import remote
 from llamactl.proxy.context import Proxy
 from llamactl.proxy.status import snapshot
 from llamactl.servers import client, procs, proxy_notes
 
 log = logging.getLogger("llamactl.proxy")
 
+REMOTE_TIMEOUT_S = 2.0  # another box (over a network) gets this long to connect and to answer a poll
 NOTES_INTERVAL_S = 1.0  # the notes are rewritten at most this often (a change per request end would be more)
 
 
-async def _get(session: aiohttp.ClientSession, url: str, timeout_s: float) -> tuple[int, bytes] | None:
+async def _get(session: aiohttp.ClientSession, url: str, timeout_s: float,
+               api_key: str | None = None) -> tuple[int, bytes] | None:
     """(status, body), or None when nothing answers in time."""
     timeout = aiohttp.ClientTimeout(total=None, connect=timeout_s, sock_read=timeout_s)
+    headers = {"Accept-Encoding": "identity", **({"Authorization": f"Bearer {api_key}"} if api_key else {})}
     try:
-        async with session.get(url, timeout=timeout, headers={"Accept-Encoding": "identity"}) as reply:
+        async with session.get(url, timeout=timeout, headers=headers) as reply:
             return reply.status, await reply.read()
     except (aiohttp.ClientError, asyncio.TimeoutError):
         return None
@@ -57,6 +61,29 @@ async def poll_instance(session: aiohttp.ClientSession, base_url: str,
                        activity=activity)
 
 
+async def poll_box(session: aiohttp.ClientSession, box: remote.Box,
+                   timeout_s: float = REMOTE_TIMEOUT_S) -> remote.Reading:
+    """A remote model's /health, or an upstream's /v1/models and then its /running (free slots), with its key."""
+    started = time.monotonic()
+    got = await _get(session, box.base_url + ("/v1/models" if box.imports else "/health"), timeout_s, box.api_key)
+    latency_ms = round((time.monotonic() - started) * 1000, 1)
+    if got is None or got[0] != 200:
+        return remote.Reading(reachable=False)
+    if not box.imports:
+        return remote.Reading(reachable=True, latency_ms=latency_ms)
+    running = await _get(session, box.base_url + "/running", timeout_s, box.api_key)
+    return remote.Reading(True, latency_ms, remote.models_of(got[1]),
+                          remote.running_slots(running[1]) if running is not None and running[0] == 200 else {})
+
+
+async def poll_remotes(proxy: Proxy) -> None:
+    """Every remote box at once: the slowest costs its timeout, not the sum."""
+    boxes = list(proxy.remotes.boxes)
+    readings = await asyncio.gather(*(poll_box(proxy.upstream(), box) for box in boxes))
+    for box, reading in zip(boxes, readings):
+        proxy.remotes.record(box, reading)
+
+
 async def poll_once(proxy: Proxy) -> None:
     pool = proxy.pool
     await pool.poll_once()
@@ -74,12 +101,24 @@ async def poll_once(proxy: Proxy) -> None:
 async def poll_forever(proxy: Proxy) -> None:
     while True:
         await asyncio.sleep(proxy.pool.config.poll_interval_s)
-        try:
-            await poll_once(proxy)
-        except asyncio.CancelledError:
-            raise
-        except Exception as exc:  # the poller must outlive one bad round
-            log.error("poll failed: %s", exc, extra={"event": "poll_failed", "error": str(exc)})
+        await _survive(poll_once, proxy)
+
+
+async def poll_remotes_forever(proxy: Proxy) -> None:
+    """The remote boxes' round, at once (an upstream's models are routable from start-up) and then every poll
+    interval, apart from the pool's: a box that is slow to answer delays no TTL or liveness check."""
+    while True:
+        await _survive(poll_remotes, proxy)
+        await asyncio.sleep(proxy.pool.config.poll_interval_s)
+
+
+async def _survive(round_, proxy: Proxy) -> None:
+    try:
+        await round_(proxy)
+    except asyncio.CancelledError:
+        raise
+    except Exception as exc:  # the poller must outlive one bad round
+        log.error("poll failed: %s", exc, extra={"event": "poll_failed", "error": str(exc)})
 
 
 async def keep_notes(proxy: Proxy, path: Path) -> None:

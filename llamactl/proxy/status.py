@@ -17,6 +17,7 @@ from llamactl.gpu.inventory import Inventory
 from llamactl.lifecycle import SLOT, Status
 from llamactl.proxy.context import Proxy, proxy_of
 from llamactl.proxy.pool import Pool, Slot
+from llamactl.proxy.remote import Remotes
 from llamactl.views import DeviceUse, InstanceView, Snapshot
 
 disable_created_metrics()  # Prometheus' conventions: counters end in _total, no extra _created series
@@ -41,6 +42,19 @@ class Metrics:
         self.pool_times = _PoolTimes()  # refusals, queue waits and load times, counted by the pool
         r.register(self.pool_times)
         self.gpu_used = Gauge("llamactl_gpu_memory_used_bytes", "GPU memory used", ["gpu"], registry=r)
+        self.upstream_up = Gauge("llamactl_upstream_up", "Remote boxes: 1 reachable at the last poll, 0 not",
+                                 ["upstream"], registry=r)
+        self.upstream_latency = Gauge("llamactl_upstream_latency_seconds", "Remote boxes' answer time at the last "
+                                      "poll", ["upstream"], registry=r)
+
+    def refresh_remotes(self, remotes: Remotes) -> None:
+        self.upstream_up.clear()
+        self.upstream_latency.clear()
+        for box in remotes.boxes:
+            if box.reachable is not None:
+                self.upstream_up.labels(box.name).set(int(box.reachable))
+            if box.reachable and box.latency_ms is not None:
+                self.upstream_latency.labels(box.name).set(box.latency_ms / 1000)
 
     def refresh(self, pool: Pool, inventory: Inventory | None) -> None:
         for phase in SLOT:
@@ -109,7 +123,7 @@ def snapshot(proxy: Proxy, inv: Inventory | None) -> Snapshot:
     """The live picture `llamactl top --url` and the status page draw."""
     pool = proxy.pool
     now = time.time()
-    instances = tuple(_instance(proxy, name, slot, now) for name, slot in sorted(pool.slots.items()))
+    instances = tuple(_instance(proxy, name, slot, now) for name, slot in sorted(pool.slots.items())) + _remote_rows(proxy)
     return Snapshot(source="proxy", at=now, gpus=inv.gpus if inv is not None else (),
                     gpu_note=inv.note if inv is not None else None, instances=instances, events=pool.events.recent(),
                     requests=tuple(proxy.recent)[-50:], rates=_rates(proxy, now), history=tuple(proxy.history),
@@ -137,6 +151,19 @@ def _instance(proxy: Proxy, name: str, slot: Slot, now: float) -> InstanceView:
         tokens_per_s=live.tokens_per_s if live else None)
 
 
+def _remote_rows(proxy: Proxy) -> tuple[InstanceView, ...]:
+    """A row per (model, box) other boxes serve: `ready`, `unreachable` or `unknown` (not polled yet), the
+    box's latency, the requests this proxy relays there now and, from an upstream's /running, the model's slots
+    busy there (its requests in flight, everyone's) and its slots. Named `MODEL@UPSTREAM` when imported."""
+    return tuple(InstanceView(name=model if model == box.name else f"{model}@{box.name}", model=model,
+                              state=box.state, url=box.base_url, in_flight=box.in_flight.get(model, 0), queued=0,
+                              slots_busy=box.slots[model][0] if model in box.slots else None,
+                              slots_total=box.slots[model][1] if model in box.slots else None,
+                              aliases=(), configured=True, started_by_proxy=False, started_by="remote",
+                              upstream=box.name, latency_ms=box.latency_ms)
+                 for model, box in proxy.remotes.served())
+
+
 def _rates(proxy: Proxy, now: float) -> dict[str, dict[str, object]]:
     """Per model over the last minute: requests, and the median and 95th percentile latency."""
     rates: dict[str, dict[str, object]] = {}
@@ -159,13 +186,13 @@ async def status(request: web.Request) -> web.Response:
 
 
 async def running(request: web.Request) -> web.Response:
-    """What runs now (every model not stopped): its state, GPUs, memory, requests, idle time and TTL left, in
-    /status's keys."""
+    """What runs now (every model not stopped, and the remote ones reachable): its state, GPUs, memory, requests,
+    idle time and TTL left, in /status's keys."""
     proxy = proxy_of(request)
     now = time.time()
-    return web.json_response({"running": [_instance(proxy, name, slot, now).to_json()
-                                          for name, slot in sorted(proxy.pool.slots.items())
-                                          if slot.phase is not Status.STOPPED]})
+    rows = [_instance(proxy, name, slot, now) for name, slot in sorted(proxy.pool.slots.items())
+            if slot.phase is not Status.STOPPED] + [row for row in _remote_rows(proxy) if row.state == "ready"]
+    return web.json_response({"running": [row.to_json() for row in rows]})
 
 
 async def status_stream(request: web.Request) -> web.StreamResponse:
@@ -192,4 +219,5 @@ async def status_stream(request: web.Request) -> web.StreamResponse:
 async def prometheus(request: web.Request) -> web.Response:
     proxy = proxy_of(request)
     proxy.metrics.refresh(proxy.pool, proxy.inventory)
+    proxy.metrics.refresh_remotes(proxy.remotes)
     return web.Response(body=generate_latest(proxy.metrics.registry), headers={"Content-Type": CONTENT_TYPE_LATEST})

@@ -116,6 +116,14 @@ def test_keep_cache_and_its_bound_per_model_and_in_defaults(tmp_path: Path) -> N
     ("[models.m]\npath = \"m.gguf\"\ncache_max = \"4 parsecs\"\n", "config.toml:3: models.m.cache_max: invalid size"),
     ("[models.m]\npath = \"m.gguf\"\nkeep_cache = \"yes\"\n", "models.m.keep_cache: expected true or false"),
     ("[defaults]\nargs = [\"--slot-save-path\", \"/tmp\"]\n", "--slot-save-path is set by llamactl; use the config key keep_cache"),
+    ('[models.m]\nurl = "http://h:1"\nctx_size = 4096\n', "models.m.ctx_size: a remote model (url) takes no llama-server"),
+    ('[models.m]\nurl = "http://h:1"\npath = "m.gguf"\n', "models.m.url: give path (a model run here) or url"),
+    ('[models.m]\nurl = "ftp://h"\n', "models.m.url: expected http://HOST:PORT"),
+    ('[models.m]\nurl = "http://h:1"\napi_key = "a"\napi_key_file = "k"\n', "models.m.api_key_file: give api_key or"),
+    ('[models.m]\nurl = "http://h:1"\napi_key_file = "missing"\n', "models.m.api_key_file: cannot read"),
+    ('[upstreams.b]\napi_key = "k"\n', "upstreams.b: expected a table with url"),
+    ('[upstreams.b]\nurl = "http://h:1"\nctx_size = 1\n', "upstreams.b.ctx_size: unknown key"),
+    ('[models.a]\npath = "a.gguf"\naliases = ["m"]\n[models.m]\nurl = "http://h:1"\n', "'m' already names model 'a'"),
 ])
 def test_bad_keys_name_the_key_and_line(tmp_path: Path, text: str, message: str) -> None:
     with pytest.raises(ConfigError) as info:
@@ -224,3 +232,29 @@ def test_the_worked_example_in_docs_proxy_md_is_a_valid_config(tmp_path: Path) -
     assert sorted(cfg.models) == ["big", "chat", "code", "embed", "vision"] and list(cfg.variants) == ["chat-precise"]
     assert cfg.models["chat"].residency.pin and not cfg.models["code"].residency.spill
     assert cfg.route("chat-precise")[0].name == "chat"
+
+
+def test_remote_models_and_upstreams(tmp_path: Path) -> None:
+    (tmp_path / "models").mkdir()
+    (tmp_path / "models" / "big.gguf").write_bytes(b"")
+    (tmp_path / "back.key").write_text("file-key\n")
+    cfg = load(write(tmp_path, '''
+models_dir = "models"
+[models.big]
+url = "http://gpu-box.lan:8080/"
+api_key = "inline-key"
+[upstreams.box2]
+url = "http://10.0.0.2:8080"
+api_key_file = "back.key"
+'''))
+    assert "big" not in cfg.models  # the url model replaces the file of its name: nothing of it runs here
+    assert cfg.remotes["big"].url == "http://gpu-box.lan:8080" and cfg.remotes["big"].api_key == "inline-key"
+    (box2,) = cfg.upstreams
+    assert (box2.name, box2.url, box2.api_key) == ("box2", "http://10.0.0.2:8080", "file-key")
+    assert "key" not in repr(cfg.remotes) + repr(cfg.upstreams)  # keys are never shown
+
+
+def test_a_bad_remote_key_is_named_never_shown(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError) as caught:
+        load(write(tmp_path, '[models.m]\nurl = "http://h:1"\napi_key = "two words"\n'))
+    assert "models.m.api_key: expected a non-empty key" in str(caught.value) and "two" not in str(caught.value)

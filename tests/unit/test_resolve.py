@@ -74,6 +74,17 @@ def test_unknown_names_say_what_is_configured(cfg) -> None:
         resolve(cfg, "nope")
 
 
+def test_a_remote_model_is_refused_naming_its_box(cfg) -> None:
+    from dataclasses import replace
+
+    from llamactl.config import Remote
+
+    remote = replace(cfg, remotes={"far": Remote("far", "http://gpu-box:8080", "secret")})
+    with pytest.raises(UsageError, match=r"far: served by another box \(http://gpu-box:8080\), not run here") as caught:
+        resolve(remote, "far")
+    assert "secret" not in str(caught.value)
+
+
 def test_a_bad_name_override_is_refused(cfg) -> None:
     with pytest.raises(UsageError, match="not a valid instance name"):
         resolve(cfg, "chat", Overrides(name="../x"))

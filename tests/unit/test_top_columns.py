@@ -46,3 +46,15 @@ def test_the_model_name_is_cut_in_the_middle_last_and_only_as_far_as_needed() ->
     assert _width(headers, rows, gap) == 76  # cut to the width, not below it
     assert rows[1][headers.index("MODEL")] == "tiny.gguf"  # a name that fits stays whole
     assert all("…" not in cell for row in rows for i, cell in enumerate(row) if headers[i] != "MODEL")
+
+
+def test_a_remote_row_shows_its_box_and_latency_where_a_local_one_shows_gpus() -> None:
+    from llamactl.cli.top import _cells
+    from llamactl.views import InstanceView
+
+    remote = _cells(InstanceView(name="m@back", model="m", state="ready", in_flight=1, upstream="back", latency_ms=12.4))
+    assert remote[HEADERS.index("STATE")] == "ready 12ms" and remote[HEADERS.index("GPUS")] == "@back"
+    down = _cells(InstanceView(name="m@back", model="m", state="unreachable", upstream="back"))
+    assert down[HEADERS.index("STATE")] == "unreachable"
+    local = _cells(InstanceView(name="m", model="m", state="ready", pid=7, gpu_ids=(0, 1)))
+    assert local[HEADERS.index("STATE")] == "ready" and local[HEADERS.index("GPUS")] == "0,1"

@@ -18,7 +18,7 @@ FULL = InstanceView(
     devices={"GPU0": DeviceUse(3 * 2**30, 4 * 2**30), "CPU": DeviceUse(2**30, None)}, drift=Drift("GPU0", 0.3333),
     slots_busy=1, slots_total=4, tokens_per_s=31.5, in_flight=2, queued=1, started_at=1.7e9, last_used=1.7e9 + 5,
     idle_s=0.0, ttl_s=300.0, ttl_left_s=120.0, aliases=("a", "gpt"), configured=True, started_by="proxy",
-    started_by_proxy=True, log_path="/var/state/logs/alpha.log")
+    started_by_proxy=True, log_path="/var/state/logs/alpha.log", upstream="box2", latency_ms=3.5)
 
 
 def test_every_field_survives_the_json_round_trip_but_the_log_path() -> None:

@@ -115,13 +115,17 @@ function drawModels(snap, names) {
   for (const inst of snap.instances) {
     const rate = (snap.rates || {})[inst.name] || {};
     const running = inst.state === "ready";
-    const button = running
+    const remote = inst.upstream !== null && inst.upstream !== undefined;  // another box's: never loaded here
+    const state = remote && inst.latency_ms !== null ? `${inst.state} ${Math.round(inst.latency_ms)} ms` : inst.state;
+    const button = remote
+      ? el("button", { disabled: "" }, "remote")
+      : running
       ? el("button", { onclick: () => act(inst.name, "unload") }, "unload")
       : el("button", { onclick: () => act(inst.name, "load"), ...(inst.state === "stopped" ? {} : { disabled: "" }) }, "load");
     body.append(el("tr", { "data-model": inst.name },
       el("td", { style: `color:${colorOf(inst.name, names)}` }, inst.name),
-      el("td", { class: `state-${inst.state}` }, inst.state),
-      el("td", {}, (inst.gpu_ids || []).join(",") || (inst.pid ? "CPU" : "-")),
+      el("td", { class: `state-${inst.state}` }, state),
+      el("td", {}, remote ? `@${inst.upstream}` : (inst.gpu_ids || []).join(",") || (inst.pid ? "CPU" : "-")),
       el("td", { class: "num" }, bytes(inst.estimated_bytes)),
       el("td", { class: "num" }, bytes(inst.actual_bytes)),
       el("td", { class: "num" }, inst.in_flight),
