@@ -10,6 +10,7 @@ import typer
 
 from llamactl import render, views
 from llamactl.cli.common import state_store, wants_json
+from llamactl.servers import proxy_notes
 from llamactl.servers.refresh import actual_bytes, drift, gpu_use_by_pid, refresh
 from llamactl.servers.state import Status
 from llamactl.units import format_bytes, format_duration
@@ -30,8 +31,10 @@ def command(
         rows = [(i, s) for i, s in rows if i.status not in (Status.DEAD, Status.FAILED)]
     gpu_use = gpu_use_by_pid() if any(i.gpu_ids for i, _ in rows) else None
     now = time.time()
-    shown = [views.from_instance(i, s, actual_bytes=actual_bytes(i, gpu_use), drift=drift(i),
-                                 log_path=str(store.log_path(i.name)), now=now) for i, s in rows]
+    notes = proxy_notes.read_all(store.dir, now)  # what a proxy running here knows: TTL left, requests
+    shown = [proxy_notes.annotate(views.from_instance(i, s, actual_bytes=actual_bytes(i, gpu_use), drift=drift(i),
+                                                      log_path=str(store.log_path(i.name)), now=now), notes, now)
+             for i, s in rows]
     render.result(wants_json(ctx, json_output), Listing(tuple(shown), now))
 
 
@@ -69,9 +72,10 @@ def _table(shown: Sequence[views.InstanceView], now: float) -> str:
             f"{v.tokens_per_s:.1f}" if v.tokens_per_s else "-",
             format_duration(now - v.started_at) if v.live and v.started_at is not None else "-",
             format_duration(v.idle_s) if v.idle_s is not None else "-",
+            format_duration(v.ttl_left_s) if v.ttl_left_s is not None else "-",
         ])
     return render.table(table, ["NAME", "MODEL", "STATUS", "PID", "PORT", "GPUS", "EST", "ACTUAL", "SLOTS", "TOK/S",
-                                "UP", "IDLE"], align_right_from=3)
+                                "UP", "IDLE", "TTL"], align_right_from=3)
 
 
 def register(app: typer.Typer) -> None:

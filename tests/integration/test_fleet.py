@@ -175,3 +175,24 @@ def test_a_streaming_client_hears_from_a_loading_model(tmp_path: Path) -> None:
         assert status == 503 and "spill = false" in lines[0], lines
     finally:
         p.stop()
+
+
+def test_ps_shows_the_ttl_a_running_proxy_keeps_for_its_instances(tmp_path: Path) -> None:
+    model = tmp_path / "tiny.gguf"
+    p = Proxy(tmp_path, {}, 'idle_ttl = "10m"', defaults=f'\n[models.kept]\npath = "{model}"\n')
+    try:
+        assert p.post("kept").status_code == 200
+
+        def listed() -> list[dict]:
+            out = subprocess.run([sys.executable, "-m", "llamactl", "ps", "--json"], env=p.env, capture_output=True,
+                                 text=True, timeout=60)
+            return json.loads(out.stdout)
+
+        assert wait_for(lambda: listed()[0]["ttl_s"] == 600, 15), listed()
+        assert 0 < listed()[0]["ttl_left_s"] <= 600
+        text = subprocess.run([sys.executable, "-m", "llamactl", "ps"], env=p.env, capture_output=True, text=True,
+                              timeout=60).stdout
+        header, row = text.splitlines()[0], text.splitlines()[2]
+        assert header.split()[-1] == "TTL" and row.split()[-1].startswith("9m"), text
+    finally:
+        p.stop()
