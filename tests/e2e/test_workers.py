@@ -84,10 +84,19 @@ class Worker:
 
 
 def _taken(port: int) -> bool:
+    """Something listens there, or it cannot be bound now (a connection of an earlier test in TIME_WAIT:
+    rpc-server binds without SO_REUSEADDR)."""
     import socket
 
     with socket.socket() as sock:
-        return sock.connect_ex(("127.0.0.1", port)) == 0
+        if sock.connect_ex(("127.0.0.1", port)) == 0:
+            return True
+    with socket.socket() as sock:
+        try:
+            sock.bind(("127.0.0.1", port))
+        except OSError:
+            return True
+    return False
 
 
 def _gone(pid: int) -> bool:
