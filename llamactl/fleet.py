@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING
 from llamactl.gpu.inventory import Gpu
 from llamactl.model.params import ModelParams
 from llamactl.model.registry import Residency, ServerSettings
-from llamactl.placement import FIT_RANK, Fit, Plan, Policy, RunningInstance, plan
+from llamactl.placement import FIT_RANK, Fit, Plan, Policy, RunningInstance, evictable, evictions_for, plan
 
 if TYPE_CHECKING:
     from llamactl.config import Config
@@ -107,29 +107,19 @@ def plan_fleet(entries: Sequence[Entry], gpus: Sequence[Gpu], max_instances: int
             residents.append(RunningInstance(entry.name, held, last_used=-len(residents), idle=False,
                                              visible=False))
             continue
-        evictable = sorted((r for r in residents if not _pinned(r.name, placed)), key=lambda r: r.last_used)
+        # the residents it may evict: every one but the pinned, the last placed (lowest ranked) first
+        residents_now = [replace(r, idle=not _pinned(r.name, placed)) for r in residents]
         if full:
-            victims = tuple(r.name for r in evictable[:1])
+            victims = tuple(r.name for r in evictable(residents_now)[:1])
             why = f"max_instances ({max_instances}) reached"
         else:
-            victims = _victims(entry, gpus, residents, evictable, alone.fit)
+            victims = evictions_for(entry.params, entry.settings, gpus, entry.policy, residents_now, alone.fit)
             why = f"no room beside {', '.join(r.name for r in residents)}"
         if victims:
             why += f"; runs by evicting {', '.join(victims)}"
         placed.append(Placed(entry.name, entry.residency, alone, False, victims, (why,)))
     free_after = {g.index: g.memory_free_bytes - sum(r.gpu_bytes.get(g.index, 0) for r in residents) for g in gpus}
     return FleetPlan(tuple(placed), free_after)
-
-
-def _victims(entry: Entry, gpus: Sequence[Gpu], residents: Sequence[RunningInstance],
-             evictable: Sequence[RunningInstance], want: Fit) -> tuple[str, ...]:
-    """The fewest residents, lowest ranked first, whose leaving lets `entry` run as well as it does alone."""
-    for k in range(1, len(evictable) + 1):
-        gone = {r.name for r in evictable[:k]}
-        left = [r for r in residents if r.name not in gone]
-        if FIT_RANK[plan(entry.params, entry.settings, gpus, entry.policy, left).fit] >= FIT_RANK[want]:
-            return tuple(r.name for r in evictable[:k])
-    return ()
 
 
 def _pinned(name: str, placed: Sequence[Placed]) -> bool:

@@ -418,13 +418,15 @@ FIT_RANK = {Fit.NONE: 0, Fit.CPU: 1, Fit.PARTIAL: 2, Fit.GPU: 3}
 
 
 def evictions_for(params: ModelParams, settings: ServerSettings, gpus: Sequence[Gpu], policy: Policy,
-                  instances: Sequence[RunningInstance]) -> tuple[str, ...]:
-    """The shortest least-recently-used prefix of idle instances whose memory would make a GPU fit."""
+                  instances: Sequence[RunningInstance], want: Fit = Fit.GPU) -> tuple[str, ...]:
+    """The shortest least-recently-used prefix of idle instances whose memory would make the fit `want` (a
+    GPU fit, unless asked for less) or better."""
     idle = evictable(instances)
     for n in range(1, len(idle) + 1):
         freed = idle[:n]
         gpus_after, remaining = without(gpus, instances, freed)
-        if _place(params, settings, capacities(gpus_after, remaining, policy), policy).fit is Fit.GPU:
+        fit = _place(params, settings, capacities(gpus_after, remaining, policy), policy).fit
+        if FIT_RANK[fit] >= FIT_RANK[want]:
             return tuple(v.name for v in freed)
     return ()
 
